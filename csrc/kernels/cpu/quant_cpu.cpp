@@ -1,0 +1,132 @@
+// CPU implementations of quant_cpu.h. Portable C++ (no -march flags): the inner loops are simple enough
+// for the compiler's auto-vectorizer, and dequantization works from a per-block 16-entry table of already
+// converted outputs, so the per-element work is two table lookups per packed byte.
+#include "quant_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "../float_convert.h"
+
+namespace qpeft::cpu {
+namespace {
+
+inline float load_as_float(const void* A, FloatFormat fmt, int64_t i) {
+  switch (fmt) {
+    case FloatFormat::F32:
+      return static_cast<const float*>(A)[i];
+    case FloatFormat::BF16:
+      return bits_float(static_cast<uint32_t>(static_cast<const uint16_t*>(A)[i]) << 16);
+    case FloatFormat::F16:
+    default: {
+      // Exact fp16 -> fp32 widening.
+      const uint16_t h = static_cast<const uint16_t*>(A)[i];
+      const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+      const uint32_t exponent = (h >> 10) & 0x1Fu;
+      const uint32_t mantissa = h & 0x3FFu;
+      if (exponent == 0x1Fu) return bits_float(sign | 0x7F800000u | (mantissa << 13));
+      if (exponent != 0) return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+      const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;  // mantissa * 2^-24
+      return sign ? -magnitude : magnitude;
+    }
+  }
+}
+
+template <typename Load>
+float block_absmax(Load load, int64_t begin, int64_t end) {
+  float m = 0.0f;
+  for (int64_t i = begin; i < end; ++i) m = std::max(m, std::fabs(load(i)));
+  return m;
+}
+
+// Fills table[c] with the output-format bits of fp32(code[c] * scale), for the 16 codes.
+template <typename OutT>
+void scaled_table(const float* code_values, float scale, FloatFormat fmt, OutT* table) {
+  for (int c = 0; c < 16; ++c) {
+    const float v = code_values[c] * scale;
+    if constexpr (sizeof(OutT) == 4) {
+      table[c] = v;
+    } else {
+      table[c] = fmt == FloatFormat::BF16 ? float_to_bf16_bits(v) : float_to_fp16_bits(v);
+    }
+  }
+}
+
+constexpr float kNF4Values[16] = {QPEFT_NF4_CODE_VALUES};
+constexpr float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
+
+template <typename OutT>
+void dequantize_4bit_typed(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize,
+                           QuantType type, OutT* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
+  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+  OutT table[16];
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    scaled_table(code_values, scales(b), fmt, table);
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(begin + blocksize, n);
+    const int64_t pairs_end = begin + ((end - begin) & ~int64_t{1});
+    const uint8_t* bytes = packed + begin / 2;
+    OutT* dst = out + begin;
+    for (int64_t j = 0; j < (pairs_end - begin) / 2; ++j) {
+      const uint8_t byte = bytes[j];
+      dst[2 * j] = table[byte >> 4];
+      dst[2 * j + 1] = table[byte & 0xF];
+    }
+    if (pairs_end < end) out[pairs_end] = table[packed[pairs_end / 2] >> 4];  // odd n: the last high nibble
+  }
+}
+
+}  // namespace
+
+void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed,
+                   float* absmax, int64_t block_begin, int64_t block_end) {
+  auto load = [&](int64_t i) { return load_as_float(A, fmt, i); };
+  const uint8_t pad = zero_code_4bit(type);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(begin + blocksize, n);
+    const float m = block_absmax(load, begin, end);
+    absmax[b] = m;
+    const float reciprocal = scale_reciprocal(m);
+    for (int64_t i = begin; i < end; i += 2) {
+      const uint8_t hi = quantize_4bit_value(load(i) * reciprocal, type);
+      const uint8_t lo = i + 1 < end ? quantize_4bit_value(load(i + 1) * reciprocal, type) : pad;
+      packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
+    }
+  }
+}
+
+void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize, QuantType type,
+                     void* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
+  if (fmt == FloatFormat::F32) {
+    dequantize_4bit_typed(packed, scales, n, blocksize, type, static_cast<float*>(out), fmt, block_begin, block_end);
+  } else {
+    dequantize_4bit_typed(packed, scales, n, blocksize, type, static_cast<uint16_t*>(out), fmt, block_begin,
+                          block_end);
+  }
+}
+
+void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q,
+                             float* absmax, int64_t block_begin, int64_t block_end) {
+  auto load = [&](int64_t i) { return A[i]; };
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(begin + blocksize, n);
+    const float m = block_absmax(load, begin, end);
+    absmax[b] = m;
+    const float reciprocal = scale_reciprocal(m);
+    for (int64_t i = begin; i < end; ++i) q[i] = quantize_8bit_value(code, A[i] * reciprocal);
+  }
+}
+
+void dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
+                               int64_t blocksize, float* out, int64_t block_begin, int64_t block_end) {
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(begin + blocksize, n);
+    const float scale = absmax[b];
+    for (int64_t i = begin; i < end; ++i) out[i] = code[q[i]] * scale;
+  }
+}
+
+}  // namespace qpeft::cpu

@@ -1,0 +1,36 @@
+// Small device helpers shared by the CUDA kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../quant_rules.h"
+
+namespace qpeft::cuda {
+
+__device__ __forceinline__ float load_as_float(const void* A, FloatFormat fmt, int64_t i) {
+  switch (fmt) {
+    case FloatFormat::F32:
+      return static_cast<const float*>(A)[i];
+    case FloatFormat::BF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(A)[i]);
+    default:
+      return __half2float(static_cast<const __half*>(A)[i]);
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Enough blocks of `threads` to cover `work_items` (one item per thread), capped for grid-stride loops.
+inline unsigned int grid_for(int64_t work_items, int threads, int64_t cap = 65535) {
+  int64_t blocks = (work_items + threads - 1) / threads;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned int>(blocks < cap ? blocks : cap);
+}
+
+}  // namespace qpeft::cuda

@@ -1,0 +1,45 @@
+// Round-to-nearest-even conversions of fp32 to the 16-bit float formats, as raw bits; torch-free, host only.
+// Same results as torch's .to(torch.bfloat16 / torch.float16) for every finite input (tested).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace qpeft {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline uint16_t float_to_fp16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u : 0u));
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to infinity
+  if (a < 0x38800000u) {
+    // Below 2^-14: the fp16 result is subnormal (spacing 2^-24). Adding 0.5f puts that spacing at the
+    // fp32 ulp, so the FPU's own round-to-nearest-even does the rounding.
+    const float shifted = bits_float(a) + 0.5f;
+    return static_cast<uint16_t>(sign | (float_bits(shifted) - 0x3F000000u));
+  }
+  const uint32_t mantissa_odd = (a >> 13) & 1u;
+  a += 0xC8000FFFu + mantissa_odd;  // re-bias the exponent by -112, add the rounding bias
+  return static_cast<uint16_t>(sign | (a >> 13));
+}
+
+}  // namespace qpeft

@@ -1,0 +1,172 @@
+#include "op_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace qpeft::ops {
+namespace {
+
+void check_blocksize(int64_t blocksize) {
+  TORCH_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
+                    "qpeft: blocksize must be a power of two in [32, 4096], got ", blocksize);
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* what) {
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, "qpeft: ", what, " must be ", expected, ", got ", t.scalar_type());
+}
+
+void check_numel(const at::Tensor& t, int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(t.numel() == expected, "qpeft: ", what, " must have ", expected, " elements, got ", t.numel(),
+                    " (shape ", t.sizes(), ")");
+}
+
+void check_same_device(const at::Tensor& reference, const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device() == reference.device(), "qpeft: ", what, " is on ", t.device(),
+                    " but the packed data is on ", reference.device());
+}
+
+int64_t shape_numel(at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, "qpeft: shape has a negative dimension: ", shape);
+    n *= d;
+  }
+  return n;
+}
+
+Dequantize4bitArgs prepare_common(const at::Tensor& packed, int64_t blocksize, std::string_view quant_type,
+                                  at::IntArrayRef shape, at::ScalarType dtype) {
+  Dequantize4bitArgs args;
+  check_blocksize(blocksize);
+  check_dtype(packed, at::kByte, "packed");
+  args.type = parse_quant_type(quant_type);
+  args.fmt = float_format(dtype, "dequantize dtype");
+  args.n = shape_numel(shape);
+  args.blocksize = blocksize;
+  check_numel(packed, (args.n + 1) / 2, "packed (for the requested shape)");
+  args.packed = packed.contiguous();
+  args.out = at::empty(shape, packed.options().dtype(dtype));
+  return args;
+}
+
+}  // namespace
+
+QuantType parse_quant_type(std::string_view quant_type) {
+  if (quant_type == "nf4") return QuantType::NF4;
+  if (quant_type == "fp4") return QuantType::FP4;
+  TORCH_CHECK_VALUE(false, "qpeft: quant_type must be 'nf4' or 'fp4', got '", std::string(quant_type), "'");
+}
+
+FloatFormat float_format(at::ScalarType dtype, const char* what) {
+  switch (dtype) {
+    case at::kFloat:
+      return FloatFormat::F32;
+    case at::kHalf:
+      return FloatFormat::F16;
+    case at::kBFloat16:
+      return FloatFormat::BF16;
+    default:
+      TORCH_CHECK_TYPE(false, "qpeft: ", what, " must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+
+Quantize4bitArgs prepare_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_view quant_type) {
+  check_blocksize(blocksize);
+  Quantize4bitArgs args;
+  args.fmt = float_format(A.scalar_type(), "the input of quantize_4bit");
+  args.type = parse_quant_type(quant_type);
+  args.A = A.contiguous();
+  args.n = A.numel();
+  args.blocksize = blocksize;
+  args.packed = at::empty({(args.n + 1) / 2}, A.options().dtype(at::kByte));
+  args.absmax = at::empty({num_blocks(args.n, blocksize)}, A.options().dtype(at::kFloat));
+  return args;
+}
+
+Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+  Dequantize4bitArgs args = prepare_common(packed, blocksize, quant_type, shape, dtype);
+  check_dtype(absmax, at::kFloat, "absmax");
+  check_numel(absmax, num_blocks(args.n, blocksize), "absmax");
+  check_same_device(packed, absmax, "absmax");
+  args.absmax = absmax.contiguous();
+  return args;
+}
+
+Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                                                  const at::Tensor& nested_absmax, const at::Tensor& nested_code,
+                                                  const at::Tensor& nested_offset, int64_t blocksize,
+                                                  std::string_view quant_type, at::IntArrayRef shape,
+                                                  at::ScalarType dtype) {
+  Dequantize4bitArgs args = prepare_common(packed, blocksize, quant_type, shape, dtype);
+  const int64_t blocks = num_blocks(args.n, blocksize);
+  check_dtype(absmax_codes, at::kByte, "absmax_codes");
+  check_numel(absmax_codes, blocks, "absmax_codes");
+  check_dtype(nested_absmax, at::kFloat, "nested_absmax");
+  check_numel(nested_absmax, num_blocks(blocks, 256), "nested_absmax");
+  check_dtype(nested_code, at::kFloat, "nested_code");
+  check_numel(nested_code, 256, "nested_code");
+  check_dtype(nested_offset, at::kFloat, "nested_offset");
+  check_numel(nested_offset, 1, "nested_offset");
+  for (auto [t, what] : {std::pair{&absmax_codes, "absmax_codes"}, {&nested_absmax, "nested_absmax"},
+                         {&nested_code, "nested_code"}, {&nested_offset, "nested_offset"}}) {
+    check_same_device(packed, *t, what);
+  }
+  args.absmax_codes = absmax_codes.contiguous();
+  args.nested_absmax = nested_absmax.contiguous();
+  args.nested_code = nested_code.contiguous();
+  args.nested_offset = nested_offset.contiguous();
+  return args;
+}
+
+BlockScales Dequantize4bitArgs::scales() const {
+  BlockScales s;
+  if (absmax.defined()) {
+    s.absmax = absmax.data_ptr<float>();
+  } else {
+    s.absmax_codes = absmax_codes.data_ptr<uint8_t>();
+    s.nested_absmax = nested_absmax.data_ptr<float>();
+    s.nested_code = nested_code.data_ptr<float>();
+    s.nested_offset = nested_offset.data_ptr<float>();
+  }
+  return s;
+}
+
+Quantize8bitArgs prepare_quantize_blockwise_8bit(const at::Tensor& A, const at::Tensor& code, int64_t blocksize) {
+  check_blocksize(blocksize);
+  check_dtype(A, at::kFloat, "the input of quantize_blockwise_8bit");
+  check_dtype(code, at::kFloat, "code");
+  check_numel(code, 256, "code");
+  check_same_device(A, code, "code");
+  Quantize8bitArgs args;
+  args.A = A.contiguous();
+  args.code = code.contiguous();
+  args.n = A.numel();
+  args.blocksize = blocksize;
+  args.q = at::empty({args.n}, A.options().dtype(at::kByte));
+  args.absmax = at::empty({num_blocks(args.n, blocksize)}, A.options());
+  return args;
+}
+
+Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax,
+                                                     const at::Tensor& code, int64_t blocksize) {
+  check_blocksize(blocksize);
+  check_dtype(q, at::kByte, "q");
+  check_dtype(absmax, at::kFloat, "absmax");
+  check_dtype(code, at::kFloat, "code");
+  check_numel(code, 256, "code");
+  check_numel(absmax, num_blocks(q.numel(), blocksize), "absmax");
+  check_same_device(q, absmax, "absmax");
+  check_same_device(q, code, "code");
+  Dequantize8bitArgs args;
+  args.q = q.contiguous();
+  args.absmax = absmax.contiguous();
+  args.code = code.contiguous();
+  args.n = q.numel();
+  args.blocksize = blocksize;
+  args.out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  return args;
+}
+
+}  // namespace qpeft::ops

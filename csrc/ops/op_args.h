@@ -1,0 +1,59 @@
+// Validation and output allocation shared by every backend of the qpeft ops: each op's arguments are checked
+// once here (clear ValueError / TypeError messages naming the argument), and outputs are allocated on the
+// inputs' device, so the backends only launch kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string_view>
+
+#include "../kernels/quant_rules.h"
+
+namespace qpeft::ops {
+
+QuantType parse_quant_type(std::string_view quant_type);
+FloatFormat float_format(at::ScalarType dtype, const char* what);
+int64_t num_blocks(int64_t n, int64_t blocksize);
+
+struct Quantize4bitArgs {
+  at::Tensor A;  // contiguous
+  int64_t n, blocksize;
+  QuantType type;
+  FloatFormat fmt;
+  at::Tensor packed, absmax;  // outputs
+};
+Quantize4bitArgs prepare_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_view quant_type);
+
+struct Dequantize4bitArgs {
+  at::Tensor packed;  // contiguous uint8
+  at::Tensor absmax, absmax_codes, nested_absmax, nested_code, nested_offset;  // contiguous; unused ones undefined
+  int64_t n, blocksize;
+  QuantType type;
+  FloatFormat fmt;
+  at::Tensor out;
+  BlockScales scales() const;  // raw pointers into the tensors above
+};
+Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype);
+Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                                                  const at::Tensor& nested_absmax, const at::Tensor& nested_code,
+                                                  const at::Tensor& nested_offset, int64_t blocksize,
+                                                  std::string_view quant_type, at::IntArrayRef shape,
+                                                  at::ScalarType dtype);
+
+struct Quantize8bitArgs {
+  at::Tensor A, code;  // contiguous fp32
+  int64_t n, blocksize;
+  at::Tensor q, absmax;
+};
+Quantize8bitArgs prepare_quantize_blockwise_8bit(const at::Tensor& A, const at::Tensor& code, int64_t blocksize);
+
+struct Dequantize8bitArgs {
+  at::Tensor q, absmax, code;
+  int64_t n, blocksize;
+  at::Tensor out;
+};
+Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax,
+                                                     const at::Tensor& code, int64_t blocksize);
+
+}  // namespace qpeft::ops

@@ -1,0 +1,36 @@
+// The Python extension module qpeft._C. Importing it runs the TORCH_LIBRARY registrations of this shared
+// library (schema.cpp, cpu_ops.cpp, cuda_ops.cpp); the module itself only reports how it was built.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#ifndef QPEFT_CUDA_ARCHS
+#define QPEFT_CUDA_ARCHS ""
+#endif
+#ifndef QPEFT_VERSION
+#define QPEFT_VERSION "0.0.0"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qpeft compiled kernels (ops are registered under torch.ops.qpeft)";
+  m.def("build_info", []() {
+    py::dict info;
+    info["version"] = QPEFT_VERSION;
+#ifdef QPEFT_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(QPEFT_CUDA_ARCHS);
+#if defined(__clang__)
+    info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    info["compiler"] = std::string("unknown");
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,10 @@
+"""qpeft: parameter-efficient fine-tuning on 4-bit (NF4/FP4) quantized bases, with C++/CUDA kernels."""
+
+from . import functional, reference
+from ._ops import build_info
+from .quantized import Quantized4bitWeight
+
+__version__ = build_info()["version"]
+__all__ = ["Quantized4bitWeight", "build_info", "functional", "nn", "reference"]
+
+from . import nn  # noqa: E402  (nn imports Quantized4bitWeight from this package)

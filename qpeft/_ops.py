@@ -1,0 +1,49 @@
+"""Loads the compiled ops (torch.ops.qpeft.*) and registers their fake (meta) implementations.
+
+The schemas live in csrc/ops/schema.cpp; each backend (CPU, CUDA) registers its kernel in C++. The fake
+implementations below only describe output shapes/dtypes so that torch.compile and opcheck can trace them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (importing the extension runs its TORCH_LIBRARY registrations)
+
+ops = torch.ops.qpeft
+
+
+def _nblocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+@torch.library.register_fake("qpeft::quantize_4bit")
+def _(A, blocksize, quant_type):
+    n = A.numel()
+    return A.new_empty(((n + 1) // 2,), dtype=torch.uint8), A.new_empty((_nblocks(n, blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qpeft::dequantize_4bit")
+def _(packed, absmax, blocksize, quant_type, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("qpeft::dequantize_4bit_nested")
+def _(packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize, quant_type, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("qpeft::quantize_blockwise_8bit")
+def _(A, code, blocksize):
+    n = A.numel()
+    return A.new_empty((n,), dtype=torch.uint8), A.new_empty((_nblocks(n, blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qpeft::dequantize_blockwise_8bit")
+def _(q, absmax, code, blocksize):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def build_info() -> dict:
+    """How the extension was built: version, CUDA kernels present, CUDA architectures, compiler."""
+    return dict(_C.build_info())

@@ -1,0 +1,105 @@
+"""Functional API of the 4-bit and 8-bit blockwise formats (thin checks over torch.ops.qpeft).
+
+Arguments are validated here with messages that name the problem (shape, dtype, device, blocksize); the C++
+ops check again, so a direct torch.ops call with bad input also raises instead of crashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from ._ops import ops
+from .reference import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
+
+_DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
+
+
+def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed 8-bit dynamic map (256 sorted fp32) used for double quantization, cached per device."""
+    device = torch.device(device)
+    if device not in _DYNAMIC_MAPS:
+        _DYNAMIC_MAPS[device] = reference.dynamic_map_8bit(device)
+    return _DYNAMIC_MAPS[device]
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"qpeft: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
+
+
+def check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"qpeft: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def check_float_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"qpeft: {what} must be float32, float16 or bfloat16, got {dtype}")
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of ``A`` (any shape, fp32/fp16/bf16, any device with a kernel).
+
+    Returns ``(packed, absmax)``: uint8 ``[(n + 1) // 2]`` and fp32 ``[ceil(n / blocksize)]``.
+    Raises ValueError for non-finite values (they have no 4-bit code and would poison a whole block).
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"qpeft: expected a tensor to quantize, got {type(A).__name__}")
+    check_float_dtype(A.dtype, "the tensor to quantize")
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    if A.numel() and not bool(torch.isfinite(A).all()):
+        raise ValueError("qpeft: cannot quantize a tensor with inf or NaN values")
+    return ops.quantize_4bit(A, blocksize, quant_type)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                    shape: Sequence[int], dtype: torch.dtype, *, nested_absmax: torch.Tensor | None = None,
+                    nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of quantize_4bit, into a new tensor of ``shape`` and ``dtype``.
+
+    ``absmax`` is the fp32 per-block scale, or (double quantization) the uint8 codes of the scales together
+    with ``nested_absmax``, ``nested_code`` and ``nested_offset``; the scales are then decoded inside the kernel.
+    ``packed`` may be stored in any dtype (bitsandbytes' quant_storage); its bytes are what count.
+    """
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    check_float_dtype(dtype, "the dequantized dtype")
+    shape = [int(s) for s in shape]
+    if packed.dtype != torch.uint8:
+        packed = packed.reshape(-1).view(torch.uint8)
+    for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("nested_code", nested_code),
+                    ("nested_offset", nested_offset)):
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"qpeft: {name} is on {t.device} but the packed weight is on {packed.device}")
+    if absmax.dtype == torch.uint8:
+        if nested_absmax is None or nested_code is None or nested_offset is None:
+            raise ValueError("qpeft: uint8 absmax means double quantization; nested_absmax, nested_code and "
+                             "nested_offset are required")
+        return ops.dequantize_4bit_nested(packed, absmax, nested_absmax, nested_code,
+                                          nested_offset.reshape(1).to(torch.float32), blocksize, quant_type, shape,
+                                          dtype)
+    return ops.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+
+
+def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor | None = None,
+                            blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of fp32 ``A`` with a sorted 256-entry ``code`` (default: dynamic map)."""
+    check_blocksize(blocksize)
+    if A.dtype != torch.float32:
+        raise TypeError(f"qpeft: quantize_blockwise_8bit takes float32 input, got {A.dtype}")
+    if A.numel() and not bool(torch.isfinite(A).all()):
+        raise ValueError("qpeft: cannot quantize a tensor with inf or NaN values")
+    code = dynamic_map_8bit(A.device) if code is None else code
+    return ops.quantize_blockwise_8bit(A, code, blocksize)
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
+                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """fp32 ``code[q] * absmax[block]``, shaped like ``q``."""
+    check_blocksize(blocksize)
+    code = dynamic_map_8bit(q.device) if code is None else code
+    return ops.dequantize_blockwise_8bit(q, absmax, code, blocksize)

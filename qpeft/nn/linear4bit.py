@@ -1,0 +1,150 @@
+"""``Linear4bit``: a frozen linear layer whose weight is stored in 4 bits (NF4/FP4, optional double quant).
+
+y = x W^T + b with W dequantized on the fly (dequantize kernel + matmul for now; the fused kernels come with
+the LoRA layer). Its state dict uses bitsandbytes' Linear4bit keys, so it loads bitsandbytes / HF 4-bit
+checkpoints and bitsandbytes loads what it saves; unlike bitsandbytes, ``load_state_dict`` works on it.
+
+The quantization tensors are kept as buffers so ``.to(device)`` moves them. fp32 ones are stored as int32 bit
+views, so ``module.half()`` / ``.to(torch.bfloat16)`` cannot cast (and corrupt) the scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantized import Quantized4bitWeight
+
+# Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.
+_STATE_BUFFERS = {"weight_absmax": "absmax", "weight_nested_absmax": "nested_absmax",
+                  "weight_nested_code": "nested_code", "weight_nested_offset": "nested_offset"}
+
+
+def _to_buffer(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.view(torch.int32) if t is not None and t.dtype == torch.float32 else t
+
+
+def _from_buffer(t: torch.Tensor | None, field: str) -> torch.Tensor | None:
+    if t is None or field == "absmax" and t.dtype == torch.uint8:
+        return t
+    return t.view(torch.float32)
+
+
+class Linear4bit(nn.Module):
+    """Frozen 4-bit linear layer. ``weight`` is the packed uint8 (or quant_storage) parameter, as in bitsandbytes.
+
+    Args:
+        in_features, out_features, bias: as nn.Linear (the bias stays in ``bias_dtype`` and is trainable).
+        compute_dtype: dtype of the matmul; None uses the input's dtype.
+        quant_type, blocksize, double_quant, quant_storage: the 4-bit format (bitsandbytes' meaning).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype: torch.dtype | None = None,
+                 quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                 quant_storage: torch.dtype = torch.uint8, device: torch.device | str | None = None,
+                 bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        placeholder = torch.zeros(out_features, in_features, dtype=torch.bfloat16, device=device)
+        self.set_quantized_weight(Quantized4bitWeight.from_float(placeholder, quant_type, blocksize, double_quant,
+                                                                 quant_storage))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
+        """Quantize an nn.Linear (on its device). The bias is copied unquantized, in its own dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"qpeft: from_linear expects an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.compute_dtype = compute_dtype
+        module.set_quantized_weight(Quantized4bitWeight.from_float(linear.weight.detach(), quant_type, blocksize,
+                                                                   double_quant, quant_storage))
+        module.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        return module
+
+    # ---- the quantized weight -----------------------------------------------------------------------------
+    def set_quantized_weight(self, q: Quantized4bitWeight) -> None:
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.weight = nn.Parameter(q.packed, requires_grad=False)
+        for buffer, field in _STATE_BUFFERS.items():
+            self.register_buffer(buffer, _to_buffer(getattr(q, field)), persistent=False)
+        self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
+
+    @property
+    def quantized_weight(self) -> Quantized4bitWeight:
+        """A view of this layer's weight as a Quantized4bitWeight (no copy)."""
+        tensors = {field: _from_buffer(getattr(self, buffer), field) for buffer, field in _STATE_BUFFERS.items()}
+        return Quantized4bitWeight(self.weight.data, shape=torch.Size((self.out_features, self.in_features)),
+                                   dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                                   **tensors)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.quantized_weight.dequantize(dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense nn.Linear with the dequantized weight (in ``dtype``, default the original weight dtype)."""
+        W = self.dequantized_weight(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=W.device,
+                           dtype=W.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(W)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"qpeft: Linear4bit expects inputs with last dimension {self.in_features}, "
+                             f"got shape {list(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.weight.device}")
+        dtype = self.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        q = self.quantized_weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    # ---- bitsandbytes-compatible state dict ---------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self.quantized_weight.state_dict(prefix + "weight").items():
+            destination[key] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        weight_key, bias_key = prefix + "weight", prefix + "bias"
+        ours = [k for k in state_dict if k.startswith(prefix)]  # a leaf module: every key under prefix is its own
+        weight_keys = {k for k in ours if k == weight_key or k.startswith(weight_key + ".")}
+        if weight_key in state_dict:
+            try:
+                q = Quantized4bitWeight.from_state_dict({k: state_dict[k] for k in weight_keys}, weight_key,
+                                                        device=self.weight.device)
+                self.set_quantized_weight(q)
+            except ValueError as e:
+                error_msgs.append(str(e))
+        else:
+            missing_keys.append(weight_key)
+        if self.bias is not None:
+            if bias_key not in state_dict:
+                missing_keys.append(bias_key)
+            elif state_dict[bias_key].shape != self.bias.shape:
+                error_msgs.append(f"qpeft: '{bias_key}' has shape {list(state_dict[bias_key].shape)}, expected "
+                                  f"{list(self.bias.shape)}")
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+        if strict:
+            unexpected_keys.extend(k for k in ours if k not in weight_keys and k != bias_key)

@@ -1,0 +1,205 @@
+"""Pure-PyTorch reference for every qpeft quantization op.
+
+This is the *definition* of qpeft's bit-level format. The C++ and CUDA kernels must produce exactly the
+same bytes and values; the tests and the benchmarks both import this module (one reference, shared).
+It is written for clarity, not speed, and runs on any device torch supports.
+
+The rules follow bitsandbytes' CUDA kernels (which produce the 4-bit checkpoints found in the wild):
+
+* 4-bit blockwise quantization (NF4 / FP4) over the row-major flattened tensor, ``blocksize`` elements per
+  block (the last block may be partial). ``absmax = max|x|`` in fp32; every element is scaled by a
+  *multiply* with the fp32 reciprocal ``1.0f / absmax`` (not a division), then mapped to a 4-bit code by
+  strict ``>`` comparisons against fp32 thresholds (a value equal to a threshold rounds down).
+* One documented deviation: an all-zero block (absmax == 0) gets the code of 0.0 for every element
+  (NF4 code 7, FP4 code 0), so it dequantizes to exact +0.0. bitsandbytes' CUDA kernel computes
+  0 * inf = NaN there and writes NF4 code 0 (which dequantizes to -0.0); its CPU path writes code 7.
+  Dequantized values are equal (zero) either way.
+* Packing: byte j holds element 2j in the high nibble and element 2j+1 in the low nibble; for an odd
+  element count the last low nibble is the code of 0.0 (NF4 7, FP4 0).
+* 8-bit blockwise quantization (used for double quantization of the 4-bit scales) maps each scaled value
+  to a code of a sorted 256-entry map with bitsandbytes' binary search and fp32 midpoint decision
+  (``nearest_code_8bit``); it is the nearest code except within an ulp of a midpoint.
+* Dequantization: ``out = to_dtype(code_fp32[q] * absmax_fp32)``: one fp32 product, one rounding.
+  Nested scales: ``absmax_i = fp32(fp32(code8[q_i] * absmax2[i // 256]) + offset)`` (two roundings,
+  no fused multiply-add).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256
+
+# NF4 code book (index -> value), fp32. Quantiles of N(0, 1) normalised to [-1, 1] (QLoRA paper).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# The 15 decision thresholds between consecutive NF4 codes (fp32 literals as bitsandbytes uses them).
+NF4_THRESHOLDS = (
+    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+)
+# FP4 (1 sign bit, 2 exponent bits, 1 mantissa bit, bias 2) code book in bit-pattern order, / 12.
+FP4_CODE_TIMES_12 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+                     -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# Thresholds on |x| between consecutive FP4 magnitudes, and the 3-bit code of each magnitude rank.
+FP4_MAGNITUDE_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+FP4_CODE_OF_MAGNITUDE_RANK = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
+
+
+def code_book(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-entry fp32 code book of ``quant_type`` (what bitsandbytes stores as ``weight.quant_map``)."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    if quant_type == "fp4":
+        values = torch.tensor(FP4_CODE_TIMES_12, dtype=torch.float32, device=device)
+        return values / values.abs().max()
+    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed 8-bit "dynamic" map used for double quantization: 256 sorted fp32 values in [-0.993, 1].
+
+    Layout (Dettmers, "8-bit approximations for parallelism"): for exponent e = 0..6, 2^e linearly spaced
+    fraction values (bin means of linspace(0.1, 1, 2^e + 1)) scaled by 10^(e - 6), both signs; plus 0 and 1.
+    Computed in fp32 exactly as bitsandbytes' ``create_dynamic_map(signed=True)``.
+    """
+    values: list[float] = []
+    for exponent in range(7):
+        edges = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
+        bin_means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (exponent - 6)
+        values += (scale * bin_means).tolist()
+        values += (-scale * bin_means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _blocked(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """[n] -> [nblocks, blocksize], zero-padded at the end (zeros do not change a block's absmax)."""
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    padded = flat.new_zeros(nblocks * blocksize)
+    padded[:n] = flat
+    return padded.view(nblocks, blocksize)
+
+
+def _scale_blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flatten A to fp32, return (scaled values [nblocks, blocksize], absmax [nblocks], n)."""
+    flat = A.detach().reshape(-1).to(torch.float32)
+    blocks = _blocked(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1) if blocks.numel() else blocks.new_zeros(0)
+    one = torch.ones((), dtype=torch.float32, device=A.device)
+    reciprocal = torch.where(absmax > 0, one / absmax, torch.zeros_like(absmax))  # fp32, correctly rounded
+    return blocks * reciprocal[:, None], absmax, flat.numel()
+
+
+def codes_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Map scaled fp32 values to 4-bit codes (int64), by strict '>' against the fp32 thresholds."""
+    if quant_type == "nf4":
+        thresholds = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32, device=scaled.device)
+        return (scaled[..., None] > thresholds).sum(-1)
+    if quant_type == "fp4":
+        thresholds = torch.tensor(FP4_MAGNITUDE_THRESHOLDS, dtype=torch.float32, device=scaled.device)
+        rank = (scaled.abs()[..., None] > thresholds).sum(-1)
+        magnitude = torch.tensor(FP4_CODE_OF_MAGNITUDE_RANK, device=scaled.device)[rank]
+        return magnitude + 8 * (scaled < 0).long()
+    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def zero_code(quant_type: str) -> int:
+    """The 4-bit code of 0.0: what pads an odd element count and fills an all-zero block."""
+    return 7 if quant_type == "nf4" else 0
+
+
+def pack_nibbles(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
+    """[n] codes in 0..15 -> [(n + 1) // 2] uint8, element 2j in the high nibble; odd n pads with pad_code."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), pad_code)])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: [(n + 1) // 2] uint8 -> [n] int64 codes."""
+    packed = packed.reshape(-1).view(torch.uint8).long()
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference 4-bit quantization. Returns (packed uint8 [(n + 1) // 2], absmax fp32 [ceil(n / blocksize)])."""
+    scaled, absmax, n = _scale_blocks(A, blocksize)
+    codes = codes_4bit(scaled.reshape(-1)[:n], quant_type)
+    return pack_nibbles(codes, zero_code(quant_type)), absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                    shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Reference 4-bit dequantization: out = dtype(code[q] * absmax[block]) computed in fp32."""
+    n = math.prod(shape)
+    codes = unpack_nibbles(packed, n)
+    values = code_book(quant_type, packed.device)[codes]
+    scales = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
+    return (values * scales).to(dtype).reshape(tuple(shape))
+
+
+def nearest_code_8bit(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' 8-bit code search over a sorted 256-entry map, vectorised over ``scaled``.
+
+    Seven halving steps from pivot 127 track the last pivot below (``lower``) and not below (``upper``) x;
+    the final pivot p is then compared with x, and the answer is p or its bracketing neighbour, decided by
+    the fp32 midpoint ``(code[p] + code[neighbour]) * 0.5``: above p, x > midpoint picks ``upper``;
+    at or below p, x < midpoint picks ``lower``. NaN ends at index 0 or 1 (never written by qpeft).
+    """
+    code = code.to(torch.float32)
+    pivot = torch.full_like(scaled, 127, dtype=torch.long)
+    lower = torch.zeros_like(pivot)
+    upper = torch.full_like(pivot, 255)
+    step = 64
+    while step > 0:
+        greater = scaled > code[pivot]
+        lower = torch.where(greater, pivot, lower)
+        upper = torch.where(greater, upper, pivot)
+        pivot = torch.where(greater, pivot + step, pivot - step)
+        step //= 2
+    value = code[pivot]
+    above = scaled > value
+    upper_mid = (code[upper] + value) * 0.5
+    lower_mid = (code[lower] + value) * 0.5
+    pick_upper = above & (scaled > upper_mid)
+    pick_lower = ~above & (scaled < lower_mid)
+    return torch.where(pick_upper, upper, torch.where(pick_lower, lower, pivot))
+
+
+def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference 8-bit blockwise quantization. Returns (codes uint8 [n], absmax fp32 [ceil(n / blocksize)])."""
+    scaled, absmax, n = _scale_blocks(A, blocksize)
+    return nearest_code_8bit(scaled.reshape(-1)[:n], code).to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """Reference 8-bit blockwise dequantization to fp32: code[q] * absmax[block]."""
+    n = q.numel()
+    scales = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
+    return code.to(torch.float32)[q.reshape(-1).long()] * scales
+
+
+def dequantize_nested_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
+                             offset: torch.Tensor | float) -> torch.Tensor:
+    """The fp32 4-bit scales of a double-quantized state: fp32(code8[q] * absmax2) + offset, two roundings."""
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=q.device)
+    return dequantize_blockwise_8bit(q, nested_absmax, nested_code) + offset
