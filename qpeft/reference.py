@@ -27,7 +27,9 @@ The rules follow bitsandbytes' CUDA kernels (which produce the 4-bit checkpoints
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 
@@ -43,7 +45,8 @@ NF4_CODE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-# The 15 decision thresholds between consecutive NF4 codes (fp32 literals as bitsandbytes uses them).
+# The 15 decision thresholds between consecutive NF4 codes, as decimal literals: their fp32 values are the
+# C literals' (see fp32_from_decimal).
 NF4_THRESHOLDS = (
     -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
     -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
@@ -56,6 +59,24 @@ FP4_CODE_TIMES_12 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
 # Thresholds on |x| between consecutive FP4 magnitudes, and the 3-bit code of each magnitude rank.
 FP4_MAGNITUDE_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 FP4_CODE_OF_MAGNITUDE_RANK = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
+
+
+def fp32_from_decimal(text: str) -> float:
+    """The fp32 value nearest to the decimal ``text`` (ties to even), as a C compiler rounds ``<text>f``.
+
+    Not ``float32(float(text))``: rounding to double first and then to fp32 can land one ulp away (it does
+    for 4 of the 15 NF4 thresholds), and bitsandbytes' CUDA kernel compares against the C literals.
+    """
+    exact = Fraction(text)
+    bits = struct.unpack("<I", struct.pack("<f", float(text)))[0]
+    candidates = [struct.unpack("<f", struct.pack("<I", b))[0] for b in (bits - 1, bits, bits + 1)]
+    return min(candidates, key=lambda c: (abs(Fraction(c) - exact), struct.unpack("<I", struct.pack("<f", c))[0] & 1))
+
+
+def thresholds(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The decision thresholds of ``quant_type`` as fp32 (NF4: on x; FP4: on |x|), rounded as C literals."""
+    values = NF4_THRESHOLDS if quant_type == "nf4" else FP4_MAGNITUDE_THRESHOLDS
+    return torch.tensor([fp32_from_decimal(repr(v)) for v in values], dtype=torch.float32, device=device)
 
 
 def code_book(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -109,11 +130,9 @@ def _scale_blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.
 def codes_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """Map scaled fp32 values to 4-bit codes (int64), by strict '>' against the fp32 thresholds."""
     if quant_type == "nf4":
-        thresholds = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32, device=scaled.device)
-        return (scaled[..., None] > thresholds).sum(-1)
+        return (scaled[..., None] > thresholds("nf4", scaled.device)).sum(-1)
     if quant_type == "fp4":
-        thresholds = torch.tensor(FP4_MAGNITUDE_THRESHOLDS, dtype=torch.float32, device=scaled.device)
-        rank = (scaled.abs()[..., None] > thresholds).sum(-1)
+        rank = (scaled.abs()[..., None] > thresholds("fp4", scaled.device)).sum(-1)
         magnitude = torch.tensor(FP4_CODE_OF_MAGNITUDE_RANK, device=scaled.device)[rank]
         return magnitude + 8 * (scaled < 0).long()
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")

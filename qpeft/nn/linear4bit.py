@@ -4,8 +4,9 @@ y = x W^T + b with W dequantized on the fly (dequantize kernel + matmul for now;
 the LoRA layer). Its state dict uses bitsandbytes' Linear4bit keys, so it loads bitsandbytes / HF 4-bit
 checkpoints and bitsandbytes loads what it saves; unlike bitsandbytes, ``load_state_dict`` works on it.
 
-The quantization tensors are kept as buffers so ``.to(device)`` moves them. fp32 ones are stored as int32 bit
-views, so ``module.half()`` / ``.to(torch.bfloat16)`` cannot cast (and corrupt) the scales.
+The quantization tensors are kept as buffers so ``.to(device)`` moves them. Nothing of the 4-bit state is held
+in a floating dtype: the packed weight parameter is uint8 (``quant_storage`` only shapes the state dict) and the
+fp32 scales are int32 bit views, so ``module.half()`` / ``.to(torch.bfloat16)`` cannot cast and corrupt them.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class Linear4bit(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
                              f"[{self.out_features}, {self.in_features}]")
-        self.weight = nn.Parameter(q.packed, requires_grad=False)
+        self.weight = nn.Parameter(q.packed.reshape(-1, 1).view(torch.uint8), requires_grad=False)
+        self.quant_storage = q.quant_storage
         for buffer, field in _STATE_BUFFERS.items():
             self.register_buffer(buffer, _to_buffer(getattr(q, field)), persistent=False)
         self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
@@ -81,7 +83,8 @@ class Linear4bit(nn.Module):
     def quantized_weight(self) -> Quantized4bitWeight:
         """A view of this layer's weight as a Quantized4bitWeight (no copy)."""
         tensors = {field: _from_buffer(getattr(self, buffer), field) for buffer, field in _STATE_BUFFERS.items()}
-        return Quantized4bitWeight(self.weight.data, shape=torch.Size((self.out_features, self.in_features)),
+        packed = self.weight.data.reshape(-1).view(self.quant_storage).unsqueeze(1)
+        return Quantized4bitWeight(packed, shape=torch.Size((self.out_features, self.in_features)),
                                    dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                                    **tensors)
 

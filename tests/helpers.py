@@ -1,0 +1,20 @@
+"""Helpers shared by the tests."""
+
+import torch
+
+
+def poison_allocator(device: torch.device, nbytes: int) -> None:
+    """Fill and free blocks of the sizes an op is about to allocate, so that an output element the kernel
+    forgets to write holds 0xFF garbage (NaN for floats) instead of fresh zeros (caching allocators and malloc
+    hand the same memory back)."""
+    for size in (nbytes, max(1, nbytes // 2), max(1, nbytes // 4)):
+        t = torch.full((size,), 0xFF, dtype=torch.uint8, device=device)
+        del t
+
+
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """dtype, shape and every byte equal (unlike torch.equal, packed bytes that read as NaN compare equal)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
