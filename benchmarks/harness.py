@@ -1,0 +1,86 @@
+"""Shared benchmark harness: timing, environment metadata, and JSON output.
+
+GPU work is timed with CUDA events after warm-up, the median of many repetitions; CPU work with
+time.perf_counter, also a median. Every benchmark writes one JSON file to benchmarks/results/ with the
+environment it ran in, so committed numbers say where they came from.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def median_time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, reps: int = 50) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    import qpeft
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "qpeft": qpeft.build_info(),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # bitsandbytes missing or broken on this machine: baselines are left out, and said so
+        env["bitsandbytes"] = None
+    return env
+
+
+def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    path = out_dir / f"{name}_{tag}.json"
+    path.write_text(json.dumps({"benchmark": name, "environment": environment(device), "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
