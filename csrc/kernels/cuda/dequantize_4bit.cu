@@ -1,7 +1,8 @@
-// 4-bit blockwise dequantization on CUDA, memory-bound: each thread turns one 16-byte chunk of packed codes
-// (32 elements, always inside a single quantization block since blocksize >= 32) into 32 outputs with one
-// 16-byte load and 16-byte stores. The 16-entry code book sits in shared memory (distinct banks, so lookups
-// never conflict). out = fmt(code[q] * scale): one fp32 product, one round-to-nearest-even conversion.
+// 4-bit blockwise dequantization on CUDA, memory-bound. Work unit: 8 elements = 4 packed bytes (one 4-byte
+// load) -> 8 outputs (one 16-byte store for 16-bit outputs, two for fp32), so a warp reads 128 contiguous bytes
+// and writes 512 contiguous bytes per unit. Each thread keeps kUnroll units in flight (all loads issued before
+// the first use). A unit never straddles a quantization block (blocksize >= 32). Code book and, when nested,
+// the 256-entry 8-bit map sit in shared memory. out = fmt(code[q] * scale): one fp32 product, one RNE rounding.
 #include "device_utils.cuh"
 #include "quant_cuda.h"
 
@@ -9,8 +10,8 @@ namespace qpeft::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChunkBytes = 16;
-constexpr int kChunkElements = 2 * kChunkBytes;
+constexpr int kUnitElements = 8;
+constexpr int kUnroll = 4;
 
 __constant__ float kNF4Values[16] = {QPEFT_NF4_CODE_VALUES};
 __constant__ float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
@@ -30,21 +31,29 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
-// Writes the 32 outputs of one chunk with 16-byte stores (out_chunk is 16-byte aligned).
+// Stores 8 outputs with 16-byte stores (dst is 16-byte aligned).
 template <typename OutT>
-__device__ __forceinline__ void store_chunk(OutT* out_chunk, const float (&values)[kChunkElements]) {
+__device__ __forceinline__ void store_unit(OutT* dst, const float (&values)[kUnitElements]) {
   constexpr int kPerVector = 16 / sizeof(OutT);
   union Vector {
     uint4 raw;
     OutT elements[kPerVector];
   };
 #pragma unroll
-  for (int v = 0; v < kChunkElements / kPerVector; ++v) {
+  for (int v = 0; v < kUnitElements / kPerVector; ++v) {
     Vector vec;
 #pragma unroll
     for (int e = 0; e < kPerVector; ++e) vec.elements[e] = from_float<OutT>(values[v * kPerVector + e]);
-    reinterpret_cast<uint4*>(out_chunk)[v] = vec.raw;
+    reinterpret_cast<uint4*>(dst)[v] = vec.raw;
   }
+}
+
+// Scale of 4-bit block `block`; the nested map is read from shared memory.
+__device__ __forceinline__ float block_scale(const BlockScales& scales, const float* nested_code_smem, float offset,
+                                             int64_t block) {
+  if (scales.absmax) return __ldg(scales.absmax + block);
+  const uint8_t code = __ldg(scales.absmax_codes + block);
+  return __fadd_rn(__fmul_rn(nested_code_smem[code], __ldg(scales.nested_absmax + (block >> 8))), offset);
 }
 
 template <typename OutT>
@@ -52,36 +61,51 @@ __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, BlockScales scales, int64_t n, int log2_blocksize,
                            QuantType type, OutT* __restrict__ out, bool vector_ok) {
   __shared__ float code_values[16];
+  __shared__ float nested_code[256];
   if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4Values : kFP4Values)[threadIdx.x];
+  if (!scales.absmax) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = scales.nested_code[i];
+  }
   __syncthreads();
+  const float offset = scales.absmax ? 0.0f : __ldg(scales.nested_offset);
 
-  const int64_t num_chunks = (n + kChunkElements - 1) / kChunkElements;
+  const int64_t num_units = n / kUnitElements;  // full units; the tail is done below
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < num_chunks; c += stride) {
-    const int64_t first = c * kChunkElements;
-    const float scale = scales(first >> log2_blocksize);
-    if (vector_ok && first + kChunkElements <= n) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed + first / 2));
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      float values[kChunkElements];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vector_ok) {
+    for (int64_t base = first; base < num_units; base += stride * kUnroll) {
+      uint32_t words[kUnroll];
+      float unit_scale[kUnroll];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const uint32_t byte = (words[w] >> (8 * b)) & 0xFFu;  // little endian: byte 4w+b
-          values[8 * w + 2 * b] = __fmul_rn(code_values[byte >> 4], scale);
-          values[8 * w + 2 * b + 1] = __fmul_rn(code_values[byte & 0xFu], scale);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t unit = base + u * stride;
+        if (unit < num_units) {
+          words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed) + unit);
+          unit_scale[u] = block_scale(scales, nested_code, offset, (unit * kUnitElements) >> log2_blocksize);
         }
       }
-      store_chunk(out + first, values);
-    } else {
-      const int64_t last = first + kChunkElements < n ? first + kChunkElements : n;
-      for (int64_t i = first; i < last; ++i) {
-        const uint8_t byte = packed[i / 2];
-        const uint8_t code = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-        out[i] = from_float<OutT>(__fmul_rn(code_values[code], scale));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t unit = base + u * stride;
+        if (unit < num_units) {
+          float values[kUnitElements];
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const uint32_t byte = (words[u] >> (8 * b)) & 0xFFu;  // little endian: element pair 2b, 2b+1
+            values[2 * b] = __fmul_rn(code_values[byte >> 4], unit_scale[u]);
+            values[2 * b + 1] = __fmul_rn(code_values[byte & 0xFu], unit_scale[u]);
+          }
+          store_unit(out + unit * kUnitElements, values);
+        }
       }
     }
+  }
+  // Elements not covered above (all of them when unaligned, else the last n % 8), one per thread.
+  const int64_t scalar_begin = vector_ok ? num_units * kUnitElements : 0;
+  for (int64_t i = scalar_begin + first; i < n; i += stride) {
+    const uint8_t byte = packed[i / 2];
+    const uint8_t code = (i & 1) ? (byte & 0xFu) : (byte >> 4);
+    out[i] = from_float<OutT>(__fmul_rn(code_values[code], block_scale(scales, nested_code, offset, i >> log2_blocksize)));
   }
 }
 
@@ -90,9 +114,9 @@ cudaError_t launch(const uint8_t* packed, const BlockScales& scales, int64_t n, 
                    void* out, cudaStream_t stream) {
   int log2_blocksize = 0;
   while ((int64_t{1} << log2_blocksize) < blocksize) ++log2_blocksize;
-  const bool vector_ok = (reinterpret_cast<uintptr_t>(packed) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
-  const int64_t num_chunks = (n + kChunkElements - 1) / kChunkElements;
-  dequantize_4bit_kernel<OutT><<<grid_for(num_chunks, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(
+  const bool vector_ok = reinterpret_cast<uintptr_t>(packed) % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int64_t work = vector_ok ? (n / kUnitElements + kUnroll - 1) / kUnroll : n;
+  dequantize_4bit_kernel<OutT><<<grid_for(work, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(
       packed, scales, n, log2_blocksize, type, static_cast<OutT*>(out), vector_ok);
   return cudaGetLastError();
 }

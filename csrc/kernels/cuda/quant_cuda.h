@@ -14,8 +14,8 @@ namespace qpeft::cuda {
 cudaError_t quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type,
                           uint8_t* packed, float* absmax, cudaStream_t stream);
 
-// `out` must be 16-byte aligned for the vectorized path; any alignment of `packed` works (a misaligned one
-// takes the byte-wise path).
+// Any alignment works: a 4-byte aligned `packed` with a 16-byte aligned `out` takes the vectorized path, others
+// the element-wise one.
 cudaError_t dequantize_4bit(const uint8_t* packed, BlockScales scales, int64_t n, int64_t blocksize, QuantType type,
                             void* out, FloatFormat fmt, cudaStream_t stream);
 
