@@ -23,6 +23,8 @@ cd /tmp
 python3 -c "import qpeft; print(qpeft.build_info())" | tee -a "$OUT/gpu.txt"
 echo "== tests"
 python3 -m pytest "$REPO/tests" -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+echo "== reciprocal table"
+python3 "$REPO/benchmarks/gen_rcp_table.py" 2>&1 | tee "$OUT/rcp_table.log"
 echo "== compute-sanitizer memcheck"
 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$REPO/benchmarks/cuda_smoke.py" \
   >"$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -4 "$OUT/memcheck.log"

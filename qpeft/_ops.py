@@ -9,8 +9,11 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (importing the extension runs its TORCH_LIBRARY registrations)
+from .reference import reciprocal_table_bytes
 
 ops = torch.ops.qpeft
+# The CPU kernels reproduce the GPU's approximate reciprocal from this table (see reference.approx_reciprocal).
+_C._set_reciprocal_table(reciprocal_table_bytes())
 
 
 def _nblocks(n: int, blocksize: int) -> int:
@@ -42,6 +45,11 @@ def _(A, code, blocksize):
 @torch.library.register_fake("qpeft::dequantize_blockwise_8bit")
 def _(q, absmax, code, blocksize):
     return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("qpeft::_approx_reciprocal")
+def _(x):
+    return torch.empty_like(x)
 
 
 def build_info() -> dict:

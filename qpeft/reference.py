@@ -8,8 +8,13 @@ The rules follow bitsandbytes' CUDA kernels (which produce the 4-bit checkpoints
 
 * 4-bit blockwise quantization (NF4 / FP4) over the row-major flattened tensor, ``blocksize`` elements per
   block (the last block may be partial). ``absmax = max|x|`` in fp32; every element is scaled by a
-  *multiply* with the fp32 reciprocal ``1.0f / absmax`` (not a division), then mapped to a 4-bit code by
-  strict ``>`` comparisons against fp32 thresholds (a value equal to a threshold rounds down).
+  *multiply* with the reciprocal of absmax, then mapped to a 4-bit code by strict ``>`` comparisons against
+  fp32 thresholds (a value equal to a threshold rounds down).
+* The reciprocal is the GPU's approximate one (bitsandbytes' CUDA build computes ``1.0f / absmax`` as
+  ``rcp.approx.ftz.f32``): a faithful rounding that is one ulp away from the correctly rounded ``1 / absmax``
+  for 13% of mantissas. It is reproduced exactly from a table measured on an H100 over all 2^23 mantissas
+  (``_data/rcp_approx_f32.bin``; see ``approx_reciprocal``). With bf16/fp16 weights, exact ties with FP4's
+  threshold 11/128 are common, so the choice of reciprocal changes real bytes.
 * One documented deviation: an all-zero block (absmax == 0) gets the code of 0.0 for every element
   (NF4 code 7, FP4 code 0), so it dequantizes to exact +0.0. bitsandbytes' CUDA kernel computes
   0 * inf = NaN there and writes NF4 code 0 (which dequantizes to -0.0); its CPU path writes code 7.
@@ -26,10 +31,13 @@ The rules follow bitsandbytes' CUDA kernels (which produce the 4-bit checkpoints
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
+import zlib
 from collections.abc import Sequence
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
@@ -108,6 +116,42 @@ def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+RCP_TABLE_PATH = Path(__file__).resolve().parent / "_data" / "rcp_approx_f32.bin"
+
+
+@functools.cache
+def reciprocal_table_bytes() -> bytes:
+    """The packed reciprocal correction table: zlib of 2^21 bytes, 4 entries per byte (entry i of byte j is
+    bits 2i..2i+1, for mantissa 4j + i), each entry ``delta + 1`` with delta in {-1, 0, +1} ulps."""
+    raw = zlib.decompress(RCP_TABLE_PATH.read_bytes())
+    if len(raw) != 2**21:
+        raise RuntimeError(f"qpeft: corrupt reciprocal table {RCP_TABLE_PATH} ({len(raw)} bytes)")
+    return raw
+
+
+@functools.cache
+def _reciprocal_deltas() -> torch.Tensor:
+    packed = torch.frombuffer(bytearray(reciprocal_table_bytes()), dtype=torch.uint8).to(torch.int32)
+    entries = torch.stack([(packed >> (2 * i)) & 3 for i in range(4)], dim=1).reshape(-1)
+    return entries - 1
+
+
+def approx_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``rcp.approx.ftz.f32(x)`` for x >= 0, and 0 for x == 0 (the all-zero block rule).
+
+    = the correctly rounded 1/x moved by the measured per-mantissa delta (independent of the exponent);
+    subnormal x is flushed to zero first (result +inf); a result below the normal range (x >= 2^126) is 0.
+    """
+    x = x.to(torch.float32)
+    bits = x.view(torch.int32)
+    exponent, mantissa = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    deltas = _reciprocal_deltas().to(x.device)
+    corrected = ((1.0 / x).view(torch.int32) + deltas[mantissa.long()]).view(torch.float32)
+    out = torch.where(exponent >= 253, torch.zeros_like(x), corrected)
+    out = torch.where(exponent == 0, torch.full_like(x, math.inf), out)
+    return torch.where(x == 0, torch.zeros_like(x), out)
+
+
 def _blocked(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """[n] -> [nblocks, blocksize], zero-padded at the end (zeros do not change a block's absmax)."""
     n = flat.numel()
@@ -122,9 +166,7 @@ def _scale_blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.
     flat = A.detach().reshape(-1).to(torch.float32)
     blocks = _blocked(flat, blocksize)
     absmax = blocks.abs().amax(dim=1) if blocks.numel() else blocks.new_zeros(0)
-    one = torch.ones((), dtype=torch.float32, device=A.device)
-    reciprocal = torch.where(absmax > 0, one / absmax, torch.zeros_like(absmax))  # fp32, correctly rounded
-    return blocks * reciprocal[:, None], absmax, flat.numel()
+    return blocks * approx_reciprocal(absmax)[:, None], absmax, flat.numel()
 
 
 def codes_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:

@@ -5,6 +5,9 @@ three documented places, which these tests pin down exactly rather than skip:
 * Thresholds: its CPU path decides at fp32 midpoints of the code book, its CUDA kernels at C literals; they
   are one ulp apart for 4 NF4 thresholds and up to a few ulps for FP4 (0.583333f vs 7/12). Only a scaled
   value between the two versions of a threshold can be coded differently.
+* Reciprocal: its CPU path scales by the correctly rounded 1/absmax, its CUDA kernels by the approximate one
+  (one ulp apart for 13% of mantissas); qpeft reproduces the CUDA one everywhere. Ties on a negative FP4
+  threshold round away from zero on its CPU path, toward zero in its CUDA kernels.
 * FP4: for |x| below the smallest threshold, its CPU path may write the other sign of zero (code 0 vs 8);
   both dequantize to zero.
 * 8-bit (double quantization): its CPU path looks codes up in a 65536-bin table, which misses the nearest
@@ -39,32 +42,45 @@ def bnb_cpu_thresholds(quant_type: str) -> torch.Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
-def in_threshold_window(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """True where the CUDA-literal threshold and bitsandbytes' CPU midpoint put ``scaled`` on different sides."""
+def decision_pairs(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 15 decision points of each implementation, paired in ascending order: (low, high) of each pair."""
     ours = R.thresholds(quant_type)
     if quant_type == "fp4":
-        ours = torch.cat([-ours.flip(0), torch.zeros(1), ours])  # signed, same order as the midpoints
+        ours = torch.cat([-ours.flip(0), torch.zeros(1), ours])  # sign, then |x| thresholds: signed, sorted
     theirs = bnb_cpu_thresholds(quant_type)
-    lo, hi = torch.minimum(ours, theirs), torch.maximum(ours, theirs)
-    return ((scaled[:, None] >= lo) & (scaled[:, None] <= hi)).any(1)
+    return torch.minimum(ours, theirs), torch.maximum(ours, theirs)
 
 
 def assert_codes_match_bnb(ours: torch.Tensor, theirs: torch.Tensor, quant_type: str, values: torch.Tensor,
-                           absmax: torch.Tensor, blocksize: int):
-    """Codes equal, except (a) within a threshold window (see module doc) or (b) FP4 zero signs."""
+                           absmax: torch.Tensor, blocksize: int, max_fraction: float | None = 0.005):
+    """Codes equal, except where a difference is explained by a documented bitsandbytes-CPU deviation: the span
+    of the two scaled values (qpeft: x * approximate reciprocal; bitsandbytes CPU: x * (1 / absmax), or x / absmax
+    in the last partial block) touches the span of a pair of corresponding decision points (this covers the
+    threshold windows, the reciprocal, and exact ties, which its CPU path breaks away from zero for negative FP4
+    values), or (FP4) the codes are the two zeros."""
     n = values.numel()
     codes_ours = R.unpack_nibbles(ours.reshape(-1).cpu().view(torch.uint8), n)
     codes_theirs = R.unpack_nibbles(theirs.reshape(-1).cpu().view(torch.uint8), n)
     differing = (codes_ours != codes_theirs).nonzero().reshape(-1)
     if differing.numel() == 0:
         return
-    scale = absmax.repeat_interleave(blocksize)[:n][differing]
+    scale = absmax.float().repeat_interleave(blocksize)[:n][differing]
     x = values.reshape(-1).float()[differing]
-    window = in_threshold_window(x * (1 / scale), quant_type) | in_threshold_window(x / scale, quant_type)
-    zero_sign = (codes_ours[differing] ^ codes_theirs[differing]) == 8
-    zero_sign &= torch.isin(codes_ours[differing], torch.tensor([0, 8]))
-    assert (window | (zero_sign if quant_type == "fp4" else False)).all(), (
-        f"codes differ outside the known threshold windows at {differing[~window][:5].tolist()}")
+    s_ours = x * R.approx_reciprocal(scale)
+    pair_lo, pair_hi = decision_pairs(quant_type)
+    near_threshold = torch.zeros_like(x, dtype=torch.bool)
+    for s_theirs in (x * (1 / scale), x / scale):
+        lo, hi = torch.minimum(s_ours, s_theirs)[:, None], torch.maximum(s_ours, s_theirs)[:, None]
+        near_threshold |= (torch.maximum(lo, pair_lo) <= torch.minimum(hi, pair_hi)).any(1)
+    zero_sign = torch.zeros_like(near_threshold)
+    if quant_type == "fp4":
+        a, b = codes_ours[differing], codes_theirs[differing]
+        zero_sign = ((a ^ b) == 8) & torch.isin(a, torch.tensor([0, 8]))
+    explained = near_threshold | zero_sign
+    assert explained.all(), f"codes differ with no documented cause at {differing[~explained][:5].tolist()}"
+    # the threshold exemption is narrow: on ordinary data nearly every code agrees
+    if max_fraction is not None:
+        assert (near_threshold & ~zero_sign).sum() <= max(8, n * max_fraction), "too many threshold differences"
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -86,6 +102,17 @@ def test_quantize_4bit_equals_bitsandbytes_cpu(quant_type, dtype, blocksize):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tie_heavy_16bit_weights_against_bitsandbytes_cpu(quant_type, dtype):
+    """16-bit weights make exact ties with thresholds common: the exemption above must explain every difference."""
+    A = (torch.randn(512, 1000) * 2).to(dtype)
+    packed, absmax = qpeft.functional.quantize_4bit(A, 64, quant_type)
+    bnb_packed, state = bnb_quantize(A, 64, quant_type)
+    assert torch.equal(absmax, state.absmax)
+    assert_codes_match_bnb(packed, bnb_packed, quant_type, A, absmax, 64)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_adversarial_values_against_bitsandbytes_cpu(quant_type):
     t = R.thresholds(quant_type)
     t = torch.cat([t, -t])
@@ -97,7 +124,7 @@ def test_adversarial_values_against_bitsandbytes_cpu(quant_type):
     packed, absmax = qpeft.functional.quantize_4bit(A, 64, quant_type)
     bnb_packed, state = bnb_quantize(A, 64, quant_type)
     assert torch.equal(absmax, state.absmax)
-    assert_codes_match_bnb(packed, bnb_packed, quant_type, A, absmax, 64)
+    assert_codes_match_bnb(packed, bnb_packed, quant_type, A, absmax, 64, max_fraction=None)
     # the known NF4 one-ulp cases really are where the two roundings disagree (so the exemption is tight)
     if quant_type == "nf4":
         assert (packed != bnb_packed.reshape(-1)).sum() == DIFFERENT_ROUNDING_NF4.numel()  # one value each

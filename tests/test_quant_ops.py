@@ -136,6 +136,36 @@ def test_nested_dequantize_matches_reference(device, quant_type, out_dtype):
     assert torch.equal(q.dequantize(out_dtype).cpu(), expected)
 
 
+def test_approx_reciprocal_matches_reference(device):
+    special = torch.tensor([0.0, 1.0, 2.0, 0.75, 3.0, 1e-40, 1.1754944e-38, 8.5e37, 3e38, 65504.0])
+    x = torch.cat([special, torch.rand(100000) * 10, torch.randn(100000).abs() * 1e-20]).to(device)
+    out = torch.ops.qpeft._approx_reciprocal(x)
+    assert torch.equal(out.cpu(), R.approx_reciprocal(x.cpu()))
+    # a faithful rounding: never more than one ulp from the correctly rounded reciprocal
+    normal = (x > 1.2e-38) & (x < 8e37)
+    ieee = (1.0 / x[normal]).view(torch.int32)
+    assert ((out[normal].view(torch.int32) - ieee).abs() <= 1).all()
+
+
+@pytest.mark.cuda
+def test_cuda_reciprocal_instruction_equals_cpu_emulation_for_every_mantissa():
+    mantissas = torch.arange(2**23, dtype=torch.int32)
+    for exponent in (1, 100, 127, 140, 200, 252):
+        x = (mantissas | (exponent << 23)).view(torch.float32)
+        assert torch.equal(torch.ops.qpeft._approx_reciprocal(x.cuda()).cpu(), torch.ops.qpeft._approx_reciprocal(x))
+
+
+def test_reciprocal_choice_changes_fp4_bytes_of_bf16_weights():
+    """Why the reciprocal is emulated: with bf16 weights, FP4 ties at 11/128 are common, so scaling by the
+    correctly rounded reciprocal instead would change real bytes (and break identity with bitsandbytes' GPU)."""
+    A = (torch.randn(1024, 1024) * 2).to(torch.bfloat16)
+    packed, absmax = F.quantize_4bit(A, 64, "fp4")
+    scaled_ieee = A.float().reshape(-1, 64) * (1.0 / absmax)[:, None]
+    ieee_packed = R.pack_nibbles(R.codes_4bit(scaled_ieee.reshape(-1), "fp4"), 0)
+    assert (ieee_packed != packed).any()
+    assert torch.equal(packed, R.quantize_4bit(A, 64, "fp4")[0])
+
+
 def test_non_contiguous_input(device):
     base = torch.randn(96, 200, device=device)
     A = base.t()[:, ::2]  # non-contiguous view
@@ -166,6 +196,7 @@ def test_opcheck_all_ops(device):
         (ops.dequantize_4bit_nested, (packed, q8, absmax2, code, offset, 64, "nf4", [3, 100], torch.float16)),
         (ops.quantize_blockwise_8bit, (absmax, code, 256)),
         (ops.dequantize_blockwise_8bit, (q8, absmax2, code, 256)),
+        (ops._approx_reciprocal, (absmax,)),
     ]
     for op, args in cases:
         opcheck(op, args)

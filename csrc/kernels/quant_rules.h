@@ -34,8 +34,9 @@ enum class QuantType : int32_t { NF4 = 0, FP4 = 1 };
 // The 4-bit code of 0.0: pads an odd element count, and fills an all-zero block.
 QPEFT_HD uint8_t zero_code_4bit(QuantType type) { return type == QuantType::NF4 ? 7 : 0; }
 
-// 1 / absmax in fp32, correctly rounded; 0 for an all-zero block so that every scaled value is 0.
-QPEFT_HD float scale_reciprocal(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+// Scaling by 1/absmax uses the GPU's approximate reciprocal (rcp.approx.ftz.f32), as bitsandbytes' CUDA kernels
+// do; each backend provides approx_reciprocal(absmax) (CUDA: the instruction; CPU: the correctly rounded
+// reciprocal corrected by a table measured on the GPU), returning 0 for absmax == 0 (all-zero block).
 
 // NF4 code of a scaled value: the number of thresholds it is strictly greater than (NaN -> 0).
 QPEFT_HD uint8_t quantize_nf4(float x) {

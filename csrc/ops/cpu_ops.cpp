@@ -12,9 +12,15 @@ namespace {
 // About 16K elements per task: large enough to amortize scheduling, small enough to balance two cores.
 int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
 
+void check_reciprocal_table() {
+  TORCH_CHECK(cpu::has_reciprocal_table(),
+              "qpeft: the reciprocal table is not installed (import qpeft, which installs it, before the ops)");
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
                                                      c10::string_view quant_type) {
   auto a = prepare_quantize_4bit(A, blocksize, quant_type);
+  check_reciprocal_table();
   const void* src = a.A.data_ptr();
   auto* packed = a.packed.data_ptr<uint8_t>();
   auto* absmax = a.absmax.data_ptr<float>();
@@ -50,6 +56,7 @@ at::Tensor dequantize_4bit_nested_cpu(const at::Tensor& packed, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& A, const at::Tensor& code,
                                                                int64_t blocksize) {
   auto a = prepare_quantize_blockwise_8bit(A, code, blocksize);
+  check_reciprocal_table();
   const float* src = a.A.data_ptr<float>();
   const float* code_values = a.code.data_ptr<float>();
   auto* q = a.q.data_ptr<uint8_t>();
@@ -73,6 +80,17 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& q, const at::Tensor& 
   return a.out;
 }
 
+at::Tensor approx_reciprocal_cpu(const at::Tensor& x) {
+  auto a = prepare_approx_reciprocal(x);
+  check_reciprocal_table();
+  const float* src = a.x.data_ptr<float>();
+  float* out = a.out.data_ptr<float>();
+  at::parallel_for(0, a.x.numel(), 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = cpu::approx_reciprocal(src[i]);
+  });
+  return a.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
@@ -81,6 +99,7 @@ TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("dequantize_4bit_nested", &dequantize_4bit_nested_cpu);
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cpu);
+  m.impl("_approx_reciprocal", &approx_reciprocal_cpu);
 }
 
 }  // namespace qpeft::ops

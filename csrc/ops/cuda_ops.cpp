@@ -68,6 +68,15 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& q, const at::Tensor&
   return a.out;
 }
 
+at::Tensor approx_reciprocal_cuda(const at::Tensor& x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto a = prepare_approx_reciprocal(x);
+  check_launch(cuda::approx_reciprocal(a.x.data_ptr<float>(), a.x.numel(), a.out.data_ptr<float>(),
+                                       at::cuda::getCurrentCUDAStream()),
+               "_approx_reciprocal");
+  return a.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
@@ -76,6 +85,7 @@ TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
   m.impl("dequantize_4bit_nested", &dequantize_4bit_nested_cuda);
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cuda);
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
+  m.impl("_approx_reciprocal", &approx_reciprocal_cuda);
 }
 
 }  // namespace qpeft::ops

@@ -169,4 +169,12 @@ Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const 
   return args;
 }
 
+ReciprocalArgs prepare_approx_reciprocal(const at::Tensor& x) {
+  check_dtype(x, at::kFloat, "the input of _approx_reciprocal");
+  ReciprocalArgs args;
+  args.x = x.contiguous();
+  args.out = at::empty_like(args.x);
+  return args;
+}
+
 }  // namespace qpeft::ops

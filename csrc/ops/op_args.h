@@ -56,4 +56,9 @@ struct Dequantize8bitArgs {
 Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax,
                                                      const at::Tensor& code, int64_t blocksize);
 
+struct ReciprocalArgs {
+  at::Tensor x, out;  // contiguous fp32
+};
+ReciprocalArgs prepare_approx_reciprocal(const at::Tensor& x);
+
 }  // namespace qpeft::ops

@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "../kernels/cpu/quant_cpu.h"
+
 #ifndef QPEFT_CUDA_ARCHS
 #define QPEFT_CUDA_ARCHS ""
 #endif
@@ -15,6 +17,11 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qpeft compiled kernels (ops are registered under torch.ops.qpeft)";
+  m.def("_set_reciprocal_table", [](py::bytes table) {
+    const std::string data = table;
+    qpeft::cpu::set_reciprocal_table(reinterpret_cast<const uint8_t*>(data.data()),
+                                     static_cast<int64_t>(data.size()));
+  });
   m.def("build_info", []() {
     py::dict info;
     info["version"] = QPEFT_VERSION;

@@ -17,4 +17,6 @@ TORCH_LIBRARY(qpeft, m) {
       "Tensor nested_offset, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // The approximate reciprocal used to scale blocks (fp32 in, fp32 out); exposed to test the CPU emulation.
+  m.def("_approx_reciprocal(Tensor x) -> Tensor");
 }

@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <vector>
 
 #include "../float_convert.h"
 
@@ -76,7 +79,31 @@ void dequantize_4bit_typed(const uint8_t* packed, const BlockScales& scales, int
   }
 }
 
+std::vector<uint8_t>& reciprocal_table() {
+  static std::vector<uint8_t> table;
+  return table;
+}
+
+constexpr int64_t kReciprocalTableBytes = int64_t{1} << 21;
+
 }  // namespace
+
+void set_reciprocal_table(const uint8_t* packed, int64_t nbytes) {
+  if (nbytes != kReciprocalTableBytes) throw std::invalid_argument("qpeft: reciprocal table must be 2^21 bytes");
+  reciprocal_table().assign(packed, packed + nbytes);
+}
+
+bool has_reciprocal_table() { return reciprocal_table().size() == kReciprocalTableBytes; }
+
+float approx_reciprocal(float x) {
+  if (x == 0.0f) return 0.0f;
+  const uint32_t bits = float_bits(x);
+  const uint32_t exponent = (bits >> 23) & 0xFFu, mantissa = bits & 0x7FFFFFu;
+  if (exponent == 0) return std::numeric_limits<float>::infinity();  // subnormal input flushed to zero
+  if (exponent >= 253) return 0.0f;                                   // subnormal result flushed to zero
+  const int delta = ((reciprocal_table()[mantissa >> 2] >> (2 * (mantissa & 3))) & 3) - 1;
+  return bits_float(float_bits(1.0f / x) + static_cast<uint32_t>(delta));
+}
 
 void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed,
                    float* absmax, int64_t block_begin, int64_t block_end) {
@@ -87,7 +114,7 @@ void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize,
     const int64_t end = std::min(begin + blocksize, n);
     const float m = block_absmax(load, begin, end);
     absmax[b] = m;
-    const float reciprocal = scale_reciprocal(m);
+    const float reciprocal = approx_reciprocal(m);
     for (int64_t i = begin; i < end; i += 2) {
       const uint8_t hi = quantize_4bit_value(load(i) * reciprocal, type);
       const uint8_t lo = i + 1 < end ? quantize_4bit_value(load(i + 1) * reciprocal, type) : pad;
@@ -114,7 +141,7 @@ void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64
     const int64_t end = std::min(begin + blocksize, n);
     const float m = block_absmax(load, begin, end);
     absmax[b] = m;
-    const float reciprocal = scale_reciprocal(m);
+    const float reciprocal = approx_reciprocal(m);
     for (int64_t i = begin; i < end; ++i) q[i] = quantize_8bit_value(code, A[i] * reciprocal);
   }
 }

@@ -13,6 +13,15 @@
 
 namespace qpeft::cpu {
 
+// The reciprocal correction table (see reference.py: 2^21 bytes, 4 two-bit entries per byte, delta + 1 in
+// ulps for each of the 2^23 fp32 mantissas). Must be installed once before any quantize call.
+void set_reciprocal_table(const uint8_t* packed, int64_t nbytes);
+bool has_reciprocal_table();
+
+// rcp.approx.ftz.f32(x) for x >= 0 (0 for x == 0): correctly rounded 1/x plus the table's delta; subnormal x
+// gives +inf, x >= 2^126 gives 0 (flush to zero), as the GPU instruction.
+float approx_reciprocal(float x);
+
 // 4-bit: quantize n elements of `A` (format `fmt`) into `packed` and `absmax`.
 void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed,
                    float* absmax, int64_t block_begin, int64_t block_end);

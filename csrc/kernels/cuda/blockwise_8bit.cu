@@ -1,5 +1,6 @@
 // 8-bit blockwise quantization / dequantization on CUDA (double quantization of the 4-bit scales: small
 // tensors, one value per 4-bit block). Quantize: one warp per block, the 256-entry map in shared memory.
+// Also the elementwise approximate reciprocal, so tests can compare the CPU emulation with the instruction.
 #include "device_utils.cuh"
 #include "quant_cuda.h"
 
@@ -24,7 +25,7 @@ __global__ void quantize_8bit_kernel(const float* __restrict__ A, const float* _
     for (int64_t i = begin + lane; i < end; i += 32) m = fmaxf(m, fabsf(A[i]));
     m = warp_max(m);
     if (lane == 0) absmax[b] = m;
-    const float reciprocal = scale_reciprocal(m);
+    const float reciprocal = approx_reciprocal(m);
     for (int64_t i = begin + lane; i < end; i += 32) q[i] = quantize_8bit_value(code_smem, __fmul_rn(A[i], reciprocal));
   }
 }
@@ -38,7 +39,20 @@ __global__ void dequantize_8bit_kernel(const uint8_t* __restrict__ q, const floa
   }
 }
 
+__global__ void approx_reciprocal_kernel(const float* __restrict__ x, int64_t n, float* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = approx_reciprocal(x[i]);
+  }
+}
+
 }  // namespace
+
+cudaError_t approx_reciprocal(const float* x, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  approx_reciprocal_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(x, n, out);
+  return cudaGetLastError();
+}
 
 cudaError_t quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q,
                                     float* absmax, cudaStream_t stream) {

@@ -21,6 +21,13 @@ __device__ __forceinline__ float load_as_float(const void* A, FloatFormat fmt, i
   }
 }
 
+// rcp.approx.ftz.f32, what `1.0f / x` compiles to under fast math (bitsandbytes' build); 0 for x == 0.
+__device__ __forceinline__ float approx_reciprocal(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return x == 0.0f ? 0.0f : r;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;

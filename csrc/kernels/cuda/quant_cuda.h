@@ -25,4 +25,7 @@ cudaError_t quantize_blockwise_8bit(const float* A, const float* code, int64_t n
 cudaError_t dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                       int64_t blocksize, float* out, cudaStream_t stream);
 
+// out[i] = approx_reciprocal(x[i]) (exposed for tests of the CPU emulation).
+cudaError_t approx_reciprocal(const float* x, int64_t n, float* out, cudaStream_t stream);
+
 }  // namespace qpeft::cuda

@@ -23,7 +23,7 @@ __global__ void quantize_4bit_kernel(const void* __restrict__ A, FloatFormat fmt
     for (int64_t i = begin + lane; i < end; i += 32) m = fmaxf(m, fabsf(load_as_float(A, fmt, i)));
     m = warp_max(m);
     if (lane == 0) absmax[b] = m;
-    const float reciprocal = scale_reciprocal(m);
+    const float reciprocal = approx_reciprocal(m);
     for (int64_t i = begin + 2 * lane; i < end; i += 64) {
       const uint8_t hi = quantize_4bit_value(__fmul_rn(load_as_float(A, fmt, i), reciprocal), type);
       const uint8_t lo =
