@@ -14,6 +14,8 @@ three documented places, which these tests pin down exactly rather than skip:
   code for some values; qpeft's code is always at least as near (and equal to bitsandbytes' CUDA kernel).
 """
 
+import json
+
 import pytest
 import torch
 
@@ -52,7 +54,7 @@ def decision_pairs(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assert_codes_match_bnb(ours: torch.Tensor, theirs: torch.Tensor, quant_type: str, values: torch.Tensor,
-                           absmax: torch.Tensor, blocksize: int, max_fraction: float | None = 0.005):
+                           absmax: torch.Tensor, blocksize: int, max_fraction: float | None = 0.02):
     """Codes equal, except where a difference is explained by a documented bitsandbytes-CPU deviation: the span
     of the two scaled values (qpeft: x * approximate reciprocal; bitsandbytes CPU: x * (1 / absmax), or x / absmax
     in the last partial block) touches the span of a pair of corresponding decision points (this covers the
@@ -78,9 +80,10 @@ def assert_codes_match_bnb(ours: torch.Tensor, theirs: torch.Tensor, quant_type:
         zero_sign = ((a ^ b) == 8) & torch.isin(a, torch.tensor([0, 8]))
     explained = near_threshold | zero_sign
     assert explained.all(), f"codes differ with no documented cause at {differing[~explained][:5].tolist()}"
-    # the threshold exemption is narrow: on ordinary data nearly every code agrees
+    # guard against a systematically wrong rule: on ordinary data nearly every code agrees (16-bit inputs tie
+    # with FP4's 11/128 often, about 0.5% of codes; a wrong rule differs on tens of percent)
     if max_fraction is not None:
-        assert (near_threshold & ~zero_sign).sum() <= max(8, n * max_fraction), "too many threshold differences"
+        assert (near_threshold & ~zero_sign).sum() <= max(32, n * max_fraction), "too many threshold differences"
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -130,8 +133,23 @@ def test_adversarial_values_against_bitsandbytes_cpu(quant_type):
         assert (packed != bnb_packed.reshape(-1)).sum() == DIFFERENT_ROUNDING_NF4.numel()  # one value each
 
 
+def assert_nested_codes_match_bnb_cpu(W: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, offset: torch.Tensor,
+                                      nested_absmax: torch.Tensor, code: torch.Tensor):
+    """bitsandbytes' CPU 8-bit path looks codes up in a 65536-bin table (and scales by the correctly rounded
+    reciprocal), so it can miss the nearest code (by several steps near 0, where the dynamic map is dense).
+    qpeft implements the GPU rule: at every difference its code must be at least as near to the exact value."""
+    centred = qpeft.functional.quantize_4bit(W, 64, "nf4")[1].double() - offset.double()
+    exact = centred / nested_absmax.double().repeat_interleave(256)[: centred.numel()]
+    code = code.double()
+    err_ours = (exact - code[ours.long()]).abs()
+    err_theirs = (exact - code[theirs.long()]).abs()
+    # allowance: the one-ulp reciprocal difference moves the scaled value by about 1.2e-7 relative
+    assert (err_ours <= err_theirs + exact.abs() * 2.4e-7 + 1e-12).all(), "a qpeft 8-bit code is farther"
+    if ours.numel() >= 10_000:  # a rate is only meaningful on many codes (measured: about 0.2% differ)
+        assert (ours != theirs).float().mean() < 0.01, "too many 8-bit codes differ"
+
+
 def test_double_quantization_against_bitsandbytes_cpu():
-    nearer_or_equal, total, equal = 0, 0, 0
     for shape in [(4096, 4096), (1000, 333), (64, 64)]:
         W = torch.randn(shape, dtype=torch.bfloat16)
         ours = qpeft.Quantized4bitWeight.from_float(W, "nf4", 64, double_quant=True)
@@ -139,17 +157,13 @@ def test_double_quantization_against_bitsandbytes_cpu():
         assert torch.equal(ours.nested_offset, state.offset)
         assert torch.equal(ours.nested_code, state.state2.code)
         assert torch.equal(ours.nested_absmax, state.state2.absmax)
-        # recover the centred scales and compare how near each chosen 8-bit code is
-        centred = qpeft.functional.quantize_4bit(W, 64, "nf4")[1] - state.offset
-        scaled = centred / state.state2.absmax.repeat_interleave(256)[: centred.numel()]
-        code = state.state2.code
-        err_ours = (scaled - code[ours.absmax.long()]).abs()
-        err_bnb = (scaled - code[state.absmax.long()]).abs()
-        assert (err_ours <= err_bnb * (1 + 1e-6) + 1e-12).all(), "a qpeft 8-bit code is farther than bitsandbytes'"
-        nearer_or_equal += (err_ours <= err_bnb).sum().item()
-        equal += (ours.absmax == state.absmax).sum().item()
-        total += centred.numel()
-    assert equal / total > 0.99, f"only {equal / total:.4f} of 8-bit codes equal bitsandbytes' CPU codes"
+        assert_nested_codes_match_bnb_cpu(W, ours.absmax, state.absmax, state.offset, state.state2.absmax,
+                                          state.state2.code)
+
+
+def sd_theirs_offset(sd: dict) -> torch.Tensor:
+    key = next(k for k in sd if ".quant_state.bitsandbytes__" in k)
+    return torch.tensor(json.loads(bytes(sd[key].tolist()))["nested_offset"], dtype=torch.float32)
 
 
 def test_dynamic_map_equals_bitsandbytes():
@@ -180,6 +194,9 @@ def test_state_dict_bytes_equal_bitsandbytes_linear4bit(quant_type, double_quant
         if key == "weight":
             absmax = qpeft.functional.quantize_4bit(dense.weight.detach(), 64, quant_type)[1]
             assert_codes_match_bnb(a, b, quant_type, dense.weight.detach(), absmax, 64)
+        elif key == "weight.absmax" and double_quant:
+            assert_nested_codes_match_bnb_cpu(dense.weight.detach(), a, b, sd_theirs_offset(sd_theirs),
+                                              sd_theirs["weight.nested_absmax"], sd_theirs["weight.nested_quant_map"])
         else:
             assert torch.equal(a, b), key  # includes the JSON bytes of quant_state
 
