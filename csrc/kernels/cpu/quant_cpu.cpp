@@ -105,22 +105,34 @@ float approx_reciprocal(float x) {
   return bits_float(float_bits(1.0f / x) + static_cast<uint32_t>(delta));
 }
 
+namespace {
+
+// The common half of every blockwise quantizer: for each block of [block_begin, block_end), write its absmax
+// and call code_block(begin, end, reciprocal) to code its elements [begin, end) scaled by the reciprocal.
+template <typename Load, typename CodeBlock>
+void quantize_blocks(Load load, int64_t n, int64_t blocksize, float* absmax, int64_t block_begin, int64_t block_end,
+                     CodeBlock code_block) {
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(begin + blocksize, n);
+    absmax[b] = block_absmax(load, begin, end);
+    code_block(begin, end, approx_reciprocal(absmax[b]));
+  }
+}
+
+}  // namespace
+
 void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed,
                    float* absmax, int64_t block_begin, int64_t block_end) {
   auto load = [&](int64_t i) { return load_as_float(A, fmt, i); };
   const uint8_t pad = zero_code_4bit(type);
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    const int64_t begin = b * blocksize;
-    const int64_t end = std::min(begin + blocksize, n);
-    const float m = block_absmax(load, begin, end);
-    absmax[b] = m;
-    const float reciprocal = approx_reciprocal(m);
+  quantize_blocks(load, n, blocksize, absmax, block_begin, block_end, [&](int64_t begin, int64_t end, float r) {
     for (int64_t i = begin; i < end; i += 2) {
-      const uint8_t hi = quantize_4bit_value(load(i) * reciprocal, type);
-      const uint8_t lo = i + 1 < end ? quantize_4bit_value(load(i + 1) * reciprocal, type) : pad;
+      const uint8_t hi = quantize_4bit_value(load(i) * r, type);
+      const uint8_t lo = i + 1 < end ? quantize_4bit_value(load(i + 1) * r, type) : pad;
       packed[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
     }
-  }
+  });
 }
 
 void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize, QuantType type,
@@ -136,14 +148,9 @@ void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n
 void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q,
                              float* absmax, int64_t block_begin, int64_t block_end) {
   auto load = [&](int64_t i) { return A[i]; };
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    const int64_t begin = b * blocksize;
-    const int64_t end = std::min(begin + blocksize, n);
-    const float m = block_absmax(load, begin, end);
-    absmax[b] = m;
-    const float reciprocal = approx_reciprocal(m);
-    for (int64_t i = begin; i < end; ++i) q[i] = quantize_8bit_value(code, A[i] * reciprocal);
-  }
+  quantize_blocks(load, n, blocksize, absmax, block_begin, block_end, [&](int64_t begin, int64_t end, float r) {
+    for (int64_t i = begin; i < end; ++i) q[i] = quantize_8bit_value(code, A[i] * r);
+  });
 }
 
 void dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
