@@ -172,7 +172,8 @@ class Quantized4bitWeight:
                           nested_offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
                                                      device=device))
         elif absmax.dtype != torch.float32:
-            raise ValueError(f"qpeft: '{prefix}.absmax' must be float32 without double quantization, got {absmax.dtype}")
+            raise ValueError(f"qpeft: '{prefix}.absmax' must be float32 without double quantization, "
+                             f"got {absmax.dtype}")
         return cls(packed, absmax, shape, _DTYPES_BY_NAME[meta["dtype"]], blocksize, quant_type, **nested)
 
 

@@ -106,6 +106,17 @@ def test_load_state_dict_errors():
         Linear4bit(128, 64).load_state_dict(truncated)
 
 
+def test_meta_construction_then_load():
+    """As model loaders do: build on the meta device (no memory, no compute), then load real weights."""
+    source = Linear4bit.from_linear(torch.nn.Linear(256, 96), "nf4", 64, True)
+    layer = Linear4bit(256, 96, device="meta")
+    assert layer.weight.device.type == "meta"
+    layer.load_state_dict(source.state_dict())
+    assert layer.weight.device.type == "cpu" and layer.bias.device.type == "cpu"
+    x = torch.randn(3, 256)
+    assert torch.equal(layer(x), source(x))
+
+
 def test_forward_bad_input():
     layer = Linear4bit.from_linear(torch.nn.Linear(32, 16))
     with pytest.raises(ValueError, match="last dimension 32"):

@@ -132,9 +132,11 @@ class Linear4bit(nn.Module):
         ours = [k for k in state_dict if k.startswith(prefix)]  # a leaf module: every key under prefix is its own
         weight_keys = {k for k in ours if k == weight_key or k.startswith(weight_key + ".")}
         if weight_key in state_dict:
+            # a module built on the meta device takes the state dict's device instead of staying empty
+            device = None if self.weight.device.type == "meta" else self.weight.device
             try:
                 q = Quantized4bitWeight.from_state_dict({k: state_dict[k] for k in weight_keys}, weight_key,
-                                                        device=self.weight.device)
+                                                        device=device)
                 self.set_quantized_weight(q)
             except ValueError as e:
                 error_msgs.append(str(e))
@@ -146,6 +148,9 @@ class Linear4bit(nn.Module):
             elif state_dict[bias_key].shape != self.bias.shape:
                 error_msgs.append(f"qpeft: '{bias_key}' has shape {list(state_dict[bias_key].shape)}, expected "
                                   f"{list(self.bias.shape)}")
+            elif self.bias.device.type == "meta":
+                bias = state_dict[bias_key].to(self.bias.dtype)
+                self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bias_key])

@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = scalar_begin + first; i < n; i += stride) {
     const uint8_t byte = packed[i / 2];
     const uint8_t code = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-    out[i] = from_float<OutT>(__fmul_rn(code_values[code], block_scale(scales, nested_code, offset, i >> log2_blocksize)));
+    const float scale = block_scale(scales, nested_code, offset, i >> log2_blocksize);
+    out[i] = from_float<OutT>(__fmul_rn(code_values[code], scale));
   }
 }
 
