@@ -1,0 +1,65 @@
+"""Frozen 4-bit linear forward: qpeft Linear4bit vs dense torch vs bitsandbytes Linear4bit, side by side.
+
+The baseline for the fused QLoRA kernels: today qpeft's forward is dequantize + matmul. Shapes follow
+../shared/TARGETS.md (CPU: K = N = 2048; GPU: 4096 -> 4096 and the Llama MLP shapes).
+
+    python benchmarks/bench_linear4bit.py [--device cpu|cuda] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from harness import median_time_ms, print_table, write_results
+
+from qpeft.nn import Linear4bit
+
+CPU_CASES = [(torch.bfloat16, 1, 2048, 2048), (torch.bfloat16, 256, 2048, 2048), (torch.bfloat16, 1024, 2048, 2048),
+             (torch.float32, 1, 2048, 2048)]
+GPU_CASES = [(torch.bfloat16, m, 4096, 4096) for m in (1, 16, 512, 4096)] + [
+    (torch.bfloat16, 4096, 4096, 14336), (torch.bfloat16, 4096, 14336, 4096)]
+
+
+def bitsandbytes_layer(dense: torch.nn.Linear, dtype: torch.dtype):
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dtype,
+                                  quant_type="nf4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        return layer.to(dense.weight.device)
+    except Exception as e:  # no bitsandbytes here: the row says so instead of inventing a baseline
+        print(f"bitsandbytes baseline unavailable: {e}")
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    reps = 100 if device.type == "cuda" else 20
+    rows = []
+    with torch.no_grad():
+        for dtype, m, k, n in cases:
+            dense = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device)
+            ours = Linear4bit.from_linear(dense, "nf4", 64, double_quant=True, compute_dtype=dtype)
+            theirs = bitsandbytes_layer(dense, dtype)
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            t_dense = median_time_ms(lambda: dense(x), device, reps=reps)
+            t_ours = median_time_ms(lambda: ours(x), device, reps=reps)
+            t_bnb = median_time_ms(lambda: theirs(x), device, reps=reps) if theirs is not None else None
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "M": m, "K": k, "N": n, "dense_ms": t_dense,
+                         "qpeft_ms": t_ours, "bnb_ms": t_bnb, "qpeft_vs_dense": t_ours / t_dense,
+                         "bnb_vs_qpeft": t_bnb / t_ours if t_bnb else None})
+    print_table(rows, ["dtype", "M", "K", "N", "dense_ms", "qpeft_ms", "bnb_ms", "qpeft_vs_dense", "bnb_vs_qpeft"])
+    print("wrote", write_results("linear4bit_forward", device, rows, args.out))
+
+
+if __name__ == "__main__":
+    main()
