@@ -47,6 +47,11 @@ def _(q, absmax, code, blocksize):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("qpeft::lora_dropout")
+def _(x, p, seed, offset):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("qpeft::_approx_reciprocal")
 def _(x):
     return torch.empty_like(x)

@@ -107,3 +107,14 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
     check_blocksize(blocksize)
     code = dynamic_map_8bit(q.device) if code is None else code
     return ops.dequantize_blockwise_8bit(q, absmax, code, blocksize)
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """Dropout whose mask is regenerated from (seed, offset): element i of the row-major (logical) x is kept iff
+    keep(seed, offset + i), and kept values are scaled by 1 / (1 - p). The same call gives the same mask on any
+    device, so a backward pass recomputes it instead of storing it; a slice of rows [r:] of an [M, K] input
+    uses offset + r * K. Returns a new contiguous tensor."""
+    check_float_dtype(x.dtype, "the input of lora_dropout")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"qpeft: dropout probability must be in [0, 1), got {p}")
+    return ops.lora_dropout(x, float(p), int(seed), int(offset))

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -264,3 +265,36 @@ def dequantize_nested_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, neste
     """The fp32 4-bit scales of a double-quantized state: fp32(code8[q] * absmax2) + offset, two roundings."""
     offset = torch.as_tensor(offset, dtype=torch.float32, device=q.device)
     return dequantize_blockwise_8bit(q, nested_absmax, nested_code) + offset
+
+
+# ---- LoRA dropout regenerated from (seed, offset) ----------------------------------------------------------
+
+def dropout_threshold(p: float) -> int:
+    """Keep iff bits >= round(p * 2^32) (bits uniform in [0, 2^32)): drop probability p to within 2^-33."""
+    t = p * 4294967296.0 + 0.5
+    return 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+
+
+def dropout_bits(n: int, seed: int, offset: int) -> np.ndarray:
+    """uint32 bits of counters offset .. offset + n - 1: the high half of SplitMix64(seed + c * golden)."""
+    with np.errstate(over="ignore"):
+        c = np.arange(n, dtype=np.uint64) + np.uint64(offset % 2**64)
+        z = np.uint64(seed % 2**64) + c * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(32)).astype(np.uint32)
+
+
+def dropout_keep_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """The keep mask of a row-major tensor of ``shape``: element i kept iff bits(seed, offset + i) >= threshold."""
+    n = math.prod(shape)
+    return torch.from_numpy(dropout_bits(n, seed, offset) >= np.uint32(dropout_threshold(p))).reshape(tuple(shape))
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """x * mask / (1 - p): kept values are fp32(x) * fp32(1 / fp32(1 - p)), rounded once to x's dtype."""
+    keep = dropout_keep_mask(x.shape, p, seed, offset).to(x.device)
+    keep_scale = 1.0 / torch.tensor(1.0 - p, dtype=torch.float32)
+    kept = (x.to(torch.float32) * keep_scale.to(x.device)).to(x.dtype)
+    return torch.where(keep, kept, torch.zeros_like(kept))

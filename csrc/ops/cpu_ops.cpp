@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../kernels/cpu/dropout_cpu.h"
 #include "../kernels/cpu/quant_cpu.h"
 #include "op_args.h"
 
@@ -80,6 +81,16 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& q, const at::Tensor& 
   return a.out;
 }
 
+at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  auto a = prepare_lora_dropout(x, p, seed, offset);
+  const void* src = a.x.data_ptr();
+  void* out = a.out.data_ptr();
+  at::parallel_for(0, a.x.numel(), 16384, [&](int64_t i0, int64_t i1) {
+    cpu::lora_dropout(src, out, a.fmt, a.seed, a.offset, a.threshold, a.keep_scale, i0, i1);
+  });
+  return a.out;
+}
+
 at::Tensor approx_reciprocal_cpu(const at::Tensor& x) {
   auto a = prepare_approx_reciprocal(x);
   check_reciprocal_table();
@@ -100,6 +111,7 @@ TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cpu);
   m.impl("_approx_reciprocal", &approx_reciprocal_cpu);
+  m.impl("lora_dropout", &lora_dropout_cpu);
 }
 
 }  // namespace qpeft::ops

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../kernels/cuda/lora_cuda.h"
 #include "../kernels/cuda/quant_cuda.h"
 #include "op_args.h"
 
@@ -68,6 +69,15 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& q, const at::Tensor&
   return a.out;
 }
 
+at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto a = prepare_lora_dropout(x, p, seed, offset);
+  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(), a.seed, a.offset, a.threshold,
+                                  a.keep_scale, at::cuda::getCurrentCUDAStream()),
+               "lora_dropout");
+  return a.out;
+}
+
 at::Tensor approx_reciprocal_cuda(const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = prepare_approx_reciprocal(x);
@@ -86,6 +96,7 @@ TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cuda);
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
   m.impl("_approx_reciprocal", &approx_reciprocal_cuda);
+  m.impl("lora_dropout", &lora_dropout_cuda);
 }
 
 }  // namespace qpeft::ops

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "../kernels/dropout_rng.h"
+
 namespace qpeft::ops {
 namespace {
 
@@ -166,6 +168,19 @@ Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const 
   args.n = q.numel();
   args.blocksize = blocksize;
   args.out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  return args;
+}
+
+DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "qpeft: dropout probability must be in [0, 1), got ", p);
+  DropoutArgs args;
+  args.fmt = float_format(x.scalar_type(), "the input of lora_dropout");
+  args.x = x.contiguous();
+  args.out = at::empty_like(args.x);
+  args.seed = static_cast<uint64_t>(seed);
+  args.offset = static_cast<uint64_t>(offset);
+  args.threshold = dropout_threshold(p);
+  args.keep_scale = 1.0f / static_cast<float>(1.0 - p);
   return args;
 }
 

@@ -56,6 +56,15 @@ struct Dequantize8bitArgs {
 Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax,
                                                      const at::Tensor& code, int64_t blocksize);
 
+struct DropoutArgs {
+  at::Tensor x, out;  // contiguous, same dtype
+  FloatFormat fmt;
+  uint64_t seed, offset;
+  uint32_t threshold;
+  float keep_scale;
+};
+DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+
 struct ReciprocalArgs {
   at::Tensor x, out;  // contiguous fp32
 };

@@ -17,6 +17,9 @@ TORCH_LIBRARY(qpeft, m) {
       "Tensor nested_offset, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // LoRA dropout regenerated from (seed, offset): element i of the row-major input is kept iff
+  // keep(seed, offset + i) (csrc/kernels/dropout_rng.h); kept values are scaled by 1 / (1 - p).
+  m.def("lora_dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   // The approximate reciprocal used to scale blocks (fp32 in, fp32 out); exposed to test the CPU emulation.
   m.def("_approx_reciprocal(Tensor x) -> Tensor");
 }

@@ -19,19 +19,9 @@ inline float load_as_float(const void* A, FloatFormat fmt, int64_t i) {
     case FloatFormat::F32:
       return static_cast<const float*>(A)[i];
     case FloatFormat::BF16:
-      return bits_float(static_cast<uint32_t>(static_cast<const uint16_t*>(A)[i]) << 16);
-    case FloatFormat::F16:
-    default: {
-      // Exact fp16 -> fp32 widening.
-      const uint16_t h = static_cast<const uint16_t*>(A)[i];
-      const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-      const uint32_t exponent = (h >> 10) & 0x1Fu;
-      const uint32_t mantissa = h & 0x3FFu;
-      if (exponent == 0x1Fu) return bits_float(sign | 0x7F800000u | (mantissa << 13));
-      if (exponent != 0) return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-      const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;  // mantissa * 2^-24
-      return sign ? -magnitude : magnitude;
-    }
+      return bf16_bits_to_float(static_cast<const uint16_t*>(A)[i]);
+    default:
+      return fp16_bits_to_float(static_cast<const uint16_t*>(A)[i]);
   }
 }
 

@@ -16,21 +16,6 @@ constexpr int kUnroll = 4;
 __constant__ float kNF4Values[16] = {QPEFT_NF4_CODE_VALUES};
 __constant__ float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
 
-template <typename OutT>
-__device__ __forceinline__ OutT from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-
 // Stores 8 outputs with 16-byte stores (dst is 16-byte aligned).
 template <typename OutT>
 __device__ __forceinline__ void store_unit(OutT* dst, const float (&values)[kUnitElements]) {

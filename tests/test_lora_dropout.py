@@ -1,0 +1,76 @@
+"""LoRA dropout regenerated from (seed, offset): exact against the NumPy reference, statistically sound."""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from qpeft import functional as F
+from qpeft import reference as R
+
+from helpers import poison_allocator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(0, 7), (1, 1), (3, 5, 17), (64, 4097)])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
+def test_matches_reference(device, dtype, shape, p):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    seed, offset = int(torch.randint(-2**62, 2**62, ())), int(torch.randint(0, 2**40, ()))
+    poison_allocator(device, x.numel() * x.element_size())
+    out = F.lora_dropout(x, p, seed, offset)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(out.cpu(), R.lora_dropout(x.cpu(), p, seed, offset))
+
+
+def test_non_contiguous_input_uses_logical_order(device):
+    base = torch.randn(40, 30, device=device)
+    x = base.t()
+    assert torch.equal(F.lora_dropout(x, 0.3, 7).cpu(), R.lora_dropout(x.contiguous().cpu(), 0.3, 7))
+
+
+def test_offset_selects_a_slice_of_the_same_stream(device):
+    x = torch.randn(100, 64, device=device)
+    full = F.lora_dropout(x, 0.25, seed=123)
+    assert torch.equal(F.lora_dropout(x[37:], 0.25, seed=123, offset=37 * 64), full[37:])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_rate(p):
+    n = 2_000_000
+    keep = R.dropout_keep_mask((n,), p, seed=2024)
+    kept = F.lora_dropout(torch.ones(n), p, seed=2024) != 0
+    assert torch.equal(kept, keep)
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(kept.sum().item() - n * (1 - p)) < 6 * sigma
+    # kept values are exactly 1 / (1 - p) in fp32
+    assert torch.equal(F.lora_dropout(torch.ones(4), 0.0, 1), torch.ones(4))
+    values = F.lora_dropout(torch.ones(n), p, seed=2024)[kept]
+    assert torch.equal(values, torch.full_like(values, (1.0 / torch.tensor(1 - p, dtype=torch.float32)).item()))
+
+
+def test_seeds_and_neighbours_are_independent():
+    n, p = 1_000_000, 0.5
+    a = R.dropout_keep_mask((n,), p, seed=1).float()
+    b = R.dropout_keep_mask((n,), p, seed=2).float()
+    assert torch.equal(F.lora_dropout(torch.ones(n), p, 1) != 0, a.bool())  # the op is the reference
+    for u, v in ((a, b), (a[:-1], a[1:]), (a[:-64], a[64:])):
+        corr = torch.corrcoef(torch.stack([u, v]))[0, 1].item()
+        assert abs(corr) < 6 / math.sqrt(n), corr
+    assert not torch.equal(a, b)
+
+
+def test_bad_inputs(device):
+    x = torch.randn(4, 4, device=device)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        F.lora_dropout(x, 1.0, 0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        torch.ops.qpeft.lora_dropout(x, -0.1, 0, 0)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        F.lora_dropout(x.double(), 0.1, 0)
+
+
+def test_opcheck(device):
+    opcheck(torch.ops.qpeft.lora_dropout, (torch.randn(3, 33, device=device), 0.1, 5, 11))
+    opcheck(torch.ops.qpeft.lora_dropout, (torch.randn(2, 8, device=device, dtype=torch.bfloat16), 0.5, -3, 0))
