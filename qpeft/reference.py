@@ -298,3 +298,45 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch
     keep_scale = 1.0 / torch.tensor(1.0 - p, dtype=torch.float32)
     kept = (x.to(torch.float32) * keep_scale.to(x.device)).to(x.dtype)
     return torch.where(keep, kept, torch.zeros_like(kept))
+
+
+# ---- The LoRA layer on a frozen base (float64 reference of peft's semantics) ---------------------------------
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """peft's scaling of the LoRA branch: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+                bias: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None, p: float = 0.0,
+                magnitude: torch.Tensor | None = None, lora_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One LoRA adapter on a frozen linear layer, in float64, as peft computes it in training mode.
+
+    x [..., K], W [N, K] (the dequantized base weight), A [r, K], B [N, r], bias [N] (base bias), lora_bias [N]
+    (the bias of lora_B, scaled with the branch), keep_mask (bool, x's shape; None: no dropout) with drop
+    probability p, so drop(x) = x * keep / (1 - p). Plain LoRA:
+
+        y = x W^T + s * (drop(x) A^T B^T + lora_bias) + bias
+
+    DoRA (magnitude m [N]; n = row norms of W + s B A, detached from the graph):
+
+        y = x W^T + (m / n - 1) * (drop(x) W^T) + (m / n) * s * (drop(x) A^T B^T + lora_bias) + bias
+
+    With dropout active, peft's DoRA takes the base term of the correction from drop(x) (its DoraLinearVariant
+    passes base_result=None then); without dropout this is y = (m / n) * (x W^T + s * lora) + bias.
+    Gradients flow to every tensor that requires them; use torch.autograd on this function as the reference.
+    """
+    f64 = (lambda t: None if t is None else t.to(torch.float64))
+    x, W, A, B, bias, magnitude, lora_bias = map(f64, (x, W, A, B, bias, magnitude, lora_bias))
+    dropped = x if keep_mask is None else torch.where(keep_mask.to(x.device), x / (1.0 - p), torch.zeros_like(x))
+    lora = dropped @ A.T @ B.T
+    if lora_bias is not None:
+        lora = lora + lora_bias
+    y = x @ W.T
+    if magnitude is None:
+        y = y + scaling * lora
+    else:
+        norm = (W + scaling * (B @ A)).norm(dim=1).detach()
+        ratio = magnitude / norm
+        y = y + (ratio - 1) * (dropped @ W.T) + ratio * scaling * lora
+    return y if bias is None else y + bias
