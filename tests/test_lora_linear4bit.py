@@ -1,0 +1,111 @@
+"""qpeft.nn.LoraLinear4bit against the float64 reference (which equals peft): outputs, all gradients, saved
+memory for backward, dropout regenerated from its seed."""
+
+import pytest
+import torch
+
+from qpeft import reference as R
+from qpeft.nn import LoraLinear4bit
+
+CONFIGS = [  # (use_dora, use_rslora, lora_bias, p, base_bias)
+    (False, False, False, 0.0, True), (False, True, True, 0.2, True), (True, False, False, 0.0, False),
+    (True, True, False, 0.2, True),
+]
+
+
+def make_layer(k, n, device, dtype, use_dora=False, use_rslora=False, lora_bias=False, p=0.0, base_bias=True, r=8):
+    dense = torch.nn.Linear(k, n, bias=base_bias, device=device, dtype=dtype)
+    layer = LoraLinear4bit.from_linear(dense, r=r, alpha=16, dropout=p, use_rslora=use_rslora, use_dora=use_dora,
+                                       lora_bias=lora_bias).train()
+    with torch.no_grad():  # B starts at 0: make the branch matter
+        layer.lora_B.normal_(0, 0.1)
+        if layer.lora_bias is not None:
+            layer.lora_bias.normal_()
+        if layer.lora_magnitude is not None:
+            layer.lora_magnitude.mul_(1 + 0.1 * torch.rand_like(layer.lora_magnitude))
+    return layer
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("use_dora,use_rslora,lora_bias,p,base_bias", CONFIGS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lora_bias, p, base_bias, dtype, tol):
+    k, n, seed = 96, 72, int(torch.randint(0, 2**31, ()))
+    layer = make_layer(k, n, device, dtype, use_dora, use_rslora, lora_bias, p, base_bias)
+    x = torch.randn(3, 5, k, dtype=dtype, device=device, requires_grad=True)
+    y = layer(x, dropout_seed=seed)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    leaf = (lambda t: None if t is None else t.detach().double().requires_grad_(True))
+    x_ref, A_ref, B_ref = leaf(x), leaf(layer.lora_A), leaf(layer.lora_B)
+    m_ref, lb_ref = leaf(layer.lora_magnitude), leaf(layer.lora_bias)
+    W = layer.base.dequantized_weight(torch.float32).double()
+    bias = layer.base.bias.detach().double() if base_bias else None
+    keep = R.dropout_keep_mask(x.shape, p, seed) if p > 0 else None
+    y_ref = R.lora_linear(x_ref, W, A_ref, B_ref, layer.scaling, bias=bias, keep_mask=keep, p=p, magnitude=m_ref,
+                          lora_bias=lb_ref)
+    y_ref.backward(grad.double())
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(x.grad, x_ref.grad) < tol
+    assert rel_err(layer.lora_A.grad, A_ref.grad) < tol
+    assert rel_err(layer.lora_B.grad, B_ref.grad) < tol
+    if lora_bias:
+        assert rel_err(layer.lora_bias.grad, lb_ref.grad) < tol
+    if use_dora:
+        assert rel_err(layer.lora_magnitude.grad, m_ref.grad) < tol
+    assert layer.base.weight.grad is None and (layer.base.bias is None or layer.base.bias.grad is None)
+
+
+def saved_bytes_beyond(layer, x, **kw):
+    """Bytes of tensors saved for backward whose storage is not the input's or a parameter's / buffer's."""
+    known = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers()) + [x]}
+    extra = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in known:
+            extra[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x, **kw)
+    return sum(extra.values()), y
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_backward_keeps_only_x_and_xa(device, p):
+    m, k, n, r = 256, 512, 384, 16
+    layer = make_layer(k, n, device, torch.bfloat16, p=p, r=r)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device, requires_grad=True)
+    extra, y = saved_bytes_beyond(layer, x, dropout_seed=3)
+    assert extra <= m * r * 2 + 64, f"backward keeps {extra} bytes besides x; x A^T is {m * r * 2}"
+    y.sum().backward()  # and the saved state suffices
+
+
+def test_dropout_is_deterministic_per_seed_and_off_in_eval(device):
+    layer = make_layer(64, 32, device, torch.float32, p=0.5)
+    x = torch.randn(4, 64, device=device)
+    assert torch.equal(layer(x, dropout_seed=1), layer(x, dropout_seed=1))
+    assert not torch.equal(layer(x, dropout_seed=1), layer(x, dropout_seed=2))
+    layer.eval()
+    y_eval = layer(x)
+    layer.dropout = 0.0
+    layer.train()
+    assert torch.equal(y_eval, layer(x))
+
+
+def test_bad_arguments():
+    dense = torch.nn.Linear(16, 8)
+    with pytest.raises(ValueError, match="rank"):
+        LoraLinear4bit.from_linear(dense, r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoraLinear4bit.from_linear(dense, dropout=1.0)
+    with pytest.raises(ValueError, match="init"):
+        LoraLinear4bit.from_linear(dense, init="orthogonal")
+    with pytest.raises(ValueError, match="last dimension 16"):
+        LoraLinear4bit.from_linear(dense)(torch.randn(2, 15))
