@@ -109,3 +109,17 @@ def test_bad_arguments():
         LoraLinear4bit.from_linear(dense, init="orthogonal")
     with pytest.raises(ValueError, match="last dimension 16"):
         LoraLinear4bit.from_linear(dense)(torch.randn(2, 15))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_torch_compile_fullgraph_forward_and_backward(p):
+    layer = make_layer(64, 32, "cpu", torch.float32, p=p, use_dora=False)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x1 = torch.randn(6, 64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = compiled(x1, dropout_seed=11), layer(x2, dropout_seed=11)
+    assert torch.equal(y1, y2)
+    grads1 = torch.autograd.grad(y1.sum(), (x1, layer.lora_A, layer.lora_B))
+    grads2 = torch.autograd.grad(y2.sum(), (x2, layer.lora_A, layer.lora_B))
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b)
