@@ -123,3 +123,33 @@ def test_torch_compile_fullgraph_forward_and_backward(p):
     grads2 = torch.autograd.grad(y2.sum(), (x2, layer.lora_A, layer.lora_B))
     for a, b in zip(grads1, grads2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(64, 48, "cpu", torch.float32, p=0.2)
+
+    def grads(run):
+        layer.zero_grad()
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        y = run(x)
+        y.sum().backward()
+        return y.detach(), [x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+
+    y_plain, g_plain = grads(lambda t: layer(t, dropout_seed=9))
+    y_ckpt, g_ckpt = grads(lambda t: checkpoint(lambda u: layer(u, dropout_seed=9), t, use_reentrant=use_reentrant))
+    assert torch.equal(y_ckpt, y_plain)  # the recomputation regenerates the same dropout mask
+    for a, b in zip(g_ckpt, g_plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_bf16():
+    layer = make_layer(64, 32, "cpu", torch.float32)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.to(torch.bfloat16))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.lora_A.grad.dtype == torch.float32
+    assert rel_err(y, layer(x)) < 3e-2
