@@ -159,3 +159,32 @@ def test_autocast_bf16():
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and layer.lora_A.grad.dtype == torch.float32
     assert rel_err(y, layer(x)) < 3e-2
+
+
+@pytest.mark.parametrize("use_dora,lora_bias", [(False, False), (False, True), (True, False), (True, True)])
+def test_merge_unmerge_and_export(use_dora, lora_bias):
+    layer = make_layer(80, 40, "cpu", torch.float32, use_dora=use_dora, lora_bias=lora_bias).eval()
+    x = torch.randn(6, 80)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge(torch.float32)
+        y_merged = layer(x)
+        layer.unmerge()
+        y_back = layer(x)
+        linear = layer.to_linear(torch.float32)
+        y_linear = linear(x)
+    assert rel_err(y_merged, y) < 1e-5 and rel_err(y_linear, y) < 1e-5
+    assert torch.equal(y_back, y)
+    # the merged weight is exact against the float64 definition (no 4-bit requantization loss)
+    W = layer.base.dequantized_weight(torch.float32).double()
+    merged = W + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+    if use_dora:
+        merged = merged * (layer.lora_magnitude.double() / merged.norm(dim=1))[:, None]
+    assert rel_err(linear.weight, merged) < 1e-6
+
+
+def test_merged_layer_refuses_training():
+    layer = make_layer(32, 16, "cpu", torch.float32)
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.train()(torch.randn(2, 32))
