@@ -1,0 +1,116 @@
+"""QLoRA layer: forward, forward+backward and memory, qpeft vs dense frozen linear vs bitsandbytes + peft,
+side by side in one run. LoRA r=16, dropout 0.05 (qpeft and peft), NF4 double-quantized base.
+
+"saved_MB" is what the layer keeps for backward beyond its input and parameters (saved-tensor hooks);
+on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (harness).
+
+    python benchmarks/bench_lora_layer.py [--device cpu|cuda] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from harness import median_time_ms, print_table, write_results
+
+from qpeft.nn import LoraLinear4bit
+
+CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048)]
+GPU_CASES = [(m, 4096, 4096) for m in (1, 16, 4096, 16384)] + [(4096, 4096, 14336), (4096, 14336, 4096),
+                                                                 (16384, 4096, 14336), (16384, 14336, 4096)]
+R, ALPHA, DROPOUT = 16, 32, 0.05
+
+
+def peft_on_bnb(dense: torch.nn.Linear, dtype: torch.dtype):
+    """bitsandbytes Linear4bit (NF4, double quant) wrapped by peft LoRA, or None with the reason printed."""
+    try:
+        import bitsandbytes as bnb
+        import peft
+
+        class Holder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dtype,
+                                              quant_type="nf4", compress_statistics=True)
+                self.proj.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False,
+                                                     quant_type="nf4", compress_statistics=True)
+
+            def forward(self, x):
+                return self.proj(x)
+
+        holder = Holder().to(dense.weight.device)
+        config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"])
+        return peft.get_peft_model(holder, config).train()
+    except Exception as e:  # a missing or broken baseline is reported, never invented
+        print(f"bitsandbytes + peft baseline unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    known = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers()) + [x]}
+    extra = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in known:
+            extra[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(extra.values())
+
+
+def measure(module, x, device, reps):
+    fwd = median_time_ms(lambda: module(x), device, reps=reps)
+
+    def fwd_bwd():
+        module(x).backward(grad)
+
+    grad = torch.randn_like(module(x))
+    fb = median_time_ms(fwd_bwd, device, reps=reps)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return fwd, fb, saved_bytes(module, x) / 2**20, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 on a GPU, float32 on a CPU (CPUs without AVX-512 BF16 run bf16 GEMMs "
+                             "tens of times slower, which would swamp every column)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cases, reps = (GPU_CASES, 50) if device.type == "cuda" else (CPU_CASES, 5)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    rows = []
+    for m, k, n in cases:
+        dense = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device).requires_grad_(False)
+        ours = LoraLinear4bit.from_linear(dense, r=R, alpha=ALPHA, dropout=DROPOUT).train()
+        theirs = peft_on_bnb(dense, dtype)
+        x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
+        results = {"dense": measure(dense, x, device, reps), "qpeft": measure(ours, x, device, reps)}
+        if theirs is not None:
+            results["bnb_peft"] = measure(theirs, x, device, reps)
+        row = {"M": m, "K": k, "N": n, "dtype": str(dtype).removeprefix("torch.")}
+        for name, (fwd, fb, saved, peak) in results.items():
+            row.update({f"{name}_fwd_ms": fwd, f"{name}_fb_ms": fb, f"{name}_saved_MB": saved, f"{name}_peak_MB": peak})
+        row["qpeft_fb_vs_dense"] = row["qpeft_fb_ms"] / row["dense_fb_ms"]
+        row["bnb_peft_fb_vs_qpeft"] = row["bnb_peft_fb_ms"] / row["qpeft_fb_ms"] if "bnb_peft" in results else None
+        rows.append(row)
+    print_table(rows, ["M", "K", "N", "dtype", "dense_fb_ms", "qpeft_fwd_ms", "qpeft_fb_ms", "bnb_peft_fb_ms",
+                       "qpeft_fb_vs_dense", "bnb_peft_fb_vs_qpeft", "qpeft_saved_MB", "bnb_peft_saved_MB"])
+    print("wrote", write_results("lora_layer", device, rows, args.out))
+
+
+if __name__ == "__main__":
+    main()
