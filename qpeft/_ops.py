@@ -47,6 +47,11 @@ def _(q, absmax, code, blocksize):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("qpeft::linear_4bit")
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("qpeft::lora_dropout")
 def _(x, p, seed, offset):
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -118,3 +118,18 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch
     if not 0.0 <= p < 1.0:
         raise ValueError(f"qpeft: dropout probability must be in [0, 1), got {p}")
     return ops.lora_dropout(x, float(p), int(seed), int(offset))
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                out_features: int, *, nested_absmax: torch.Tensor | None = None,
+                nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T with the 4-bit weight W [out_features, K] read once from its codes (no dense W);
+    accumulates in fp32, returns x's dtype. CPU kernel (the small-M path of the frozen base)."""
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    if packed.dtype != torch.uint8:
+        packed = packed.reshape(-1).view(torch.uint8)
+    offset = nested_offset.reshape(1).to(torch.float32) if nested_offset is not None else None
+    y = ops.linear_4bit(x.reshape(-1, x.shape[-1]), packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                        quant_type, out_features)
+    return y.reshape(*x.shape[:-1], out_features)

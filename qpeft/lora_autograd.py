@@ -2,8 +2,9 @@
 
 * lora_dropout: its backward is the same seeded dropout applied to the gradient (the op is linear with a
   regenerated mask), so it saves nothing.
-* frozen_4bit_linear(x, W4) = x W^T: dequantizes W into a transient tensor in forward and again in backward
-  (dx = dy W); no dequantized weight outlives a call, and nothing is saved but the 4-bit weight itself.
+* frozen_4bit_linear(x, W4) = x W^T: for up to SMALL_M rows on the CPU, the fused linear_4bit kernel reads W
+  once from its codes; otherwise W is dequantized into a transient tensor. Backward (dx = dy W) dequantizes
+  again: no dequantized weight outlives a call, and nothing is saved but the 4-bit weight itself.
 * lora_branch(x, A, B, s, p, seed) = s * drop(x) A^T B^T: saves x (already alive for the base matmul) and
   xa = drop(x) A^T (M x r); backward regenerates drop(x) from (seed, offset) for dA.
 
@@ -17,6 +18,8 @@ import torch
 
 from . import functional as F
 from .quantized import Quantized4bitWeight
+
+SMALL_M = 16  # rows up to which the CPU base matmul reads the 4-bit weight directly (fused kernel)
 
 
 def _dropout_setup_context(ctx, inputs, output):
@@ -35,6 +38,9 @@ class _Frozen4bitLinear(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, n, k):
         ctx.meta = (blocksize, quant_type, (n, k))
         ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, nested_offset)
+        if x.device.type == "cpu" and x.numel() // max(k, 1) <= SMALL_M:  # read W once from its codes
+            return F.linear_4bit(x, packed, absmax, blocksize, quant_type, n, nested_absmax=nested_absmax,
+                                 nested_code=nested_code, nested_offset=nested_offset)
         W = F.dequantize_4bit(packed, absmax, blocksize, quant_type, (n, k), x.dtype, nested_absmax=nested_absmax,
                               nested_code=nested_code, nested_offset=nested_offset)
         return x @ W.T

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../kernels/cpu/dropout_cpu.h"
+#include "../kernels/cpu/linear_4bit_cpu.h"
 #include "../kernels/cpu/quant_cpu.h"
 #include "op_args.h"
 
@@ -81,6 +82,35 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& q, const at::Tensor& 
   return a.out;
 }
 
+at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                           c10::string_view quant_type, int64_t out_features) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
+  float_format(x.scalar_type(), "the input of linear_4bit");
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK_VALUE(N >= 0, "qpeft: out_features must be non-negative, got ", N);
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
+                    "qpeft: nested_absmax, nested_code and nested_offset go together");
+  const Dequantize4bitArgs w =
+      nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
+                                          quant_type, N * K)
+             : prepare_weight_4bit(packed, absmax, blocksize, quant_type, N * K);
+  TORCH_CHECK_VALUE(x.device() == packed.device(), "qpeft: x is on ", x.device(), " but the weight is on ",
+                    packed.device());
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const BlockScales scales = w.scales();
+  const float* xs = x32.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  const uint8_t* codes = w.packed.data_ptr<uint8_t>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    cpu::linear_4bit(xs, M, K, codes, scales, blocksize, w.type, ys, N, n0, n1);
+  });
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
 at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
   auto a = prepare_lora_dropout(x, p, seed, offset);
   const void* src = a.x.data_ptr();
@@ -112,6 +142,7 @@ TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cpu);
   m.impl("_approx_reciprocal", &approx_reciprocal_cpu);
   m.impl("lora_dropout", &lora_dropout_cpu);
+  m.impl("linear_4bit", &linear_4bit_cpu);
 }
 
 }  // namespace qpeft::ops

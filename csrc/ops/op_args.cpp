@@ -36,17 +36,15 @@ int64_t shape_numel(at::IntArrayRef shape) {
 }
 
 Dequantize4bitArgs prepare_common(const at::Tensor& packed, int64_t blocksize, std::string_view quant_type,
-                                  at::IntArrayRef shape, at::ScalarType dtype) {
+                                  int64_t n) {
   Dequantize4bitArgs args;
   check_blocksize(blocksize);
   check_dtype(packed, at::kByte, "packed");
   args.type = parse_quant_type(quant_type);
-  args.fmt = float_format(dtype, "dequantize dtype");
-  args.n = shape_numel(shape);
+  args.n = n;
   args.blocksize = blocksize;
   check_numel(packed, (args.n + 1) / 2, "packed (for the requested shape)");
   args.packed = packed.contiguous();
-  args.out = at::empty(shape, packed.options().dtype(dtype));
   return args;
 }
 
@@ -86,9 +84,9 @@ Quantize4bitArgs prepare_quantize_4bit(const at::Tensor& A, int64_t blocksize, s
   return args;
 }
 
-Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  Dequantize4bitArgs args = prepare_common(packed, blocksize, quant_type, shape, dtype);
+Dequantize4bitArgs prepare_weight_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                       std::string_view quant_type, int64_t n) {
+  Dequantize4bitArgs args = prepare_common(packed, blocksize, quant_type, n);
   check_dtype(absmax, at::kFloat, "absmax");
   check_numel(absmax, num_blocks(args.n, blocksize), "absmax");
   check_same_device(packed, absmax, "absmax");
@@ -96,12 +94,11 @@ Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::T
   return args;
 }
 
-Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
-                                                  const at::Tensor& nested_absmax, const at::Tensor& nested_code,
-                                                  const at::Tensor& nested_offset, int64_t blocksize,
-                                                  std::string_view quant_type, at::IntArrayRef shape,
-                                                  at::ScalarType dtype) {
-  Dequantize4bitArgs args = prepare_common(packed, blocksize, quant_type, shape, dtype);
+Dequantize4bitArgs prepare_weight_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                                              const at::Tensor& nested_absmax, const at::Tensor& nested_code,
+                                              const at::Tensor& nested_offset, int64_t blocksize,
+                                              std::string_view quant_type, int64_t n) {
+  Dequantize4bitArgs args = prepare_common(packed, blocksize, quant_type, n);
   const int64_t blocks = num_blocks(args.n, blocksize);
   check_dtype(absmax_codes, at::kByte, "absmax_codes");
   check_numel(absmax_codes, blocks, "absmax_codes");
@@ -119,6 +116,33 @@ Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, cons
   args.nested_absmax = nested_absmax.contiguous();
   args.nested_code = nested_code.contiguous();
   args.nested_offset = nested_offset.contiguous();
+  return args;
+}
+
+namespace {
+
+void allocate_output(Dequantize4bitArgs& args, const at::Tensor& packed, at::IntArrayRef shape, at::ScalarType dtype) {
+  args.fmt = float_format(dtype, "dequantize dtype");
+  args.out = at::empty(shape, packed.options().dtype(dtype));
+}
+
+}  // namespace
+
+Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+  Dequantize4bitArgs args = prepare_weight_4bit(packed, absmax, blocksize, quant_type, shape_numel(shape));
+  allocate_output(args, packed, shape, dtype);
+  return args;
+}
+
+Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                                                  const at::Tensor& nested_absmax, const at::Tensor& nested_code,
+                                                  const at::Tensor& nested_offset, int64_t blocksize,
+                                                  std::string_view quant_type, at::IntArrayRef shape,
+                                                  at::ScalarType dtype) {
+  Dequantize4bitArgs args = prepare_weight_4bit_nested(packed, absmax_codes, nested_absmax, nested_code,
+                                                       nested_offset, blocksize, quant_type, shape_numel(shape));
+  allocate_output(args, packed, shape, dtype);
   return args;
 }
 

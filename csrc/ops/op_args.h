@@ -30,9 +30,16 @@ struct Dequantize4bitArgs {
   int64_t n, blocksize;
   QuantType type;
   FloatFormat fmt;
-  at::Tensor out;
+  at::Tensor out;  // undefined for a weight prepared without an output
   BlockScales scales() const;  // raw pointers into the tensors above
 };
+// The 4-bit weight of n elements alone (validated, contiguous; no output allocated).
+Dequantize4bitArgs prepare_weight_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                       std::string_view quant_type, int64_t n);
+Dequantize4bitArgs prepare_weight_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
+                                              const at::Tensor& nested_absmax, const at::Tensor& nested_code,
+                                              const at::Tensor& nested_offset, int64_t blocksize,
+                                              std::string_view quant_type, int64_t n);
 Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                            std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype);
 Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,

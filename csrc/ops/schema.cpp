@@ -17,6 +17,11 @@ TORCH_LIBRARY(qpeft, m) {
       "Tensor nested_offset, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // y = x W^T for x [M, K] and the 4-bit weight W [out_features, K] (plain or nested scales), reading W once
+  // from its codes. Small-M path of the frozen base (CPU today).
+  m.def(
+      "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int blocksize, str quant_type, int out_features) -> Tensor");
   // LoRA dropout regenerated from (seed, offset): element i of the row-major input is kept iff
   // keep(seed, offset + i) (csrc/kernels/dropout_rng.h); kept values are scaled by 1 / (1 - p).
   m.def("lora_dropout(Tensor x, float p, int seed, int offset) -> Tensor");

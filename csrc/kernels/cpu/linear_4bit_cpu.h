@@ -1,0 +1,17 @@
+// Fused 4-bit linear for small M on the CPU: y[m, n] = sum_k x[m, k] * W[n, k], W read once from its 4-bit
+// codes (never materialized): each quantization block is decoded into an fp32 buffer in L1 (the exact values
+// dequantize_4bit gives) and dotted with every input row, accumulating in fp32. Torch-free.
+#pragma once
+
+#include <cstdint>
+
+#include "../quant_rules.h"
+
+namespace qpeft::cpu {
+
+// x: [M, K] fp32 row-major; y: [M, N] fp32 row-major; packed/scales: the 4-bit weight [N, K]. Computes the
+// output columns [n_begin, n_end) for all M rows.
+void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
+                 int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end);
+
+}  // namespace qpeft::cpu

@@ -1,0 +1,61 @@
+"""The fused small-M 4-bit linear (reads W once from its codes) against float64 x @ W_ref^T."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import qpeft
+from qpeft import functional as F
+from qpeft import reference as R
+
+
+def reference_linear(x, q):
+    scales = R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset) \
+        if q.double_quant else q.absmax
+    W = R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
+    return x.double() @ W.T
+
+
+def run(x, q):
+    return F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[0], nested_absmax=q.nested_absmax,
+                         nested_code=q.nested_code, nested_offset=q.nested_offset)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("k,blocksize", [(256, 64), (100, 64), (77, 32), (4096, 4096), (333, 128)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_matches_reference(quant_type, double_quant, k, blocksize, m):
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, k), quant_type, blocksize, double_quant)
+    x = torch.randn(m, k)
+    y = run(x, q)
+    ref = reference_linear(x, q)
+    assert y.shape == (m, 37) and y.dtype == torch.float32
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_16bit_inputs_and_3d(dtype, tol):
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(64, 192, dtype=dtype))
+    x = torch.randn(2, 3, 192, dtype=dtype)
+    y = run(x, q)
+    assert y.shape == (2, 3, 64) and y.dtype == dtype
+    ref = reference_linear(x.reshape(-1, 192), q).reshape(2, 3, 64)
+    assert ((y.double() - ref).norm() / ref.norm()) < tol
+
+
+def test_opcheck_and_bad_inputs():
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64))
+    x = torch.randn(2, 64)
+    opcheck(torch.ops.qpeft.linear_4bit, (x, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_code,
+                                          q.nested_offset.reshape(1), 64, "nf4", 16))
+    plain = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64), double_quant=False)
+    opcheck(torch.ops.qpeft.linear_4bit, (x, plain.packed.reshape(-1), plain.absmax, None, None, None, 64, "fp4", 16))
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        torch.ops.qpeft.linear_4bit(torch.randn(64), plain.packed.reshape(-1), plain.absmax, None, None, None, 64,
+                                    "nf4", 16)
+    with pytest.raises(ValueError, match="packed"):  # K does not match the weight
+        torch.ops.qpeft.linear_4bit(torch.randn(2, 65), plain.packed.reshape(-1), plain.absmax, None, None, None, 64,
+                                    "nf4", 16)
+    with pytest.raises(ValueError, match="go together"):
+        torch.ops.qpeft.linear_4bit(x, q.packed.reshape(-1), q.absmax, q.nested_absmax, None, None, 64, "nf4", 16)
