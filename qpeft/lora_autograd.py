@@ -19,7 +19,7 @@ import torch
 from . import functional as F
 from .quantized import Quantized4bitWeight
 
-SMALL_M = 16  # rows up to which the CPU base matmul reads the 4-bit weight directly (fused kernel)
+SMALL_M = 8  # rows up to which the CPU base matmul reads the 4-bit weight directly (measured crossover)
 
 
 def _dropout_setup_context(ctx, inputs, output):

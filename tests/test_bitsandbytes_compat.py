@@ -211,10 +211,11 @@ def test_bitsandbytes_state_dict_loads_into_qpeft(quant_type):
     ours = Linear4bit(192, 80, quant_type="fp4" if quant_type == "nf4" else "nf4", blocksize=128, double_quant=False)
     ours.load_state_dict(theirs.state_dict())  # a different format on purpose: the state dict decides
     assert ours.quantized_weight.quant_type == quant_type and ours.quantized_weight.double_quant
+    W_theirs = bF.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+    assert torch.equal(ours.dequantized_weight(), W_theirs)  # the same weight, bit for bit
     x = torch.randn(5, 192, dtype=torch.float16)
-    expected = torch.nn.functional.linear(x, bF.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state),
-                                          theirs.bias)
-    assert torch.equal(ours(x), expected)
+    expected = torch.nn.functional.linear(x.double(), W_theirs.double(), theirs.bias.double())
+    assert ((ours(x).double() - expected).norm() / expected.norm()) < 2e-3  # fp16 output rounding
 
 
 def test_qpeft_state_dict_loads_into_bitsandbytes():

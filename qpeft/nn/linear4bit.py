@@ -1,7 +1,7 @@
 """``Linear4bit``: a frozen linear layer whose weight is stored in 4 bits (NF4/FP4, optional double quant).
 
-y = x W^T + b with W dequantized on the fly (dequantize kernel + matmul for now; the fused kernels come with
-the LoRA layer). Its state dict uses bitsandbytes' Linear4bit keys, so it loads bitsandbytes / HF 4-bit
+y = x W^T + b with W never kept dense: a fused kernel reading the 4-bit codes for small M on the CPU, otherwise a
+transient dequantization + matmul (qpeft.lora_autograd.frozen_4bit_linear). Its state dict uses bitsandbytes' Linear4bit keys, so it loads bitsandbytes / HF 4-bit
 checkpoints and bitsandbytes loads what it saves; unlike bitsandbytes, ``load_state_dict`` works on it.
 
 The quantization tensors are kept as buffers so ``.to(device)`` moves them. Nothing of the 4-bit state is held
@@ -109,9 +109,13 @@ class Linear4bit(nn.Module):
                              f"got shape {list(x.shape)}")
         if x.device != self.weight.device:
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.weight.device}")
+        from ..lora_autograd import frozen_4bit_linear  # (imports this module's package)
+
         dtype = self.compute_dtype or x.dtype
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias).to(x.dtype)
+        y = frozen_4bit_linear(x.to(dtype), self.quantized_weight)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         q = self.quantized_weight

@@ -2,6 +2,11 @@
 
 #include <algorithm>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QPEFT_X86 1
+#endif
+
 namespace qpeft::cpu {
 namespace {
 
@@ -36,11 +41,70 @@ inline void decode(const uint8_t* packed, const float* code_values, float scale,
   if (e < e_end) *out++ = code_values[packed[e / 2] >> 4] * scale;
 }
 
+#if defined(QPEFT_X86)
+constexpr int64_t kRowsPerPass = 8;  // input rows sharing one decode of the weights (accumulators in registers)
+
+// Output row n for all M inputs, AVX2 + FMA. Needs K % 8 == 0, so every block segment of the row starts at a
+// multiple of 8 elements (whole bytes) and has a multiple of 8 elements. Per 8 weights: 4 packed bytes -> 8 int32
+// code indices -> two 8-entry permutes + blend give code[q]; the block's scale multiplies the block's dot once.
+__attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int64_t K, const uint8_t* packed,
+                                                  const BlockScales& scales, int64_t blocksize,
+                                                  const float* code_values, float* y, int64_t N, int64_t n) {
+  const __m256 lut_lo = _mm256_loadu_ps(code_values), lut_hi = _mm256_loadu_ps(code_values + 8);
+  const __m128i duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i nibble_shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+  const __m256i low4 = _mm256_set1_epi32(0xF), seven = _mm256_set1_epi32(7);
+  const int64_t row_begin = n * K, row_end = row_begin + K;
+  for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
+    const int64_t rows = std::min(kRowsPerPass, M - m0);
+    float total[kRowsPerPass] = {};
+    for (int64_t e = row_begin; e < row_end;) {
+      const int64_t block = e / blocksize;
+      const int64_t seg_end = std::min((block + 1) * blocksize, row_end);
+      __m256 acc[kRowsPerPass];
+      for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t j = e; j < seg_end; j += 8) {
+        uint32_t word;
+        __builtin_memcpy(&word, packed + j / 2, 4);
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)),
+                                                                    duplicate));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble_shift), low4);
+        const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+        const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx),
+                                          _mm256_permutevar8x32_ps(lut_hi, idx), upper);
+        const float* xj = x + m0 * K + (j - row_begin);
+        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xj + r * K), acc[r]);
+      }
+      const float scale = scales(block);
+      for (int64_t r = 0; r < rows; ++r) {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc[r]);
+        total[r] += scale * (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                             ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+      }
+      e = seg_end;
+    }
+    for (int64_t r = 0; r < rows; ++r) y[(m0 + r) * N + n] = total[r];
+  }
+}
+
+bool has_avx2_fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+#endif
+
 }  // namespace
 
 void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                  int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+#if defined(QPEFT_X86)
+  if (K % 8 == 0 && has_avx2_fma()) {
+    for (int64_t n = n_begin; n < n_end; ++n) row_avx2(x, M, K, packed, scales, blocksize, code_values, y, N, n);
+    return;
+  }
+#endif
   alignas(64) float segment[kMaxSegment];
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = 0.0f;

@@ -1,6 +1,8 @@
 // Fused 4-bit linear for small M on the CPU: y[m, n] = sum_k x[m, k] * W[n, k], W read once from its 4-bit
-// codes (never materialized): each quantization block is decoded into an fp32 buffer in L1 (the exact values
-// dequantize_4bit gives) and dotted with every input row, accumulating in fp32. Torch-free.
+// codes (never materialized), accumulating in fp32. Portable path: each quantization block is decoded into an fp32
+// buffer in L1 (the exact values dequantize_4bit gives) and dotted with every input row. x86 CPUs with AVX2+FMA
+// (checked at run time) take a SIMD path for K % 8 == 0 that looks codes up in registers and applies each
+// block's scale once to the block's dot. Torch-free.
 #pragma once
 
 #include <cstdint>
