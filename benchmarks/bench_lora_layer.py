@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    cases, reps = (GPU_CASES, 50) if device.type == "cuda" else (CPU_CASES, 5)
+    cases, reps = (GPU_CASES, 50) if device.type == "cuda" else (CPU_CASES, 15)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     rows = []
     for m, k, n in cases:

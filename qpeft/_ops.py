@@ -52,6 +52,11 @@ def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, q
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.register_fake("qpeft::linear_4bit_grad_input")
+def _(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, in_features):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
 @torch.library.register_fake("qpeft::lora_dropout")
 def _(x, p, seed, offset):
     return torch.empty_like(x, memory_format=torch.contiguous_format)

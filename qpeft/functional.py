@@ -120,6 +120,11 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch
     return ops.lora_dropout(x, float(p), int(seed), int(offset))
 
 
+def _linear_4bit_args(packed, absmax, nested_offset):
+    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    return packed, absmax, (nested_offset.reshape(1).to(torch.float32) if nested_offset is not None else None)
+
+
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                 out_features: int, *, nested_absmax: torch.Tensor | None = None,
                 nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,9 +132,21 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blo
     accumulates in fp32, returns x's dtype. CPU kernel (the small-M path of the frozen base)."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    if packed.dtype != torch.uint8:
-        packed = packed.reshape(-1).view(torch.uint8)
-    offset = nested_offset.reshape(1).to(torch.float32) if nested_offset is not None else None
+    packed, absmax, offset = _linear_4bit_args(packed, absmax, nested_offset)
     y = ops.linear_4bit(x.reshape(-1, x.shape[-1]), packed, absmax, nested_absmax, nested_code, offset, blocksize,
                         quant_type, out_features)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                           quant_type: str, in_features: int, *, nested_absmax: torch.Tensor | None = None,
+                           nested_code: torch.Tensor | None = None,
+                           nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """dy [..., N] @ W for the 4-bit weight W [N, in_features], read once from its codes: the input gradient of
+    linear_4bit. Accumulates in fp32, returns dy's dtype. CPU kernel."""
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    packed, absmax, offset = _linear_4bit_args(packed, absmax, nested_offset)
+    dx = ops.linear_4bit_grad_input(dy.reshape(-1, dy.shape[-1]), packed, absmax, nested_absmax, nested_code, offset,
+                                    blocksize, quant_type, in_features)
+    return dx.reshape(*dy.shape[:-1], in_features)

@@ -3,8 +3,8 @@
 * lora_dropout: its backward is the same seeded dropout applied to the gradient (the op is linear with a
   regenerated mask), so it saves nothing.
 * frozen_4bit_linear(x, W4) = x W^T: for up to SMALL_M rows on the CPU, the fused linear_4bit kernel reads W
-  once from its codes; otherwise W is dequantized into a transient tensor. Backward (dx = dy W) dequantizes
-  again: no dequantized weight outlives a call, and nothing is saved but the 4-bit weight itself.
+  once from its codes, forward and backward (dx = dy W); otherwise W is dequantized into a transient tensor in
+  each. No dequantized weight outlives a call, and nothing is saved but the 4-bit weight itself.
 * lora_branch(x, A, B, s, p, seed) = s * drop(x) A^T B^T: saves x (already alive for the base matmul) and
   xa = drop(x) A^T (M x r); backward regenerates drop(x) from (seed, offset) for dA.
 
@@ -49,6 +49,10 @@ class _Frozen4bitLinear(torch.autograd.Function):
     def backward(ctx, dy):
         packed, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
         blocksize, quant_type, shape = ctx.meta
+        if dy.device.type == "cpu" and dy.numel() // max(shape[0], 1) <= SMALL_M:
+            return (F.linear_4bit_grad_input(dy, packed, absmax, blocksize, quant_type, shape[1],
+                                             nested_absmax=nested_absmax, nested_code=nested_code,
+                                             nested_offset=nested_offset),) + (None,) * 9
         W = F.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dy.dtype, nested_absmax=nested_absmax,
                               nested_code=nested_code, nested_offset=nested_offset)
         return (dy @ W,) + (None,) * 9

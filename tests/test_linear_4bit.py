@@ -59,3 +59,27 @@ def test_opcheck_and_bad_inputs():
                                     "nf4", 16)
     with pytest.raises(ValueError, match="go together"):
         torch.ops.qpeft.linear_4bit(x, q.packed.reshape(-1), q.absmax, q.nested_absmax, None, None, 64, "nf4", 16)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("k,blocksize", [(256, 64), (100, 64), (77, 32), (136, 128)])
+@pytest.mark.parametrize("m", [1, 5])
+def test_grad_input_matches_reference(quant_type, double_quant, k, blocksize, m):
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(45, k), quant_type, blocksize, double_quant)
+    dy = torch.randn(m, 45)
+    dx = F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, k,
+                                  nested_absmax=q.nested_absmax, nested_code=q.nested_code,
+                                  nested_offset=q.nested_offset)
+    scales = R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset) \
+        if q.double_quant else q.absmax
+    W = R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
+    ref = dy.double() @ W
+    assert dx.shape == (m, k) and ((dx.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_grad_input_opcheck():
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64))
+    opcheck(torch.ops.qpeft.linear_4bit_grad_input, (torch.randn(2, 16), q.packed.reshape(-1), q.absmax,
+                                                     q.nested_absmax, q.nested_code, q.nested_offset.reshape(1), 64,
+                                                     "nf4", 64))

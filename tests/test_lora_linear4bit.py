@@ -32,10 +32,12 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("use_dora,use_rslora,lora_bias,p,base_bias", CONFIGS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lora_bias, p, base_bias, dtype, tol):
+@pytest.mark.parametrize("lead", [(3, 5), (1, 3)])  # 15 rows: dequantize + matmul; 3 rows: fused small-M on CPU
+def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lora_bias, p, base_bias, dtype, tol,
+                                               lead):
     k, n, seed = 96, 72, int(torch.randint(0, 2**31, ()))
     layer = make_layer(k, n, device, dtype, use_dora, use_rslora, lora_bias, p, base_bias)
-    x = torch.randn(3, 5, k, dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(*lead, k, dtype=dtype, device=device, requires_grad=True)
     y = layer(x, dropout_seed=seed)
     grad = torch.randn_like(y)
     y.backward(grad)

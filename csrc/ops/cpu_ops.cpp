@@ -82,23 +82,34 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& q, const at::Tensor& 
   return a.out;
 }
 
+// The 4-bit weight [rows, cols] of a fused linear op, plain or nested (validated once for both directions).
+Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at::Tensor& packed,
+                                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code,
+                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                         c10::string_view quant_type, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(activation.dim() == 2, "qpeft: the activation must have shape [M, features], got ",
+                    activation.sizes());
+  float_format(activation.scalar_type(), "the activation of a 4-bit linear");
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "qpeft: negative weight shape [", rows, ", ", cols, "]");
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
+                    "qpeft: nested_absmax, nested_code and nested_offset go together");
+  TORCH_CHECK_VALUE(activation.device() == packed.device(), "qpeft: the activation is on ", activation.device(),
+                    " but the weight is on ", packed.device());
+  return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
+                                             quant_type, rows * cols)
+                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, rows * cols);
+}
+
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                            const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                            c10::string_view quant_type, int64_t out_features) {
   TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
-  float_format(x.scalar_type(), "the input of linear_4bit");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK_VALUE(N >= 0, "qpeft: out_features must be non-negative, got ", N);
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
-                    "qpeft: nested_absmax, nested_code and nested_offset go together");
-  const Dequantize4bitArgs w =
-      nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                                          quant_type, N * K)
-             : prepare_weight_4bit(packed, absmax, blocksize, quant_type, N * K);
-  TORCH_CHECK_VALUE(x.device() == packed.device(), "qpeft: x is on ", x.device(), " but the weight is on ",
-                    packed.device());
+  const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                     blocksize, quant_type, N, K);
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const BlockScales scales = w.scales();
@@ -109,6 +120,29 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     cpu::linear_4bit(xs, M, K, codes, scales, blocksize, w.type, ys, N, n0, n1);
   });
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
+at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                      c10::string_view quant_type, int64_t in_features) {
+  TORCH_CHECK_VALUE(dy.dim() == 2, "qpeft: linear_4bit_grad_input takes dy of shape [M, N], got ", dy.sizes());
+  const int64_t M = dy.size(0), N = dy.size(1), K = in_features;
+  const Dequantize4bitArgs w = prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                     blocksize, quant_type, N, K);
+  const at::Tensor dy32 = dy.to(at::kFloat).contiguous();
+  at::Tensor dx = at::empty({M, K}, dy.options().dtype(at::kFloat));
+  const BlockScales scales = w.scales();
+  const float* g = dy32.data_ptr<float>();
+  float* out = dx.data_ptr<float>();
+  const uint8_t* codes = w.packed.data_ptr<uint8_t>();
+  constexpr int64_t kColumns = 64;  // columns per task: a multiple of 8 for the SIMD path
+  at::parallel_for(0, (K + kColumns - 1) / kColumns, 1, [&](int64_t c0, int64_t c1) {
+    cpu::linear_4bit_grad_input(g, M, N, codes, scales, blocksize, w.type, out, K, c0 * kColumns,
+                                std::min(c1 * kColumns, K));
+  });
+  return dx.scalar_type() == dy.scalar_type() ? dx : dx.to(dy.scalar_type());
 }
 
 at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
@@ -143,6 +177,7 @@ TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("_approx_reciprocal", &approx_reciprocal_cpu);
   m.impl("lora_dropout", &lora_dropout_cpu);
   m.impl("linear_4bit", &linear_4bit_cpu);
+  m.impl("linear_4bit_grad_input", &linear_4bit_grad_input_cpu);
 }
 
 }  // namespace qpeft::ops

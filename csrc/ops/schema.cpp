@@ -22,6 +22,10 @@ TORCH_LIBRARY(qpeft, m) {
   m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? nested_offset, int blocksize, str quant_type, int out_features) -> Tensor");
+  // dx = dy W for dy [M, out_features] and the same weight: the input gradient of linear_4bit.
+  m.def(
+      "linear_4bit_grad_input(Tensor dy, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int blocksize, str quant_type, int in_features) -> Tensor");
   // LoRA dropout regenerated from (seed, offset): element i of the row-major input is kept iff
   // keep(seed, offset + i) (csrc/kernels/dropout_rng.h); kept values are scaled by 1 / (1 - p).
   m.def("lora_dropout(Tensor x, float p, int seed, int offset) -> Tensor");

@@ -88,6 +88,41 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int
   }
 }
 
+// Columns [k_begin, k_end) of dx for all M rows, AVX2 + FMA; needs K, k_begin, k_end multiples of 8.
+__attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_t M, int64_t N,
+                                                         const uint8_t* packed, const BlockScales& scales,
+                                                         int64_t blocksize, const float* code_values, float* dx,
+                                                         int64_t K, int64_t k_begin, int64_t k_end) {
+  const __m256 lut_lo = _mm256_loadu_ps(code_values), lut_hi = _mm256_loadu_ps(code_values + 8);
+  const __m128i duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i nibble_shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+  const __m256i low4 = _mm256_set1_epi32(0xF), seven = _mm256_set1_epi32(7);
+  for (int64_t m = 0; m < M; ++m) std::fill(dx + m * K + k_begin, dx + m * K + k_end, 0.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t e = n * K + k_begin; e < n * K + k_end;) {
+      const int64_t block = e / blocksize;
+      const int64_t seg_end = std::min((block + 1) * blocksize, n * K + k_end);
+      const float scale = scales(block);
+      for (int64_t j = e; j < seg_end; j += 8) {
+        uint32_t word;
+        __builtin_memcpy(&word, packed + j / 2, 4);
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)),
+                                                                    duplicate));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble_shift), low4);
+        const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+        const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx),
+                                          _mm256_permutevar8x32_ps(lut_hi, idx), upper);
+        float* out = dx + (j - n * K);
+        for (int64_t m = 0; m < M; ++m) {
+          const __m256 coeff = _mm256_set1_ps(dy[m * N + n] * scale);
+          _mm256_storeu_ps(out + m * K, _mm256_fmadd_ps(coeff, w, _mm256_loadu_ps(out + m * K)));
+        }
+      }
+      e = seg_end;
+    }
+  }
+}
+
 bool has_avx2_fma() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return supported;
@@ -115,6 +150,32 @@ void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
       const int64_t seg_end = std::min((block + 1) * blocksize, row_end);
       decode(packed, code_values, scales(block), e, seg_end, segment);
       for (int64_t m = 0; m < M; ++m) y[m * N + n] += dot(segment, x + m * K + (e - row_begin), seg_end - e);
+      e = seg_end;
+    }
+  }
+}
+
+void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t* packed, const BlockScales& scales,
+                            int64_t blocksize, QuantType type, float* dx, int64_t K, int64_t k_begin, int64_t k_end) {
+  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+#if defined(QPEFT_X86)
+  if (K % 8 == 0 && k_begin % 8 == 0 && k_end % 8 == 0 && has_avx2_fma()) {
+    grad_input_avx2(dy, M, N, packed, scales, blocksize, code_values, dx, K, k_begin, k_end);
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) std::fill(dx + m * K + k_begin, dx + m * K + k_end, 0.0f);
+  alignas(64) float segment[kMaxSegment];
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t e = n * K + k_begin; e < n * K + k_end;) {
+      const int64_t block = e / blocksize;
+      const int64_t seg_end = std::min((block + 1) * blocksize, n * K + k_end);
+      decode(packed, code_values, scales(block), e, seg_end, segment);
+      for (int64_t m = 0; m < M; ++m) {
+        const float coeff = dy[m * N + n];
+        float* out = dx + m * K + (e - n * K);
+        for (int64_t i = 0; i < seg_end - e; ++i) out[i] += coeff * segment[i];
+      }
       e = seg_end;
     }
   }

@@ -16,4 +16,10 @@ namespace qpeft::cpu {
 void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                  int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end);
 
+// The input gradient of the same layer: dx[m, k] = sum_n dy[m, n] * W[n, k] for dy [M, N] fp32 and dx [M, K]
+// fp32 (both row-major), W read once from its codes. Computes the columns [k_begin, k_end) of dx (threads split
+// the columns, so none shares an output element).
+void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t* packed, const BlockScales& scales,
+                            int64_t blocksize, QuantType type, float* dx, int64_t K, int64_t k_begin, int64_t k_end);
+
 }  // namespace qpeft::cpu
