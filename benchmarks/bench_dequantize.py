@@ -8,12 +8,11 @@ Effective bandwidth counts the fewest bytes the op must move: the packed codes a
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-from harness import median_time_ms, print_table, write_results
+from harness import benchmark_args, median_time_ms, print_table, write_results
 
 import qpeft
 
@@ -38,11 +37,8 @@ def try_bitsandbytes(W: torch.Tensor, double_quant: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args = benchmark_args(__doc__)
+    device = args.device
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     reps = 100 if device.type == "cuda" else 10
     rows = []

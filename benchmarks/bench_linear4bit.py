@@ -8,11 +8,9 @@ The baseline for the fused QLoRA kernels: today qpeft's forward is dequantize + 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from harness import median_time_ms, print_table, write_results
+from harness import benchmark_args, median_time_ms, print_table, write_results
 
 from qpeft.nn import Linear4bit
 
@@ -37,11 +35,8 @@ def bitsandbytes_layer(dense: torch.nn.Linear, dtype: torch.dtype):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args = benchmark_args(__doc__)
+    device = args.device
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES
     reps = 100 if device.type == "cuda" else 20
     rows = []

@@ -9,11 +9,9 @@ on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (h
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from harness import median_time_ms, print_table, write_results
+from harness import benchmark_args, median_time_ms, print_table, write_results
 
 from qpeft.nn import LoraLinear4bit
 
@@ -82,14 +80,11 @@ def measure(module, x, device, reps):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 on a GPU, float32 on a CPU (CPUs without AVX-512 BF16 run bf16 GEMMs "
-                             "tens of times slower, which would swamp every column)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args = benchmark_args(__doc__, lambda parser: parser.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 on a GPU, float32 on a CPU (CPUs without AVX-512 BF16 run bf16 GEMMs tens of "
+             "times slower, which would swamp every column)"))
+    device = args.device
     cases, reps = (GPU_CASES, 50) if device.type == "cuda" else (CPU_CASES, 15)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     rows = []

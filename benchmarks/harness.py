@@ -7,6 +7,7 @@ environment it ran in, so committed numbers say where they came from.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -18,6 +19,18 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_args(description: str, add_options=None) -> argparse.Namespace:
+    """The common command line: --device (default: cuda when available) and --out (default: results/)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    if add_options is not None:
+        add_options(parser)
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    return args
 
 
 def median_time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, reps: int = 50) -> float:

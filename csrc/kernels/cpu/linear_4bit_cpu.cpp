@@ -42,6 +42,31 @@ inline void decode(const uint8_t* packed, const float* code_values, float scale,
 }
 
 #if defined(QPEFT_X86)
+// The 16-entry code book in two AVX registers; decode8 turns 4 packed bytes (8 codes, high nibble first) into
+// their 8 fp32 code values: bytes -> int32 lanes -> nibbles -> two 8-entry permutes + blend.
+struct CodeBook8 {
+  __m256 lo, hi;
+  __m128i duplicate;
+  __m256i nibble_shift, low4, seven;
+
+  __attribute__((target("avx2,fma"))) explicit CodeBook8(const float* code_values)
+      : lo(_mm256_loadu_ps(code_values)),
+        hi(_mm256_loadu_ps(code_values + 8)),
+        duplicate(_mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1)),
+        nibble_shift(_mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
+        low4(_mm256_set1_epi32(0xF)),
+        seven(_mm256_set1_epi32(7)) {}
+
+  __attribute__((target("avx2,fma"))) __m256 decode8(const uint8_t* bytes4) const {
+    uint32_t word;
+    __builtin_memcpy(&word, bytes4, 4);
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)), duplicate));
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble_shift), low4);
+    const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), upper);
+  }
+};
+
 constexpr int64_t kRowsPerPass = 8;  // input rows sharing one decode of the weights (accumulators in registers)
 
 // Output row n for all M inputs, AVX2 + FMA. Needs K % 8 == 0, so every block segment of the row starts at a
@@ -50,10 +75,7 @@ constexpr int64_t kRowsPerPass = 8;  // input rows sharing one decode of the wei
 __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int64_t K, const uint8_t* packed,
                                                   const BlockScales& scales, int64_t blocksize,
                                                   const float* code_values, float* y, int64_t N, int64_t n) {
-  const __m256 lut_lo = _mm256_loadu_ps(code_values), lut_hi = _mm256_loadu_ps(code_values + 8);
-  const __m128i duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i nibble_shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-  const __m256i low4 = _mm256_set1_epi32(0xF), seven = _mm256_set1_epi32(7);
+  const CodeBook8 codes(code_values);
   const int64_t row_begin = n * K, row_end = row_begin + K;
   for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
     const int64_t rows = std::min(kRowsPerPass, M - m0);
@@ -64,14 +86,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int
       __m256 acc[kRowsPerPass];
       for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t j = e; j < seg_end; j += 8) {
-        uint32_t word;
-        __builtin_memcpy(&word, packed + j / 2, 4);
-        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)),
-                                                                    duplicate));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble_shift), low4);
-        const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-        const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx),
-                                          _mm256_permutevar8x32_ps(lut_hi, idx), upper);
+        const __m256 w = codes.decode8(packed + j / 2);
         const float* xj = x + m0 * K + (j - row_begin);
         for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xj + r * K), acc[r]);
       }
@@ -93,10 +108,7 @@ __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_
                                                          const uint8_t* packed, const BlockScales& scales,
                                                          int64_t blocksize, const float* code_values, float* dx,
                                                          int64_t K, int64_t k_begin, int64_t k_end) {
-  const __m256 lut_lo = _mm256_loadu_ps(code_values), lut_hi = _mm256_loadu_ps(code_values + 8);
-  const __m128i duplicate = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i nibble_shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-  const __m256i low4 = _mm256_set1_epi32(0xF), seven = _mm256_set1_epi32(7);
+  const CodeBook8 codes(code_values);
   for (int64_t m = 0; m < M; ++m) std::fill(dx + m * K + k_begin, dx + m * K + k_end, 0.0f);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t e = n * K + k_begin; e < n * K + k_end;) {
@@ -104,14 +116,7 @@ __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_
       const int64_t seg_end = std::min((block + 1) * blocksize, n * K + k_end);
       const float scale = scales(block);
       for (int64_t j = e; j < seg_end; j += 8) {
-        uint32_t word;
-        __builtin_memcpy(&word, packed + j / 2, 4);
-        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)),
-                                                                    duplicate));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble_shift), low4);
-        const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-        const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx),
-                                          _mm256_permutevar8x32_ps(lut_hi, idx), upper);
+        const __m256 w = codes.decode8(packed + j / 2);
         float* out = dx + (j - n * K);
         for (int64_t m = 0; m < M; ++m) {
           const __m256 coeff = _mm256_set1_ps(dy[m * N + n] * scale);
