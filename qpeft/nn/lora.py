@@ -51,6 +51,7 @@ class LoraLinear4bit(nn.Module):
         self.lora_bias = (nn.Parameter(torch.zeros(base.out_features, dtype=adapter_dtype, device=device))
                           if lora_bias else None)
         self.merged_weight: torch.Tensor | None = None  # set by merge(): W + s B A (DoRA-scaled), dense
+        self.merged_bias: torch.Tensor | None = None
         self.lora_magnitude = None
         if use_dora:  # m starts as the row norms of W (B = 0), in fp32
             W = base.dequantized_weight(torch.float32)
@@ -83,7 +84,8 @@ class LoraLinear4bit(nn.Module):
         if self.merged_weight is not None:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError("qpeft: the adapter is merged; call unmerge() before training")
-            return torch.nn.functional.linear(xc, self.merged_weight.to(dtype), self._merged_bias(dtype)).to(x.dtype)
+            bias = self.merged_bias.to(dtype) if self.merged_bias is not None else None
+            return torch.nn.functional.linear(xc, self.merged_weight.to(dtype), bias).to(x.dtype)
         p = self.dropout if self.training else 0.0
         seed = 0
         if p > 0:
@@ -96,53 +98,50 @@ class LoraLinear4bit(nn.Module):
         if self.lora_magnitude is None:
             y = base + lora
         else:
-            with torch.no_grad():  # n = ||W + s B A||_row, detached (DoRA section 4.3)
-                W = weight.dequantize(torch.float32)
-                norm = (W + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1)
-            ratio = (self.lora_magnitude.float() / norm).to(dtype)
+            ratio = self._dora_scale(weight.dequantize(torch.float32)).to(dtype)
             base_dropped = frozen_4bit_linear(F.lora_dropout(xc, p, seed), weight) if p > 0 else base
             y = base + (ratio - 1) * base_dropped + ratio * lora
         if self.base.bias is not None:
             y = y + self.base.bias.to(dtype)
         return y.to(x.dtype)
 
+    def _dora_scale(self, W: torch.Tensor) -> torch.Tensor:
+        """DoRA's m / ||W + s B A||_row in fp32 for the dequantized fp32 base W; the norm is detached (DoRA
+        section 4.3), the magnitude keeps its gradient."""
+        with torch.no_grad():
+            norm = (W + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1)
+        return self.lora_magnitude.float() / norm
+
     # ---- merging (into a dense weight: the 4-bit base is never requantized) --------------------------------
     @torch.no_grad()
-    def merged_dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W + s B A (times m / ||W + s B A||_row with DoRA), computed in fp32 from the dequantized base."""
+    def merged_dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged layer's weight and bias, computed in fp32 from one dequantization of the base:
+        weight W + s B A, bias b + s * lora_bias, both times m / ||W + s B A||_row with DoRA."""
         W = self.base.dequantized_weight(torch.float32)
-        merged = W + self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        if self.lora_magnitude is not None:
-            merged = merged * (self.lora_magnitude.float() / merged.norm(dim=1))[:, None]
-        return merged.to(dtype)
-
-    def _merged_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The bias of the merged layer: base bias + s * lora_bias (times the DoRA ratio for lora_bias)."""
+        weight = W + self.scaling * (self.lora_B.float() @ self.lora_A.float())
         bias = self.base.bias.float() if self.base.bias is not None else None
-        if self.lora_bias is not None:
-            lb = self.scaling * self.lora_bias.float()
-            if self.lora_magnitude is not None:
-                with torch.no_grad():
-                    W = self.base.dequantized_weight(torch.float32)
-                    norm = (W + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1)
-                lb = lb * self.lora_magnitude.float() / norm
-            bias = lb if bias is None else bias + lb
-        return None if bias is None else bias.to(dtype)
+        lora_bias = self.scaling * self.lora_bias.float() if self.lora_bias is not None else None
+        if self.lora_magnitude is not None:
+            scale = self._dora_scale(W)
+            weight = weight * scale[:, None]
+            lora_bias = lora_bias * scale if lora_bias is not None else None
+        if lora_bias is not None:
+            bias = lora_bias if bias is None else bias + lora_bias
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def merge(self, dtype: torch.dtype | None = None) -> None:
         """Serve from one dense merged weight (inference); ``dtype`` defaults to the base weight's dtype."""
-        self.merged_weight = self.merged_dense_weight(dtype or self.base.weight_dtype)
+        self.merged_weight, self.merged_bias = self.merged_dense(dtype or self.base.weight_dtype)
 
     def unmerge(self) -> None:
         """Back to 4-bit base + adapter (exactly the unmerged layer: the base was never modified)."""
-        self.merged_weight = None
+        self.merged_weight = self.merged_bias = None
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An nn.Linear with the merged weight and bias (peft's merge_and_unload for this layer)."""
         dtype = dtype or self.base.weight_dtype
-        W = self.merged_dense_weight(dtype)
-        bias = self._merged_bias(dtype)
+        W, bias = self.merged_dense(dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=W.device, dtype=dtype)
         linear.weight.copy_(W)
         if bias is not None:
