@@ -46,6 +46,16 @@ def check_float_dtype(dtype: torch.dtype, what: str) -> None:
         raise TypeError(f"qpeft: {what} must be float32, float16 or bfloat16, got {dtype}")
 
 
+def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed codes as uint8, whatever quant_storage dtype holds them (their bytes are what count)."""
+    return packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+
+
+def _offset_arg(nested_offset: torch.Tensor | None) -> torch.Tensor | None:
+    """The double-quantization offset as the ops take it: one fp32 element."""
+    return None if nested_offset is None else nested_offset.reshape(1).to(torch.float32)
+
+
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization of ``A`` (any shape, fp32/fp16/bf16, any device with a kernel).
 
@@ -74,8 +84,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     check_quant_type(quant_type)
     check_float_dtype(dtype, "the dequantized dtype")
     shape = [int(s) for s in shape]
-    if packed.dtype != torch.uint8:
-        packed = packed.reshape(-1).view(torch.uint8)
+    packed = _packed_bytes(packed)
     for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("nested_code", nested_code),
                     ("nested_offset", nested_offset)):
         if t is not None and t.device != packed.device:
@@ -84,9 +93,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
         if nested_absmax is None or nested_code is None or nested_offset is None:
             raise ValueError("qpeft: uint8 absmax means double quantization; nested_absmax, nested_code and "
                              "nested_offset are required")
-        return ops.dequantize_4bit_nested(packed, absmax, nested_absmax, nested_code,
-                                          nested_offset.reshape(1).to(torch.float32), blocksize, quant_type, shape,
-                                          dtype)
+        return ops.dequantize_4bit_nested(packed, absmax, nested_absmax, nested_code, _offset_arg(nested_offset),
+                                          blocksize, quant_type, shape, dtype)
     return ops.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
 
 
@@ -120,11 +128,6 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch
     return ops.lora_dropout(x, float(p), int(seed), int(offset))
 
 
-def _linear_4bit_args(packed, absmax, nested_offset):
-    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed
-    return packed, absmax, (nested_offset.reshape(1).to(torch.float32) if nested_offset is not None else None)
-
-
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                 out_features: int, *, nested_absmax: torch.Tensor | None = None,
                 nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,9 +135,8 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blo
     accumulates in fp32, returns x's dtype. CPU kernel (the small-M path of the frozen base)."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    packed, absmax, offset = _linear_4bit_args(packed, absmax, nested_offset)
-    y = ops.linear_4bit(x.reshape(-1, x.shape[-1]), packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                        quant_type, out_features)
+    y = ops.linear_4bit(x.reshape(-1, x.shape[-1]), _packed_bytes(packed), absmax, nested_absmax, nested_code,
+                        _offset_arg(nested_offset), blocksize, quant_type, out_features)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -146,7 +148,6 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
     linear_4bit. Accumulates in fp32, returns dy's dtype. CPU kernel."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    packed, absmax, offset = _linear_4bit_args(packed, absmax, nested_offset)
-    dx = ops.linear_4bit_grad_input(dy.reshape(-1, dy.shape[-1]), packed, absmax, nested_absmax, nested_code, offset,
-                                    blocksize, quant_type, in_features)
+    dx = ops.linear_4bit_grad_input(dy.reshape(-1, dy.shape[-1]), _packed_bytes(packed), absmax, nested_absmax,
+                                    nested_code, _offset_arg(nested_offset), blocksize, quant_type, in_features)
     return dx.reshape(*dy.shape[:-1], in_features)

@@ -1,8 +1,9 @@
 """``Linear4bit``: a frozen linear layer whose weight is stored in 4 bits (NF4/FP4, optional double quant).
 
-y = x W^T + b with W never kept dense: a fused kernel reading the 4-bit codes for small M on the CPU, otherwise a
-transient dequantization + matmul (qpeft.lora_autograd.frozen_4bit_linear). Its state dict uses bitsandbytes' Linear4bit keys, so it loads bitsandbytes / HF 4-bit
-checkpoints and bitsandbytes loads what it saves; unlike bitsandbytes, ``load_state_dict`` works on it.
+y = x W^T + b with W never kept dense: a fused kernel reading the 4-bit codes for small M on the CPU, otherwise
+a transient dequantization + matmul (qpeft.lora_autograd.frozen_4bit_linear). Its state dict uses bitsandbytes'
+Linear4bit keys, so it loads bitsandbytes / HF 4-bit checkpoints and bitsandbytes loads what it saves; unlike
+bitsandbytes, ``load_state_dict`` works on it.
 
 The quantization tensors are kept as buffers so ``.to(device)`` moves them. Nothing of the 4-bit state is held
 in a floating dtype: the packed weight parameter is uint8 (``quant_storage`` only shapes the state dict) and the
@@ -12,9 +13,9 @@ fp32 scales are int32 bit views, so ``module.half()`` / ``.to(torch.bfloat16)`` 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..lora_autograd import frozen_4bit_linear
 from ..quantized import Quantized4bitWeight
 
 # Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.
@@ -109,8 +110,6 @@ class Linear4bit(nn.Module):
                              f"got shape {list(x.shape)}")
         if x.device != self.weight.device:
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.weight.device}")
-        from ..lora_autograd import frozen_4bit_linear  # (imports this module's package)
-
         dtype = self.compute_dtype or x.dtype
         y = frozen_4bit_linear(x.to(dtype), self.quantized_weight)
         if self.bias is not None:
