@@ -62,6 +62,33 @@ def _(x, p, seed, offset):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("qpeft::lora_down")
+def _(x, lora_A, p, seed):
+    return x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.register_fake("qpeft::lora_down_grad_weight")
+def _(g, x, p, seed):
+    return x.new_empty((g.shape[1], x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("qpeft::lora_down_grad_input_")
+def _(dx, g, lora_A, p, seed):
+    return None
+
+
+@torch.library.register_fake("qpeft::qlora_forward")
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, lora_A, lora_B, bias,
+      scaling, p, seed):
+    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.register_fake("qpeft::qlora_backward")
+def _(dy, x, xa, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, lora_A, lora_B,
+      scaling, p, seed):
+    return dy.new_empty(x.shape), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
 @torch.library.register_fake("qpeft::_approx_reciprocal")
 def _(x):
     return torch.empty_like(x)

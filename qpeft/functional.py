@@ -117,15 +117,59 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
     return ops.dequantize_blockwise_8bit(q, absmax, code, blocksize)
 
 
-def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+def dropout_seed(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The dropout seed as the ops take it: a one-element int64 tensor on the activation's device (kernels read
+    it there, so a seed drawn on the GPU costs no host sync and CUDA graph replays draw new ones)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"qpeft: a dropout seed tensor must be one int64 element, got {seed.dtype} "
+                            f"{list(seed.shape)}")
+        return seed.reshape(1).to(device)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh seed from torch's generator of ``device`` (torch.manual_seed makes runs reproducible)."""
+    return torch.randint(-2**62, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"qpeft: dropout probability must be in [0, 1), got {p}")
+
+
+def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Dropout whose mask is regenerated from (seed, offset): element i of the row-major (logical) x is kept iff
     keep(seed, offset + i), and kept values are scaled by 1 / (1 - p). The same call gives the same mask on any
     device, so a backward pass recomputes it instead of storing it; a slice of rows [r:] of an [M, K] input
     uses offset + r * K. Returns a new contiguous tensor."""
     check_float_dtype(x.dtype, "the input of lora_dropout")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"qpeft: dropout probability must be in [0, 1), got {p}")
-    return ops.lora_dropout(x, float(p), int(seed), int(offset))
+    _check_p(p)
+    return ops.lora_dropout(x, float(p), dropout_seed(seed, x.device), int(offset))
+
+
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """drop(x) A^T for x [..., K] and A [r, K] with the dropout inside the kernel (counters: row-major index of
+    x flattened to [M, K]); fp32 accumulation, result in x's dtype, [..., r]."""
+    _check_p(p)
+    x2 = x.reshape(-1, x.shape[-1])
+    xa = ops.lora_down(x2, lora_A, float(p), dropout_seed(seed, x.device))
+    return xa.reshape(*x.shape[:-1], lora_A.shape[0])
+
+
+def lora_down_grad_weight(g: torch.Tensor, x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """g^T drop(x) for g [M, r], x [M, K] (the gradient of A in drop(x) A^T), fp32 [r, K]."""
+    _check_p(p)
+    return ops.lora_down_grad_weight(g, x, float(p), dropout_seed(seed, x.device))
+
+
+def lora_down_grad_input_(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, p: float,
+                          seed: int | torch.Tensor) -> torch.Tensor:
+    """In place dx += drop(g A) for contiguous dx [M, K], g [M, r], A [r, K] (the input gradient of drop(x) A^T
+    added to an existing one); returns dx."""
+    _check_p(p)
+    ops.lora_down_grad_input_(dx, g, lora_A, float(p), dropout_seed(seed, dx.device))
+    return dx
 
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,

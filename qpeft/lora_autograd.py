@@ -1,15 +1,16 @@
-"""Autograd for the QLoRA layer built from qpeft's ops, saving only what the memory contract allows.
+"""Autograd of the QLoRA layer over qpeft's ops, saving only what the memory contract allows.
 
-* lora_dropout: its backward is the same seeded dropout applied to the gradient (the op is linear with a
-  regenerated mask), so it saves nothing.
-* frozen_4bit_linear(x, W4) = x W^T: for up to SMALL_M rows on the CPU, the fused linear_4bit kernel reads W
-  once from its codes, forward and backward (dx = dy W); otherwise W is dequantized into a transient tensor in
-  each. No dequantized weight outlives a call, and nothing is saved but the 4-bit weight itself.
-* lora_branch(x, A, B, s, p, seed) = s * drop(x) A^T B^T: saves x (already alive for the base matmul) and
-  xa = drop(x) A^T (M x r); backward regenerates drop(x) from (seed, offset) for dA.
+Inputs [..., K] are flattened to rows [M, K]; dropout counters are the row-major indices of that [M, K] input,
+drawn from a seed tensor (int64, one element, on the input's device) so nothing random is ever stored.
 
-Inputs [..., K] are flattened to rows; dropout counters follow the row-major order of the flattened input.
-The fused CPU/CUDA kernels replace these compositions behind the same contract.
+* qlora_linear (one adapter, plain LoRA): the fused ``qpeft::qlora_forward`` / ``qlora_backward`` ops.
+  Saved for backward: x (alive anyway for the caller) and xa = drop(x) A^T [M, r]; W stays 4-bit.
+* frozen_4bit_linear (no adapter): x W^T; CPU rows <= SMALL_M read W from its codes (forward and backward),
+  otherwise W is dequantized into a transient tensor in each direction. Saves nothing but the 4-bit weight.
+* lora_branch (one of several adapters on one base): s * drop(x) A^T B^T with lora_down and its gradients
+  (dropout inside the kernels); saves x and xa.
+* dora_linear (one DoRA adapter): saves x, xa and the [N] magnitude ratio; backward recomputes the base term
+  it needs for the magnitude gradient (one extra base matmul) instead of keeping an M x N activation.
 """
 
 from __future__ import annotations
@@ -17,86 +18,214 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from ._ops import ops
 from .quantized import Quantized4bitWeight
 
-SMALL_M = 8  # rows up to which the CPU base matmul reads the 4-bit weight directly (measured crossover)
+SMALL_M = 8  # CPU rows up to which the base matmul reads the 4-bit weight directly (measured crossover)
 
+
+# ---- lora_dropout: backward is the same seeded dropout, so it saves nothing -----------------------------------
 
 def _dropout_setup_context(ctx, inputs, output):
-    _, ctx.p, ctx.seed, ctx.offset = inputs
+    _, ctx.p, _, ctx.offset = inputs
+    ctx.save_for_backward(inputs[2])
 
 
 def _dropout_backward(ctx, grad):
-    return F.lora_dropout(grad, ctx.p, ctx.seed, ctx.offset), None, None, None
+    (seed,) = ctx.saved_tensors
+    return ops.lora_dropout(grad, ctx.p, seed, ctx.offset), None, None, None
 
 
 torch.library.register_autograd("qpeft::lora_dropout", _dropout_backward, setup_context=_dropout_setup_context)
 
 
+# ---- the frozen 4-bit base ------------------------------------------------------------------------------------
+
+def weight_args(weight: Quantized4bitWeight) -> tuple:
+    """(packed uint8, absmax, nested_absmax, nested_code, nested_offset [1] fp32, blocksize, quant_type): the
+    4-bit weight as the ops take it."""
+    packed = weight.packed if weight.packed.dtype == torch.uint8 else weight.packed.reshape(-1).view(torch.uint8)
+    offset = None if weight.nested_offset is None else weight.nested_offset.reshape(1).to(torch.float32)
+    return (packed, weight.absmax, weight.nested_absmax, weight.nested_code, offset, weight.blocksize,
+            weight.quant_type)
+
+
+def _base_forward(x2: torch.Tensor, wargs: tuple, n: int) -> torch.Tensor:
+    """x2 [M, K] @ W^T -> [M, n] in x2's dtype."""
+    packed, absmax, na, nc, no, blocksize, quant_type = wargs
+    if x2.device.type == "cpu" and x2.shape[0] <= SMALL_M:
+        return ops.linear_4bit(x2, packed, absmax, na, nc, no, blocksize, quant_type, n)
+    return x2 @ _dequantize(wargs, (n, x2.shape[1]), x2.dtype).T
+
+
+def _base_grad_input(dy2: torch.Tensor, wargs: tuple, k: int) -> torch.Tensor:
+    """dy2 [M, N] @ W -> [M, k] in dy2's dtype."""
+    packed, absmax, na, nc, no, blocksize, quant_type = wargs
+    if dy2.device.type == "cpu" and dy2.shape[0] <= SMALL_M:
+        return ops.linear_4bit_grad_input(dy2, packed, absmax, na, nc, no, blocksize, quant_type, k)
+    return dy2 @ _dequantize(wargs, (dy2.shape[1], k), dy2.dtype)
+
+
+def _dequantize(wargs: tuple, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    packed, absmax, na, nc, no, blocksize, quant_type = wargs
+    if na is not None:
+        return ops.dequantize_4bit_nested(packed, absmax, na, nc, no, blocksize, quant_type, list(shape), dtype)
+    return ops.dequantize_4bit(packed, absmax, blocksize, quant_type, list(shape), dtype)
+
+
 class _Frozen4bitLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, n, k):
-        ctx.meta = (blocksize, quant_type, (n, k))
+    def forward(ctx, x, n, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type):
+        wargs = (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type)
         ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, nested_offset)
-        if x.device.type == "cpu" and x.numel() // max(k, 1) <= SMALL_M:  # read W once from its codes
-            return F.linear_4bit(x, packed, absmax, blocksize, quant_type, n, nested_absmax=nested_absmax,
-                                 nested_code=nested_code, nested_offset=nested_offset)
-        W = F.dequantize_4bit(packed, absmax, blocksize, quant_type, (n, k), x.dtype, nested_absmax=nested_absmax,
-                              nested_code=nested_code, nested_offset=nested_offset)
-        return x @ W.T
+        ctx.meta = (blocksize, quant_type, x.shape[-1])
+        return _base_forward(x.reshape(-1, x.shape[-1]), wargs, n).reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
-        packed, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
-        blocksize, quant_type, shape = ctx.meta
-        if dy.device.type == "cpu" and dy.numel() // max(shape[0], 1) <= SMALL_M:
-            return (F.linear_4bit_grad_input(dy, packed, absmax, blocksize, quant_type, shape[1],
-                                             nested_absmax=nested_absmax, nested_code=nested_code,
-                                             nested_offset=nested_offset),) + (None,) * 9
-        W = F.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dy.dtype, nested_absmax=nested_absmax,
-                              nested_code=nested_code, nested_offset=nested_offset)
-        return (dy @ W,) + (None,) * 9
+        blocksize, quant_type, k = ctx.meta
+        wargs = (*ctx.saved_tensors, blocksize, quant_type)
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        return (_base_grad_input(dy2, wargs, k).reshape(*dy.shape[:-1], k),) + (None,) * 8
 
 
 def frozen_4bit_linear(x: torch.Tensor, weight: Quantized4bitWeight) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype, W the dequantized 4-bit weight [N, K] (frozen: no grad)."""
-    n, k = weight.shape
-    return _Frozen4bitLinear.apply(x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
-                                   weight.nested_offset, weight.blocksize, weight.quant_type, n, k)
+    return _Frozen4bitLinear.apply(x, weight.shape[0], *weight_args(weight))
 
+
+# ---- one plain LoRA adapter: the fused ops ---------------------------------------------------------------------
+
+def _qlora_setup_context(ctx, inputs, output):
+    x, packed, absmax, na, nc, no, blocksize, quant_type, A, B, bias, scaling, p, seed = inputs
+    ctx.save_for_backward(x, output[1], packed, absmax, na, nc, no, A, B, seed)
+    ctx.meta = (blocksize, quant_type, scaling, p)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _qlora_backward(ctx, dy, _dxa):
+    x, xa, packed, absmax, na, nc, no, A, B, seed = ctx.saved_tensors
+    blocksize, quant_type, scaling, p = ctx.meta
+    dx, dA, dB = ops.qlora_backward(dy.contiguous(), x, xa, packed, absmax, na, nc, no, blocksize, quant_type, A, B,
+                                    scaling, p, seed)
+    dbias = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[10] else None
+    return (dx,) + (None,) * 7 + (dA, dB, dbias, None, None, None)
+
+
+torch.library.register_autograd("qpeft::qlora_forward", _qlora_backward, setup_context=_qlora_setup_context)
+
+
+def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight, A: torch.Tensor, B: torch.Tensor,
+                 bias: torch.Tensor | None, scaling: float, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """x W^T + s * drop(x) A^T B^T + bias for x [..., K] in x's dtype, through the fused ops; ``bias`` [N] is the
+    layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = ops.qlora_forward(x2, *weight_args(weight), A, B, bias, float(scaling), float(p), seed)
+    return y.reshape(*x.shape[:-1], B.shape[0])
+
+
+# ---- one of several adapters: the LoRA branch alone ----------------------------------------------------------
 
 class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, scaling, p, seed):
         x2 = x.reshape(-1, x.shape[-1])
-        A_c, B_c = A.to(x.dtype), B.to(x.dtype)
-        dropped = F.lora_dropout(x2, p, seed) if p > 0 else x2
-        xa = dropped @ A_c.T  # [M, r]: the only activation this branch adds
-        ctx.save_for_backward(x2, xa, A, B)
-        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, p, seed, x.shape
-        return ((xa @ B_c.T) * scaling).reshape(*x.shape[:-1], B.shape[0])
+        xa = ops.lora_down(x2, A, p, seed)  # [M, r]: the only activation this branch adds
+        ctx.save_for_backward(x2, xa, A, B, seed)
+        ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
+        return ((xa @ B.to(x.dtype).T) * scaling).reshape(*x.shape[:-1], B.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, A, B = ctx.saved_tensors
-        s, p, seed = ctx.scaling, ctx.p, ctx.seed
+        x2, xa, A, B, seed = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        A_c, B_c = A.to(dy.dtype), B.to(dy.dtype)
-        g = (dy2 @ B_c) * s  # [M, r]
-        dB = ((dy2.T @ xa) * s).to(B.dtype) if ctx.needs_input_grad[2] else None
-        dA = None
-        if ctx.needs_input_grad[1]:
-            dropped = F.lora_dropout(x2, p, seed) if p > 0 else x2  # regenerated, transient
-            dA = (g.T @ dropped).to(A.dtype)
-        dx = None
+        dA, dB, dx = _lora_branch_grads(ctx, dy2, x2, xa, A, B, ctx.scaling, ctx.p, seed, dx_base=None)
+        return (None if dx is None else dx.reshape(ctx.x_shape)), dA, dB, None, None, None
+
+
+def _lora_branch_grads(ctx, dl, x2, xa, A, B, scaling, p, seed, dx_base):
+    """Gradients of s * drop(x) A^T B^T for the upstream gradient dl [M, N]: (dA, dB, dx) with dx = dx_base +
+    drop(s dl B A) (a new tensor when dx_base is None), each None where not needed."""
+    g = (dl @ B.to(dl.dtype)).float() * scaling  # [M, r]
+    dB = ((dl.T @ xa.to(dl.dtype)).float() * scaling).to(B.dtype) if ctx.needs_input_grad[2] else None
+    dA = ops.lora_down_grad_weight(g, x2, p, seed).to(A.dtype) if ctx.needs_input_grad[1] else None
+    dx = dx_base
+    if ctx.needs_input_grad[0]:
+        dx = torch.zeros_like(x2) if dx is None else dx.contiguous()
+        ops.lora_down_grad_input_(dx, g, A, p, seed)
+    return dA, dB, dx
+
+
+def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
+                seed: torch.Tensor) -> torch.Tensor:
+    """s * drop(x) A^T B^T for x [..., K], A [r, K], B [N, r], in x's dtype (A, B cast for the matmuls; their
+    gradients come back in their own dtype). Dropout p from the int64 [1] ``seed`` tensor on x's device."""
+    return _LoraBranch.apply(x, A, B, float(scaling), float(p), seed)
+
+
+# ---- one DoRA adapter -----------------------------------------------------------------------------------------
+
+class _DoraLinear(torch.autograd.Function):
+    """y = base + (ratio - 1) * base_d + ratio * s * (xa B^T + lora_bias) + bias, with base = x W^T, base_d =
+    drop(x) W^T (= base without dropout; peft's DoRA takes the base term from the dropped input) and ratio =
+    m / ||W + s B A||_row computed by the caller (its gradient flows to m there)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, ratio, lora_bias, bias, scaling, p, seed, n, packed, absmax, nested_absmax, nested_code,
+                nested_offset, blocksize, quant_type):
+        wargs = (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type)
+        x2 = x.reshape(-1, x.shape[-1])
+        base = _base_forward(x2, wargs, n)
+        xa = ops.lora_down(x2, A, p, seed)
+        r = ratio.to(x.dtype)
+        base_d = _base_forward(ops.lora_dropout(x2, p, seed, 0), wargs, n) if p > 0 else base
+        y = base + (r - 1) * base_d + r * _lora_term(xa, B, lora_bias, scaling)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        ctx.save_for_backward(x2, xa, A, B, ratio, lora_bias, seed, packed, absmax, nested_absmax, nested_code,
+                              nested_offset)
+        ctx.meta = (n, scaling, p, x.shape, blocksize, quant_type)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, A, B, ratio, lora_bias, seed, *weight_tensors = ctx.saved_tensors
+        n, s, p, x_shape, blocksize, quant_type = ctx.meta
+        wargs, k = (*weight_tensors, blocksize, quant_type), x2.shape[1]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        r = ratio.to(dy.dtype)
+        dl = dy2 * r  # upstream gradient of the LoRA term
+        d_ratio = None
+        if ctx.needs_input_grad[3]:  # recompute base_d + lora (transient M x N) instead of having saved it
+            dropped = ops.lora_dropout(x2, p, seed, 0) if p > 0 else x2
+            term = _base_forward(dropped, wargs, n).float() + _lora_term(xa, B, lora_bias, s).float()
+            d_ratio = (dy2.float() * term).sum(0).to(ratio.dtype)
+        dx_base = None
         if ctx.needs_input_grad[0]:
-            dx2 = g @ A_c
-            dx = (F.lora_dropout(dx2, p, seed) if p > 0 else dx2).reshape(ctx.x_shape)
-        return dx, dA, dB, None, None, None
+            if p > 0:
+                dx_base = _base_grad_input(dy2, wargs, k) + ops.lora_dropout(
+                    _base_grad_input((dy2 * (r - 1)).contiguous(), wargs, k), p, seed, 0)
+            else:
+                dx_base = _base_grad_input(dl.contiguous(), wargs, k)
+        dA, dB, dx = _lora_branch_grads(ctx, dl, x2, xa, A, B, s, p, seed, dx_base)
+        d_lora_bias = (dl.sum(0).float() * s).to(lora_bias.dtype) if ctx.needs_input_grad[4] else None
+        d_bias = dy2.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[5] else None
+        return ((None if dx is None else dx.reshape(x_shape)), dA, dB, d_ratio, d_lora_bias, d_bias) + (None,) * 11
 
 
-def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float = 0.0,
-                seed: int = 0) -> torch.Tensor:
-    """s * drop(x) A^T B^T for x [..., K], A [r, K], B [N, r], computed in x's dtype (A, B cast for the matmuls;
-    their gradients come back in their own dtype). Dropout p uses the counter stream of ``seed``."""
-    return _LoraBranch.apply(x, A, B, float(scaling), float(p), int(seed))
+def _lora_term(xa, B, lora_bias, scaling):
+    """s * (xa B^T + lora_bias) in xa's dtype."""
+    out = xa @ B.to(xa.dtype).T
+    if lora_bias is not None:
+        out = out + lora_bias.to(xa.dtype)
+    return out * scaling
+
+
+def dora_linear(x: torch.Tensor, weight: Quantized4bitWeight, A: torch.Tensor, B: torch.Tensor, ratio: torch.Tensor,
+                lora_bias: torch.Tensor | None, bias: torch.Tensor | None, scaling: float, p: float,
+                seed: torch.Tensor) -> torch.Tensor:
+    """One DoRA adapter on the frozen 4-bit base (see _DoraLinear), in x's dtype."""
+    return _DoraLinear.apply(x, A, B, ratio, lora_bias, bias, float(scaling), float(p), seed, weight.shape[0],
+                             *weight_args(weight))

@@ -66,11 +66,27 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         F.lora_dropout(x, 1.0, 0)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        torch.ops.qpeft.lora_dropout(x, -0.1, 0, 0)
+        torch.ops.qpeft.lora_dropout(x, -0.1, seed_tensor(0, device), 0)
+    with pytest.raises(TypeError, match="int64"):
+        torch.ops.qpeft.lora_dropout(x, 0.1, torch.zeros(1, device=device), 0)
+    with pytest.raises(ValueError, match="one element"):
+        torch.ops.qpeft.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64, device=device), 0)
+    with pytest.raises(TypeError, match="one int64 element"):
+        F.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         F.lora_dropout(x.double(), 0.1, 0)
 
 
 def test_opcheck(device):
-    opcheck(torch.ops.qpeft.lora_dropout, (torch.randn(3, 33, device=device), 0.1, 5, 11))
-    opcheck(torch.ops.qpeft.lora_dropout, (torch.randn(2, 8, device=device, dtype=torch.bfloat16), 0.5, -3, 0))
+    opcheck(torch.ops.qpeft.lora_dropout, (torch.randn(3, 33, device=device), 0.1, seed_tensor(5, device), 11))
+    opcheck(torch.ops.qpeft.lora_dropout,
+            (torch.randn(2, 8, device=device, dtype=torch.bfloat16), 0.5, seed_tensor(-3, device), 0))
+
+
+def seed_tensor(seed, device):
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def test_seed_tensor_equals_int_seed(device):
+    x = torch.randn(5, 17, device=device)
+    assert torch.equal(F.lora_dropout(x, 0.3, seed_tensor(2**62 + 5, device)), F.lora_dropout(x, 0.3, 2**62 + 5))

@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../kernels/cpu/dropout_cpu.h"
 #include "../kernels/cpu/linear_4bit_cpu.h"
 #include "../kernels/cpu/quant_cpu.h"
 #include "op_args.h"
@@ -82,26 +81,6 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& q, const at::Tensor& 
   return a.out;
 }
 
-// The 4-bit weight [rows, cols] of a fused linear op, plain or nested (validated once for both directions).
-Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at::Tensor& packed,
-                                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                         const std::optional<at::Tensor>& nested_code,
-                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                         c10::string_view quant_type, int64_t rows, int64_t cols) {
-  TORCH_CHECK_VALUE(activation.dim() == 2, "qpeft: the activation must have shape [M, features], got ",
-                    activation.sizes());
-  float_format(activation.scalar_type(), "the activation of a 4-bit linear");
-  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "qpeft: negative weight shape [", rows, ", ", cols, "]");
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
-                    "qpeft: nested_absmax, nested_code and nested_offset go together");
-  TORCH_CHECK_VALUE(activation.device() == packed.device(), "qpeft: the activation is on ", activation.device(),
-                    " but the weight is on ", packed.device());
-  return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                                             quant_type, rows * cols)
-                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, rows * cols);
-}
-
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                            const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
@@ -145,16 +124,6 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const at::Tensor& pa
   return dx.scalar_type() == dy.scalar_type() ? dx : dx.to(dy.scalar_type());
 }
 
-at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
-  auto a = prepare_lora_dropout(x, p, seed, offset);
-  const void* src = a.x.data_ptr();
-  void* out = a.out.data_ptr();
-  at::parallel_for(0, a.x.numel(), 16384, [&](int64_t i0, int64_t i1) {
-    cpu::lora_dropout(src, out, a.fmt, a.seed, a.offset, a.threshold, a.keep_scale, i0, i1);
-  });
-  return a.out;
-}
-
 at::Tensor approx_reciprocal_cpu(const at::Tensor& x) {
   auto a = prepare_approx_reciprocal(x);
   check_reciprocal_table();
@@ -175,7 +144,6 @@ TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cpu);
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cpu);
   m.impl("_approx_reciprocal", &approx_reciprocal_cpu);
-  m.impl("lora_dropout", &lora_dropout_cpu);
   m.impl("linear_4bit", &linear_4bit_cpu);
   m.impl("linear_4bit_grad_input", &linear_4bit_grad_input_cpu);
 }

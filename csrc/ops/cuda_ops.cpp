@@ -1,8 +1,10 @@
 // CUDA registrations of the qpeft ops (built only when the installed torch has CUDA): validate + allocate
 // (op_args), then launch the torch-free kernels of kernels/cuda on the current stream of the inputs' device.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../kernels/cuda/lora_cuda.h"
 #include "../kernels/cuda/quant_cuda.h"
@@ -20,14 +22,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   const c10::cuda::CUDAGuard guard(A.device());
   auto a = prepare_quantize_4bit(A, blocksize, quant_type);
   check_launch(cuda::quantize_4bit(a.A.data_ptr(), a.fmt, a.n, a.blocksize, a.type, a.packed.data_ptr<uint8_t>(),
-                                   a.absmax.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                                   a.absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
                "quantize_4bit");
   return {a.packed, a.absmax};
 }
 
 at::Tensor run_dequantize_4bit_cuda(const Dequantize4bitArgs& a) {
   check_launch(cuda::dequantize_4bit(a.packed.data_ptr<uint8_t>(), a.scales(), a.n, a.blocksize, a.type,
-                                     a.out.data_ptr(), a.fmt, at::cuda::getCurrentCUDAStream()),
+                                     a.out.data_ptr(), a.fmt, c10::cuda::getCurrentCUDAStream()),
                "dequantize_4bit");
   return a.out;
 }
@@ -53,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
   auto a = prepare_quantize_blockwise_8bit(A, code, blocksize);
   check_launch(cuda::quantize_blockwise_8bit(a.A.data_ptr<float>(), a.code.data_ptr<float>(), a.n, a.blocksize,
                                              a.q.data_ptr<uint8_t>(), a.absmax.data_ptr<float>(),
-                                             at::cuda::getCurrentCUDAStream()),
+                                             c10::cuda::getCurrentCUDAStream()),
                "quantize_blockwise_8bit");
   return {a.q, a.absmax};
 }
@@ -64,25 +66,103 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& q, const at::Tensor&
   auto a = prepare_dequantize_blockwise_8bit(q, absmax, code, blocksize);
   check_launch(cuda::dequantize_blockwise_8bit(a.q.data_ptr<uint8_t>(), a.absmax.data_ptr<float>(),
                                                a.code.data_ptr<float>(), a.n, a.blocksize, a.out.data_ptr<float>(),
-                                               at::cuda::getCurrentCUDAStream()),
+                                               c10::cuda::getCurrentCUDAStream()),
                "dequantize_blockwise_8bit");
   return a.out;
 }
 
-at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = prepare_lora_dropout(x, p, seed, offset);
-  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(), a.seed, a.offset, a.threshold,
-                                  a.keep_scale, at::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(),
+                                  a.dropout.seed.data_ptr<int64_t>(), a.offset, a.dropout.threshold,
+                                  a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
                "lora_dropout");
   return a.out;
+}
+
+at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = prepare_activation(x, "the input of lora_down");
+  const at::Tensor A = prepare_lora_A(lora_A, x2.size(1), x2.device());
+  const DropoutParams d = prepare_dropout(x2, p, seed);
+  at::Tensor xa = at::empty({x2.size(0), A.size(0)}, x2.options().dtype(at::kFloat));
+  check_launch(cuda::lora_down(x2.data_ptr(), float_format(x2.scalar_type(), "x"), A.data_ptr<float>(),
+                               xa.data_ptr<float>(), x2.size(0), x2.size(1), A.size(0), d.seed.data_ptr<int64_t>(),
+                               d.threshold, d.keep_scale, c10::cuda::getCurrentCUDAStream()),
+               "lora_down");
+  return xa.to(x2.scalar_type());
+}
+
+at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = prepare_activation(x, "the input of lora_down_grad_weight");
+  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
+  TORCH_CHECK_VALUE(g2.size(0) == x2.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
+                    " rows but x has ", x2.size(0));
+  TORCH_CHECK_VALUE(g2.device() == x2.device(), "qpeft: g is on ", g2.device(), " but x is on ", x2.device());
+  const DropoutParams d = prepare_dropout(x2, p, seed);
+  const at::Tensor g32 = g2.to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0), K = x2.size(1), r = g2.size(1);
+  // Enough row splits to fill the GPU when K / 64 * r / 32 blocks alone would not; each split >= 256 rows.
+  const int64_t column_blocks = ((K + 63) / 64) * ((r + 31) / 32);
+  const int splits = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>((M + 255) / 256,
+                                                                            (512 + column_blocks - 1) / column_blocks),
+                                                          1, 64));
+  at::Tensor partial = at::empty({splits, r, K}, x2.options().dtype(at::kFloat));
+  check_launch(cuda::lora_down_grad_weight(g32.data_ptr<float>(), x2.data_ptr(), float_format(x2.scalar_type(), "x"),
+                                           partial.data_ptr<float>(), M, K, r, splits, d.seed.data_ptr<int64_t>(),
+                                           d.threshold, d.keep_scale, c10::cuda::getCurrentCUDAStream()),
+               "lora_down_grad_weight");
+  return splits == 1 ? partial.squeeze(0) : partial.sum(0);
+}
+
+void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
+                               const at::Tensor& seed) {
+  const c10::cuda::CUDAGuard guard(dx.device());
+  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
+                    "got shape ", dx.sizes(), " strides ", dx.strides());
+  const FloatFormat fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");
+  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_input_");
+  const at::Tensor A = prepare_lora_A(lora_A, dx.size(1), dx.device());
+  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == A.size(0), "qpeft: lora_down_grad_input_: g must have "
+                    "shape [", dx.size(0), ", ", A.size(0), "], got ", g2.sizes());
+  TORCH_CHECK_VALUE(g2.device() == dx.device(), "qpeft: g is on ", g2.device(), " but dx is on ", dx.device());
+  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 64, "qpeft: lora_down_grad_input_: too many features (",
+                    dx.size(1), ")");
+  const DropoutParams d = prepare_dropout(dx, p, seed);
+  const at::Tensor g32 = g2.to(at::kFloat).contiguous();
+  check_launch(cuda::lora_down_grad_input(dx.data_ptr(), fmt, g32.data_ptr<float>(), A.data_ptr<float>(), dx.size(0),
+                                          dx.size(1), A.size(0), d.seed.data_ptr<int64_t>(), d.threshold,
+                                          d.keep_scale, c10::cuda::getCurrentCUDAStream()),
+               "lora_down_grad_input_");
+}
+
+at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                            const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                            c10::string_view quant_type, int64_t out_features) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(0) <= cuda::kLinear4bitMaxM, "qpeft: linear_4bit on CUDA takes at most ",
+                    cuda::kLinear4bitMaxM, " rows (the small-M path), got ", x.size(0));
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                     blocksize, quant_type, N, K);
+  const at::Tensor x2 = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  check_launch(cuda::linear_4bit(x2.data_ptr(), float_format(x2.scalar_type(), "x"), M, K, w.packed.data_ptr<uint8_t>(),
+                                 w.scales(), blocksize, w.type, y.data_ptr<float>(), N,
+                                 c10::cuda::getCurrentCUDAStream()),
+               "linear_4bit");
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 at::Tensor approx_reciprocal_cuda(const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = prepare_approx_reciprocal(x);
   check_launch(cuda::approx_reciprocal(a.x.data_ptr<float>(), a.x.numel(), a.out.data_ptr<float>(),
-                                       at::cuda::getCurrentCUDAStream()),
+                                       c10::cuda::getCurrentCUDAStream()),
                "_approx_reciprocal");
   return a.out;
 }
@@ -97,6 +177,10 @@ TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
   m.impl("_approx_reciprocal", &approx_reciprocal_cuda);
   m.impl("lora_dropout", &lora_dropout_cuda);
+  m.impl("lora_down", &lora_down_cuda);
+  m.impl("lora_down_grad_weight", &lora_down_grad_weight_cuda);
+  m.impl("lora_down_grad_input_", &lora_down_grad_input_cuda);
+  m.impl("linear_4bit", &linear_4bit_cuda);
 }
 
 }  // namespace qpeft::ops

@@ -195,17 +195,67 @@ Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const 
   return args;
 }
 
-DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+// The 4-bit weight [rows, cols] of a fused linear op, plain or nested (validated once for both directions).
+Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at::Tensor& packed,
+                                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code,
+                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                         std::string_view quant_type, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(activation.dim() == 2, "qpeft: the activation must have shape [M, features], got ",
+                    activation.sizes());
+  float_format(activation.scalar_type(), "the activation of a 4-bit linear");
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "qpeft: negative weight shape [", rows, ", ", cols, "]");
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
+                    "qpeft: nested_absmax, nested_code and nested_offset go together");
+  TORCH_CHECK_VALUE(activation.device() == packed.device(), "qpeft: the activation is on ", activation.device(),
+                    " but the weight is on ", packed.device());
+  return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
+                                             quant_type, rows * cols)
+                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, rows * cols);
+}
+
+uint64_t DropoutParams::host_seed() const {
+  TORCH_CHECK(seed.device().is_cpu(), "qpeft: host_seed() of a seed on ", seed.device());
+  return static_cast<uint64_t>(*seed.data_ptr<int64_t>());
+}
+
+DropoutParams prepare_dropout(const at::Tensor& activation, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "qpeft: dropout probability must be in [0, 1), got ", p);
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "qpeft: the dropout seed must be an int64 tensor, got ",
+                   seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1, "qpeft: the dropout seed must have one element, got shape ", seed.sizes());
+  TORCH_CHECK_VALUE(seed.device() == activation.device(), "qpeft: the dropout seed is on ", seed.device(),
+                    " but the activation is on ", activation.device());
+  DropoutParams params;
+  params.seed = seed.reshape({1}).contiguous();
+  params.threshold = dropout_threshold(p);
+  params.keep_scale = 1.0f / static_cast<float>(1.0 - p);
+  return params;
+}
+
+DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
   DropoutArgs args;
   args.fmt = float_format(x.scalar_type(), "the input of lora_dropout");
+  args.dropout = prepare_dropout(x, p, seed);
   args.x = x.contiguous();
   args.out = at::empty_like(args.x);
-  args.seed = static_cast<uint64_t>(seed);
   args.offset = static_cast<uint64_t>(offset);
-  args.threshold = dropout_threshold(p);
-  args.keep_scale = 1.0f / static_cast<float>(1.0 - p);
   return args;
+}
+
+at::Tensor prepare_activation(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.dim() == 2, "qpeft: ", what, " must have shape [rows, features], got ", t.sizes());
+  float_format(t.scalar_type(), what);
+  return t.contiguous();
+}
+
+at::Tensor prepare_lora_A(const at::Tensor& A, int64_t in_features, const at::Device& device) {
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == in_features, "qpeft: lora_A must have shape [r, ", in_features,
+                    "], got ", A.sizes());
+  float_format(A.scalar_type(), "lora_A");
+  TORCH_CHECK_VALUE(A.device() == device, "qpeft: lora_A is on ", A.device(), " but the activation is on ", device);
+  return A.to(at::kFloat).contiguous();
 }
 
 ReciprocalArgs prepare_approx_reciprocal(const at::Tensor& x) {

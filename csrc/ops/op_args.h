@@ -48,6 +48,14 @@ Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, cons
                                                   std::string_view quant_type, at::IntArrayRef shape,
                                                   at::ScalarType dtype);
 
+// The 4-bit weight [rows, cols] of a fused linear op (plain or nested scales), checked against the 2-D
+// activation that multiplies it (dtype, device); no output allocated.
+Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at::Tensor& packed,
+                                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code,
+                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                         std::string_view quant_type, int64_t rows, int64_t cols);
+
 struct Quantize8bitArgs {
   at::Tensor A, code;  // contiguous fp32
   int64_t n, blocksize;
@@ -63,14 +71,28 @@ struct Dequantize8bitArgs {
 Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const at::Tensor& absmax,
                                                      const at::Tensor& code, int64_t blocksize);
 
+// Dropout of the LoRA branch: drop probability p and the seed, a one-element int64 tensor on the activation's
+// device (kernels read it there: no host sync, and CUDA graph replays see a freshly drawn seed).
+struct DropoutParams {
+  at::Tensor seed;  // int64 [1], contiguous
+  uint32_t threshold;
+  float keep_scale;
+  uint64_t host_seed() const;  // the seed's value; CPU tensors only
+};
+DropoutParams prepare_dropout(const at::Tensor& activation, double p, const at::Tensor& seed);
+
 struct DropoutArgs {
   at::Tensor x, out;  // contiguous, same dtype
   FloatFormat fmt;
-  uint64_t seed, offset;
-  uint32_t threshold;
-  float keep_scale;
+  DropoutParams dropout;
+  uint64_t offset;
 };
-DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset);
+
+// Checks a 2-D activation [rows, features] (float dtype) and returns it contiguous.
+at::Tensor prepare_activation(const at::Tensor& t, const char* what);
+// Checks lora_A [r, in_features] (float dtype, on `device`) and returns it as contiguous fp32.
+at::Tensor prepare_lora_A(const at::Tensor& A, int64_t in_features, const at::Device& device);
 
 struct ReciprocalArgs {
   at::Tensor x, out;  // contiguous fp32

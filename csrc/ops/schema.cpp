@@ -27,8 +27,29 @@ TORCH_LIBRARY(qpeft, m) {
       "linear_4bit_grad_input(Tensor dy, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? nested_offset, int blocksize, str quant_type, int in_features) -> Tensor");
   // LoRA dropout regenerated from (seed, offset): element i of the row-major input is kept iff
-  // keep(seed, offset + i) (csrc/kernels/dropout_rng.h); kept values are scaled by 1 / (1 - p).
-  m.def("lora_dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  // keep(seed, offset + i) (csrc/kernels/dropout_rng.h); kept values are scaled by 1 / (1 - p). `seed` is a
+  // one-element int64 tensor on x's device (read by the kernel: no host sync, capturable in CUDA graphs).
+  m.def("lora_dropout(Tensor x, float p, Tensor seed, int offset) -> Tensor");
+  // The LoRA down-projection and its gradients with the dropout applied inside (counters = row-major index of
+  // the [M, K] input, offset 0): no mask and no dropped copy of x is ever stored.
+  //   lora_down:             xa = drop(x) A^T             x [M, K], A [r, K]  -> [M, r] in x's dtype
+  //   lora_down_grad_weight: dA = g^T drop(x)             g [M, r], x [M, K]  -> [r, K] fp32
+  //   lora_down_grad_input_: dx += drop(g A) (in place)   dx [M, K] contiguous, g [M, r], A [r, K]
+  m.def("lora_down(Tensor x, Tensor lora_A, float p, Tensor seed) -> Tensor");
+  m.def("lora_down_grad_weight(Tensor g, Tensor x, float p, Tensor seed) -> Tensor");
+  m.def("lora_down_grad_input_(Tensor(a!) dx, Tensor g, Tensor lora_A, float p, Tensor seed) -> ()");
+  // The QLoRA layer, forward: y = x W^T + s * drop(x) A^T B^T (+ bias) and xa = drop(x) A^T (kept for backward),
+  // x [M, K], W the 4-bit weight [N, K], A [r, K], B [N, r], bias [N]; y and xa in x's dtype.
+  m.def(
+      "qlora_forward(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int blocksize, str quant_type, Tensor lora_A, Tensor lora_B, Tensor? bias, "
+      "float scaling, float p, Tensor seed) -> (Tensor y, Tensor xa)");
+  // Backward from dy [M, N], x and xa alone (dropout regenerated): dx = dy W + drop(s dy B A) in dy's dtype,
+  // dA = (s dy B)^T drop(x) and dB = s dy^T xa in the adapter's dtypes. W is decoded per call, never kept.
+  m.def(
+      "qlora_backward(Tensor dy, Tensor x, Tensor xa, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, str quant_type, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float p, Tensor seed) -> (Tensor dx, Tensor dA, Tensor dB)");
   // The approximate reciprocal used to scale blocks (fp32 in, fp32 out); exposed to test the CPU emulation.
   m.def("_approx_reciprocal(Tensor x) -> Tensor");
 }

@@ -1,69 +1,169 @@
-"""``LoraLinear4bit``: the module a user swaps in for an nn.Linear — a frozen 4-bit base plus one trainable LoRA
-adapter (rsLoRA, DoRA, LoRA bias, dropout regenerated from a seed), with peft's math (qpeft.reference.lora_linear
-is the float64 definition, proven equal to peft in tests).
+"""``LoraLinear4bit``: the module a user swaps in for an nn.Linear — a frozen 4-bit base plus named trainable LoRA
+adapters (rsLoRA, DoRA, LoRA bias, dropout regenerated from a seed), with peft's math
+(qpeft.reference.lora_linear is the float64 definition, proven equal to peft in tests).
 
-Memory: plain LoRA keeps for backward only the input (shared with the caller) and x A^T (M x r); no
-dequantized weight and no dropout mask survive a call. DoRA adds what its magnitude gradient needs.
+Active adapters are summed, as peft does; ``disable_adapters`` (or the ``disable_adapter()`` context) runs the
+base alone. Memory: with one plain adapter the layer is two fused ops, and backward keeps only the input
+(shared with the caller) and x A^T (M x r); several adapters keep x A^T each; a DoRA adapter adds its [N]
+magnitude ratio. No dequantized weight and no dropout mask survive a call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .. import reference
-from ..lora_autograd import frozen_4bit_linear, lora_branch
 from .. import functional as F
+from .. import reference
+from ..lora_autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
 from .linear4bit import Linear4bit
 
 
-class LoraLinear4bit(nn.Module):
-    """y = x W^T + s * (drop(x) A^T B^T + lora_bias) + bias, W frozen 4-bit; with DoRA see reference.lora_linear.
+class LoraAdapter(nn.Module):
+    """One adapter's trainable tensors: ``lora_A`` [r, in], ``lora_B`` [out, r], optional ``lora_bias`` [out]
+    (the bias of peft's lora_B, scaled with the branch) and ``lora_magnitude`` [out] (DoRA's m)."""
 
-    Attributes: ``base`` (Linear4bit, frozen), ``lora_A`` [r, in], ``lora_B`` [out, r], optional ``lora_bias``
-    [out] and ``lora_magnitude`` [out] (DoRA), ``scaling``, ``dropout``.
-    """
-
-    def __init__(self, base: Linear4bit, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
-                 adapter_dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"qpeft: LoRA rank r must be positive, got {r}")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"qpeft: LoRA rank r must be a positive integer, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"qpeft: LoRA dropout must be in [0, 1), got {dropout}")
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"qpeft: init must be 'kaiming' or 'gaussian', got {init!r}")
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = reference.lora_scaling(r, alpha, use_rslora)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=adapter_dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=adapter_dtype, device=device))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         if init == "kaiming":  # nn.Linear's default, as peft's "kaiming" init
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A, std=1.0 / r)
-        self.lora_bias = (nn.Parameter(torch.zeros(base.out_features, dtype=adapter_dtype, device=device))
-                          if lora_bias else None)
-        self.merged_weight: torch.Tensor | None = None  # set by merge(): W + s B A (DoRA-scaled), dense
+        self.lora_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if lora_bias else None
+        # DoRA's magnitude; the owner sets it to the base's row norms (B = 0 makes that the identity).
+        self.lora_magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) if use_dora else None
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A in fp32 [out, in]."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
+                f"dora={self.use_dora}, lora_bias={self.lora_bias is not None}")
+
+
+class LoraLinear4bit(nn.Module):
+    """y = x W^T + sum over active adapters of s * (drop(x) A^T B^T + lora_bias) + bias, W frozen 4-bit; DoRA
+    adapters as in reference.lora_linear.
+
+    Attributes: ``base`` (Linear4bit, frozen), ``adapters`` (name -> LoraAdapter), ``active_adapters``,
+    ``disable_adapters``. With one active adapter, ``lora_A``, ``lora_B``, ``lora_bias``, ``lora_magnitude``,
+    ``scaling``, ``r``, ``alpha`` and ``dropout`` are its attributes.
+    """
+
+    def __init__(self, base: Linear4bit, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
+                 adapter_dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.merged_weight: torch.Tensor | None = None  # set by merge(): W + active deltas, dense
         self.merged_bias: torch.Tensor | None = None
-        self.lora_magnitude = None
-        if use_dora:  # m starts as the row norms of W (B = 0), in fp32
-            W = base.dequantized_weight(torch.float32)
-            self.lora_magnitude = nn.Parameter(W.norm(dim=1).to(adapter_dtype))
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
                     quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "LoraLinear4bit":
+                    compute_dtype: torch.dtype | None = None, adapter_name: str = "default") -> "LoraLinear4bit":
         base = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
-        return cls(base, r, alpha, dropout, use_rslora, use_dora, lora_bias, init)
+        return cls(base, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_name=adapter_name)
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
+                    use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
+                    adapter_dtype: torch.dtype = torch.float32, activate: bool = True) -> LoraAdapter:
+        """Adds a fresh adapter (B = 0: the layer's output is unchanged) and, by default, makes it the active one."""
+        if not name or "." in name:
+            raise ValueError(f"qpeft: adapter names must be non-empty and contain no '.', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"qpeft: adapter {name!r} already exists")
+        self._require_unmerged("add an adapter")
+        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, use_dora, lora_bias,
+                              init, adapter_dtype, self.base.weight.device)
+        if use_dora:  # m starts as the row norms of W, in fp32
+            with torch.no_grad():
+                adapter.lora_magnitude.copy_(self.base.dequantized_weight(torch.float32).norm(dim=1))
+        self.adapters[name] = adapter
+        if activate:
+            self.set_adapter(name)
+        return adapter
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Makes ``names`` (one or several, summed) the active adapters."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            if name not in self.adapters:
+                raise KeyError(f"qpeft: no adapter named {name!r} (have {list(self.adapters)})")
+        self._require_unmerged("change the active adapters")
+        self.active_adapters = names
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"qpeft: no adapter named {name!r} (have {list(self.adapters)})")
+        self._require_unmerged("delete an adapter")
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the context the layer is the frozen base alone."""
+        previous, self.disable_adapters = self.disable_adapters, True
+        try:
+            yield
+        finally:
+            self.disable_adapters = previous
+
+    def _active(self) -> list[LoraAdapter]:
+        return [] if self.disable_adapters else [self.adapters[n] for n in self.active_adapters]
+
+    def _single(self) -> LoraAdapter:
+        if len(self.active_adapters) != 1:
+            raise AttributeError(f"qpeft: {len(self.active_adapters)} active adapters; use layer.adapters[name]")
+        return self.adapters[self.active_adapters[0]]
+
+    # The single active adapter's attributes, for the common one-adapter case.
+    lora_A = property(lambda self: self._single().lora_A)
+    lora_B = property(lambda self: self._single().lora_B)
+    lora_bias = property(lambda self: self._single().lora_bias)
+    lora_magnitude = property(lambda self: self._single().lora_magnitude)
+    scaling = property(lambda self: self._single().scaling)
+    r = property(lambda self: self._single().r)
+    alpha = property(lambda self: self._single().alpha)
+
+    @property
+    def dropout(self) -> float:
+        return self._single().dropout
+
+    @dropout.setter
+    def dropout(self, p: float) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"qpeft: LoRA dropout must be in [0, 1), got {p}")
+        self._single().dropout = p
 
     @property
     def in_features(self) -> int:
@@ -73,60 +173,89 @@ class LoraLinear4bit(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def forward(self, x: torch.Tensor, dropout_seed: int | None = None) -> torch.Tensor:
-        """``dropout_seed`` fixes the dropout stream (tests); by default each training call draws one from torch's
-        generator, so torch.manual_seed makes runs reproducible."""
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, dropout_seed: int | torch.Tensor | None = None) -> torch.Tensor:
+        """``dropout_seed`` fixes the dropout stream (tests; adapter i uses seed + i); by default each training call
+        draws a seed per adapter from torch's generator on x's device (torch.manual_seed makes runs reproducible;
+        no host sync, so it works under torch.compile and CUDA graph capture)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"qpeft: LoraLinear4bit expects inputs with last dimension {self.in_features}, "
                              f"got shape {list(x.shape)}")
+        if x.device != self.base.weight.device:
+            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
         dtype = self.base.compute_dtype or x.dtype
         xc = x.to(dtype)
         if self.merged_weight is not None:
             if self.training and torch.is_grad_enabled():
-                raise RuntimeError("qpeft: the adapter is merged; call unmerge() before training")
+                raise RuntimeError("qpeft: the adapters are merged; call unmerge() before training")
             bias = self.merged_bias.to(dtype) if self.merged_bias is not None else None
             return torch.nn.functional.linear(xc, self.merged_weight.to(dtype), bias).to(x.dtype)
-        p = self.dropout if self.training else 0.0
-        seed = 0
-        if p > 0:
-            seed = dropout_seed if dropout_seed is not None else int(torch.randint(-2**62, 2**62, ()).item())
+        adapters = self._active()
         weight = self.base.quantized_weight
-        base = frozen_4bit_linear(xc, weight)
-        lora = lora_branch(xc, self.lora_A, self.lora_B, self.scaling, p, seed)
-        if self.lora_bias is not None:
-            lora = lora + self.scaling * self.lora_bias.to(dtype)
-        if self.lora_magnitude is None:
-            y = base + lora
-        else:
-            ratio = self._dora_scale(weight.dequantize(torch.float32)).to(dtype)
-            base_dropped = frozen_4bit_linear(F.lora_dropout(xc, p, seed), weight) if p > 0 else base
-            y = base + (ratio - 1) * base_dropped + ratio * lora
-        if self.base.bias is not None:
-            y = y + self.base.bias.to(dtype)
+        base_bias = self.base.bias
+        if not adapters:
+            y = frozen_4bit_linear(xc, weight)
+            return (y if base_bias is None else y + base_bias.to(dtype)).to(x.dtype)
+        seeds = [self._seed(i, a, dropout_seed, x.device) for i, a in enumerate(adapters)]
+        ps = [a.dropout if self.training else 0.0 for a in adapters]
+        if len(adapters) == 1:
+            a, p, seed = adapters[0], ps[0], seeds[0]
+            if a.use_dora:
+                ratio = a.lora_magnitude.float() / self._dora_norm(a, weight.dequantize(torch.float32))
+                y = dora_linear(xc, weight, a.lora_A, a.lora_B, ratio, a.lora_bias, base_bias, a.scaling, p, seed)
+            else:
+                y = qlora_linear(xc, weight, a.lora_A, a.lora_B, self._total_bias(a, dtype), a.scaling, p, seed)
+            return y.to(x.dtype)
+        if any(a.use_dora for a in adapters):
+            raise NotImplementedError("qpeft: a DoRA adapter cannot be active together with other adapters")
+        y = frozen_4bit_linear(xc, weight)
+        for a, p, seed in zip(adapters, ps, seeds):
+            y = y + lora_branch(xc, a.lora_A, a.lora_B, a.scaling, p, seed)
+            if a.lora_bias is not None:
+                y = y + a.scaling * a.lora_bias.to(dtype)
+        if base_bias is not None:
+            y = y + base_bias.to(dtype)
         return y.to(x.dtype)
 
-    def _dora_scale(self, W: torch.Tensor) -> torch.Tensor:
-        """DoRA's m / ||W + s B A||_row in fp32 for the dequantized fp32 base W; the norm is detached (DoRA
-        section 4.3), the magnitude keeps its gradient."""
+    def _seed(self, index: int, adapter: LoraAdapter, dropout_seed, device) -> torch.Tensor:
+        if not (self.training and adapter.dropout > 0):
+            return torch.zeros(1, dtype=torch.int64, device=device)  # unused: p = 0
+        if dropout_seed is None:
+            return F.draw_dropout_seed(device)
+        return F.dropout_seed(dropout_seed, device) + index
+
+    def _total_bias(self, adapter: LoraAdapter, dtype: torch.dtype) -> torch.Tensor | None:
+        """base bias + s * lora_bias (differentiable in both), or None."""
+        bias = self.base.bias
+        if adapter.lora_bias is not None:
+            lora = adapter.scaling * adapter.lora_bias.to(dtype)
+            bias = lora if bias is None else bias.to(dtype) + lora
+        return None if bias is None else bias.to(dtype)
+
+    @staticmethod
+    def _dora_norm(adapter: LoraAdapter, W: torch.Tensor) -> torch.Tensor:
+        """||W + s B A||_row in fp32 for the fp32 weight W, detached (DoRA section 4.3)."""
         with torch.no_grad():
-            norm = (W + self.scaling * (self.lora_B.float() @ self.lora_A.float())).norm(dim=1)
-        return self.lora_magnitude.float() / norm
+            return (W + adapter.delta_weight()).norm(dim=1)
 
     # ---- merging (into a dense weight: the 4-bit base is never requantized) --------------------------------
     @torch.no_grad()
     def merged_dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The merged layer's weight and bias, computed in fp32 from one dequantization of the base:
-        weight W + s B A, bias b + s * lora_bias, both times m / ||W + s B A||_row with DoRA."""
-        W = self.base.dequantized_weight(torch.float32)
-        weight = W + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        """The merged layer's weight and bias from one dequantization of the base, in fp32 then ``dtype``: the
+        active adapters applied in order as peft merges them (W += s B A, b += s * lora_bias; a DoRA adapter then
+        scales both rows by m / ||W + s B A||_row of the weight merged so far)."""
+        weight = self.base.dequantized_weight(torch.float32)
         bias = self.base.bias.float() if self.base.bias is not None else None
-        lora_bias = self.scaling * self.lora_bias.float() if self.lora_bias is not None else None
-        if self.lora_magnitude is not None:
-            scale = self._dora_scale(W)
-            weight = weight * scale[:, None]
-            lora_bias = lora_bias * scale if lora_bias is not None else None
-        if lora_bias is not None:
-            bias = lora_bias if bias is None else bias + lora_bias
+        for a in self._active():
+            merged = weight + a.delta_weight()
+            lora_bias = a.scaling * a.lora_bias.float() if a.lora_bias is not None else None
+            if a.use_dora:
+                scale = a.lora_magnitude.float() / merged.norm(dim=1)
+                merged = merged * scale[:, None]
+                lora_bias = lora_bias * scale if lora_bias is not None else None
+            weight = merged
+            if lora_bias is not None:
+                bias = lora_bias if bias is None else bias + lora_bias
         return weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def merge(self, dtype: torch.dtype | None = None) -> None:
@@ -134,8 +263,16 @@ class LoraLinear4bit(nn.Module):
         self.merged_weight, self.merged_bias = self.merged_dense(dtype or self.base.weight_dtype)
 
     def unmerge(self) -> None:
-        """Back to 4-bit base + adapter (exactly the unmerged layer: the base was never modified)."""
+        """Back to 4-bit base + adapters (exactly the unmerged layer: the base was never modified)."""
         self.merged_weight = self.merged_bias = None
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_weight is not None
+
+    def _require_unmerged(self, what: str) -> None:
+        if self.merged_weight is not None:
+            raise RuntimeError(f"qpeft: unmerge() before you {what}")
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -149,5 +286,4 @@ class LoraLinear4bit(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
-                f"dora={self.lora_magnitude is not None}, lora_bias={self.lora_bias is not None}")
+        return f"active_adapters={self.active_adapters}, disable_adapters={self.disable_adapters}"

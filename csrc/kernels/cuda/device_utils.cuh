@@ -44,6 +44,25 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// Stores v rounded (RNE) to element i of a tensor of format fmt.
+__device__ __forceinline__ void store_from_float(void* A, FloatFormat fmt, int64_t i, float v) {
+  switch (fmt) {
+    case FloatFormat::F32:
+      static_cast<float*>(A)[i] = v;
+      break;
+    case FloatFormat::BF16:
+      static_cast<__nv_bfloat16*>(A)[i] = __float2bfloat16_rn(v);
+      break;
+    default:
+      static_cast<__half*>(A)[i] = __float2half_rn(v);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;

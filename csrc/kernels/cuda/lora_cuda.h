@@ -1,4 +1,7 @@
-// Torch-free CUDA launchers of the LoRA-branch kernels. Device pointers, work enqueued on `stream`.
+// Torch-free CUDA launchers of the LoRA-branch kernels. Device pointers (the dropout seed too: one int64 read
+// inside the kernel, so a seed drawn on the device needs no host sync and CUDA graph replays see new seeds);
+// work enqueued on `stream`. Dropout decisions follow ../dropout_rng.h with counter = row-major element index
+// of the logical [M, K] input (+ offset for lora_dropout).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,7 +13,31 @@
 namespace qpeft::cuda {
 
 // out[i] = keep(seed, offset + i) ? fmt(float(x[i]) * keep_scale) : 0 over n contiguous elements.
-cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, uint64_t seed, uint64_t offset,
+cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, const int64_t* seed, uint64_t offset,
                          uint32_t threshold, float keep_scale, cudaStream_t stream);
+
+// xa[m, j] = sum_k drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K] fp32 contiguous, xa [M, r] fp32.
+cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* xa, int64_t M, int64_t K, int64_t r,
+                      const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
+
+// Partial sums of dA[j, k] = sum_m g[m, j] * drop(x)[m, k]: g [M, r] fp32, x [M, K] (fmt); the rows are split
+// into `splits` consecutive ranges and split s writes partial[s, j, k] (fp32 [splits, r, K]); the caller sums
+// them (deterministic: no atomics).
+cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
+                                  int64_t K, int64_t r, int splits, const int64_t* seed, uint32_t threshold,
+                                  float keep_scale, cudaStream_t stream);
+
+// In place: dx[m, k] = fmt(float(dx[m, k]) + (keep(m * K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0)),
+// dx [M, K] contiguous (fmt), g [M, r] fp32, A [r, K] fp32.
+cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
+                                 int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale,
+                                 cudaStream_t stream);
+
+// Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
+// x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] fp32.
+constexpr int64_t kLinear4bitMaxM = 16;
+cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
+                        BlockScales scales, int64_t blocksize, QuantType type, float* y, int64_t N,
+                        cudaStream_t stream);
 
 }  // namespace qpeft::cuda

@@ -1,0 +1,124 @@
+// CPU registrations of the LoRA-branch ops (lora_dropout, lora_down and its two gradients). The dropout is
+// applied to row tiles of ~1 MB (fp32) that are consumed at once by a matmul, so neither a mask nor a dropped
+// copy of the whole input ever exists; the LoRA arithmetic runs in fp32 (fast and exact enough on any CPU,
+// unlike bf16 matmuls on CPUs without bf16 units).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../kernels/cpu/dropout_cpu.h"
+#include "op_args.h"
+
+namespace qpeft::ops {
+namespace {
+
+constexpr int64_t kElementsPerTask = 16384;
+
+// Rows per tile of a [M, K] activation: about 256K fp32 elements.
+int64_t tile_rows(int64_t M, int64_t K) {
+  return std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(16, 262144 / std::max<int64_t>(K, 1))));
+}
+
+// Calls fn(m0, tile) for consecutive row ranges [m0, m0 + tile.size(0)) of src [M, K] (contiguous), tile = fp32
+// drop(src[m0 : m0 + rows]) with the counters of the whole tensor (element (m, k) -> m * K + k).
+template <typename Fn>
+void for_each_dropped_tile(const at::Tensor& src, const DropoutParams& d, Fn&& fn) {
+  const int64_t M = src.size(0), K = src.size(1), T = tile_rows(M, K);
+  const FloatFormat fmt = float_format(src.scalar_type(), "the LoRA input");
+  const uint64_t seed = d.host_seed();
+  at::Tensor tile = at::empty({T, K}, src.options().dtype(at::kFloat));
+  for (int64_t m0 = 0; m0 < M; m0 += T) {
+    const int64_t rows = std::min(T, M - m0);
+    const char* base = static_cast<const char*>(src.data_ptr()) + m0 * K * src.element_size();
+    float* out = tile.data_ptr<float>();
+    at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
+      cpu::dropout_convert(base, fmt, out, FloatFormat::F32, seed, static_cast<uint64_t>(m0 * K), d.threshold,
+                           d.keep_scale, i0, i1);
+    });
+    fn(m0, tile.narrow(0, 0, rows));
+  }
+}
+
+bool plain_fp32(const at::Tensor& t, double p) { return p == 0.0 && t.scalar_type() == at::kFloat; }
+
+at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
+  auto a = prepare_lora_dropout(x, p, seed, offset);
+  const void* src = a.x.data_ptr();
+  void* out = a.out.data_ptr();
+  const uint64_t seed_value = a.dropout.host_seed();
+  at::parallel_for(0, a.x.numel(), kElementsPerTask, [&](int64_t i0, int64_t i1) {
+    cpu::dropout_convert(src, a.fmt, out, a.fmt, seed_value, a.offset, a.dropout.threshold, a.dropout.keep_scale, i0,
+                         i1);
+  });
+  return a.out;
+}
+
+at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
+  const at::Tensor x2 = prepare_activation(x, "the input of lora_down");
+  const at::Tensor A = prepare_lora_A(lora_A, x2.size(1), x2.device());
+  const DropoutParams d = prepare_dropout(x2, p, seed);
+  if (plain_fp32(x2, p)) return at::mm(x2, A.t());
+  at::Tensor xa = at::empty({x2.size(0), A.size(0)}, x2.options().dtype(at::kFloat));
+  for_each_dropped_tile(x2, d, [&](int64_t m0, const at::Tensor& tile) {
+    at::Tensor rows = xa.narrow(0, m0, tile.size(0));
+    at::mm_out(rows, tile, A.t());
+  });
+  return xa.to(x2.scalar_type());
+}
+
+at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
+  const at::Tensor x2 = prepare_activation(x, "the input of lora_down_grad_weight");
+  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
+  TORCH_CHECK_VALUE(g2.size(0) == x2.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
+                    " rows but x has ", x2.size(0));
+  TORCH_CHECK_VALUE(g2.device() == x2.device(), "qpeft: g is on ", g2.device(), " but x is on ", x2.device());
+  const DropoutParams d = prepare_dropout(x2, p, seed);
+  const at::Tensor g32 = g2.to(at::kFloat);
+  if (plain_fp32(x2, p)) return at::mm(g32.t(), x2);
+  at::Tensor dA = at::zeros({g2.size(1), x2.size(1)}, x2.options().dtype(at::kFloat));
+  for_each_dropped_tile(x2, d, [&](int64_t m0, const at::Tensor& tile) {
+    dA.addmm_(g32.narrow(0, m0, tile.size(0)).t(), tile);
+  });
+  return dA;
+}
+
+void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
+                              const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
+                    "got shape ", dx.sizes(), " strides ", dx.strides());
+  const FloatFormat fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");
+  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_input_");
+  const at::Tensor A = prepare_lora_A(lora_A, dx.size(1), dx.device());
+  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == A.size(0), "qpeft: lora_down_grad_input_: g must have "
+                    "shape [", dx.size(0), ", ", A.size(0), "], got ", g2.sizes());
+  TORCH_CHECK_VALUE(g2.device() == dx.device(), "qpeft: g is on ", g2.device(), " but dx is on ", dx.device());
+  const DropoutParams d = prepare_dropout(dx, p, seed);
+  const at::Tensor g32 = g2.to(at::kFloat);
+  if (plain_fp32(dx, p)) {
+    dx.addmm_(g32, A);
+    return;
+  }
+  const int64_t M = dx.size(0), K = dx.size(1), T = tile_rows(M, K);
+  const uint64_t seed_value = d.host_seed();
+  at::Tensor tile = at::empty({T, K}, dx.options().dtype(at::kFloat));
+  for (int64_t m0 = 0; m0 < M; m0 += T) {
+    const int64_t rows = std::min(T, M - m0);
+    at::Tensor product = tile.narrow(0, 0, rows);
+    at::mm_out(product, g32.narrow(0, m0, rows), A);
+    const float* v = product.data_ptr<float>();
+    void* out = static_cast<char*>(dx.data_ptr()) + m0 * K * dx.element_size();
+    at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
+      cpu::add_dropped(v, out, fmt, seed_value, static_cast<uint64_t>(m0 * K), d.threshold, d.keep_scale, i0, i1);
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
+  m.impl("lora_dropout", &lora_dropout_cpu);
+  m.impl("lora_down", &lora_down_cpu);
+  m.impl("lora_down_grad_weight", &lora_down_grad_weight_cpu);
+  m.impl("lora_down_grad_input_", &lora_down_grad_input_cpu);
+}
+
+}  // namespace qpeft::ops

@@ -1,0 +1,157 @@
+// The QLoRA layer ops (qlora_forward / qlora_backward), one implementation for every backend: it validates once
+// and composes qpeft's own ops through the dispatcher (so each runs its CPU or CUDA kernel) with ATen GEMMs.
+//
+// Base term x W^T: for M <= small_m(device) the linear_4bit kernel reads W once from its 4-bit codes; above,
+// W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; on CUDA the caching
+// allocator hands the same block back next call) for one GEMM with the bias folded in.
+// LoRA term: xa = lora_down(x) (dropout inside), then y += s * xa B^T as a second small GEMM into y.
+// Backward: g = s dy B (M x r), dB = s dy^T xa, dA = lora_down_grad_weight(g, x), dx = dy W (linear_4bit_grad_input
+// for small M on the CPU, else a transient dequantized W) + drop(g A) accumulated in place.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "op_args.h"
+
+namespace qpeft::ops {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Rows up to which the base matmul reads the 4-bit codes directly (CPU: measured crossover; CUDA: the GEMV
+// kernel's limit, kLinear4bitMaxM).
+int64_t small_m(const at::Device& device) { return device.is_cuda() ? 16 : 8; }
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+struct Weight4bit {
+  const at::Tensor& packed;
+  const at::Tensor& absmax;
+  const OptTensor& nested_absmax;
+  const OptTensor& nested_code;
+  const OptTensor& nested_offset;
+  int64_t blocksize;
+  c10::string_view quant_type;
+
+  at::Tensor dequantize(int64_t N, int64_t K, at::ScalarType dtype) const {
+    if (nested_absmax.has_value()) {
+      TORCH_CHECK_VALUE(nested_code.has_value() && nested_offset.has_value(),
+                        "qpeft: nested_absmax, nested_code and nested_offset go together");
+      static auto dequant = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, int64_t, c10::string_view, at::IntArrayRef,
+                                          at::ScalarType)>("qpeft::dequantize_4bit_nested");
+      return dequant.call(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize, quant_type, {N, K},
+                          dtype);
+    }
+    static auto dequant = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view,
+                                        at::IntArrayRef, at::ScalarType)>("qpeft::dequantize_4bit");
+    return dequant.call(packed, absmax, blocksize, quant_type, {N, K}, dtype);
+  }
+
+  using FusedSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                    const OptTensor&, const OptTensor&, int64_t, c10::string_view, int64_t);
+  at::Tensor linear(const at::Tensor& x, int64_t N) const {  // x W^T from the codes
+    static auto fused = op<FusedSignature>("qpeft::linear_4bit");
+    return fused.call(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N);
+  }
+  at::Tensor grad_input(const at::Tensor& dy, int64_t K) const {  // dy W from the codes
+    static auto fused = op<FusedSignature>("qpeft::linear_4bit_grad_input");
+    return fused.call(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, K);
+  }
+};
+
+void check_adapter(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == x2.size(1), "qpeft: lora_A must have shape [r, ", x2.size(1),
+                    "], got ", A.sizes());
+  TORCH_CHECK_VALUE(B.dim() == 2 && B.size(1) == A.size(0), "qpeft: lora_B must have shape [out_features, ",
+                    A.size(0), "], got ", B.sizes());
+  float_format(A.scalar_type(), "lora_A");
+  float_format(B.scalar_type(), "lora_B");
+  TORCH_CHECK_VALUE(A.device() == x2.device() && B.device() == x2.device(), "qpeft: the adapter is on ", A.device(),
+                    "/", B.device(), " but the activation is on ", x2.device());
+}
+
+at::Tensor lora_down(const at::Tensor& x, const at::Tensor& A, double p, const at::Tensor& seed) {
+  static auto down = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down");
+  return down.call(x, A, p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::Tensor& packed,
+                                                 const at::Tensor& absmax, const OptTensor& nested_absmax,
+                                                 const OptTensor& nested_code, const OptTensor& nested_offset,
+                                                 int64_t blocksize, c10::string_view quant_type,
+                                                 const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                 const OptTensor& bias, double scaling, double p,
+                                                 const at::Tensor& seed) {
+  const at::Tensor x2 = prepare_activation(x, "the input of qlora_forward");
+  check_adapter(x2, lora_A, lora_B);
+  const int64_t M = x2.size(0), K = x2.size(1), N = lora_B.size(0);
+  const at::ScalarType dtype = x2.scalar_type();
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "qpeft: bias must have shape [", N, "], got ",
+                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->device() == x2.device(), "qpeft: bias is on ", bias->device(), " but x is on ",
+                      x2.device());
+  }
+  const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
+  at::Tensor y;
+  if (M <= small_m(x2.device())) {
+    y = weight.linear(x2, N);
+    if (bias.has_value()) y.add_(bias->to(dtype));
+  } else {
+    const at::Tensor W = weight.dequantize(N, K, dtype);
+    y = bias.has_value() ? at::addmm(bias->to(dtype), x2, W.t()) : at::mm(x2, W.t());
+  }
+  at::Tensor xa = lora_down(x2, lora_A, p, seed);
+  y.addmm_(xa, lora_B.to(dtype).t(), 1.0, scaling);
+  return {y, xa};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& packed, const at::Tensor& absmax,
+    const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& nested_offset, int64_t blocksize,
+    c10::string_view quant_type, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double p,
+    const at::Tensor& seed) {
+  const at::Tensor dy2 = prepare_activation(dy, "the gradient of qlora_backward");
+  const at::Tensor x2 = prepare_activation(x, "the input of qlora_backward");
+  check_adapter(x2, lora_A, lora_B);
+  const int64_t M = x2.size(0), K = x2.size(1), N = lora_B.size(0), r = lora_A.size(0);
+  TORCH_CHECK_VALUE(dy2.size(0) == M && dy2.size(1) == N, "qpeft: qlora_backward: dy must have shape [", M, ", ", N,
+                    "], got ", dy2.sizes());
+  TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r, "qpeft: qlora_backward: xa must have shape [",
+                    M, ", ", r, "], got ", xa.sizes());
+  TORCH_CHECK_TYPE(dy2.scalar_type() == x2.scalar_type() && xa.scalar_type() == x2.scalar_type(),
+                   "qpeft: qlora_backward: dy, x and xa must share a dtype, got ", dy2.scalar_type(), ", ",
+                   x2.scalar_type(), ", ", xa.scalar_type());
+  const at::ScalarType dtype = dy2.scalar_type();
+  const at::Tensor g = at::mm(dy2, lora_B.to(dtype)).to(at::kFloat).mul_(scaling);  // [M, r]
+  at::Tensor dB = at::mm(dy2.t(), xa).to(at::kFloat).mul_(scaling).to(lora_B.scalar_type());
+  static auto grad_weight = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
+      "qpeft::lora_down_grad_weight");
+  at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());
+  const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
+  at::Tensor dx = (x2.device().is_cpu() && M <= small_m(x2.device())) ? weight.grad_input(dy2, K)
+                                                                       : at::mm(dy2, weight.dequantize(N, K, dtype));
+  static auto grad_input = op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
+      "qpeft::lora_down_grad_input_");
+  grad_input.call(dx, g, lora_A, p, seed);
+  return {dx, dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
+  m.impl("qlora_forward", &qlora_forward);
+  m.impl("qlora_backward", &qlora_backward);
+}
+
+#ifdef QPEFT_WITH_CUDA
+TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
+  m.impl("qlora_forward", &qlora_forward);
+  m.impl("qlora_backward", &qlora_backward);
+}
+#endif
+
+}  // namespace qpeft::ops

@@ -1,0 +1,183 @@
+"""The LoRA-branch ops (dropout inside the kernels) and the fused QLoRA layer ops against float64 references:
+lora_down, lora_down_grad_weight, lora_down_grad_input_, qlora_forward, qlora_backward. Odd shapes, 16-bit
+inputs, non-contiguous inputs, poisoned allocations, bad input, opcheck."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import qpeft
+from qpeft import functional as F
+from qpeft import reference as R
+from qpeft.lora_autograd import weight_args
+
+from helpers import poison_allocator
+
+ops = torch.ops.qpeft
+
+
+def seed_tensor(seed, device):
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def dropped64(x, p, seed):
+    """drop(x) in float64 with the reference mask (counters = row-major index of the [M, K] input)."""
+    if p == 0:
+        return x.double()
+    keep = R.dropout_keep_mask(x.shape, p, seed).to(x.device)
+    return torch.where(keep, x.double() / (1 - p), torch.zeros((), dtype=torch.float64, device=x.device))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SHAPES = [(1, 64, 8), (37, 100, 16), (300, 33, 5), (3, 1, 4)]  # (M, K, r): M = 1, odd K, r not a multiple of 8
+
+
+@pytest.mark.parametrize("m,k,r", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_down_and_gradients_match_reference(device, m, k, r, dtype, p):
+    seed = int(torch.randint(-2**62, 2**62, ()))
+    x = torch.randn(m, k, device=device).to(dtype)
+    A = torch.randn(r, k, device=device)
+    g = torch.randn(m, r, device=device)
+    x_drop = dropped64(x, p, seed)
+    poison_allocator(device, m * r * 4)
+    xa = F.lora_down(x, A, p, seed)
+    assert xa.shape == (m, r) and xa.dtype == dtype
+    assert rel_err(xa, x_drop @ A.double().T) < TOL[dtype]
+    poison_allocator(device, r * k * 4)
+    dA = F.lora_down_grad_weight(g, x, p, seed)
+    assert dA.shape == (r, k) and dA.dtype == torch.float32
+    assert rel_err(dA, g.double().T @ x_drop) < 1e-5  # fp32 accumulation of exact 16-bit inputs
+    acc = torch.randn(m, k, device=device).to(dtype)
+    expected = acc.double() + dropped64(g.double() @ A.double(), p, seed)
+    out = F.lora_down_grad_input_(acc.clone(), g, A, p, seed)
+    assert out.dtype == dtype and rel_err(out, expected) < TOL[dtype]
+
+
+def test_lora_down_zero_rows_and_noncontiguous(device):
+    A = torch.randn(4, 24, device=device)
+    assert F.lora_down(torch.randn(0, 24, device=device), A, 0.2, 1).shape == (0, 4)
+    assert F.lora_down_grad_weight(torch.randn(0, 4, device=device), torch.randn(0, 24, device=device), 0.2, 1).eq(0).all()
+    x = torch.randn(24, 10, device=device).T  # [10, 24], not contiguous
+    assert torch.allclose(F.lora_down(x, A, 0.2, 7), F.lora_down(x.contiguous(), A, 0.2, 7))
+    g = torch.randn(4, 10, device=device).T  # [10, 4], not contiguous
+    assert torch.allclose(F.lora_down_grad_weight(g, x, 0.2, 7), F.lora_down_grad_weight(g.contiguous(), x, 0.2, 7))
+
+
+def test_lora_ops_bad_inputs(device):
+    x, A, s = torch.randn(4, 8, device=device), torch.randn(2, 8, device=device), seed_tensor(0, device)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[r, 8\]"):
+        ops.lora_down(x, torch.randn(2, 9, device=device), 0.1, s)
+    with pytest.raises(ValueError, match=r"\[rows, features\]"):
+        ops.lora_down(x.reshape(-1), A, 0.1, s)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ops.lora_down(x.double(), A, 0.1, s)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        ops.lora_down(x, A, 1.0, s)
+    with pytest.raises(ValueError, match="rows"):
+        ops.lora_down_grad_weight(torch.randn(3, 2, device=device), x, 0.1, s)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.lora_down_grad_input_(torch.randn(8, 4, device=device).T, torch.randn(4, 2, device=device), A, 0.1, s)
+    with pytest.raises(ValueError, match="g must have shape"):
+        ops.lora_down_grad_input_(x.clone(), torch.randn(4, 3, device=device), A, 0.1, s)
+
+
+def test_lora_ops_opcheck(device):
+    x, A, s = torch.randn(5, 24, device=device), torch.randn(3, 24, device=device), seed_tensor(9, device)
+    opcheck(ops.lora_down, (x, A, 0.2, s))
+    opcheck(ops.lora_down, (x.bfloat16(), A, 0.0, s))
+    opcheck(ops.lora_down_grad_weight, (torch.randn(5, 3, device=device), x.half(), 0.2, s))
+    opcheck(ops.lora_down_grad_input_, (torch.randn(5, 24, device=device), torch.randn(5, 3, device=device), A, 0.2, s))
+
+
+# ---- the fused layer ops ---------------------------------------------------------------------------------------
+
+def make_case(device, m, k, n, r, dtype, double_quant=True, bias=True):
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, device=device), "nf4", 64, double_quant)
+    x = torch.randn(m, k, device=device).to(dtype)
+    A = torch.randn(r, k, device=device) / k ** 0.5
+    B = torch.randn(n, r, device=device)
+    b = torch.randn(n, device=device) if bias else None
+    return q, x, A, B, b
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 70])  # both sides of the small-M switch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,double_quant,bias", [(0.0, True, True), (0.25, False, False), (0.25, True, True)])
+def test_qlora_ops_match_reference(device, m, dtype, p, double_quant, bias):
+    k, n, r, s, seed = 136, 72, 8, 0.75, int(torch.randint(0, 2**62, ()))
+    q, x, A, B, b = make_case(device, m, k, n, r, dtype, double_quant, bias)
+    st = seed_tensor(seed, device)
+    poison_allocator(device, m * n * 4)
+    y, xa = ops.qlora_forward(x, *weight_args(q), A, B, b, s, p, st)
+    W = q.dequantize(torch.float32).double()
+    x_drop = dropped64(x, p, seed)
+    y_ref = x.double() @ W.T + s * (x_drop @ A.double().T) @ B.double().T + (b.double() if bias else 0)
+    assert y.dtype == dtype and xa.dtype == dtype and y.shape == (m, n) and xa.shape == (m, r)
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(xa, x_drop @ A.double().T) < TOL[dtype]
+
+    dy = torch.randn(m, n, device=device).to(dtype)
+    dx, dA, dB = ops.qlora_backward(dy, x, xa, *weight_args(q), A, B, s, p, st)
+    g = s * dy.double() @ B.double()
+    assert dA.dtype == A.dtype and dB.dtype == B.dtype and dx.dtype == dtype
+    assert rel_err(dx, dy.double() @ W + dropped64(g @ A.double(), p, seed)) < TOL[dtype]
+    assert rel_err(dA, g.T @ x_drop) < TOL[dtype]
+    assert rel_err(dB, s * dy.double().T @ xa.double()) < TOL[dtype]
+
+
+def test_qlora_ops_opcheck_and_bad_inputs(device):
+    q, x, A, B, b = make_case(device, 3, 64, 16, 4, torch.float32)
+    st = seed_tensor(5, device)
+    opcheck(ops.qlora_forward, (x, *weight_args(q), A, B, b, 0.5, 0.1, st))
+    q2, x2, A2, B2, _ = make_case(device, 12, 64, 16, 4, torch.bfloat16, double_quant=False)
+    opcheck(ops.qlora_forward, (x2, *weight_args(q2), A2, B2, None, 2.0, 0.0, st))
+    y, xa = ops.qlora_forward(x, *weight_args(q), A, B, b, 0.5, 0.1, st)
+    opcheck(ops.qlora_backward, (torch.randn_like(y), x, xa, *weight_args(q), A, B, 0.5, 0.1, st))
+    with pytest.raises(ValueError, match=r"lora_B must have shape \[out_features, 4\]"):
+        ops.qlora_forward(x, *weight_args(q), A, B[:, :3], b, 0.5, 0.1, st)
+    with pytest.raises(ValueError, match=r"bias must have shape \[16\]"):
+        ops.qlora_forward(x, *weight_args(q), A, B, b[:5], 0.5, 0.1, st)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        ops.qlora_backward(torch.randn(3, 15, device=device), x, xa, *weight_args(q), A, B, 0.5, 0.1, st)
+    with pytest.raises(ValueError, match="elements"):  # K does not match the 4-bit weight
+        ops.qlora_forward(torch.randn(20, 32, device=device), *weight_args(q), torch.randn(4, 32, device=device), B,
+                          b, 0.5, 0.1, st)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_cuda_lora_ops_equal_cpu(m):
+    """The CUDA kernels drop the same elements as the CPU ones and agree to fp32 rounding."""
+    k, r, seed = 200, 12, 77
+    x, A, g = torch.randn(m, k).bfloat16(), torch.randn(r, k), torch.randn(m, r)
+    for p in (0.0, 0.4):
+        on_cuda = F.lora_down(x.cuda(), A.cuda(), p, seed).cpu()
+        assert rel_err(on_cuda, F.lora_down(x, A, p, seed)) < 1e-2
+        assert rel_err(F.lora_down_grad_weight(g.cuda(), x.cuda(), p, seed).cpu(),
+                       F.lora_down_grad_weight(g, x, p, seed)) < 1e-5
+        acc = torch.randn(m, k)
+        cpu = F.lora_down_grad_input_(acc.clone(), g, A, p, seed)
+        cuda = F.lora_down_grad_input_(acc.cuda(), g.cuda(), A.cuda(), p, seed).cpu()
+        assert rel_err(cuda, cpu) < 1e-5
+        assert torch.equal(cuda == acc, cpu == acc)  # same dropped positions
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("k", [256, 100, 77])  # vectorized path and element-wise path
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cuda_linear_4bit_matches_reference(m, k, double_quant):
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, k, device="cuda"), "nf4", 64, double_quant)
+    x = torch.randn(m, k, device="cuda")
+    y = F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, 37, nested_absmax=q.nested_absmax,
+                      nested_code=q.nested_code, nested_offset=q.nested_offset)
+    ref = x.double() @ q.dequantize(torch.float32).double().T
+    assert rel_err(y, ref) < 1e-6
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        F.linear_4bit(torch.randn(17, k, device="cuda"), q.packed, q.absmax, q.blocksize, q.quant_type, 37,
+                      nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)
