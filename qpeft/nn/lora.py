@@ -143,7 +143,7 @@ class LoraLinear4bit(nn.Module):
 
     def _single(self) -> LoraAdapter:
         if len(self.active_adapters) != 1:
-            raise AttributeError(f"qpeft: {len(self.active_adapters)} active adapters; use layer.adapters[name]")
+            raise RuntimeError(f"qpeft: {len(self.active_adapters)} active adapters; use layer.adapters[name]")
         return self.adapters[self.active_adapters[0]]
 
     # The single active adapter's attributes, for the common one-adapter case.
