@@ -15,7 +15,7 @@ from harness import benchmark_args, median_time_ms, print_table, write_results
 
 from qpeft.nn import LoraLinear4bit
 
-CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048)]
+CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048)]  # TARGETS.md's CPU shapes
 GPU_CASES = [(m, 4096, 4096) for m in (1, 16, 4096, 16384)] + [(4096, 4096, 14336), (4096, 14336, 4096),
                                                                  (16384, 4096, 14336), (16384, 14336, 4096)]
 R, ALPHA, DROPOUT = 16, 32, 0.05
@@ -100,11 +100,14 @@ def main() -> None:
         for name, (fwd, fb, saved, peak) in results.items():
             row.update({f"{name}_fwd_ms": fwd, f"{name}_fb_ms": fb, f"{name}_saved_MB": saved, f"{name}_peak_MB": peak})
         row["qpeft_fb_vs_dense"] = row["qpeft_fb_ms"] / row["dense_fb_ms"]
+        row["qpeft_fwd_vs_dense"] = row["qpeft_fwd_ms"] / row["dense_fwd_ms"]
+        row["bnb_peft_fwd_vs_qpeft"] = row["bnb_peft_fwd_ms"] / row["qpeft_fwd_ms"] if "bnb_peft" in results else None
         row["bnb_peft_fb_vs_qpeft"] = row["bnb_peft_fb_ms"] / row["qpeft_fb_ms"] if "bnb_peft" in results else None
         rows.append(row)
-    print_table(rows, ["M", "K", "N", "dtype", "dense_fb_ms", "qpeft_fwd_ms", "qpeft_fb_ms", "bnb_peft_fb_ms",
+    print_table(rows, ["M", "K", "N", "dtype", "dense_fwd_ms", "qpeft_fwd_ms", "bnb_peft_fwd_ms", "dense_fb_ms",
+                       "qpeft_fb_ms", "bnb_peft_fb_ms", "qpeft_fwd_vs_dense", "bnb_peft_fwd_vs_qpeft",
                        "qpeft_fb_vs_dense", "bnb_peft_fb_vs_qpeft", "qpeft_saved_MB", "bnb_peft_saved_MB"])
-    print("wrote", write_results("lora_layer", device, rows, args.out))
+    print("wrote", write_results(f"lora_layer_{str(dtype).removeprefix('torch.')}", device, rows, args.out))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,17 @@ def test_lora_down_zero_rows_and_noncontiguous(device):
     assert torch.allclose(F.lora_down_grad_weight(g, x, 0.2, 7), F.lora_down_grad_weight(g.contiguous(), x, 0.2, 7))
 
 
+def test_ops_take_parameters_that_require_grad(device):
+    """The ops are kernels: an adapter weight that requires grad must not break their inner matmuls."""
+    x, A = torch.randn(3, 16, device=device), torch.randn(2, 16, device=device, requires_grad=True)
+    s = seed_tensor(1, device)
+    xa = ops.lora_down(x, A, 0.5, s)
+    assert torch.allclose(xa, dropped64(x, 0.5, 1).float() @ A.detach().T, atol=1e-5)
+    ops.lora_down_grad_input_(torch.zeros(3, 16, device=device), torch.randn(3, 2, device=device), A, 0.5, s)
+    q, x, A, B, b = make_case(device, 20, 64, 16, 4, torch.float32)
+    ops.qlora_forward(x, *weight_args(q), A.requires_grad_(), B.requires_grad_(), b, 1.0, 0.5, s)
+
+
 def test_lora_ops_bad_inputs(device):
     x, A, s = torch.randn(4, 8, device=device), torch.randn(2, 8, device=device), seed_tensor(0, device)
     with pytest.raises(ValueError, match=r"lora_A must have shape \[r, 8\]"):

@@ -82,6 +82,7 @@ at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& se
 }
 
 at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = prepare_activation(x, "the input of lora_down");
   const at::Tensor A = prepare_lora_A(lora_A, x2.size(1), x2.device());
@@ -95,6 +96,7 @@ at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double 
 }
 
 at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = prepare_activation(x, "the input of lora_down_grad_weight");
   const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
@@ -119,6 +121,7 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
 
 void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
                                const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(dx.device());
   TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
                     "got shape ", dx.sizes(), " strides ", dx.strides());

@@ -53,6 +53,7 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, const at::Tensor& see
 }
 
 at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const at::Tensor x2 = prepare_activation(x, "the input of lora_down");
   const at::Tensor A = prepare_lora_A(lora_A, x2.size(1), x2.device());
   const DropoutParams d = prepare_dropout(x2, p, seed);
@@ -66,6 +67,7 @@ at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p
 }
 
 at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const at::Tensor x2 = prepare_activation(x, "the input of lora_down_grad_weight");
   const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
   TORCH_CHECK_VALUE(g2.size(0) == x2.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
@@ -83,6 +85,7 @@ at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, d
 
 void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
                               const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
                     "got shape ", dx.sizes(), " strides ", dx.strides());
   const FloatFormat fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");

@@ -4,12 +4,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <string_view>
 
 #include "../kernels/quant_rules.h"
 
 namespace qpeft::ops {
+
+// Op implementations that call ATen ops on their inputs run below autograd: they are kernels, not graphs (an
+// adapter weight that requires grad must not make an inner matmul record history or reject an out= argument).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 QuantType parse_quant_type(std::string_view quant_type);
 FloatFormat float_format(at::ScalarType dtype, const char* what);

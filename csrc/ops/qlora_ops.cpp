@@ -85,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
                                                  const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                  const OptTensor& bias, double scaling, double p,
                                                  const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const at::Tensor x2 = prepare_activation(x, "the input of qlora_forward");
   check_adapter(x2, lora_A, lora_B);
   const int64_t M = x2.size(0), K = x2.size(1), N = lora_B.size(0);
@@ -114,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
     const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& nested_offset, int64_t blocksize,
     c10::string_view quant_type, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double p,
     const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
   const at::Tensor dy2 = prepare_activation(dy, "the gradient of qlora_backward");
   const at::Tensor x2 = prepare_activation(x, "the input of qlora_backward");
   check_adapter(x2, lora_A, lora_B);

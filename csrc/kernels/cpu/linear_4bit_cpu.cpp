@@ -69,6 +69,54 @@ struct CodeBook8 {
 
 constexpr int64_t kRowsPerPass = 8;  // input rows sharing one decode of the weights (accumulators in registers)
 
+// Adds, for R input rows, the dot of weights [j0, j1) (one quantization block, scale in `scale`) with the inputs
+// into the per-row vector totals. U independent accumulator chains per row hide the FMA latency when R is small.
+template <int R, int U>
+__attribute__((target("avx2,fma"))) inline void block_dot(const CodeBook8& codes, const uint8_t* packed, int64_t j0,
+                                                          int64_t j1, const float* x, int64_t K, __m256 scale,
+                                                          __m256 (&total)[kRowsPerPass]) {
+  __m256 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  int64_t j = j0;
+  for (; j + 8 * U <= j1; j += 8 * U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 w = codes.decode8(packed + (j + 8 * u) / 2);
+      for (int r = 0; r < R; ++r) acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + (j - j0) + 8 * u), acc[r][u]);
+    }
+  }
+  for (; j < j1; j += 8) {
+    const __m256 w = codes.decode8(packed + j / 2);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + (j - j0)), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 sum = acc[r][0];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][u]);
+    total[r] = _mm256_fmadd_ps(sum, scale, total[r]);
+  }
+}
+
+// Output row n for R input rows starting at x (row stride K), AVX2 + FMA: y[r * N] = sum_k x[r, k] W[n, k].
+template <int R, int U>
+__attribute__((target("avx2,fma"))) void row_rows(const CodeBook8& codes, const float* x, int64_t K,
+                                                  const uint8_t* packed, const BlockScales& scales, int64_t blocksize,
+                                                  float* y, int64_t N, int64_t n) {
+  __m256 total[kRowsPerPass];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  const int64_t row_begin = n * K, row_end = row_begin + K;
+  for (int64_t e = row_begin; e < row_end;) {
+    const int64_t block = e / blocksize;
+    const int64_t seg_end = std::min((block + 1) * blocksize, row_end);
+    block_dot<R, U>(codes, packed, e, seg_end, x + (e - row_begin), K, _mm256_set1_ps(scales(block)), total);
+    e = seg_end;
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total[r]);
+    y[r * N + n] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  }
+}
+
 // Output row n for all M inputs, AVX2 + FMA. Needs K % 8 == 0, so every block segment of the row starts at a
 // multiple of 8 elements (whole bytes) and has a multiple of 8 elements. Per 8 weights: 4 packed bytes -> 8 int32
 // code indices -> two 8-entry permutes + blend give code[q]; the block's scale multiplies the block's dot once.
@@ -76,30 +124,19 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int
                                                   const BlockScales& scales, int64_t blocksize,
                                                   const float* code_values, float* y, int64_t N, int64_t n) {
   const CodeBook8 codes(code_values);
-  const int64_t row_begin = n * K, row_end = row_begin + K;
   for (int64_t m0 = 0; m0 < M; m0 += kRowsPerPass) {
-    const int64_t rows = std::min(kRowsPerPass, M - m0);
-    float total[kRowsPerPass] = {};
-    for (int64_t e = row_begin; e < row_end;) {
-      const int64_t block = e / blocksize;
-      const int64_t seg_end = std::min((block + 1) * blocksize, row_end);
-      __m256 acc[kRowsPerPass];
-      for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t j = e; j < seg_end; j += 8) {
-        const __m256 w = codes.decode8(packed + j / 2);
-        const float* xj = x + m0 * K + (j - row_begin);
-        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xj + r * K), acc[r]);
-      }
-      const float scale = scales(block);
-      for (int64_t r = 0; r < rows; ++r) {
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, acc[r]);
-        total[r] += scale * (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                             ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
-      }
-      e = seg_end;
+    const float* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+    switch (std::min(kRowsPerPass, M - m0)) {
+      case 1: row_rows<1, 4>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      case 2: row_rows<2, 2>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      case 3: row_rows<3, 2>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      case 4: row_rows<4, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      case 5: row_rows<5, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      case 6: row_rows<6, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      case 7: row_rows<7, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
+      default: row_rows<8, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
     }
-    for (int64_t r = 0; r < rows; ++r) y[(m0 + r) * N + n] = total[r];
   }
 }
 
