@@ -1,0 +1,91 @@
+"""Adapters in HF peft's file format (``adapter_config.json`` + ``adapter_model.safetensors``), both ways.
+
+Keys are ``base_model.model.`` + the module path + ``.lora_A.weight`` [r, in], ``.lora_B.weight`` [out, r],
+``.lora_B.bias`` (lora_bias), ``.lora_magnitude_vector`` [out] (DoRA), ``.base_layer.bias`` (bias="lora_only"
+or "all"), and the modules_to_save' own parameter names; the adapter name never appears. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, QPeftModel
+
+PREFIX = "base_model.model."
+
+
+def adapter_parameters(model: QPeftModel, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """peft key -> the qpeft parameter it holds, for everything the adapter's file contains."""
+    config = model.peft_config[adapter_name]
+    params: dict[str, torch.nn.Parameter] = {}
+    lora_paths = {}
+    for path, layer in model.lora_layers():
+        lora_paths[path] = layer
+        if adapter_name not in layer.adapters:
+            continue
+        a, key = layer.adapters[adapter_name], PREFIX + path
+        params[key + ".lora_A.weight"] = a.lora_A
+        params[key + ".lora_B.weight"] = a.lora_B
+        if a.lora_bias is not None:
+            params[key + ".lora_B.bias"] = a.lora_bias
+        if a.lora_magnitude is not None:
+            params[key + ".lora_magnitude_vector"] = a.lora_magnitude
+        if config.bias == "lora_only" and layer.base.bias is not None:
+            params[key + ".base_layer.bias"] = layer.base.bias
+    if config.bias == "all":
+        for name, p in model.base_model.named_parameters():
+            if name.endswith("bias") and p.is_floating_point():
+                owner = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+                if name.endswith(".base.bias") and owner in lora_paths:
+                    name = owner + ".base_layer.bias"
+                params[PREFIX + name] = p
+    for mname, module in model._modules_to_save(config):
+        for pname, p in module.named_parameters():
+            params[f"{PREFIX}{mname}.{pname}"] = p
+    return params
+
+
+def save_adapter(model: QPeftModel, adapter_name: str, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: p.detach().cpu().contiguous().clone() for k, p in adapter_parameters(model, adapter_name).items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(folder / ADAPTER_CONFIG, "w") as f:
+        json.dump(model.peft_config[adapter_name].to_peft_dict(), f, indent=2, sort_keys=True, default=str)
+
+
+def load_adapter_files(model_id: str | Path, **quant) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a local adapter folder (safetensors only: no pickle)."""
+    folder = Path(model_id)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise FileNotFoundError(f"qpeft: no {ADAPTER_CONFIG} in {folder}")
+    if not weights_path.is_file():
+        hint = " (adapter_model.bin is pickle, which qpeft never loads)" if (folder / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"qpeft: no {ADAPTER_WEIGHTS} in {folder}{hint}")
+    with open(config_path) as f:
+        config = LoraConfig.from_peft_dict(json.load(f), **quant)
+    return config, load_file(str(weights_path))
+
+
+@torch.no_grad()
+def assign_adapter_tensors(model: QPeftModel, adapter_name: str, config: LoraConfig,
+                           tensors: dict[str, torch.Tensor]) -> None:
+    """Copies the file's tensors into the adapter's parameters; every key must match, with its shape."""
+    params = adapter_parameters(model, adapter_name)
+    missing = sorted(k for k in params if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in params)
+    if missing or unexpected:
+        raise ValueError(f"qpeft: the adapter file does not fit the model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for key, t in tensors.items():
+        p = params[key]
+        if p.shape != t.shape:
+            raise ValueError(f"qpeft: {key} has shape {list(t.shape)} in the file but {list(p.shape)} in the model "
+                             "(check r / rank_pattern)")
+        p.copy_(t)

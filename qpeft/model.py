@@ -1,0 +1,368 @@
+"""Model-level QLoRA in peft's idiom: a config, ``get_peft_model`` that quantizes the targeted nn.Linear layers of
+any nn.Module (a transformers model first of all) to 4 bits and attaches LoRA adapters, and ``QPeftModel`` with
+peft's methods (print_trainable_parameters, save_pretrained / load_adapter in peft's file format, add_adapter,
+set_adapter, disable_adapter, merge_and_unload, ...).
+
+Targeting follows peft: ``target_modules`` is a list of module names or name suffixes (matched at a '.'
+boundary), one regex string (fullmatch against the module name), or "all-linear" (every nn.Linear except the
+output head). ``rank_pattern`` / ``alpha_pattern`` map regexes (matched against the end of a module name) to
+per-layer r / alpha.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .nn.linear4bit import Linear4bit
+from .nn.lora import LoraLinear4bit
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """peft's LoraConfig fields that qpeft implements, plus the 4-bit format of the base (qpeft's own fields)."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    bias: str = "none"  # "none" | "all" | "lora_only": which biases train (and are saved with the adapter)
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    init_lora_weights: bool | str = True  # True / "kaiming", "gaussian", False (B random too: tests)
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    # qpeft: how the targeted layers' weights are stored (bitsandbytes' meaning).
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"qpeft: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "kaiming", "gaussian"):
+            raise ValueError(f"qpeft: init_lora_weights {self.init_lora_weights!r} is not supported "
+                             "(True, 'gaussian' or False)")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("qpeft: lora_bias is not supported with DoRA (as in peft)")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+
+    # ---- peft's adapter_config.json ------------------------------------------------------------------------
+    _QPEFT_ONLY = ("quant_type", "blocksize", "double_quant", "compute_dtype")
+
+    def to_peft_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._QPEFT_ONLY}
+        d.update(peft_type="LORA", fan_in_fan_out=False, layers_to_transform=None, layers_pattern=None,
+                 inference_mode=True)
+        d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d: dict, **quant) -> "LoraConfig":
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"qpeft: only LoRA adapters can be loaded, this one is {d.get('peft_type')!r}")
+        if d.get("fan_in_fan_out") or d.get("layers_to_transform") not in (None, []) or d.get("use_qalora"):
+            raise ValueError("qpeft: this adapter_config.json uses fan_in_fan_out, layers_to_transform or QALoRA, "
+                             "which qpeft does not support")
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls._QPEFT_ONLY)
+        return cls(**{k: v for k, v in d.items() if k in names}, **quant)
+
+
+# ---- targeting -------------------------------------------------------------------------------------------------
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output embedding (lm_head) that "all-linear" skips, as peft does."""
+    names = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in model.named_modules():
+        if module is head or (head is None and name.split(".")[-1] == "lm_head"):
+            names.add(name)
+    return names
+
+
+def _is_target(name: str, target_modules: list[str] | str) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _pattern_value(name: str, patterns: dict, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The names of the modules that ``config`` targets (nn.Linear, qpeft Linear4bit or LoraLinear4bit)."""
+    linear_types = (nn.Linear, Linear4bit, LoraLinear4bit)
+    if config.target_modules is None:
+        raise ValueError("qpeft: LoraConfig.target_modules is required (a list of names, a regex, or 'all-linear')")
+    names = []
+    if config.target_modules == "all-linear":
+        skip = _output_head_names(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, linear_types) and n not in skip and
+                 not _inside_lora(n, model)]
+    else:
+        for name, module in model.named_modules():
+            if _inside_lora(name, model) or not _is_target(name, config.target_modules):
+                continue
+            if not isinstance(module, linear_types):
+                raise ValueError(f"qpeft: target module {name!r} is a {type(module).__name__}; only nn.Linear "
+                                 "layers can be targeted")
+            names.append(name)
+    if not names:
+        raise ValueError(f"qpeft: target_modules {config.target_modules!r} match no linear layer of the model")
+    return names
+
+
+def _inside_lora(name: str, model: nn.Module) -> bool:
+    """True for the submodules of a LoraLinear4bit (its base), which are never targets themselves."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), LoraLinear4bit):
+            return True
+    return False
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _init_name(config: LoraConfig) -> str:
+    return "gaussian" if config.init_lora_weights == "gaussian" else "kaiming"
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
+    """Quantizes every targeted nn.Linear of ``model`` in place (Linear4bit in the config's format) and adds the
+    adapter ``adapter_name`` to it (layers already quantized / already LoRA layers get the adapter only).
+    Returns the targeted module names."""
+    names = find_target_modules(model, config)
+    for name in names:
+        module = model.get_submodule(name)
+        r = _pattern_value(name, config.rank_pattern, config.r)
+        alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        kwargs = dict(r=r, alpha=alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                      use_dora=config.use_dora, lora_bias=config.lora_bias, init=_init_name(config))
+        if isinstance(module, LoraLinear4bit):
+            adapter = module.add_adapter(adapter_name, **kwargs, activate=False)
+        else:
+            if isinstance(module, nn.Linear):
+                module = Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant,
+                                                config.compute_dtype)
+            layer = LoraLinear4bit(module, **kwargs, adapter_name=adapter_name)
+            _set_submodule(model, name, layer)
+            adapter = layer.adapters[adapter_name]
+        if config.init_lora_weights is False:  # peft's "no identity" init, for tests
+            with torch.no_grad():
+                nn.init.normal_(adapter.lora_B, std=0.02)
+    return names
+
+
+# ---- the model wrapper -----------------------------------------------------------------------------------------
+
+class QPeftModel(nn.Module):
+    """Wraps a model whose targeted linear layers are LoraLinear4bit. ``forward`` is the model's; attributes the
+    wrapper lacks are looked up on the model (config, generate, gradient_checkpointing_enable, ...)."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- adapters ---------------------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, LoraLinear4bit]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, LoraLinear4bit):
+                yield name, module
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Adds (and trains) adapter ``adapter_name``; other adapters stay but are inactive."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
+        inject_adapter(self.base_model, config, adapter_name)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activates one adapter (or several, summed) and makes exactly its parameters trainable (plus the biases
+        its config trains and its modules_to_save)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            if n not in self.peft_config:
+                raise KeyError(f"qpeft: no adapter named {n!r} (have {list(self.peft_config)})")
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for _, layer in self.lora_layers():
+            present = [n for n in names if n in layer.adapters]
+            layer.set_adapter(present)
+            for n in present:
+                layer.adapters[n].requires_grad_(True)
+        for n in names:
+            self._unfreeze_extras(self.peft_config[n])
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def _unfreeze_extras(self, config: LoraConfig) -> None:
+        if config.bias == "all":
+            for pname, p in self.base_model.named_parameters():
+                if pname.endswith("bias") and p.is_floating_point():
+                    p.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for _, layer in self.lora_layers():
+                if layer.base.bias is not None:
+                    layer.base.bias.requires_grad_(True)
+        for name, module in self._modules_to_save(config):
+            module.requires_grad_(True)
+
+    def _modules_to_save(self, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+        targets = config.modules_to_save or []
+        return [(n, m) for n, m in self.base_model.named_modules() if n and _is_target(n, list(targets))]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"qpeft: no adapter named {adapter_name!r}")
+        for _, layer in self.lora_layers():
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the context every LoRA layer is its frozen base alone."""
+        with contextlib.ExitStack() as stack:
+            for _, layer in self.lora_layers():
+                stack.enter_context(layer.disable_adapter())
+            yield
+
+    # ---- merging --------------------------------------------------------------------------------------------
+    def merge_adapter(self, dtype: torch.dtype | None = None) -> None:
+        for _, layer in self.lora_layers():
+            layer.merge(dtype)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    @torch.no_grad()
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The model with every LoRA layer replaced by a dense nn.Linear holding W + the active adapters (merged in
+        16/32-bit from one dequantization: no 4-bit requantization loss). ``dtype``: default the weights' own."""
+        for name, layer in list(self.lora_layers()):
+            _set_submodule(self.base_model, name, layer.to_linear(dtype))
+        return self.base_model
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        """The model with every LoRA layer replaced by its frozen 4-bit base (adapters dropped)."""
+        for name, layer in list(self.lora_layers()):
+            _set_submodule(self.base_model, name, layer.base)
+        return self.base_model
+
+    # ---- reporting ------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; a 4-bit weight counts its elements (bytes * 2), as peft does."""
+        trainable = total = 0
+        for module in self.base_model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                n = p.numel()
+                if isinstance(module, Linear4bit) and name == "weight":
+                    n = module.in_features * module.out_features
+                total += n
+                trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ---- peft's file format -----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
+        """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
+        others in a subfolder of their name)."""
+        from .adapter_io import save_adapter
+        for name in selected_adapters or list(self.peft_config):
+            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(self, name, folder)
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False,
+                     **quant) -> None:
+        """Loads a peft LoRA adapter folder (from peft or qpeft) as ``adapter_name`` and activates it."""
+        from .adapter_io import load_adapter_files
+        config, tensors = load_adapter_files(model_id, **quant)
+        self.add_adapter(adapter_name, config)
+        self._load_adapter_tensors(adapter_name, config, tensors)
+        if not is_trainable:
+            for p in self.base_model.parameters():
+                p.requires_grad_(False)
+
+    def _load_adapter_tensors(self, adapter_name, config, tensors):
+        from .adapter_io import assign_adapter_tensors
+        assign_adapter_tensors(self, adapter_name, config, tensors)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False, **quant) -> "QPeftModel":
+        """peft's PeftModel.from_pretrained: quantize ``model``'s targets and load the adapter folder into them.
+        ``quant`` overrides the 4-bit format (quant_type, blocksize, double_quant, compute_dtype)."""
+        from .adapter_io import load_adapter_files
+        config, tensors = load_adapter_files(model_id, **quant)
+        wrapper = cls(model, config, adapter_name)
+        wrapper._load_adapter_tensors(adapter_name, config, tensors)
+        if not is_trainable:
+            for p in wrapper.base_model.parameters():
+                p.requires_grad_(False)
+        return wrapper
+
+
+def get_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> QPeftModel:
+    """Quantizes the targeted nn.Linear layers of ``model`` in place to 4 bits, attaches a LoRA adapter to each and
+    freezes everything else (peft's get_peft_model, on a qpeft 4-bit base)."""
+    return QPeftModel(model, config, adapter_name)
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """Freezes the model and turns on gradient checkpointing (non-reentrant by default). Unlike peft's helper it
+    does not upcast the non-quantized 16-bit parameters to fp32 (norms, embeddings, the head: about 1 GB on a 7B
+    model); the LoRA layers compute in the activations' dtype with fp32 adapters anyway."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model

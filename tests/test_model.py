@@ -1,0 +1,183 @@
+"""Model-level API on a (tiny, randomly initialised) transformers Llama: targeting, freezing, peft-format adapters
+proven both ways with the real peft package, merge_and_unload, disable_adapter, training with checkpointing."""
+
+import copy
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.nn import LoraLinear4bit
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                                      max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tokens(seed=1):
+    return torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randomize_adapters(model):
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for a in layer.adapters.values():
+                a.lora_B.normal_(0, 0.05)
+
+
+def dequantized_float_copy(qmodel, original):
+    """The original float model with every quantized layer's weight replaced by qpeft's dequantized weight."""
+    float_model = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, layer in qmodel.lora_layers():
+            float_model.get_submodule(name).weight.copy_(layer.base.dequantized_weight(torch.float32))
+    return float_model
+
+
+def test_all_linear_targets_and_freezing(capsys):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    names = [n for n, _ in model.lora_layers()]
+    assert len(names) == 2 * 7 and all(n.split(".")[-1] in PROJECTIONS for n in names)
+    assert isinstance(model.base_model.lm_head, torch.nn.Linear)  # the output head is skipped
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.default.lora_" in n for n in trainable)
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    t, total = model.get_nb_trainable_parameters()
+    assert f"trainable params: {t:,d}" in out and t == sum(4 * (l.in_features + l.out_features)
+                                                            for _, l in model.lora_layers())
+    assert total > 64 * 96 * 3 * 2  # 4-bit weights counted as elements
+
+
+def test_target_forms_and_patterns():
+    cfg = qpeft.LoraConfig(r=4, target_modules=["q_proj", "model.layers.1.mlp.down_proj"], rank_pattern={"q_proj": 2},
+                           alpha_pattern={r"layers\.1\.self_attn\.q_proj": 7})
+    model = qpeft.get_peft_model(tiny_llama(), cfg)
+    layers = dict(model.lora_layers())
+    assert sorted(layers) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                              "model.layers.1.self_attn.q_proj"]
+    assert layers["model.layers.0.self_attn.q_proj"].r == 2 and layers["model.layers.1.mlp.down_proj"].r == 4
+    assert layers["model.layers.1.self_attn.q_proj"].alpha == 7 and layers["model.layers.0.self_attn.q_proj"].alpha == 8
+    regex = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=r".*\.(v|o)_proj"))
+    assert len(list(regex.lora_layers())) == 4
+    with pytest.raises(ValueError, match="match no linear layer"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="only nn.Linear"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("use_dora,bias", [(False, "none"), (True, "lora_only"), (False, "all")])
+def test_qpeft_adapter_loads_in_peft(tmp_path, use_dora, bias):
+    original = tiny_llama()
+    cfg = qpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora,
+                           bias=bias, modules_to_save=["lm_head"])
+    model = qpeft.get_peft_model(copy.deepcopy(original), cfg)
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.lm_head.weight.mul_(1.5)  # a trained module_to_save
+        if bias == "all":
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.add_(0.1)
+    model.save_pretrained(tmp_path)
+    ids = tokens()
+    with torch.no_grad():
+        ours = model(ids).logits
+    theirs_model = peft.PeftModel.from_pretrained(dequantized_float_copy(model, original), tmp_path).eval()
+    with torch.no_grad():
+        theirs = theirs_model(ids).logits
+    assert rel_err(ours, theirs) < 1e-5
+
+
+@pytest.mark.parametrize("use_dora,use_rslora", [(False, False), (True, False), (False, True)])
+def test_peft_adapter_loads_in_qpeft(tmp_path, use_dora, use_rslora):
+    original = tiny_llama()
+    pcfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"], use_dora=use_dora,
+                           use_rslora=use_rslora, init_lora_weights=False, rank_pattern={"up_proj": 2})
+    peft_model = peft.get_peft_model(copy.deepcopy(original), pcfg)
+    peft_model.save_pretrained(tmp_path)
+    model = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = tokens()
+    with torch.no_grad():
+        ours = model(ids).logits
+        check = peft.PeftModel.from_pretrained(dequantized_float_copy(model, original), tmp_path).eval()(ids).logits
+    assert rel_err(ours, check) < 1e-5
+    layer = model.base_model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, LoraLinear4bit) and layer.r == 2
+
+
+def test_merge_disable_and_unload():
+    original = tiny_llama()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    ids = tokens()
+    with torch.no_grad():
+        y = model(ids).logits
+        with model.disable_adapter():
+            y_base = model(ids).logits
+        base_check = dequantized_float_copy(model, original)(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    assert rel_err(y_base, base_check) < 1e-5
+    assert rel_err(merged, y) < 1e-5 and rel_err(y, y_base) > 1e-3
+    assert not any(isinstance(m, LoraLinear4bit) for m in model.base_model.modules())
+
+
+def test_multiple_adapters_save_load(tmp_path):
+    original = tiny_llama()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("other", qpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    assert model.active_adapter == "other"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.other." in n for n in trainable)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "other" / "adapter_model.safetensors").exists()
+    ids = tokens()
+    with torch.no_grad():
+        y_other = model(ids).logits
+    loaded = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
+    loaded.load_adapter(tmp_path / "other", "other")
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, y_other) < 1e-6
+    import json  # a config that no longer matches its weights (v_proj tensors without a v_proj target)
+    cfg_path = tmp_path / "other" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = ["q_proj"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not fit.*unexpected.*v_proj"):
+        qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "other")
+    bad = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=3, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="shape"):
+        bad._load_adapter_tensors("default", bad.peft_config["default"],
+                                  qpeft.adapter_io.load_adapter_files(tmp_path)[1])
+
+
+def test_training_step_with_gradient_checkpointing():
+    model = tiny_llama().train()
+    qpeft.prepare_model_for_kbit_training(model)
+    model = qpeft.get_peft_model(model, qpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    assert model.base_model.is_gradient_checkpointing
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
