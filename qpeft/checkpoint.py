@@ -1,0 +1,181 @@
+"""Hugging Face / bitsandbytes 4-bit checkpoints, read straight into qpeft modules and written so that transformers
++ bitsandbytes load them.
+
+A checkpoint folder is ``config.json`` (with ``quantization_config``: quant_method "bitsandbytes",
+load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, llm_int8_skip_modules)
+plus ``model.safetensors`` or shards listed in ``model.safetensors.index.json``. A linear layer is 4-bit exactly
+when the checkpoint holds its ``<name>.weight.quant_state.bitsandbytes__<type>`` entry; its tensors use
+bitsandbytes' keys (``qpeft.Quantized4bitWeight.state_dict``). Never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .nn.linear4bit import Linear4bit
+from .nn.lora import LoraLinear4bit
+
+_QUANT_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors or of the shards its index lists."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(str(folder / shard)))
+        return tensors
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"qpeft: no model.safetensors (or index) in {folder}; pickle checkpoints are not read")
+    return load_file(str(single))
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init) while buffers (rotary
+    frequencies and the like, not in checkpoints) are real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _dtype(name) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    return name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
+
+
+def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: torch.dtype | None = None,
+                         dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model from a bitsandbytes 4-bit checkpoint folder, its 4-bit linear layers as
+    qpeft.nn.Linear4bit holding the checkpoint's exact bytes (nothing is dequantized or requantized).
+
+    model_class: default transformers.AutoModelForCausalLM. compute_dtype: default the checkpoint's
+    bnb_4bit_compute_dtype. dtype: of the unquantized tensors (default: as stored)."""
+    import transformers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"qpeft: no config.json in {folder}")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    qconfig = getattr(config, "quantization_config", None) or {}
+    if not isinstance(qconfig, dict):
+        qconfig = qconfig.to_dict()
+    if qconfig and not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit", False)):
+        raise ValueError(f"qpeft: {folder} is not a 4-bit bitsandbytes checkpoint (quantization_config {qconfig})")
+    compute_dtype = compute_dtype or _dtype(qconfig.get("bnb_4bit_compute_dtype"))
+    tensors = read_safetensors_folder(folder)
+    quantized = {k[: k.index(_QUANT_STATE)] for k in tensors if _QUANT_STATE in k}
+    if not quantized:
+        raise ValueError(f"qpeft: {folder} holds no 4-bit layers (no '*{_QUANT_STATE}*' entries)")
+    if dtype is not None:
+        tensors = {k: (t.to(dtype) if t.is_floating_point() and not _is_quant_key(k, quantized) else t)
+                   for k, t in tensors.items()}
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build the plain architecture; qpeft provides the 4-bit layers
+    model_class = model_class or transformers.AutoModelForCausalLM
+    with _parameters_on_meta():
+        model = model_class.from_config(config)
+    for name in quantized:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"qpeft: the checkpoint quantizes {name!r}, a {type(linear).__name__} in the model")
+        layer = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=compute_dtype, device="meta")
+        _set_submodule(model, name, layer)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta or result.unexpected_keys:
+        raise ValueError(f"qpeft: checkpoint {folder} does not fit the model: missing {still_meta[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    model.config.quantization_config = qconfig
+    return model.eval()
+
+
+def _is_quant_key(key: str, quantized: set[str]) -> bool:
+    return any(key.startswith(name + ".weight") for name in quantized)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as a 4-bit checkpoint holds it: Linear4bit layers with bitsandbytes' keys; the base of
+    a LoRA layer under the layer's own name (adapters are saved separately, in peft's format)."""
+    lora_prefixes = {name + ".": name for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    out = {}
+    for key, t in model.state_dict().items():
+        for prefix, name in lora_prefixes.items():
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                key = None if not rest.startswith("base.") else f"{name}.{rest[len('base.'):]}"
+                break
+        if key is not None:
+            out[key] = t
+    return out
+
+
+def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
+    """Writes ``model`` (a transformers model whose linear layers are qpeft Linear4bit / LoraLinear4bit; qpeft's
+    QPeftModel is unwrapped) as a bitsandbytes 4-bit checkpoint: config.json with quantization_config and
+    model.safetensors. transformers + bitsandbytes load it with from_pretrained."""
+    from .model import QPeftModel
+
+    if isinstance(model, QPeftModel):
+        model = model.base_model
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        raise ValueError("qpeft: the model has no 4-bit layers to save")
+    q = layers[0].quantized_weight
+    if any(l.quantized_weight.quant_type != q.quant_type or l.quantized_weight.double_quant != q.double_quant
+           for l in layers):
+        raise ValueError("qpeft: a bitsandbytes checkpoint has one quant_type / double_quant for all layers")
+    state = quantized_state_dict(model)
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    if getattr(model.config, "tie_word_embeddings", False):
+        for key in (tied if isinstance(tied, (list, tuple)) else list(tied)):
+            state.pop(key, None)
+    seen, tensors = {}, {}
+    for key, t in state.items():  # safetensors stores no shared storage: keep the first of aliases
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen and t.numel():
+            continue
+        seen[ptr] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    compute = layers[0].compute_dtype
+    qconfig = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+               "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
+               "bnb_4bit_compute_dtype": str(compute or torch.float32).removeprefix("torch."),
+               "bnb_4bit_quant_storage": str(layers[0].quant_storage).removeprefix("torch."),
+               "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+               "llm_int8_enable_fp32_cpu_offload": False}
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,73 @@
+"""bitsandbytes / transformers 4-bit checkpoints: read straight into qpeft (the exact bytes), written so that
+transformers + bitsandbytes load them (same outputs)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.nn import Linear4bit
+
+from helpers import same_bytes
+from test_model import tiny_llama, tokens, rel_err
+
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def bnb_checkpoint(tmp_path, double_quant=True, quant_type="nf4"):
+    """A tiny Llama quantized and saved by transformers + bitsandbytes (CPU backend)."""
+    tiny_llama().save_pretrained(tmp_path / "fp")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                             bnb_4bit_use_double_quant=double_quant,
+                                             bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config,
+                                                                  device_map="cpu")
+    model.save_pretrained(tmp_path / "bnb")
+    return model.eval()
+
+
+@pytest.mark.parametrize("double_quant,quant_type", [(True, "nf4"), (False, "fp4")])
+def test_load_bitsandbytes_checkpoint(tmp_path, double_quant, quant_type):
+    theirs = bnb_checkpoint(tmp_path, double_quant, quant_type)
+    ours = qpeft.load_4bit_pretrained(tmp_path / "bnb")
+    layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and isinstance(ours.lm_head, torch.nn.Linear)
+    assert all(p.device.type == "cpu" for p in ours.parameters())
+    q_ours = ours.model.layers[1].mlp.down_proj.state_dict()
+    q_theirs = theirs.model.layers[1].mlp.down_proj.state_dict()
+    assert set(q_ours) == set(q_theirs)
+    for key in q_ours:  # FP4's code book: bitsandbytes' CPU build writes +0.0 for code 8, its CUDA build -0.0
+        same = torch.equal if key.endswith("quant_map") else same_bytes
+        assert same(q_ours[key].cpu(), q_theirs[key].cpu()), key
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, theirs(ids).logits) < 1e-5
+
+
+def test_save_loads_in_transformers_bitsandbytes(tmp_path):
+    original = tiny_llama()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules="all-linear"))
+    qpeft.save_4bit_pretrained(model, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu").eval()
+    assert isinstance(theirs.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    ids = tokens()
+    with torch.no_grad(), model.disable_adapter():
+        assert rel_err(theirs(ids).logits, model(ids).logits) < 1e-5
+    reloaded = qpeft.load_4bit_pretrained(tmp_path / "ours")  # and back into qpeft
+    with torch.no_grad(), model.disable_adapter():
+        assert rel_err(reloaded(ids).logits, model(ids).logits) < 1e-6
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qpeft.load_4bit_pretrained(tmp_path)
+    tiny_llama().save_pretrained(tmp_path / "fp")
+    with pytest.raises(ValueError, match="no 4-bit layers"):
+        qpeft.load_4bit_pretrained(tmp_path / "fp")
