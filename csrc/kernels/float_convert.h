@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quant_rules.h"
+
 namespace qpeft {
 
 inline uint32_t float_bits(float f) {
@@ -52,6 +54,32 @@ inline uint16_t float_to_fp16_bits(float f) {
   const uint32_t mantissa_odd = (a >> 13) & 1u;
   a += 0xC8000FFFu + mantissa_odd;  // re-bias the exponent by -112, add the rounding bias
   return static_cast<uint16_t>(sign | (a >> 13));
+}
+
+// Element i of a float tensor of format fmt, widened exactly to fp32.
+inline float load_as_float(const void* A, FloatFormat fmt, int64_t i) {
+  switch (fmt) {
+    case FloatFormat::F32:
+      return static_cast<const float*>(A)[i];
+    case FloatFormat::BF16:
+      return bf16_bits_to_float(static_cast<const uint16_t*>(A)[i]);
+    default:
+      return fp16_bits_to_float(static_cast<const uint16_t*>(A)[i]);
+  }
+}
+
+// Stores v (rounded to nearest even) as element i of a float tensor of format fmt.
+inline void store_from_float(void* A, FloatFormat fmt, int64_t i, float v) {
+  switch (fmt) {
+    case FloatFormat::F32:
+      static_cast<float*>(A)[i] = v;
+      break;
+    case FloatFormat::BF16:
+      static_cast<uint16_t*>(A)[i] = float_to_bf16_bits(v);
+      break;
+    default:
+      static_cast<uint16_t*>(A)[i] = float_to_fp16_bits(v);
+  }
 }
 
 }  // namespace qpeft

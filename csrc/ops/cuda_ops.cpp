@@ -84,37 +84,31 @@ at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& se
 at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
   const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x2 = prepare_activation(x, "the input of lora_down");
-  const at::Tensor A = prepare_lora_A(lora_A, x2.size(1), x2.device());
-  const DropoutParams d = prepare_dropout(x2, p, seed);
-  at::Tensor xa = at::empty({x2.size(0), A.size(0)}, x2.options().dtype(at::kFloat));
-  check_launch(cuda::lora_down(x2.data_ptr(), float_format(x2.scalar_type(), "x"), A.data_ptr<float>(),
-                               xa.data_ptr<float>(), x2.size(0), x2.size(1), A.size(0), d.seed.data_ptr<int64_t>(),
-                               d.threshold, d.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
+  at::Tensor xa = at::empty({a.x.size(0), a.A.size(0)}, a.x.options().dtype(at::kFloat));
+  check_launch(cuda::lora_down(a.x.data_ptr(), float_format(a.x.scalar_type(), "x"), a.A.data_ptr<float>(),
+                               xa.data_ptr<float>(), a.x.size(0), a.x.size(1), a.A.size(0),
+                               a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                               c10::cuda::getCurrentCUDAStream()),
                "lora_down");
-  return xa.to(x2.scalar_type());
+  return xa.to(a.x.scalar_type());
 }
 
 at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
   const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x2 = prepare_activation(x, "the input of lora_down_grad_weight");
-  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
-  TORCH_CHECK_VALUE(g2.size(0) == x2.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
-                    " rows but x has ", x2.size(0));
-  TORCH_CHECK_VALUE(g2.device() == x2.device(), "qpeft: g is on ", g2.device(), " but x is on ", x2.device());
-  const DropoutParams d = prepare_dropout(x2, p, seed);
-  const at::Tensor g32 = g2.to(at::kFloat).contiguous();
-  const int64_t M = x2.size(0), K = x2.size(1), r = g2.size(1);
+  const LoraDownGradWeightArgs a = prepare_lora_down_grad_weight(g, x, p, seed);
+  const int64_t M = a.x.size(0), K = a.x.size(1), r = a.g.size(1);
   // Enough row splits to fill the GPU when K / 64 * r / 32 blocks alone would not; each split >= 256 rows.
   const int64_t column_blocks = ((K + 63) / 64) * ((r + 31) / 32);
   const int splits = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>((M + 255) / 256,
                                                                             (512 + column_blocks - 1) / column_blocks),
                                                           1, 64));
-  at::Tensor partial = at::empty({splits, r, K}, x2.options().dtype(at::kFloat));
-  check_launch(cuda::lora_down_grad_weight(g32.data_ptr<float>(), x2.data_ptr(), float_format(x2.scalar_type(), "x"),
-                                           partial.data_ptr<float>(), M, K, r, splits, d.seed.data_ptr<int64_t>(),
-                                           d.threshold, d.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
+  check_launch(cuda::lora_down_grad_weight(a.g.data_ptr<float>(), a.x.data_ptr(), float_format(a.x.scalar_type(), "x"),
+                                           partial.data_ptr<float>(), M, K, r, splits,
+                                           a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold,
+                                           a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_weight");
   return splits == 1 ? partial.squeeze(0) : partial.sum(0);
 }
@@ -123,21 +117,13 @@ void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const 
                                const at::Tensor& seed) {
   const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(dx.device());
-  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
-                    "got shape ", dx.sizes(), " strides ", dx.strides());
-  const FloatFormat fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");
-  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_input_");
-  const at::Tensor A = prepare_lora_A(lora_A, dx.size(1), dx.device());
-  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == A.size(0), "qpeft: lora_down_grad_input_: g must have "
-                    "shape [", dx.size(0), ", ", A.size(0), "], got ", g2.sizes());
-  TORCH_CHECK_VALUE(g2.device() == dx.device(), "qpeft: g is on ", g2.device(), " but dx is on ", dx.device());
+  const LoraDownGradInputArgs a = prepare_lora_down_grad_input(dx, g, lora_A, p, seed);
   TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 64, "qpeft: lora_down_grad_input_: too many features (",
                     dx.size(1), ")");
-  const DropoutParams d = prepare_dropout(dx, p, seed);
-  const at::Tensor g32 = g2.to(at::kFloat).contiguous();
-  check_launch(cuda::lora_down_grad_input(dx.data_ptr(), fmt, g32.data_ptr<float>(), A.data_ptr<float>(), dx.size(0),
-                                          dx.size(1), A.size(0), d.seed.data_ptr<int64_t>(), d.threshold,
-                                          d.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::lora_down_grad_input(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(),
+                                          dx.size(0), dx.size(1), a.A.size(0), a.dropout.seed.data_ptr<int64_t>(),
+                                          a.dropout.threshold, a.dropout.keep_scale,
+                                          c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_input_");
 }
 

@@ -54,31 +54,23 @@ at::Tensor lora_dropout_cpu(const at::Tensor& x, double p, const at::Tensor& see
 
 at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
   const BelowAutograd below_autograd;
-  const at::Tensor x2 = prepare_activation(x, "the input of lora_down");
-  const at::Tensor A = prepare_lora_A(lora_A, x2.size(1), x2.device());
-  const DropoutParams d = prepare_dropout(x2, p, seed);
-  if (plain_fp32(x2, p)) return at::mm(x2, A.t());
-  at::Tensor xa = at::empty({x2.size(0), A.size(0)}, x2.options().dtype(at::kFloat));
-  for_each_dropped_tile(x2, d, [&](int64_t m0, const at::Tensor& tile) {
+  const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
+  if (plain_fp32(a.x, p)) return at::mm(a.x, a.A.t());
+  at::Tensor xa = at::empty({a.x.size(0), a.A.size(0)}, a.x.options().dtype(at::kFloat));
+  for_each_dropped_tile(a.x, a.dropout, [&](int64_t m0, const at::Tensor& tile) {
     at::Tensor rows = xa.narrow(0, m0, tile.size(0));
-    at::mm_out(rows, tile, A.t());
+    at::mm_out(rows, tile, a.A.t());
   });
-  return xa.to(x2.scalar_type());
+  return xa.to(a.x.scalar_type());
 }
 
 at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
   const BelowAutograd below_autograd;
-  const at::Tensor x2 = prepare_activation(x, "the input of lora_down_grad_weight");
-  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
-  TORCH_CHECK_VALUE(g2.size(0) == x2.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
-                    " rows but x has ", x2.size(0));
-  TORCH_CHECK_VALUE(g2.device() == x2.device(), "qpeft: g is on ", g2.device(), " but x is on ", x2.device());
-  const DropoutParams d = prepare_dropout(x2, p, seed);
-  const at::Tensor g32 = g2.to(at::kFloat);
-  if (plain_fp32(x2, p)) return at::mm(g32.t(), x2);
-  at::Tensor dA = at::zeros({g2.size(1), x2.size(1)}, x2.options().dtype(at::kFloat));
-  for_each_dropped_tile(x2, d, [&](int64_t m0, const at::Tensor& tile) {
-    dA.addmm_(g32.narrow(0, m0, tile.size(0)).t(), tile);
+  const LoraDownGradWeightArgs a = prepare_lora_down_grad_weight(g, x, p, seed);
+  if (plain_fp32(a.x, p)) return at::mm(a.g.t(), a.x);
+  at::Tensor dA = at::zeros({a.g.size(1), a.x.size(1)}, a.x.options().dtype(at::kFloat));
+  for_each_dropped_tile(a.x, a.dropout, [&](int64_t m0, const at::Tensor& tile) {
+    dA.addmm_(a.g.narrow(0, m0, tile.size(0)).t(), tile);
   });
   return dA;
 }
@@ -86,31 +78,23 @@ at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, d
 void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
                               const at::Tensor& seed) {
   const BelowAutograd below_autograd;
-  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
-                    "got shape ", dx.sizes(), " strides ", dx.strides());
-  const FloatFormat fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");
-  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_input_");
-  const at::Tensor A = prepare_lora_A(lora_A, dx.size(1), dx.device());
-  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == A.size(0), "qpeft: lora_down_grad_input_: g must have "
-                    "shape [", dx.size(0), ", ", A.size(0), "], got ", g2.sizes());
-  TORCH_CHECK_VALUE(g2.device() == dx.device(), "qpeft: g is on ", g2.device(), " but dx is on ", dx.device());
-  const DropoutParams d = prepare_dropout(dx, p, seed);
-  const at::Tensor g32 = g2.to(at::kFloat);
+  const LoraDownGradInputArgs a = prepare_lora_down_grad_input(dx, g, lora_A, p, seed);
   if (plain_fp32(dx, p)) {
-    dx.addmm_(g32, A);
+    dx.addmm_(a.g, a.A);
     return;
   }
   const int64_t M = dx.size(0), K = dx.size(1), T = tile_rows(M, K);
-  const uint64_t seed_value = d.host_seed();
+  const uint64_t seed_value = a.dropout.host_seed();
   at::Tensor tile = at::empty({T, K}, dx.options().dtype(at::kFloat));
   for (int64_t m0 = 0; m0 < M; m0 += T) {
     const int64_t rows = std::min(T, M - m0);
     at::Tensor product = tile.narrow(0, 0, rows);
-    at::mm_out(product, g32.narrow(0, m0, rows), A);
+    at::mm_out(product, a.g.narrow(0, m0, rows), a.A);
     const float* v = product.data_ptr<float>();
     void* out = static_cast<char*>(dx.data_ptr()) + m0 * K * dx.element_size();
     at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
-      cpu::add_dropped(v, out, fmt, seed_value, static_cast<uint64_t>(m0 * K), d.threshold, d.keep_scale, i0, i1);
+      cpu::add_dropped(v, out, a.fmt, seed_value, static_cast<uint64_t>(m0 * K), a.dropout.threshold,
+                       a.dropout.keep_scale, i0, i1);
     });
   }
 }

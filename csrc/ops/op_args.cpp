@@ -258,6 +258,44 @@ at::Tensor prepare_lora_A(const at::Tensor& A, int64_t in_features, const at::De
   return A.to(at::kFloat).contiguous();
 }
 
+LoraDownArgs prepare_lora_down(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
+  LoraDownArgs args;
+  args.x = prepare_activation(x, "the input of lora_down");
+  args.A = prepare_lora_A(lora_A, args.x.size(1), args.x.device());
+  args.dropout = prepare_dropout(args.x, p, seed);
+  return args;
+}
+
+LoraDownGradWeightArgs prepare_lora_down_grad_weight(const at::Tensor& g, const at::Tensor& x, double p,
+                                                     const at::Tensor& seed) {
+  LoraDownGradWeightArgs args;
+  args.x = prepare_activation(x, "the input of lora_down_grad_weight");
+  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
+  TORCH_CHECK_VALUE(g2.size(0) == args.x.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
+                    " rows but x has ", args.x.size(0));
+  TORCH_CHECK_VALUE(g2.device() == args.x.device(), "qpeft: g is on ", g2.device(), " but x is on ",
+                    args.x.device());
+  args.g = g2.to(at::kFloat).contiguous();
+  args.dropout = prepare_dropout(args.x, p, seed);
+  return args;
+}
+
+LoraDownGradInputArgs prepare_lora_down_grad_input(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
+                                                   double p, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
+                    "got shape ", dx.sizes(), " strides ", dx.strides());
+  LoraDownGradInputArgs args;
+  args.fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");
+  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_input_");
+  args.A = prepare_lora_A(lora_A, dx.size(1), dx.device());
+  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == args.A.size(0), "qpeft: lora_down_grad_input_: g must "
+                    "have shape [", dx.size(0), ", ", args.A.size(0), "], got ", g2.sizes());
+  TORCH_CHECK_VALUE(g2.device() == dx.device(), "qpeft: g is on ", g2.device(), " but dx is on ", dx.device());
+  args.g = g2.to(at::kFloat).contiguous();
+  args.dropout = prepare_dropout(dx, p, seed);
+  return args;
+}
+
 ReciprocalArgs prepare_approx_reciprocal(const at::Tensor& x) {
   check_dtype(x, at::kFloat, "the input of _approx_reciprocal");
   ReciprocalArgs args;

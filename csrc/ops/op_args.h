@@ -94,6 +94,28 @@ struct DropoutArgs {
 };
 DropoutArgs prepare_lora_dropout(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset);
 
+// The LoRA-branch ops (validated inputs; g and A as contiguous fp32, activations contiguous).
+struct LoraDownArgs {
+  at::Tensor x, A;  // x [M, K], A fp32 [r, K]
+  DropoutParams dropout;
+};
+LoraDownArgs prepare_lora_down(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed);
+
+struct LoraDownGradWeightArgs {
+  at::Tensor g, x;  // g fp32 [M, r], x [M, K]
+  DropoutParams dropout;
+};
+LoraDownGradWeightArgs prepare_lora_down_grad_weight(const at::Tensor& g, const at::Tensor& x, double p,
+                                                     const at::Tensor& seed);
+
+struct LoraDownGradInputArgs {
+  FloatFormat fmt;  // of dx (contiguous, updated in place)
+  at::Tensor g, A;  // fp32 [M, r], [r, K]
+  DropoutParams dropout;
+};
+LoraDownGradInputArgs prepare_lora_down_grad_input(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
+                                                   double p, const at::Tensor& seed);
+
 // Checks a 2-D activation [rows, features] (float dtype) and returns it contiguous.
 at::Tensor prepare_activation(const at::Tensor& t, const char* what);
 // Checks lora_A [r, in_features] (float dtype, on `device`) and returns it as contiguous fp32.

@@ -14,17 +14,6 @@
 namespace qpeft::cpu {
 namespace {
 
-inline float load_as_float(const void* A, FloatFormat fmt, int64_t i) {
-  switch (fmt) {
-    case FloatFormat::F32:
-      return static_cast<const float*>(A)[i];
-    case FloatFormat::BF16:
-      return bf16_bits_to_float(static_cast<const uint16_t*>(A)[i]);
-    default:
-      return fp16_bits_to_float(static_cast<const uint16_t*>(A)[i]);
-  }
-}
-
 template <typename Load>
 float block_absmax(Load load, int64_t begin, int64_t end) {
   float m = 0.0f;

@@ -1,0 +1,157 @@
+"""End-to-end QLoRA training on a Llama-architecture model built from a config (random init, no downloads):
+tokens/s and peak memory of qpeft vs bitsandbytes + peft vs a 16/32-bit base + peft, same model, same data, same
+run; plus the loss check (qpeft and bitsandbytes + peft QLoRA on the same data and seed end within noise).
+
+Each variant runs in its own process (so CPU peak RSS is its own). LoRA r=16 on all 7 projections, AdamW,
+gradient checkpointing, dropout 0.05.
+
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps N] [--out DIR]
+
+GPU: TARGETS.md's model (8 layers, hidden 4096, intermediate 14336, 32/8 heads, vocab 32000, batch 4 x 2048);
+CPU: a scaled-down one (2 layers, hidden 256, batch 2 x 128).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from harness import benchmark_args, print_table, write_results
+
+GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
+CPU_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2000, max_position_embeddings=256)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["qpeft", "bnb_peft", "dense_peft"]
+
+
+def batches(vocab: int, batch: int, seq: int, steps: int):
+    """The same token stream for every variant: a fixed random 'corpus' of repeating phrases (learnable)."""
+    g = torch.Generator().manual_seed(1234)
+    phrases = torch.randint(0, vocab, (64, 16), generator=g)
+    for _ in range(steps):
+        pick = torch.randint(0, 64, (batch, seq // 16), generator=g)
+        yield phrases[pick].reshape(batch, seq)
+
+
+def build(variant: str, folder: str, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    torch.manual_seed(0)
+    if variant == "qpeft":
+        import qpeft
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        qpeft.prepare_model_for_kbit_training(model)
+        return qpeft.get_peft_model(model, qpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                            target_modules=TARGETS, compute_dtype=dtype))
+    import peft
+
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
+    if variant == "bnb_peft":
+        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
+                                                                  device_map={"": str(device)})
+        model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft.get_peft_model(model, config)
+
+
+def run_variant(variant: str, folder: str, device: torch.device, dtype: torch.dtype, batch: int, seq: int,
+                steps: int, warmup: int) -> dict:
+    model = build(variant, folder, device, dtype)
+    model.train()
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for step, ids in enumerate(batches(vocab, batch, seq, steps + warmup)):
+        ids = ids.to(device)
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        losses.append(loss.item())
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    result = {"variant": variant, "steps": steps, "tokens_per_s": batch * seq / times[len(times) // 2],
+              "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / len(losses[-20:]),
+              "loss_last_20_std": _std(losses[-20:]), "losses": losses}
+    if device.type == "cuda":
+        result["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+
+
+def main() -> None:
+    args = benchmark_args(__doc__, lambda p: (p.add_argument("--steps", type=int, default=None),
+                                              p.add_argument("--variant", default=None, help=argparse_hidden()),
+                                              p.add_argument("--folder", default=None, help=argparse_hidden())))
+    device = args.device
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch, seq = (4, 2048) if gpu else (2, 128)
+    steps = args.steps or (30 if gpu else 200)
+    if args.variant:  # child process: one variant, JSON on the last line of stdout
+        print(json.dumps(run_variant(args.variant, args.folder, device, dtype, batch, seq, steps, warmup=3)))
+        return
+    import transformers
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**(GPU_MODEL if gpu else CPU_MODEL))) \
+            .to(dtype).save_pretrained(folder)
+        rows = []
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--device", str(device), "--steps", str(steps), "--variant", variant,
+                   "--folder", folder]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            if done.returncode != 0:
+                print(f"{variant} failed (reported, not invented):\n{done.stderr[-2000:]}")
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by_name = {r["variant"]: r for r in rows}
+    if "qpeft" in by_name and "bnb_peft" in by_name:
+        q, b = by_name["qpeft"], by_name["bnb_peft"]
+        q["tokens_per_s_vs_bnb_peft"] = q["tokens_per_s"] / b["tokens_per_s"]
+        q["peak_vs_bnb_peft"] = q["peak_MB"] / b["peak_MB"]
+        noise = 2 * math.hypot(q["loss_last_20_std"], b["loss_last_20_std"]) / math.sqrt(20)
+        q["loss_gap_vs_bnb_peft"] = q["loss_last_20_mean"] - b["loss_last_20_mean"]
+        q["loss_within_noise"] = abs(q["loss_gap_vs_bnb_peft"]) <= max(noise, 0.02 * b["loss_last_20_mean"])
+    print_table(rows, ["variant", "tokens_per_s", "peak_MB", "loss_first", "loss_last_20_mean", "loss_last_20_std",
+                       "tokens_per_s_vs_bnb_peft", "peak_vs_bnb_peft", "loss_within_noise"])
+    print("wrote", write_results("e2e", device, rows, args.out))
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
