@@ -288,3 +288,27 @@ def test_adapter_management_errors():
     layer.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.add_adapter("late")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_draws_fresh_dropout_per_replay():
+    """The default seed is drawn on the device inside the graph and read by the kernels, so each replay of a
+    captured forward drops different elements (a host-side seed would be frozen into the graph)."""
+    layer = make_layer(128, 64, "cuda", torch.bfloat16, p=0.5)
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):  # warm-up outside the graph
+            layer(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    first = y.clone()
+    graph.replay()
+    assert torch.isfinite(first).all() and not torch.equal(first, y)
+    with torch.no_grad():  # and the graph computes what the layer computes
+        layer.eval()
+        assert rel_err(layer(x), layer(x)) == 0
