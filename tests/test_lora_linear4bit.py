@@ -309,6 +309,3 @@ def test_cuda_graph_capture_draws_fresh_dropout_per_replay():
     first = y.clone()
     graph.replay()
     assert torch.isfinite(first).all() and not torch.equal(first, y)
-    with torch.no_grad():  # and the graph computes what the layer computes
-        layer.eval()
-        assert rel_err(layer(x), layer(x)) == 0
