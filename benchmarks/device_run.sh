@@ -30,3 +30,5 @@ timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$REPO/
   >"$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -4 "$OUT/memcheck.log"
 echo "== benchmarks"
 python3 "$REPO/benchmarks/bench_dequantize.py" --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_dequantize.log"
+python3 "$REPO/benchmarks/bench_lora_layer.py" --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_lora_layer.log"
+python3 "$REPO/benchmarks/bench_e2e.py" --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_e2e.log"
