@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -180,6 +181,27 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 
 # ---- the model wrapper -----------------------------------------------------------------------------------------
 
+class _DelegatingForward:
+    """``QPeftModel.forward``: calls the wrapped model and carries its signature (transformers' Trainer reads the
+    forward signature to pick dataset columns). Built per access, so copies of the wrapper hold nothing stale."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:  # on the class: a plain function of (model, *args, **kwargs)
+            return _forward_unbound
+        base = obj.base_model
+
+        def forward(*args, **kwargs):
+            return base(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(base.forward)
+        forward.__doc__ = base.forward.__doc__
+        return forward
+
+
+def _forward_unbound(self, *args, **kwargs):
+    return self.base_model(*args, **kwargs)
+
+
 class QPeftModel(nn.Module):
     """Wraps a model whose targeted linear layers are LoraLinear4bit. ``forward`` is the model's; attributes the
     wrapper lacks are looked up on the model (config, generate, gradient_checkpointing_enable, ...)."""
@@ -191,8 +213,10 @@ class QPeftModel(nn.Module):
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    forward = _DelegatingForward()
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
 
     def __getattr__(self, name: str):
         try:

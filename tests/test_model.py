@@ -181,3 +181,45 @@ def test_training_step_with_gradient_checkpointing():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_hf_trainer_trains_the_adapter(tmp_path):
+    """transformers.Trainer drives a QPeftModel: the loss goes down, only adapter weights change."""
+    model = tiny_llama().train()
+    model = qpeft.get_peft_model(model, qpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    frozen_before = model.base_model.model.embed_tokens.weight.clone()
+    ids = tokens(seed=3)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i % 2], "labels": ids[i % 2]}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=3,
+                                          learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, gradient_checkpointing=True,
+                                          gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) >= 6 and losses[-1] < losses[0]
+    assert torch.equal(model.base_model.model.embed_tokens.weight, frozen_before)
+
+
+def test_torch_compile_of_the_model():
+    original = tiny_llama()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, lora_dropout=0.1,
+                                                                            target_modules="all-linear"))
+    randomize_adapters(model)
+    model.eval()
+    ids = tokens()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        assert rel_err(compiled(ids).logits, model(ids).logits) < 1e-5
+    model.train()
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
