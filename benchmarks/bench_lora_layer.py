@@ -60,6 +60,31 @@ def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(extra.values())
 
 
+def graphed_forward_ms(module, x, reps) -> float | None:
+    """Inference forward (eval, no grad) replayed from a CUDA graph: the device time without the Python launch
+    overhead, the fair comparison at decode sizes (M <= 16). None when the module cannot be captured."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            xs = x.detach()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    module(xs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                module(xs)
+            return median_time_ms(graph.replay, x.device, reps=reps)
+    except Exception as e:  # reported, not invented
+        print(f"CUDA graph capture failed for {type(module).__name__}: {type(e).__name__}: {e}")
+        return None
+    finally:
+        module.train(was_training)
+
+
 def measure(module, x, device, reps):
     fwd = median_time_ms(lambda: module(x), device, reps=reps)
 
@@ -99,6 +124,11 @@ def main() -> None:
         row = {"M": m, "K": k, "N": n, "dtype": str(dtype).removeprefix("torch.")}
         for name, (fwd, fb, saved, peak) in results.items():
             row.update({f"{name}_fwd_ms": fwd, f"{name}_fb_ms": fb, f"{name}_saved_MB": saved, f"{name}_peak_MB": peak})
+        if device.type == "cuda" and m <= 16:
+            for name, module in (("dense", dense), ("qpeft", ours), ("bnb_peft", theirs)):
+                row[f"{name}_fwd_graph_ms"] = graphed_forward_ms(module, x, reps) if module is not None else None
+            if row["qpeft_fwd_graph_ms"] is not None and row["dense_fwd_graph_ms"] is not None:
+                row["qpeft_fwd_graph_vs_dense"] = row["qpeft_fwd_graph_ms"] / row["dense_fwd_graph_ms"]
         row["qpeft_fb_vs_dense"] = row["qpeft_fb_ms"] / row["dense_fb_ms"]
         row["qpeft_fwd_vs_dense"] = row["qpeft_fwd_ms"] / row["dense_fwd_ms"]
         row["bnb_peft_fwd_vs_qpeft"] = row["bnb_peft_fwd_ms"] / row["qpeft_fwd_ms"] if "bnb_peft" in results else None
@@ -106,7 +136,13 @@ def main() -> None:
         rows.append(row)
     print_table(rows, ["M", "K", "N", "dtype", "dense_fwd_ms", "qpeft_fwd_ms", "bnb_peft_fwd_ms", "dense_fb_ms",
                        "qpeft_fb_ms", "bnb_peft_fb_ms", "qpeft_fwd_vs_dense", "bnb_peft_fwd_vs_qpeft",
-                       "qpeft_fb_vs_dense", "bnb_peft_fb_vs_qpeft", "qpeft_saved_MB", "bnb_peft_saved_MB"])
+                       "qpeft_fb_vs_dense", "bnb_peft_fb_vs_qpeft", "qpeft_saved_MB", "bnb_peft_saved_MB",
+                       "qpeft_peak_MB", "bnb_peft_peak_MB"])
+    small = [r for r in rows if "qpeft_fwd_graph_ms" in r]
+    if small:
+        print("inference forward replayed from a CUDA graph (ms):")
+        print_table(small, ["M", "K", "N", "dense_fwd_graph_ms", "qpeft_fwd_graph_ms", "bnb_peft_fwd_graph_ms",
+                            "qpeft_fwd_graph_vs_dense"])
     print("wrote", write_results(f"lora_layer_{str(dtype).removeprefix('torch.')}", device, rows, args.out))
 
 

@@ -96,32 +96,18 @@ def frozen_4bit_linear(x: torch.Tensor, weight: Quantized4bitWeight) -> torch.Te
 
 # ---- one plain LoRA adapter: the fused ops ---------------------------------------------------------------------
 
-def _qlora_setup_context(ctx, inputs, output):
-    x, packed, absmax, na, nc, no, blocksize, quant_type, A, B, bias, scaling, p, seed = inputs
-    ctx.save_for_backward(x, output[1], packed, absmax, na, nc, no, A, B, seed)
-    ctx.meta = (blocksize, quant_type, scaling, p)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(output[1])
+# Autograd of qpeft::qlora_forward is registered in C++ (csrc/ops/qlora_ops.cpp): the backward is the
+# qlora_backward op, and dbias = sum of dy over rows when the bias needs a gradient.
 
 
-def _qlora_backward(ctx, dy, _dxa):
-    x, xa, packed, absmax, na, nc, no, A, B, seed = ctx.saved_tensors
-    blocksize, quant_type, scaling, p = ctx.meta
-    dx, dA, dB = ops.qlora_backward(dy.contiguous(), x, xa, packed, absmax, na, nc, no, blocksize, quant_type, A, B,
-                                    scaling, p, seed)
-    dbias = dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[10] else None
-    return (dx,) + (None,) * 7 + (dA, dB, dbias, None, None, None)
-
-
-torch.library.register_autograd("qpeft::qlora_forward", _qlora_backward, setup_context=_qlora_setup_context)
-
-
-def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight, A: torch.Tensor, B: torch.Tensor,
+def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.Tensor, B: torch.Tensor,
                  bias: torch.Tensor | None, scaling: float, p: float, seed: torch.Tensor) -> torch.Tensor:
     """x W^T + s * drop(x) A^T B^T + bias for x [..., K] in x's dtype, through the fused ops; ``bias`` [N] is the
-    layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device."""
+    layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device.
+    ``weight`` may also be its weight_args tuple already (Linear4bit.op_weight_args: the per-call fast path)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y, _ = ops.qlora_forward(x2, *weight_args(weight), A, B, bias, float(scaling), float(p), seed)
+    wargs = weight if isinstance(weight, tuple) else weight_args(weight)
+    y, _ = ops.qlora_forward(x2, *wargs, A, B, bias, float(scaling), float(p), seed)
     return y.reshape(*x.shape[:-1], B.shape[0])
 
 

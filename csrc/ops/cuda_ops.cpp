@@ -85,12 +85,14 @@ at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double 
   const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
-  at::Tensor xa = at::empty({a.x.size(0), a.A.size(0)}, a.x.options().dtype(at::kFloat));
+  const int64_t M = a.x.size(0), K = a.x.size(1), r = a.A.size(0);
+  const int splits = cuda::lora_down_splits(M, K, r);
+  at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
   check_launch(cuda::lora_down(a.x.data_ptr(), float_format(a.x.scalar_type(), "x"), a.A.data_ptr<float>(),
-                               xa.data_ptr<float>(), a.x.size(0), a.x.size(1), a.A.size(0),
-                               a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
-                               c10::cuda::getCurrentCUDAStream()),
+                               partial.data_ptr<float>(), M, K, r, splits, a.dropout.seed.data_ptr<int64_t>(),
+                               a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
                "lora_down");
+  const at::Tensor xa = splits == 1 ? partial.squeeze(0) : partial.sum(0);
   return xa.to(a.x.scalar_type());
 }
 
@@ -99,11 +101,7 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
   const c10::cuda::CUDAGuard guard(x.device());
   const LoraDownGradWeightArgs a = prepare_lora_down_grad_weight(g, x, p, seed);
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.g.size(1);
-  // Enough row splits to fill the GPU when K / 64 * r / 32 blocks alone would not; each split >= 256 rows.
-  const int64_t column_blocks = ((K + 63) / 64) * ((r + 31) / 32);
-  const int splits = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>((M + 255) / 256,
-                                                                            (512 + column_blocks - 1) / column_blocks),
-                                                          1, 64));
+  const int splits = cuda::lora_down_grad_weight_splits(M, K, r);
   at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
   check_launch(cuda::lora_down_grad_weight(a.g.data_ptr<float>(), a.x.data_ptr(), float_format(a.x.scalar_type(), "x"),
                                            partial.data_ptr<float>(), M, K, r, splits,
@@ -118,11 +116,11 @@ void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const 
   const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(dx.device());
   const LoraDownGradInputArgs a = prepare_lora_down_grad_input(dx, g, lora_A, p, seed);
-  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 64, "qpeft: lora_down_grad_input_: too many features (",
+  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input_: too many features (",
                     dx.size(1), ")");
   check_launch(cuda::lora_down_grad_input(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(),
                                           dx.size(0), dx.size(1), a.A.size(0), a.dropout.seed.data_ptr<int64_t>(),
-                                          a.dropout.threshold, a.dropout.keep_scale,
+                                          a.dropout.threshold, a.dropout.keep_scale, /*accumulate=*/true,
                                           c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_input_");
 }

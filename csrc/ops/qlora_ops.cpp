@@ -3,11 +3,16 @@
 //
 // Base term x W^T: for M <= small_m(device) the linear_4bit kernel reads W once from its 4-bit codes; above,
 // W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; on CUDA the caching
-// allocator hands the same block back next call) for one GEMM with the bias folded in.
-// LoRA term: xa = lora_down(x) (dropout inside), then y += s * xa B^T as a second small GEMM into y.
+// allocator hands the same block back next call) for one GEMM.
+// LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
+// x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term.
+// Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key: a call costs a
+// few microseconds of host time (the Python register_autograd path cost ~200 us per layer call, which is the
+// whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
 // Backward: g = s dy B (M x r), dB = s dy^T xa, dA = lora_down_grad_weight(g, x), dx = dy W (linear_4bit_grad_input
 // for small M on the CPU, else a transient dequantized W) + drop(g A) accumulated in place.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "op_args.h"
@@ -97,16 +102,20 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
                       x2.device());
   }
   const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
+  at::Tensor xa = lora_down(x2, lora_A, p, seed);
+  const at::Tensor Bt = lora_B.to(dtype).t();
   at::Tensor y;
   if (M <= small_m(x2.device())) {
     y = weight.linear(x2, N);
     if (bias.has_value()) y.add_(bias->to(dtype));
+    y.addmm_(xa, Bt, 1.0, scaling);
   } else {
-    const at::Tensor W = weight.dequantize(N, K, dtype);
-    y = bias.has_value() ? at::addmm(bias->to(dtype), x2, W.t()) : at::mm(x2, W.t());
+    // The LoRA term (+ bias) first, then the base GEMM accumulates onto it (beta = 1: C is read in the GEMM's
+    // epilogue), so y is written twice and read once instead of written, read and written again.
+    y = bias.has_value() ? at::addmm(bias->to(dtype), xa, Bt, 1.0, scaling)
+                         : at::addmm(at::empty({M, N}, x2.options()), xa, Bt, 0.0, scaling);
+    y.addmm_(x2, weight.dequantize(N, K, dtype).t());
   }
-  at::Tensor xa = lora_down(x2, lora_A, p, seed);
-  y.addmm_(xa, lora_B.to(dtype).t(), 1.0, scaling);
   return {y, xa};
 }
 
@@ -142,7 +151,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
   return {dx, dA, dB};
 }
 
+// ---- autograd --------------------------------------------------------------------------------------------------
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int64_t defined(const OptTensor& t) { return t.has_value() && t->defined() ? 1 : 0; }
+
+struct QLoraFunction : public torch::autograd::Function<QLoraFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
+                               const at::Tensor& absmax, const OptTensor& nested_absmax, const OptTensor& nested_code,
+                               const OptTensor& nested_offset, int64_t blocksize, c10::string_view quant_type,
+                               const at::Tensor& lora_A, const at::Tensor& lora_B, const OptTensor& bias,
+                               double scaling, double p, const at::Tensor& seed) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static auto fwd = op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+        int64_t, c10::string_view, const at::Tensor&, const at::Tensor&, const OptTensor&, double, double,
+        const at::Tensor&)>("qpeft::qlora_forward");
+    auto [y, xa] = fwd.call(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, lora_A,
+                            lora_B, bias, scaling, p, seed);
+    ctx->save_for_backward({x, xa, packed, absmax, nested_absmax.value_or(at::Tensor()),
+                            nested_code.value_or(at::Tensor()), nested_offset.value_or(at::Tensor()), lora_A, lora_B,
+                            seed});
+    ctx->mark_non_differentiable({xa});
+    // needs_input_grad counts the tensor arguments that were given: x, packed, absmax, the nested ones present, ...
+    const int64_t a_index = 3 + defined(nested_absmax) + defined(nested_code) + defined(nested_offset);
+    ctx->saved_data["a_index"] = a_index;
+    ctx->saved_data["bias_dtype"] = defined(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+    ctx->saved_data["blocksize"] = blocksize;
+    ctx->saved_data["quant_type"] = std::string(quant_type);
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["p"] = p;
+    return {y, xa};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const int64_t a_index = ctx->saved_data["a_index"].toInt();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    variable_list out(14);
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const std::string quant_type = ctx->saved_data["quant_type"].toStringRef();
+    static auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const OptTensor&, const OptTensor&, const OptTensor&, int64_t, c10::string_view, const at::Tensor&,
+        const at::Tensor&, double, double, const at::Tensor&)>("qpeft::qlora_backward");
+    auto [dx, dA, dB] = bwd.call(dy.contiguous(), saved[0], saved[1], saved[2], saved[3], optional(saved[4]),
+                                 optional(saved[5]), optional(saved[6]), ctx->saved_data["blocksize"].toInt(),
+                                 quant_type, saved[7], saved[8], ctx->saved_data["scaling"].toDouble(),
+                                 ctx->saved_data["p"].toDouble(), saved[9]);
+    if (ctx->needs_input_grad(0)) out[0] = dx;
+    if (ctx->needs_input_grad(a_index)) out[8] = dA;
+    if (ctx->needs_input_grad(a_index + 1)) out[9] = dB;
+    if (bias_dtype >= 0 && ctx->needs_input_grad(a_index + 2))
+      out[10] = dy.sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> qlora_forward_autograd(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
+    const OptTensor& nested_code, const OptTensor& nested_offset, int64_t blocksize, c10::string_view quant_type,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const OptTensor& bias, double scaling, double p,
+    const at::Tensor& seed) {
+  auto outs = QLoraFunction::apply(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type,
+                                   lora_A, lora_B, bias, scaling, p, seed);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(qpeft, Autograd, m) { m.impl("qlora_forward", &qlora_forward_autograd); }
 
 TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("qlora_forward", &qlora_forward);

@@ -74,6 +74,7 @@ class Linear4bit(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
                              f"[{self.out_features}, {self.in_features}]")
+        self.__dict__.pop("_op_weight_args", None)
         self.weight = nn.Parameter(q.packed.reshape(-1, 1).view(torch.uint8), requires_grad=False)
         self.quant_storage = q.quant_storage
         for buffer, field in _STATE_BUFFERS.items():
@@ -88,6 +89,30 @@ class Linear4bit(nn.Module):
         return Quantized4bitWeight(packed, shape=torch.Size((self.out_features, self.in_features)),
                                    dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                                    **tensors)
+
+    def op_weight_args(self) -> tuple:
+        """The weight as qpeft's ops take it, (packed uint8, absmax, nested_absmax, nested_code, nested_offset [1]
+        fp32, blocksize, quant_type) — views of this layer's tensors, built with as little Python as possible
+        (it runs on every forward; cached until the tensors are replaced or moved)."""
+        cached = self.__dict__.get("_op_weight_args")
+        if cached is not None and cached[0] is self.weight and not torch.compiler.is_compiling():
+            return cached
+        args = self._build_op_weight_args()
+        if not torch.compiler.is_compiling():
+            self.__dict__["_op_weight_args"] = args
+        return args
+
+    def _build_op_weight_args(self) -> tuple:
+        absmax, nested_absmax = self.weight_absmax, self.weight_nested_absmax
+        absmax = absmax if absmax.dtype == torch.uint8 else absmax.view(torch.float32)
+        if nested_absmax is None:
+            return self.weight, absmax, None, None, None, self.blocksize, self.quant_type
+        return (self.weight, absmax, nested_absmax.view(torch.float32), self.weight_nested_code.view(torch.float32),
+                self.weight_nested_offset.view(torch.float32).reshape(1), self.blocksize, self.quant_type)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() replace the tensors: drop the cached views
+        self.__dict__.pop("_op_weight_args", None)
+        return super()._apply(fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.quantized_weight.dequantize(dtype)

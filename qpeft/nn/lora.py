@@ -191,20 +191,24 @@ class LoraLinear4bit(nn.Module):
             bias = self.merged_bias.to(dtype) if self.merged_bias is not None else None
             return torch.nn.functional.linear(xc, self.merged_weight.to(dtype), bias).to(x.dtype)
         adapters = self._active()
-        weight = self.base.quantized_weight
         base_bias = self.base.bias
+        if len(adapters) == 1 and not adapters[0].use_dora:  # the common case: one fused op, minimal Python
+            a = adapters[0]
+            p = a.dropout if self.training else 0.0
+            seed = self._seed(0, a, dropout_seed, x.device)
+            y = qlora_linear(xc, self.base.op_weight_args(), a.lora_A, a.lora_B, self._total_bias(a, dtype),
+                             a.scaling, p, seed)
+            return y.to(x.dtype)
+        weight = self.base.quantized_weight
         if not adapters:
             y = frozen_4bit_linear(xc, weight)
             return (y if base_bias is None else y + base_bias.to(dtype)).to(x.dtype)
         seeds = [self._seed(i, a, dropout_seed, x.device) for i, a in enumerate(adapters)]
         ps = [a.dropout if self.training else 0.0 for a in adapters]
-        if len(adapters) == 1:
+        if len(adapters) == 1:  # one DoRA adapter
             a, p, seed = adapters[0], ps[0], seeds[0]
-            if a.use_dora:
-                ratio = a.lora_magnitude.float() / self._dora_norm(a, weight.dequantize(torch.float32))
-                y = dora_linear(xc, weight, a.lora_A, a.lora_B, ratio, a.lora_bias, base_bias, a.scaling, p, seed)
-            else:
-                y = qlora_linear(xc, weight, a.lora_A, a.lora_B, self._total_bias(a, dtype), a.scaling, p, seed)
+            ratio = a.lora_magnitude.float() / self._dora_norm(a, weight.dequantize(torch.float32))
+            y = dora_linear(xc, weight, a.lora_A, a.lora_B, ratio, a.lora_bias, base_bias, a.scaling, p, seed)
             return y.to(x.dtype)
         if any(a.use_dora for a in adapters):
             raise NotImplementedError("qpeft: a DoRA adapter cannot be active together with other adapters")

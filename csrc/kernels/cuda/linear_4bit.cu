@@ -1,8 +1,19 @@
 // Small-M (decode) base matmul on CUDA reading the 4-bit weight once: y[m, n] = sum_k x[m, k] W[n, k], M <= 16.
-// One warp per output feature n walks its weight row; with K % 8 == 0 (and `packed` 4-byte aligned) each lane
+//
+// bf16/fp16 activations, K % 128 == 0 (the LLM case): tensor cores. The M <= 16 rows of x are the A operand of
+// mma.m16n8k16 (rows >= M are zeros), 8 weight rows dequantized in registers the B operand. Within one MMA a lane
+// owns the same four k slots of A and of B, so the k order inside a 128-column block is free: lane (g, t) takes
+// the 32 contiguous columns 32 t .. 32 t + 31, i.e. one 16-byte load of codes (one scale) per weight row and
+// four 16-byte loads per x row. A block is 8 warps over 32 output features; warp w takes the 128-column blocks
+// w, w + 8, ... and the 8 warps' sums meet in shared memory. Weights are dequantize_4bit's values (code * scale
+// in fp32, rounded to x's format), products exact, sums fp32.
+//
+// Otherwise (fp32, odd K): one warp per output feature n walks its weight row; with K % 8 == 0 (and `packed` 4-byte aligned) each lane
 // loads 4 packed bytes = 8 codes per step (a warp reads 128 contiguous bytes), all 8 in one quantization block
 // (blocksize >= 32), so one scale per step; otherwise element by element. Weights are the exact values
 // dequantize_4bit gives (code * scale, one fp32 product); sums in fp32, then a warp reduction.
+#include <type_traits>
+
 #include "device_utils.cuh"
 #include "lora_cuda.h"
 
@@ -70,6 +81,112 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+constexpr int kMmaWarps = 8;
+constexpr int kTilesPerWarp = 4;  // n-tiles of 8 output features: 32 per block
+constexpr int kMmaKBlock = 128;
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float first, float second);  // first in the low half
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float first, float second) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(first, second);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float first, float second) {
+  const __half2 v = __floats2half2_rn(first, second);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += A (16 x 16, row-major fragments a0..a3) * B (16 x 8, column fragments b0, b1), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    linear_4bit_mma_kernel(const T* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
+                           BlockScales scales, int log2_blocksize, QuantType type, float* __restrict__ y, int64_t N) {
+  __shared__ float code_values[16];
+  __shared__ float red[kMmaWarps][kTilesPerWarp][32][4];
+  if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4 : kFP4)[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, t = lane & 3;
+  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * (kTilesPerWarp * 8);
+  float acc[kTilesPerWarp][4];
+#pragma unroll
+  for (int i = 0; i < kTilesPerWarp; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+  const int64_t kblocks = K / kMmaKBlock;
+  for (int64_t kb = warp; kb < kblocks; kb += kMmaWarps) {
+    const int64_t k = kb * kMmaKBlock + 32 * t;  // this lane's 32 columns
+    uint4 xf[2][4];                               // rows g and g + 8, 8 elements per uint4
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = g + 8 * h;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        xf[h][q] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * K + k) + q) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    uint4 codes[kTilesPerWarp];
+    float scale[kTilesPerWarp];
+#pragma unroll
+    for (int i = 0; i < kTilesPerWarp; ++i) {
+      const int64_t n = n_block + 8 * i + g;
+      const int64_t e = n * K + k;
+      codes[i] = n < N ? __ldg(reinterpret_cast<const uint4*>(packed + e / 2)) : make_uint4(0u, 0u, 0u, 0u);
+      scale[i] = n < N ? scales(e >> log2_blocksize) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kTilesPerWarp; ++i) {
+      const uint32_t words[4] = {codes[i].x, codes[i].y, codes[i].z, codes[i].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {  // word s: columns k + 8 s .. + 7; byte b: 2b (high nibble), 2b + 1
+        uint32_t w[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t byte = (words[s] >> (8 * b)) & 0xFFu;
+          w[b] = pack2<T>(__fmul_rn(code_values[byte >> 4], scale[i]), __fmul_rn(code_values[byte & 0xFu], scale[i]));
+        }
+        const uint32_t* x0 = reinterpret_cast<const uint32_t*>(&xf[0][s]);
+        const uint32_t* x1 = reinterpret_cast<const uint32_t*>(&xf[1][s]);
+        mma_16816<T>(acc[i], x0[0], x1[0], x0[1], x1[1], w[0], w[1]);  // columns +0..3
+        mma_16816<T>(acc[i], x0[2], x1[2], x0[3], x1[3], w[2], w[3]);  // columns +4..7
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kTilesPerWarp; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[warp][i][lane][c] = acc[i][c];
+  __syncthreads();
+  if (threadIdx.x < kTilesPerWarp * 32) {
+    const int i = threadIdx.x / 32, l = threadIdx.x % 32, gg = l >> 2, tt = l & 3;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {  // c0, c1: row gg, columns 2 tt, 2 tt + 1; c2, c3: row gg + 8
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) sum += red[w][i][l][c];
+      const int m = gg + (c >= 2 ? 8 : 0);
+      const int64_t n = n_block + 8 * i + 2 * tt + (c & 1);
+      if (m < M && n < N) y[m * N + n] = sum;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
@@ -79,6 +196,20 @@ cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, co
   if (M > kLinear4bitMaxM) return cudaErrorInvalidValue;
   int log2_blocksize = 0;
   while ((int64_t{1} << log2_blocksize) < blocksize) ++log2_blocksize;
+  const bool mma_ok = (fmt == FloatFormat::BF16 || fmt == FloatFormat::F16) && K % kMmaKBlock == 0 &&
+                      blocksize >= 32 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (mma_ok) {
+    const unsigned int grid = static_cast<unsigned int>((N + kTilesPerWarp * 8 - 1) / (kTilesPerWarp * 8));
+    if (fmt == FloatFormat::BF16) {
+      linear_4bit_mma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type, y, N);
+    } else {
+      linear_4bit_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), static_cast<int>(M),
+                                                                    K, packed, scales, log2_blocksize, type, y, N);
+    }
+    return cudaGetLastError();
+  }
   const bool vector_ok = K % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0;
   const unsigned int grid = static_cast<unsigned int>((N + kWarps - 1) / kWarps);
   linear_4bit_kernel<<<grid, kThreads, 0, stream>>>(x, fmt, static_cast<int>(M), K, packed, scales, log2_blocksize,

@@ -1,7 +1,11 @@
 // The LoRA down-projection with dropout applied inside the kernels (no mask, no dropped copy of x), and its two
-// gradients. The adapter rank r is small (4..256) and K, M large, so each kernel is a tiled skinny GEMM in fp32
-// on CUDA cores: memory-bound on reading x (forward, weight gradient) or writing dx (input gradient).
-// Tiles: 32 rows x 32 rank entries x 32 (or 64) columns through shared memory, 256 threads per block.
+// gradients. The adapter rank r is small (4..256) and K, M large: each kernel is a skinny GEMM in fp32 on CUDA
+// cores, memory-bound on reading x (forward, weight gradient) or writing dx (input gradient), so the design is
+// about bytes: x is read with 16-byte loads (a warp reads 512 contiguous bytes), each element is hashed for its
+// dropout decision exactly once, staged in shared memory as fp32, and the small operand (A or g) is read as
+// broadcast float4s. Ranks are processed in tiles of kRankTile; the row (or column) dimension is split across
+// blocks when one pass would not fill the GPU, each split writing its own fp32 partial sum (the caller adds
+// them: deterministic, no atomics).
 // Dropped values are fp32(x) * keep_scale, never rounded to x's format (as the CPU path).
 #include "../dropout_rng.h"
 #include "device_utils.cuh"
@@ -11,160 +15,410 @@ namespace qpeft::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRows = 32;  // rows of x / g per tile
-constexpr int kRank = 32;  // adapter rank entries per tile
+constexpr int kRankTile = 16;
 
 struct Dropout {
   uint64_t seed;
   uint32_t threshold;
   float keep_scale;
-  // drop(x)[e] for the row-major element index e of the logical input.
-  __device__ __forceinline__ float apply(const void* x, FloatFormat fmt, int64_t e) const {
-    return dropout_keep(seed, static_cast<uint64_t>(e), threshold) ? __fmul_rn(load_as_float(x, fmt, e), keep_scale)
-                                                                  : 0.0f;
+  // drop(x)[e] = v for the row-major element index e of the logical input (p = 0: no hashing at all).
+  __device__ __forceinline__ float apply(float v, int64_t e) const {
+    if (threshold == 0u && keep_scale == 1.0f) return v;
+    return dropout_keep(seed, static_cast<uint64_t>(e), threshold) ? __fmul_rn(v, keep_scale) : 0.0f;
   }
 };
 
-// xa tile [32 rows, 32 ranks]; thread t owns row t / 8 and ranks (t % 8) + 8 q, q < 4.
-__global__ void __launch_bounds__(kThreads)
-    lora_down_kernel(const void* __restrict__ x, FloatFormat fmt, const float* __restrict__ A, float* __restrict__ xa,
-                     int64_t M, int64_t K, int64_t r, const int64_t* __restrict__ seed, uint32_t threshold,
-                     float keep_scale) {
-  constexpr int kCols = 32;
-  __shared__ float x_tile[kRows][kCols + 1];
-  __shared__ float a_tile[kRank][kCols + 1];
-  const Dropout drop{static_cast<uint64_t>(*seed), threshold, keep_scale};
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows, j0 = static_cast<int64_t>(blockIdx.y) * kRank;
-  const int t = threadIdx.x, row = t / 8, lane_rank = t % 8;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t k0 = 0; k0 < K; k0 += kCols) {
-#pragma unroll 1
-    for (int i = 0; i < kRows * kCols / kThreads; ++i) {
-      const int idx = t + kThreads * i, rr = idx / kCols, kk = idx % kCols;
-      const int64_t m = m0 + rr, j = j0 + rr, k = k0 + kk;
-      x_tile[rr][kk] = (m < M && k < K) ? drop.apply(x, fmt, m * K + k) : 0.0f;
-      a_tile[rr][kk] = (j < r && k < K) ? A[j * K + k] : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kCols; ++kk) {
-      const float xv = x_tile[row][kk];
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// v[i] = float(row[k + i]) for k + i < k_end, else 0 (16-byte loads when `vec_ok`: K % 8 == 0, 16-byte aligned x).
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int64_t k_end, bool vec_ok,
+                                      float (&v)[8]) {
+  if (vec_ok && k + 8 <= k_end) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
+      const T* h = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[q] = fmaf(xv, a_tile[lane_rank + 8 * q][kk], acc[q]);
+      for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
+    } else {
+      const float4 a = __ldg(reinterpret_cast<const float4*>(row + k));
+      const float4 b = __ldg(reinterpret_cast<const float4*>(row + k + 4));
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
     }
-    __syncthreads();
-  }
-  const int64_t m = m0 + row;
+  } else {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int64_t j = j0 + lane_rank + 8 * q;
-    if (m < M && j < r) xa[m * r + j] = acc[q];
+    for (int i = 0; i < 8; ++i) v[i] = k + i < k_end ? to_float(row[k + i]) : 0.0f;
   }
 }
 
-// partial[split, j, k] over the split's rows; tile [32 ranks, 64 columns]; thread t owns column t % 64 and
-// ranks t / 64 + 4 q, q < 8.
+// Four consecutive elements as fp32 and back (8- or 16-byte accesses; p must be aligned to 4 elements).
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&v)[4]) {
+  if constexpr (sizeof(T) == 2) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = to_float(h[i]);
+  } else {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const float (&v)[4]) {
+  if constexpr (sizeof(T) == 2) {
+    uint2 raw;
+    T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = from_float<T>(v[i]);
+    *reinterpret_cast<uint2*>(p) = raw;
+  } else {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+}
+
+// ---- lora_down: partial[split, m, j] = sum over the split's columns k of drop(x)[m, k] * A[j, k] ---------------
+// Block: 64 rows x one split of columns x kRankTile ranks. Per 64-column tile the block stages drop(x) [64 x 64]
+// and A^T [64 x 16] in shared memory; thread t then owns row t % 64 and the 16-column quarter t / 64 of the tile,
+// accumulating 16 ranks (x as float4 per thread, A^T as broadcast float4s). The four quarters meet at the end.
+constexpr int kDownRows = 64, kDownCols = 64;
+
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    lora_down_grad_weight_kernel(const float* __restrict__ g, const void* __restrict__ x, FloatFormat fmt,
-                                 float* __restrict__ partial, int64_t M, int64_t K, int64_t r, int64_t rows_per_split,
-                                 const int64_t* __restrict__ seed, uint32_t threshold, float keep_scale) {
-  constexpr int kCols = 64;
-  __shared__ float g_tile[kRows][kRank + 1];
-  __shared__ float x_tile[kRows][kCols + 1];
+    lora_down_kernel(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ partial, int64_t M,
+                     int64_t K, int64_t r, int64_t cols_per_split, const int64_t* __restrict__ seed,
+                     uint32_t threshold, float keep_scale, bool vec_ok) {
+  __shared__ __align__(16) float xs[kDownRows][kDownCols + 4];  // +4: conflict-free float4 reads down a column
+  __shared__ __align__(16) float at[kDownCols][kRankTile];      // A^T tile: at[k][j]
   const Dropout drop{static_cast<uint64_t>(*seed), threshold, keep_scale};
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kCols, j0 = static_cast<int64_t>(blockIdx.y) * kRank;
-  const int64_t split = blockIdx.z;
+  const int t = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
+  const int64_t split = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.z) * kRankTile;
+  const int64_t k_begin = split * cols_per_split;
+  const int64_t k_end = k_begin + cols_per_split < K ? k_begin + cols_per_split : K;
+  const int row = t % kDownRows, quarter = t / kDownRows;
+  float acc[kRankTile];
+#pragma unroll
+  for (int j = 0; j < kRankTile; ++j) acc[j] = 0.0f;
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kDownCols) {
+    // Stage: 64 rows x 64 columns = 512 vectors of 8, two per thread (a warp covers 4 rows x 64 columns).
+    float v[2][8];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int vi = t + kThreads * s, rs = vi / 8, cs = (vi % 8) * 8;
+      const int64_t m = m0 + rs;
+      if (m < M) {
+        load8(x + m * K, k0 + cs, k_end, vec_ok, v[s]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[s][i] = drop.apply(v[s][i], m * K + k0 + cs + i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
+      }
+    }
+    // A tile: 16 ranks x 64 columns; thread t loads rank t % 16, columns (t / 16) * 4 .. + 4.
+    float a4[4];
+    {
+      const int jj = t % kRankTile, c = (t / kRankTile) * 4;
+      const int64_t j = j0 + jj;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t k = k0 + c + i;
+        a4[i] = (j < r && k < k_end) ? __ldg(A + j * K + k) : 0.0f;
+      }
+    }
+    __syncthreads();  // the previous tile is consumed
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int vi = t + kThreads * s, rs = vi / 8, cs = (vi % 8) * 8;
+      *reinterpret_cast<float4*>(&xs[rs][cs]) = make_float4(v[s][0], v[s][1], v[s][2], v[s][3]);
+      *reinterpret_cast<float4*>(&xs[rs][cs + 4]) = make_float4(v[s][4], v[s][5], v[s][6], v[s][7]);
+    }
+    {
+      const int jj = t % kRankTile, c = (t / kRankTile) * 4;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) at[c + i][jj] = a4[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = quarter * 16; kk < quarter * 16 + 16; kk += 4) {
+      const float4 xv = *reinterpret_cast<const float4*>(&xs[row][kk]);
+      const float xq[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4* a_row = reinterpret_cast<const float4*>(&at[kk + q][0]);
+#pragma unroll
+        for (int jq = 0; jq < kRankTile / 4; ++jq) {
+          const float4 a = a_row[jq];
+          acc[4 * jq + 0] = fmaf(xq[q], a.x, acc[4 * jq + 0]);
+          acc[4 * jq + 1] = fmaf(xq[q], a.y, acc[4 * jq + 1]);
+          acc[4 * jq + 2] = fmaf(xq[q], a.z, acc[4 * jq + 2]);
+          acc[4 * jq + 3] = fmaf(xq[q], a.w, acc[4 * jq + 3]);
+        }
+      }
+    }
+  }
+  // The four column quarters of each row meet in shared memory (xs is free: 4 x 64 x 16 floats fit).
+  __syncthreads();
+  float* red = &xs[0][0];
+#pragma unroll
+  for (int j = 0; j < kRankTile; ++j) red[(quarter * kDownRows + row) * kRankTile + j] = acc[j];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kDownRows * kRankTile / kThreads; ++i) {
+    const int o = t + kThreads * i, rr = o / kRankTile, jj = o % kRankTile;
+    float sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sum += red[(q * kDownRows + rr) * kRankTile + jj];
+    const int64_t m = m0 + rr, j = j0 + jj;
+    if (m < M && j < r) partial[(split * M + m) * r + j] = sum;
+  }
+}
+
+// ---- lora_down_grad_weight: partial[split, j, k] = sum over the split's rows m of g[m, j] * drop(x)[m, k] -------
+// Block: 256 columns x one split of rows x kRankTile ranks. Per 32-row tile it stages drop(x) [32 x 256] and
+// g [32 x 16]; thread t owns columns 4 (t % 64) .. + 4 and ranks 4 (t / 64) .. + 4 (16 sums).
+constexpr int kGwRows = 32, kGwCols = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lora_down_grad_weight_kernel(const float* __restrict__ g, const T* __restrict__ x, float* __restrict__ partial,
+                                 int64_t M, int64_t K, int64_t r, int64_t rows_per_split,
+                                 const int64_t* __restrict__ seed, uint32_t threshold, float keep_scale,
+                                 bool vec_ok) {
+  __shared__ __align__(16) float xs[kGwRows][kGwCols + 4];
+  __shared__ __align__(16) float gs[kGwRows][kRankTile];
+  const Dropout drop{static_cast<uint64_t>(*seed), threshold, keep_scale};
+  const int t = threadIdx.x;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kGwCols;
+  const int64_t split = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.z) * kRankTile;
   const int64_t m_begin = split * rows_per_split;
   const int64_t m_end = m_begin + rows_per_split < M ? m_begin + rows_per_split : M;
-  const int t = threadIdx.x, col = t % kCols, rank_group = t / kCols;
-  float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
+  const int c4 = (t % 64) * 4, rank_group = (t / 64) * 4;
+  float acc[4][4];
 #pragma unroll
-    for (int i = 0; i < kRows * kRank / kThreads; ++i) {
-      const int idx = t + kThreads * i, rr = idx / kRank, jj = idx % kRank;
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kGwRows) {
+    // drop(x): 32 rows x 256 columns = 1024 vectors of 8, four per thread (a warp reads one row's 256 columns).
+    float v[4][8];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int vi = t + kThreads * s, rs = vi / 32, cs = (vi % 32) * 8;
+      const int64_t m = m0 + rs;
+      if (m < m_end) {
+        load8(x + m * K, k0 + cs, K, vec_ok, v[s]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[s][i] = drop.apply(v[s][i], m * K + k0 + cs + i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
+      }
+    }
+    float gv[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int o = t + kThreads * s, rr = o / kRankTile, jj = o % kRankTile;
       const int64_t m = m0 + rr, j = j0 + jj;
-      g_tile[rr][jj] = (m < m_end && j < r) ? g[m * r + j] : 0.0f;
+      gv[s] = (m < m_end && j < r) ? __ldg(g + m * r + j) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int vi = t + kThreads * s, rs = vi / 32, cs = (vi % 32) * 8;
+      *reinterpret_cast<float4*>(&xs[rs][cs]) = make_float4(v[s][0], v[s][1], v[s][2], v[s][3]);
+      *reinterpret_cast<float4*>(&xs[rs][cs + 4]) = make_float4(v[s][4], v[s][5], v[s][6], v[s][7]);
     }
 #pragma unroll
-    for (int i = 0; i < kRows * kCols / kThreads; ++i) {
-      const int idx = t + kThreads * i, rr = idx / kCols, kk = idx % kCols;
-      const int64_t m = m0 + rr, k = k0 + kk;
-      x_tile[rr][kk] = (m < m_end && k < K) ? drop.apply(x, fmt, m * K + k) : 0.0f;
+    for (int s = 0; s < 2; ++s) {
+      const int o = t + kThreads * s;
+      gs[o / kRankTile][o % kRankTile] = gv[s];
     }
     __syncthreads();
 #pragma unroll 8
-    for (int rr = 0; rr < kRows; ++rr) {
-      const float xv = x_tile[rr][col];
+    for (int rr = 0; rr < kGwRows; ++rr) {
+      const float4 xv = *reinterpret_cast<const float4*>(&xs[rr][c4]);
+      const float4 gq = *reinterpret_cast<const float4*>(&gs[rr][rank_group]);  // broadcast within the warp
+      const float xa[4] = {xv.x, xv.y, xv.z, xv.w}, ga[4] = {gq.x, gq.y, gq.z, gq.w};
 #pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] = fmaf(g_tile[rr][rank_group + 4 * q], xv, acc[q]);
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(ga[a], xa[b], acc[a][b]);
     }
-    __syncthreads();
   }
-  const int64_t k = k0 + col;
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const int64_t j = j0 + rank_group + 4 * q;
-    if (k < K && j < r) partial[(split * r + j) * K + k] = acc[q];
+  for (int a = 0; a < 4; ++a) {
+    const int64_t j = j0 + rank_group + a;
+    if (j >= r) continue;
+    float* out = partial + (split * r + j) * K + k0 + c4;
+    if (K % 4 == 0 && k0 + c4 + 4 <= K) {  // partial comes from the allocator: 16-byte aligned
+      store4(out, acc[a]);
+      continue;
+    }
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      if (k0 + c4 + b < K) out[b] = acc[a][b];
+    }
   }
 }
 
-// dx tile [32 rows, 64 columns]; thread t owns column t % 64 and rows t / 64 + 4 q, q < 8.
+// ---- lora_down_grad_input: dx[m, k] (+)= keep(m K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0 ---------------
+// Block: 32 rows x 256 columns; loops over all ranks in tiles of 16 (A tile [16 x 256] and g tile [32 x 16] in
+// shared memory). Thread t owns columns 4 (t % 64) .. + 4 of rows t / 64 + 4 i, i < 8 (32 sums).
+constexpr int kGiRows = 32, kGiCols = 256;
+
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    lora_down_grad_input_kernel(void* __restrict__ dx, FloatFormat fmt, const float* __restrict__ g,
-                                const float* __restrict__ A, int64_t M, int64_t K, int64_t r,
-                                const int64_t* __restrict__ seed, uint32_t threshold, float keep_scale) {
-  constexpr int kCols = 64;
-  __shared__ float g_tile[kRows][kRank + 1];
-  __shared__ float a_tile[kRank][kCols + 1];
-  const uint64_t seed_value = static_cast<uint64_t>(*seed);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows, k0 = static_cast<int64_t>(blockIdx.y) * kCols;
-  const int t = threadIdx.x, col = t % kCols, row_group = t / kCols;
-  float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t j0 = 0; j0 < r; j0 += kRank) {
+    lora_down_grad_input_kernel(T* __restrict__ dx, const float* __restrict__ g, const float* __restrict__ A,
+                                int64_t M, int64_t K, int64_t r, const int64_t* __restrict__ seed,
+                                uint32_t threshold, float keep_scale, bool accumulate, bool vec_ok) {
+  __shared__ __align__(16) float as[kRankTile][kGiCols];
+  __shared__ __align__(16) float gs[kGiRows][kRankTile];
+  const Dropout drop{static_cast<uint64_t>(*seed), threshold, keep_scale};
+  const int t = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kGiRows, k0 = static_cast<int64_t>(blockIdx.y) * kGiCols;
+  const int c4 = (t % 64) * 4, row_group = t / 64;
+  float acc[8][4];
 #pragma unroll
-    for (int i = 0; i < kRows * kRank / kThreads; ++i) {
-      const int idx = t + kThreads * i, rr = idx / kRank, jj = idx % kRank;
-      const int64_t m = m0 + rr, j = j0 + jj;
-      g_tile[rr][jj] = (m < M && j < r) ? g[m * r + j] : 0.0f;
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[i][b] = 0.0f;
+
+  for (int64_t j0 = 0; j0 < r; j0 += kRankTile) {
+    float av[4][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {  // A: 16 ranks x 256 columns, a warp reads 128 contiguous floats of one rank
+      const int vi = t + kThreads * s, jj = vi / 64, c = (vi % 64) * 4;
+      const int64_t j = j0 + jj;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t k = k0 + c + i;
+        av[s][i] = (j < r && k < K) ? __ldg(A + j * K + k) : 0.0f;
+      }
     }
+    float gv[2];
 #pragma unroll
-    for (int i = 0; i < kRank * kCols / kThreads; ++i) {
-      const int idx = t + kThreads * i, jj = idx / kCols, kk = idx % kCols;
-      const int64_t j = j0 + jj, k = k0 + kk;
-      a_tile[jj][kk] = (j < r && k < K) ? A[j * K + k] : 0.0f;
+    for (int s = 0; s < 2; ++s) {
+      const int o = t + kThreads * s, rr = o / kRankTile, jj = o % kRankTile;
+      const int64_t m = m0 + rr, j = j0 + jj;
+      gv[s] = (m < M && j < r) ? __ldg(g + m * r + j) : 0.0f;
     }
     __syncthreads();
-#pragma unroll 8
-    for (int jj = 0; jj < kRank; ++jj) {
-      const float av = a_tile[jj][col];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] = fmaf(g_tile[row_group + 4 * q][jj], av, acc[q]);
+    for (int s = 0; s < 4; ++s) {
+      const int vi = t + kThreads * s;
+      *reinterpret_cast<float4*>(&as[vi / 64][(vi % 64) * 4]) = make_float4(av[s][0], av[s][1], av[s][2], av[s][3]);
+    }
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int o = t + kThreads * s;
+      gs[o / kRankTile][o % kRankTile] = gv[s];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kRankTile; jj += 4) {
+      float a[4][4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 v = *reinterpret_cast<const float4*>(&as[jj + q][c4]);
+        a[q][0] = v.x, a[q][1] = v.y, a[q][2] = v.z, a[q][3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float4 gq = *reinterpret_cast<const float4*>(&gs[row_group + 4 * i][jj]);  // broadcast
+        const float ga[4] = {gq.x, gq.y, gq.z, gq.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int b = 0; b < 4; ++b) acc[i][b] = fmaf(ga[q], a[q][b], acc[i][b]);
+      }
     }
     __syncthreads();
   }
-  const int64_t k = k0 + col;
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    const int64_t m = m0 + row_group + 4 * q;
-    if (m < M && k < K) {
-      const int64_t e = m * K + k;
-      const float add = dropout_keep(seed_value, static_cast<uint64_t>(e), threshold) ? __fmul_rn(acc[q], keep_scale)
-                                                                                      : 0.0f;
-      store_from_float(dx, fmt, e, __fadd_rn(load_as_float(dx, fmt, e), add));
+  for (int i = 0; i < 8; ++i) {
+    const int64_t m = m0 + row_group + 4 * i;
+    if (m >= M) continue;
+    const int64_t e0 = m * K + k0 + c4;
+    if (vec_ok && k0 + c4 + 4 <= K) {
+      float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (accumulate) load4(dx + e0, out);
+#pragma unroll
+      for (int b = 0; b < 4; ++b) out[b] = accumulate ? __fadd_rn(out[b], drop.apply(acc[i][b], e0 + b))
+                                                      : drop.apply(acc[i][b], e0 + b);
+      store4(dx + e0, out);
+      continue;
+    }
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      if (k0 + c4 + b >= K) continue;
+      const float add = drop.apply(acc[i][b], e0 + b);
+      dx[e0 + b] = from_float<T>(accumulate ? __fadd_rn(to_float(dx[e0 + b]), add) : add);
     }
   }
 }
 
 unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename Launch>
+cudaError_t by_format(FloatFormat fmt, Launch&& launch) {
+  switch (fmt) {
+    case FloatFormat::F32:
+      launch(float{});
+      break;
+    case FloatFormat::BF16:
+      launch(__nv_bfloat16{});
+      break;
+    default:
+      launch(__half{});
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
-cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* xa, int64_t M, int64_t K, int64_t r,
-                      const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream) {
+int lora_down_splits(int64_t M, int64_t K, int64_t r) {
+  // Enough blocks for ~4 per SM of a large GPU; never more splits than 64-column tiles, and the partial sums
+  // (splits x M x r fp32) stay small next to x.
+  const int64_t blocks = ((M + kDownRows - 1) / kDownRows) * ((r + kRankTile - 1) / kRankTile);
+  const int64_t tiles = (K + kDownCols - 1) / kDownCols;
+  int64_t splits = (512 + blocks - 1) / blocks;
+  splits = splits < tiles ? splits : tiles;
+  splits = splits < 64 ? splits : 64;
+  return static_cast<int>(splits < 1 ? 1 : splits);
+}
+
+int lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r) {
+  // ~512 blocks, each split at least 256 rows (so the partials stay a few MB), at most 64 splits.
+  const int64_t blocks = ((K + kGwCols - 1) / kGwCols) * ((r + kRankTile - 1) / kRankTile);
+  int64_t splits = (512 + blocks - 1) / blocks;
+  const int64_t by_rows = (M + 255) / 256;
+  splits = splits < by_rows ? splits : by_rows;
+  splits = splits < 64 ? splits : 64;
+  return static_cast<int>(splits < 1 ? 1 : splits);
+}
+
+cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K, int64_t r,
+                      int splits, const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream) {
   if (M == 0 || r == 0) return cudaSuccess;
-  const dim3 grid(ceil_div(M, kRows), ceil_div(r, kRank));
-  lora_down_kernel<<<grid, kThreads, 0, stream>>>(x, fmt, A, xa, M, K, r, seed, threshold, keep_scale);
-  return cudaGetLastError();
+  if (splits < 1) splits = 1;
+  const int64_t tiles = (K + kDownCols - 1) / kDownCols;
+  const int64_t cols_per_split = ((tiles + splits - 1) / splits) * kDownCols;
+  const dim3 grid(ceil_div(M, kDownRows), static_cast<unsigned int>(splits), ceil_div(r, kRankTile));
+  const bool vec_ok = K % 8 == 0 && aligned16(x);
+  return by_format(fmt, [&](auto tag) {
+    using T = decltype(tag);
+    lora_down_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), A, partial, M, K, r, cols_per_split,
+                                                       seed, threshold, keep_scale, vec_ok);
+  });
 }
 
 cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
@@ -173,21 +427,30 @@ cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt
   if (K == 0 || r == 0) return cudaSuccess;
   if (splits < 1) splits = 1;
   int64_t rows_per_split = (M + splits - 1) / splits;
-  rows_per_split = (rows_per_split + kRows - 1) / kRows * kRows;
-  if (rows_per_split == 0) rows_per_split = kRows;
-  const dim3 grid(ceil_div(K, 64), ceil_div(r, kRank), static_cast<unsigned int>(splits));
-  lora_down_grad_weight_kernel<<<grid, kThreads, 0, stream>>>(g, x, fmt, partial, M, K, r, rows_per_split, seed,
-                                                              threshold, keep_scale);
-  return cudaGetLastError();
+  rows_per_split = (rows_per_split + kGwRows - 1) / kGwRows * kGwRows;
+  if (rows_per_split == 0) rows_per_split = kGwRows;
+  const dim3 grid(ceil_div(K, kGwCols), static_cast<unsigned int>(splits), ceil_div(r, kRankTile));
+  const bool vec_ok = K % 8 == 0 && aligned16(x);
+  return by_format(fmt, [&](auto tag) {
+    using T = decltype(tag);
+    lora_down_grad_weight_kernel<T><<<grid, kThreads, 0, stream>>>(g, static_cast<const T*>(x), partial, M, K, r,
+                                                                   rows_per_split, seed, threshold, keep_scale,
+                                                                   vec_ok);
+  });
 }
 
 cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                 int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale,
+                                 int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale, bool accumulate,
                                  cudaStream_t stream) {
-  if (M == 0 || K == 0 || r == 0) return cudaSuccess;
-  const dim3 grid(ceil_div(M, kRows), ceil_div(K, 64));  // rows on x: M may exceed 65535 tiles
-  lora_down_grad_input_kernel<<<grid, kThreads, 0, stream>>>(dx, fmt, g, A, M, K, r, seed, threshold, keep_scale);
-  return cudaGetLastError();
+  if (M == 0 || K == 0) return cudaSuccess;
+  if (K > int64_t{65535} * kGiCols) return cudaErrorInvalidValue;
+  const dim3 grid(ceil_div(M, kGiRows), ceil_div(K, kGiCols));  // rows on x: M may exceed 65535 tiles
+  const bool vec_ok = K % 4 == 0 && reinterpret_cast<uintptr_t>(dx) % 16 == 0;
+  return by_format(fmt, [&](auto tag) {
+    using T = decltype(tag);
+    lora_down_grad_input_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, A, M, K, r, seed, threshold,
+                                                                  keep_scale, accumulate, vec_ok);
+  });
 }
 
 }  // namespace qpeft::cuda

@@ -16,9 +16,14 @@ namespace qpeft::cuda {
 cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, const int64_t* seed, uint64_t offset,
                          uint32_t threshold, float keep_scale, cudaStream_t stream);
 
-// xa[m, j] = sum_k drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K] fp32 contiguous, xa [M, r] fp32.
-cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* xa, int64_t M, int64_t K, int64_t r,
-                      const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
+// Row/column splits the launchers below are asked for (the caller allocates the partial sums and adds them).
+int lora_down_splits(int64_t M, int64_t K, int64_t r);
+int lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r);
+
+// partial[s, m, j] = sum over split s's columns k of drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K]
+// fp32 contiguous, partial fp32 [splits, M, r]; xa = the sum over s.
+cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K, int64_t r,
+                      int splits, const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
 
 // Partial sums of dA[j, k] = sum_m g[m, j] * drop(x)[m, k]: g [M, r] fp32, x [M, K] (fmt); the rows are split
 // into `splits` consecutive ranges and split s writes partial[s, j, k] (fp32 [splits, r, K]); the caller sums
@@ -27,10 +32,11 @@ cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt
                                   int64_t K, int64_t r, int splits, const int64_t* seed, uint32_t threshold,
                                   float keep_scale, cudaStream_t stream);
 
-// In place: dx[m, k] = fmt(float(dx[m, k]) + (keep(m * K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0)),
-// dx [M, K] contiguous (fmt), g [M, r] fp32, A [r, K] fp32.
+// dx[m, k] = fmt([float(dx[m, k]) +] (keep(m * K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0)) — accumulated
+// into dx when `accumulate`, else written (dx's old contents never read); dx [M, K] contiguous (fmt),
+// g [M, r] fp32, A [r, K] fp32, K <= 65535 * 256.
 cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                 int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale,
+                                 int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale, bool accumulate,
                                  cudaStream_t stream);
 
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
