@@ -37,7 +37,7 @@ python3 -c "import qpeft; print(qpeft.build_info())" | tee -a "$LOGS/gpu.txt"
 stage() { tar czf "$OUT/results.tgz" -C "$LOGS" .; echo "== $1 ($(( $(date +%s) - start )) s)"; }
 if has tests; then
   stage "CUDA tests"
-  timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 6 -p no:cacheprovider >"$LOGS/pytest.log" 2>&1
+  timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 8 -p no:cacheprovider >"$LOGS/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest.log" | tail -25
 fi
 if has memcheck; then
@@ -47,7 +47,7 @@ if has memcheck; then
 fi
 if has profile; then
   stage "profile"
-  timeout 120 python3 "$REPO/benchmarks/profile_layer.py" >"$LOGS/profile.log" 2>&1; echo "profile exit $?"
+  timeout 120 python3 "$REPO/benchmarks/profile_layer.py" --host >"$LOGS/profile.log" 2>&1; echo "profile exit $?"
   grep "^==" "$LOGS/profile.log"
 fi
 if has layer; then

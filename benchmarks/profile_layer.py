@@ -38,6 +38,17 @@ def kernel_table(module, x, grad, backward: bool, iters: int = 5) -> tuple[str, 
     return "\n".join(lines), total
 
 
+def host_table(module, x, grad, iters: int = 5) -> str:
+    """Host (CPU) self time per op of forward+backward: where the Python/C++ launch overhead goes."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step(module, x, grad, True)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return "\n".join(f"  host {e.self_cpu_time_total / iters:9.1f} us  x{e.count // iters:<3d} {e.key[:100]}"
+                     for e in events[:18])
+
+
 def enqueue_us(module, x, grad, backward: bool, reps: int = 50) -> float:
     """Host time per step with the GPU kept ahead (no sync inside): at small M this is the floor of a step."""
     for _ in range(5):
@@ -55,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES)
     parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--host", action="store_true", help="also print host time per op of qpeft's fwd+bwd")
     args = parser.parse_args()
     torch.manual_seed(0)
     for shape in args.shapes:
@@ -70,6 +82,8 @@ def main() -> None:
                 host = enqueue_us(module, x, grad, backward)
                 print(f"== M={m} K={k} N={n} {what} {name}: kernels {total:.1f} us/step, host enqueue {host:.1f} us/step")
                 print(table)
+                if args.host and backward and name == "qpeft":
+                    print(host_table(module, x, grad))
 
 
 if __name__ == "__main__":

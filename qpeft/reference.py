@@ -270,20 +270,22 @@ def dequantize_nested_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, neste
 # ---- LoRA dropout regenerated from (seed, offset) ----------------------------------------------------------
 
 def dropout_threshold(p: float) -> int:
-    """Keep iff bits >= round(p * 2^32) (bits uniform in [0, 2^32)): drop probability p to within 2^-33."""
-    t = p * 4294967296.0 + 0.5
-    return 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+    """Keep iff bits >= round(p * 2^16) (bits uniform in [0, 2^16)): drop probability p to within 2^-17."""
+    t = p * 65536.0 + 0.5
+    return 0xFFFF if t >= 65535.0 else int(t)
 
 
 def dropout_bits(n: int, seed: int, offset: int) -> np.ndarray:
-    """uint32 bits of counters offset .. offset + n - 1: the high half of SplitMix64(seed + c * golden)."""
+    """16-bit values (as uint32) of counters c = offset .. offset + n - 1: lane c mod 4 of the 64-bit
+    SplitMix64(seed + (c // 4) * golden), one hash per group of four consecutive counters."""
     with np.errstate(over="ignore"):
         c = np.arange(n, dtype=np.uint64) + np.uint64(offset % 2**64)
-        z = np.uint64(seed % 2**64) + c * np.uint64(0x9E3779B97F4A7C15)
+        z = np.uint64(seed % 2**64) + (c >> np.uint64(2)) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
-    return (z >> np.uint64(32)).astype(np.uint32)
+        lanes = (z >> (np.uint64(16) * (c & np.uint64(3)))) & np.uint64(0xFFFF)
+    return lanes.astype(np.uint32)
 
 
 def dropout_keep_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0) -> torch.Tensor:

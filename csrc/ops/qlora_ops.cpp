@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
                    x2.scalar_type(), ", ", xa.scalar_type());
   const at::ScalarType dtype = dy2.scalar_type();
   const at::Tensor g = at::mm(dy2, lora_B.to(dtype)).to(at::kFloat).mul_(scaling);  // [M, r]
-  at::Tensor dB = at::mm(dy2.t(), xa).to(at::kFloat).mul_(scaling).to(lora_B.scalar_type());
+  // (dy^T xa rounds to dtype in the GEMM either way; the scaling is then one fp32 product rounded to B's dtype)
+  at::Tensor dB = at::mm(dy2.t(), xa).to(lora_B.scalar_type()).mul_(scaling);
   static auto grad_weight = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
       "qpeft::lora_down_grad_weight");
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());

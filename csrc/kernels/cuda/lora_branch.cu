@@ -21,10 +21,23 @@ struct Dropout {
   uint64_t seed;
   uint32_t threshold;
   float keep_scale;
-  // drop(x)[e] = v for the row-major element index e of the logical input (p = 0: no hashing at all).
-  __device__ __forceinline__ float apply(float v, int64_t e) const {
-    if (threshold == 0u && keep_scale == 1.0f) return v;
-    return dropout_keep(seed, static_cast<uint64_t>(e), threshold) ? __fmul_rn(v, keep_scale) : 0.0f;
+  // v[i] = drop(x)[e0 + i] given v[i] = x[e0 + i], e0 the row-major index of the logical input: one hash per group
+  // of four counters (../dropout_rng.h); p = 0 skips hashing.
+  template <int N>
+  __device__ __forceinline__ void apply(float (&v)[N], int64_t e0) const {
+    if (threshold == 0u && keep_scale == 1.0f) return;
+    const uint64_t first = static_cast<uint64_t>(e0), group0 = first >> 2;
+    const int skew = static_cast<int>(first & 3u);
+    constexpr int kGroups = N / 4 + 1;  // N consecutive counters touch at most this many groups
+    uint64_t hash[kGroups];
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) hash[q] = 4 * q < skew + N ? dropout_hash(seed, group0 + q) : 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const int lane = skew + i;
+      v[i] = dropout_lane(hash[lane >> 2], static_cast<uint64_t>(lane)) >= threshold ? __fmul_rn(v[i], keep_scale)
+                                                                                    : 0.0f;
+    }
   }
 };
 
@@ -113,8 +126,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t m = m0 + rs;
       if (m < M) {
         load8(x + m * K, k0 + cs, k_end, vec_ok, v[s]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[s][i] = drop.apply(v[s][i], m * K + k0 + cs + i);
+        drop.apply(v[s], m * K + k0 + cs);  // past k_end: zeros stay zero
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
@@ -214,8 +226,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t m = m0 + rs;
       if (m < m_end) {
         load8(x + m * K, k0 + cs, K, vec_ok, v[s]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[s][i] = drop.apply(v[s][i], m * K + k0 + cs + i);
+        drop.apply(v[s], m * K + k0 + cs);  // past K: zeros stay zero
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
@@ -346,20 +357,19 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t m = m0 + row_group + 4 * i;
     if (m >= M) continue;
     const int64_t e0 = m * K + k0 + c4;
+    drop.apply(acc[i], e0);  // columns past K are never stored
     if (vec_ok && k0 + c4 + 4 <= K) {
       float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (accumulate) load4(dx + e0, out);
 #pragma unroll
-      for (int b = 0; b < 4; ++b) out[b] = accumulate ? __fadd_rn(out[b], drop.apply(acc[i][b], e0 + b))
-                                                      : drop.apply(acc[i][b], e0 + b);
+      for (int b = 0; b < 4; ++b) out[b] = accumulate ? __fadd_rn(out[b], acc[i][b]) : acc[i][b];
       store4(dx + e0, out);
       continue;
     }
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       if (k0 + c4 + b >= K) continue;
-      const float add = drop.apply(acc[i][b], e0 + b);
-      dx[e0 + b] = from_float<T>(accumulate ? __fadd_rn(to_float(dx[e0 + b]), add) : add);
+      dx[e0 + b] = from_float<T>(accumulate ? __fadd_rn(to_float(dx[e0 + b]), acc[i][b]) : acc[i][b]);
     }
   }
 }
@@ -388,7 +398,8 @@ cudaError_t by_format(FloatFormat fmt, Launch&& launch) {
 int lora_down_splits(int64_t M, int64_t K, int64_t r) {
   // Enough blocks for ~4 per SM of a large GPU; never more splits than 64-column tiles, and the partial sums
   // (splits x M x r fp32) stay small next to x.
-  const int64_t blocks = ((M + kDownRows - 1) / kDownRows) * ((r + kRankTile - 1) / kRankTile);
+  int64_t blocks = ((M + kDownRows - 1) / kDownRows) * ((r + kRankTile - 1) / kRankTile);
+  if (blocks < 1) blocks = 1;  // M or r == 0: nothing to launch
   const int64_t tiles = (K + kDownCols - 1) / kDownCols;
   int64_t splits = (512 + blocks - 1) / blocks;
   splits = splits < tiles ? splits : tiles;
@@ -398,7 +409,8 @@ int lora_down_splits(int64_t M, int64_t K, int64_t r) {
 
 int lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r) {
   // ~512 blocks, each split at least 256 rows (so the partials stay a few MB), at most 64 splits.
-  const int64_t blocks = ((K + kGwCols - 1) / kGwCols) * ((r + kRankTile - 1) / kRankTile);
+  int64_t blocks = ((K + kGwCols - 1) / kGwCols) * ((r + kRankTile - 1) / kRankTile);
+  if (blocks < 1) blocks = 1;  // K or r == 0: nothing to launch
   int64_t splits = (512 + blocks - 1) / blocks;
   const int64_t by_rows = (M + 255) / 256;
   splits = splits < by_rows ? splits : by_rows;
