@@ -7,6 +7,8 @@
 // blocks when one pass would not fill the GPU, each split writing its own fp32 partial sum (the caller adds
 // them: deterministic, no atomics).
 // Dropped values are fp32(x) * keep_scale, never rounded to x's format (as the CPU path).
+#include <type_traits>
+
 #include "../dropout_rng.h"
 #include "device_utils.cuh"
 #include "lora_cuda.h"
@@ -28,15 +30,15 @@ struct Dropout {
     if (threshold == 0u && keep_scale == 1.0f) return;
     const uint64_t first = static_cast<uint64_t>(e0), group0 = first >> 2;
     const int skew = static_cast<int>(first & 3u);
-    constexpr int kGroups = N / 4 + 1;  // N consecutive counters touch at most this many groups
-    uint64_t hash[kGroups];
-#pragma unroll
-    for (int q = 0; q < kGroups; ++q) hash[q] = 4 * q < skew + N ? dropout_hash(seed, group0 + q) : 0;
+    static_assert(N == 4 || N == 8, "groups of 4 or 8 counters");
+    // N consecutive counters touch at most N / 4 + 1 groups; named registers, not an array (no local memory)
+    const uint64_t h0 = dropout_hash(seed, group0), h1 = dropout_hash(seed, group0 + 1);
+    const uint64_t h2 = (N == 8 && skew > 0) ? dropout_hash(seed, group0 + 2) : 0;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const int lane = skew + i;
-      v[i] = dropout_lane(hash[lane >> 2], static_cast<uint64_t>(lane)) >= threshold ? __fmul_rn(v[i], keep_scale)
-                                                                                    : 0.0f;
+      const uint64_t h = (lane >> 2) == 0 ? h0 : (lane >> 2) == 1 ? h1 : h2;
+      v[i] = dropout_lane(h, static_cast<uint64_t>(lane)) >= threshold ? __fmul_rn(v[i], keep_scale) : 0.0f;
     }
   }
 };
@@ -117,36 +119,35 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < kRankTile; ++j) acc[j] = 0.0f;
 
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kDownCols) {
-    // Stage: 64 rows x 64 columns = 512 vectors of 8, two per thread (a warp covers 4 rows x 64 columns).
-    float v[2][8];
+  // Software pipeline: the raw loads of tile i + 1 are in flight while tile i is computed from shared memory.
+  float v[2][8], a4[4];
+  const auto load_tile = [&](int64_t k0) {
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < 2; ++s) {  // 64 rows x 64 columns = 512 vectors of 8 (a warp covers 4 rows x 64 columns)
       const int vi = t + kThreads * s, rs = vi / 8, cs = (vi % 8) * 8;
       const int64_t m = m0 + rs;
       if (m < M) {
         load8(x + m * K, k0 + cs, k_end, vec_ok, v[s]);
-        drop.apply(v[s], m * K + k0 + cs);  // past k_end: zeros stay zero
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
       }
     }
-    // A tile: 16 ranks x 64 columns; thread t loads rank t % 16, columns (t / 16) * 4 .. + 4.
-    float a4[4];
-    {
-      const int jj = t % kRankTile, c = (t / kRankTile) * 4;
-      const int64_t j = j0 + jj;
+    const int jj = t % kRankTile, c = (t / kRankTile) * 4;  // A: rank t % 16, columns (t / 16) * 4 .. + 4
+    const int64_t j = j0 + jj;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t k = k0 + c + i;
-        a4[i] = (j < r && k < k_end) ? __ldg(A + j * K + k) : 0.0f;
-      }
+    for (int i = 0; i < 4; ++i) {
+      const int64_t k = k0 + c + i;
+      a4[i] = (j < r && k < k_end) ? __ldg(A + j * K + k) : 0.0f;
     }
+  };
+  if (k_begin < k_end) load_tile(k_begin);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kDownCols) {
     __syncthreads();  // the previous tile is consumed
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int vi = t + kThreads * s, rs = vi / 8, cs = (vi % 8) * 8;
+      drop.apply(v[s], (m0 + rs) * K + k0 + cs);  // zeros (past k_end or M) stay zero
       *reinterpret_cast<float4*>(&xs[rs][cs]) = make_float4(v[s][0], v[s][1], v[s][2], v[s][3]);
       *reinterpret_cast<float4*>(&xs[rs][cs + 4]) = make_float4(v[s][4], v[s][5], v[s][6], v[s][7]);
     }
@@ -156,6 +157,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 4; ++i) at[c + i][jj] = a4[i];
     }
     __syncthreads();
+    if (k0 + kDownCols < k_end) load_tile(k0 + kDownCols);
 #pragma unroll
     for (int kk = quarter * 16; kk < quarter * 16 + 16; kk += 4) {
       const float4 xv = *reinterpret_cast<const float4*>(&xs[row][kk]);
@@ -217,32 +219,34 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
 
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kGwRows) {
-    // drop(x): 32 rows x 256 columns = 1024 vectors of 8, four per thread (a warp reads one row's 256 columns).
-    float v[4][8];
+  // Software pipeline: the raw loads of row tile i + 1 are in flight while tile i is computed.
+  float v[4][8], gv[2];
+  const auto load_tile = [&](int64_t m0) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
+    for (int s = 0; s < 4; ++s) {  // 32 rows x 256 columns = 1024 vectors of 8 (a warp reads one row's 256)
       const int vi = t + kThreads * s, rs = vi / 32, cs = (vi % 32) * 8;
       const int64_t m = m0 + rs;
       if (m < m_end) {
         load8(x + m * K, k0 + cs, K, vec_ok, v[s]);
-        drop.apply(v[s], m * K + k0 + cs);  // past K: zeros stay zero
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
       }
     }
-    float gv[2];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int o = t + kThreads * s, rr = o / kRankTile, jj = o % kRankTile;
       const int64_t m = m0 + rr, j = j0 + jj;
       gv[s] = (m < m_end && j < r) ? __ldg(g + m * r + j) : 0.0f;
     }
+  };
+  if (m_begin < m_end) load_tile(m_begin);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kGwRows) {
     __syncthreads();
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int vi = t + kThreads * s, rs = vi / 32, cs = (vi % 32) * 8;
+      drop.apply(v[s], (m0 + rs) * K + k0 + cs);  // zeros (past K or the split) stay zero
       *reinterpret_cast<float4*>(&xs[rs][cs]) = make_float4(v[s][0], v[s][1], v[s][2], v[s][3]);
       *reinterpret_cast<float4*>(&xs[rs][cs + 4]) = make_float4(v[s][4], v[s][5], v[s][6], v[s][7]);
     }
@@ -252,6 +256,7 @@ __global__ void __launch_bounds__(kThreads)
       gs[o / kRankTile][o % kRankTile] = gv[s];
     }
     __syncthreads();
+    if (m0 + kGwRows < m_end) load_tile(m0 + kGwRows);
 #pragma unroll 8
     for (int rr = 0; rr < kGwRows; ++rr) {
       const float4 xv = *reinterpret_cast<const float4*>(&xs[rr][c4]);
@@ -300,6 +305,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < 8; ++i)
 #pragma unroll
     for (int b = 0; b < 4; ++b) acc[i][b] = 0.0f;
+  const bool vec_cols = vec_ok && k0 + c4 + 4 <= K;
 
   for (int64_t j0 = 0; j0 < r; j0 += kRankTile) {
     float av[4][4];
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(kThreads)
     if (m >= M) continue;
     const int64_t e0 = m * K + k0 + c4;
     drop.apply(acc[i], e0);  // columns past K are never stored
-    if (vec_ok && k0 + c4 + 4 <= K) {
+    if (vec_cols) {
       float out[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (accumulate) load4(dx + e0, out);
 #pragma unroll
