@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..lora_autograd import frozen_4bit_linear
+from ..lora_autograd import frozen_4bit_linear, weight_args
 from ..quantized import Quantized4bitWeight
 
 # Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.
@@ -91,24 +91,14 @@ class Linear4bit(nn.Module):
                                    **tensors)
 
     def op_weight_args(self) -> tuple:
-        """The weight as qpeft's ops take it, (packed uint8, absmax, nested_absmax, nested_code, nested_offset [1]
-        fp32, blocksize, quant_type) — views of this layer's tensors, built with as little Python as possible
-        (it runs on every forward; cached until the tensors are replaced or moved)."""
+        """weight_args of this layer's weight (views of its tensors, as qpeft's ops take them), cached until the
+        tensors are replaced or moved: building them costs more Python than the rest of a small forward."""
+        if torch.compiler.is_compiling():  # traced once: no cache in the graph
+            return weight_args(self.quantized_weight)
         cached = self.__dict__.get("_op_weight_args")
-        if cached is not None and cached[0] is self.weight and not torch.compiler.is_compiling():
-            return cached
-        args = self._build_op_weight_args()
-        if not torch.compiler.is_compiling():
-            self.__dict__["_op_weight_args"] = args
-        return args
-
-    def _build_op_weight_args(self) -> tuple:
-        absmax, nested_absmax = self.weight_absmax, self.weight_nested_absmax
-        absmax = absmax if absmax.dtype == torch.uint8 else absmax.view(torch.float32)
-        if nested_absmax is None:
-            return self.weight, absmax, None, None, None, self.blocksize, self.quant_type
-        return (self.weight, absmax, nested_absmax.view(torch.float32), self.weight_nested_code.view(torch.float32),
-                self.weight_nested_offset.view(torch.float32).reshape(1), self.blocksize, self.quant_type)
+        if cached is None or cached[0] is not self.weight:
+            cached = self.__dict__["_op_weight_args"] = (self.weight, weight_args(self.quantized_weight))
+        return cached[1]
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() replace the tensors: drop the cached views
         self.__dict__.pop("_op_weight_args", None)

@@ -68,6 +68,27 @@ __device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int6
   }
 }
 
+// v = x[m, k .. k + 8) as fp32 for a row m < row_end of x [*, K]; rows past row_end read as zeros (as columns
+// past k_end do in load8).
+template <typename T>
+__device__ __forceinline__ void load_row8(const T* __restrict__ x, int64_t m, int64_t row_end, int64_t K, int64_t k,
+                                          int64_t k_end, bool vec_ok, float (&v)[8]) {
+  if (m < row_end) {
+    load8(x + m * K, k, k_end, vec_ok, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+  }
+}
+
+// Writes drop(v) (v = elements e0 .. e0 + 7 of the logical input; zeros stay zero) to 8 floats of shared memory
+// (16-byte aligned).
+__device__ __forceinline__ void stage_dropped8(const Dropout& drop, float (&v)[8], int64_t e0, float* dst) {
+  drop.apply(v, e0);
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
 // Four consecutive elements as fp32 and back (8- or 16-byte accesses; p must be aligned to 4 elements).
 template <typename T>
 __device__ __forceinline__ void load4(const T* p, float (&v)[4]) {
@@ -124,14 +145,8 @@ __global__ void __launch_bounds__(kThreads)
   const auto load_tile = [&](int64_t k0) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {  // 64 rows x 64 columns = 512 vectors of 8 (a warp covers 4 rows x 64 columns)
-      const int vi = t + kThreads * s, rs = vi / 8, cs = (vi % 8) * 8;
-      const int64_t m = m0 + rs;
-      if (m < M) {
-        load8(x + m * K, k0 + cs, k_end, vec_ok, v[s]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
-      }
+      const int vi = t + kThreads * s;
+      load_row8(x, m0 + vi / 8, M, K, k0 + (vi % 8) * 8, k_end, vec_ok, v[s]);
     }
     const int jj = t % kRankTile, c = (t / kRankTile) * 4;  // A: rank t % 16, columns (t / 16) * 4 .. + 4
     const int64_t j = j0 + jj;
@@ -147,9 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int vi = t + kThreads * s, rs = vi / 8, cs = (vi % 8) * 8;
-      drop.apply(v[s], (m0 + rs) * K + k0 + cs);  // zeros (past k_end or M) stay zero
-      *reinterpret_cast<float4*>(&xs[rs][cs]) = make_float4(v[s][0], v[s][1], v[s][2], v[s][3]);
-      *reinterpret_cast<float4*>(&xs[rs][cs + 4]) = make_float4(v[s][4], v[s][5], v[s][6], v[s][7]);
+      stage_dropped8(drop, v[s], (m0 + rs) * K + k0 + cs, &xs[rs][cs]);
     }
     {
       const int jj = t % kRankTile, c = (t / kRankTile) * 4;
@@ -224,14 +237,8 @@ __global__ void __launch_bounds__(kThreads)
   const auto load_tile = [&](int64_t m0) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) {  // 32 rows x 256 columns = 1024 vectors of 8 (a warp reads one row's 256)
-      const int vi = t + kThreads * s, rs = vi / 32, cs = (vi % 32) * 8;
-      const int64_t m = m0 + rs;
-      if (m < m_end) {
-        load8(x + m * K, k0 + cs, K, vec_ok, v[s]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[s][i] = 0.0f;
-      }
+      const int vi = t + kThreads * s;
+      load_row8(x, m0 + vi / 32, m_end, K, k0 + (vi % 32) * 8, K, vec_ok, v[s]);
     }
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
@@ -246,9 +253,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int vi = t + kThreads * s, rs = vi / 32, cs = (vi % 32) * 8;
-      drop.apply(v[s], (m0 + rs) * K + k0 + cs);  // zeros (past K or the split) stay zero
-      *reinterpret_cast<float4*>(&xs[rs][cs]) = make_float4(v[s][0], v[s][1], v[s][2], v[s][3]);
-      *reinterpret_cast<float4*>(&xs[rs][cs + 4]) = make_float4(v[s][4], v[s][5], v[s][6], v[s][7]);
+      stage_dropped8(drop, v[s], (m0 + rs) * K + k0 + cs, &xs[rs][cs]);
     }
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
