@@ -1,5 +1,6 @@
 """QLoRA layer: forward, forward+backward and memory, qpeft vs dense frozen linear vs bitsandbytes + peft,
-side by side in one run. LoRA r=16, dropout 0.05 (qpeft and peft), NF4 double-quantized base.
+side by side in one run. LoRA r=16, dropout 0.05 (qpeft and peft), NF4 double-quantized base. On a GPU, qpeft
+is measured twice: with the CUDA-core LoRA-branch kernels (qpeft_*) and the tensor-core ones (qpeft_tc_*).
 
 "saved_MB" is what the layer keeps for backward beyond its input and parameters (saved-tensor hooks);
 on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (harness).
@@ -13,6 +14,7 @@ import torch
 
 from harness import benchmark_args, median_time_ms, print_table, write_results
 
+from qpeft import functional as F
 from qpeft.nn import LoraLinear4bit
 
 CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048)]  # TARGETS.md's CPU shapes
@@ -119,6 +121,10 @@ def main() -> None:
         theirs = peft_on_bnb(dense, dtype)
         x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
         results = {"dense": measure(dense, x, device, reps), "qpeft": measure(ours, x, device, reps)}
+        if device.type == "cuda":  # the same module with the tensor-core LoRA-branch kernels
+            F.set_cuda_lora_kernels("tensor_cores")
+            results["qpeft_tc"] = measure(ours, x, device, reps)
+            F.set_cuda_lora_kernels("cuda_cores")
         if theirs is not None:
             results["bnb_peft"] = measure(theirs, x, device, reps)
         row = {"M": m, "K": k, "N": n, "dtype": str(dtype).removeprefix("torch.")}
@@ -130,13 +136,17 @@ def main() -> None:
             if row["qpeft_fwd_graph_ms"] is not None and row["dense_fwd_graph_ms"] is not None:
                 row["qpeft_fwd_graph_vs_dense"] = row["qpeft_fwd_graph_ms"] / row["dense_fwd_graph_ms"]
         row["qpeft_fb_vs_dense"] = row["qpeft_fb_ms"] / row["dense_fb_ms"]
+        if "qpeft_tc" in results:
+            row["qpeft_tc_fb_vs_dense"] = row["qpeft_tc_fb_ms"] / row["dense_fb_ms"]
+            row["qpeft_tc_fwd_vs_dense"] = row["qpeft_tc_fwd_ms"] / row["dense_fwd_ms"]
         row["qpeft_fwd_vs_dense"] = row["qpeft_fwd_ms"] / row["dense_fwd_ms"]
         row["bnb_peft_fwd_vs_qpeft"] = row["bnb_peft_fwd_ms"] / row["qpeft_fwd_ms"] if "bnb_peft" in results else None
         row["bnb_peft_fb_vs_qpeft"] = row["bnb_peft_fb_ms"] / row["qpeft_fb_ms"] if "bnb_peft" in results else None
         rows.append(row)
     print_table(rows, ["M", "K", "N", "dtype", "dense_fwd_ms", "qpeft_fwd_ms", "bnb_peft_fwd_ms", "dense_fb_ms",
-                       "qpeft_fb_ms", "bnb_peft_fb_ms", "qpeft_fwd_vs_dense", "bnb_peft_fwd_vs_qpeft",
-                       "qpeft_fb_vs_dense", "bnb_peft_fb_vs_qpeft", "qpeft_saved_MB", "bnb_peft_saved_MB",
+                       "qpeft_fb_ms", "bnb_peft_fb_ms", "qpeft_tc_fwd_ms", "qpeft_tc_fb_ms", "qpeft_fwd_vs_dense",
+                       "bnb_peft_fwd_vs_qpeft", "qpeft_fb_vs_dense", "qpeft_tc_fb_vs_dense", "bnb_peft_fb_vs_qpeft",
+                       "qpeft_saved_MB", "bnb_peft_saved_MB",
                        "qpeft_peak_MB", "bnb_peft_peak_MB"])
     small = [r for r in rows if "qpeft_fwd_graph_ms" in r]
     if small:

@@ -3,7 +3,7 @@
 # pass over the CUDA kernels, a per-kernel profile of the layer, and the benchmarks (JSON + PNG plot).
 # Logs, JSON and plots are packed into $OUT/results.tgz after every stage (the device tool brings back 8 files at
 # most, and a run stopped at its time limit still returns what finished); the built wheel goes to $OUT too.
-#   STAGES="tests memcheck profile layer dequant e2e plot" (default: all, in that order)
+#   STAGES="tests memcheck profile ops layer dequant e2e plot" (default: all, in that order)
 #   QPEFT_WHEEL=path/to/qpeft-*.whl skips the build (a wheel an earlier run left in $OUT, carried back).
 # Optional: wheels of packages the machine lacks (bitsandbytes 0.50.2) in .whl/, installed to /tmp/site.
 set -uo pipefail
@@ -11,7 +11,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/results/device}
 LOGS=$(mktemp -d /tmp/qpeft_run.XXXX)
 ARCHS=${QPEFT_CUDA_ARCHS:-90}
-STAGES=${STAGES:-tests memcheck profile layer dequant e2e plot}
+STAGES=${STAGES:-tests memcheck profile ops layer dequant e2e plot}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -39,16 +39,31 @@ if has tests; then
   stage "CUDA tests"
   timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 8 -p no:cacheprovider >"$LOGS/pytest.log" 2>&1
   echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest.log" | tail -25
+  stage "CUDA tests with the tensor-core LoRA kernels"  # every layer/model test through the other kernel kind
+  QPEFT_CUDA_LORA_KERNELS=tensor_cores timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 8 \
+    -p no:cacheprovider >"$LOGS/pytest_tensor_cores.log" 2>&1
+  echo "pytest (tensor cores) exit $?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest_tensor_cores.log" | tail -25
 fi
 if has memcheck; then
   stage "compute-sanitizer memcheck"
   timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$REPO/benchmarks/cuda_smoke.py" \
     >"$LOGS/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -4 "$LOGS/memcheck.log"
+  QPEFT_CUDA_LORA_KERNELS=tensor_cores timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python3 "$REPO/benchmarks/cuda_smoke.py" >"$LOGS/memcheck_tensor_cores.log" 2>&1
+  echo "memcheck (tensor cores) exit $?"; tail -4 "$LOGS/memcheck_tensor_cores.log"
 fi
 if has profile; then
   stage "profile"
   timeout 120 python3 "$REPO/benchmarks/profile_layer.py" --host >"$LOGS/profile.log" 2>&1; echo "profile exit $?"
   grep "^==" "$LOGS/profile.log"
+  QPEFT_CUDA_LORA_KERNELS=tensor_cores timeout 120 python3 "$REPO/benchmarks/profile_layer.py" \
+    >"$LOGS/profile_tensor_cores.log" 2>&1; echo "profile (tensor cores) exit $?"
+  grep "^==" "$LOGS/profile_tensor_cores.log"
+fi
+if has ops; then
+  stage "LoRA-branch ops, both kernel kinds"
+  timeout 120 python3 "$REPO/benchmarks/bench_lora_ops.py" --device cuda --out "$LOGS" >"$LOGS/bench_lora_ops.log" 2>&1
+  echo "exit $?"; tail -20 "$LOGS/bench_lora_ops.log"
 fi
 if has layer; then
   stage "layer benchmark"

@@ -6,6 +6,8 @@ implementations below only describe output shapes/dtypes so that torch.compile a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _C  # noqa: F401  (importing the extension runs its TORCH_LIBRARY registrations)
@@ -14,6 +16,12 @@ from .reference import reciprocal_table_bytes
 ops = torch.ops.qpeft
 # The CPU kernels reproduce the GPU's approximate reciprocal from this table (see reference.approx_reciprocal).
 _C._set_reciprocal_table(reciprocal_table_bytes())
+# QPEFT_CUDA_LORA_KERNELS=tensor_cores|cuda_cores: the LoRA-branch CUDA kernels (functional.set_cuda_lora_kernels).
+CUDA_LORA_KERNELS = ("cuda_cores", "tensor_cores")
+_lora_kernels = os.environ.get("QPEFT_CUDA_LORA_KERNELS", "cuda_cores")
+if _lora_kernels not in CUDA_LORA_KERNELS:
+    raise ValueError(f"qpeft: QPEFT_CUDA_LORA_KERNELS must be one of {CUDA_LORA_KERNELS}, got {_lora_kernels!r}")
+_C._set_cuda_lora_tensor_cores(_lora_kernels == "tensor_cores")
 
 
 def _nblocks(n: int, blocksize: int) -> int:

@@ -192,3 +192,99 @@ def test_cuda_linear_4bit_matches_reference(m, k, double_quant):
     with pytest.raises(ValueError, match="at most 16 rows"):
         F.linear_4bit(torch.randn(17, k, device="cuda"), q.packed, q.absmax, q.blocksize, q.quant_type, 37,
                       nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)
+
+
+@pytest.fixture(params=list(F.CUDA_LORA_KERNELS))
+def cuda_lora_kernels(request):
+    """Runs a CUDA test once with each kind of LoRA-branch kernel (functional.set_cuda_lora_kernels)."""
+    before = F.cuda_lora_kernels()
+    F.set_cuda_lora_kernels(request.param)
+    yield request.param
+    F.set_cuda_lora_kernels(before)
+
+
+# (M, K, r) where the tensor-core kernels apply (K % 8 == 0): M = 1, M not a multiple of the 128-row blocks,
+# K not a multiple of their 32/256-column steps, r not a multiple of 8, r in the 32-rank groups, r > 32.
+TC_SHAPES = [(1, 4096, 16), (130, 264, 16), (257, 520, 32), (64, 136, 40), (300, 200, 12), (17, 8, 1),
+             (1000, 1024, 64), (4096, 512, 16)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,k,r", TC_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_lora_kernels_match_reference(cuda_lora_kernels, m, k, r, dtype, p):
+    """Both kinds of CUDA kernel against the float64 reference, with poisoned allocations; dropped positions
+    equal to the CPU kernel's."""
+    seed = int(torch.randint(-2**62, 2**62, ()))
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    A, g = torch.randn(r, k, device="cuda") / k**0.5, torch.randn(m, r, device="cuda")
+    x_drop = dropped64(x, p, seed)
+    poison_allocator("cuda", 64 * m * r * 4)
+    xa = F.lora_down(x, A, p, seed)
+    assert xa.dtype == dtype and rel_err(xa, x_drop @ A.double().T) < TOL[dtype]
+    poison_allocator("cuda", 64 * r * k * 4)
+    dA = F.lora_down_grad_weight(g, x, p, seed)
+    assert rel_err(dA, g.double().T @ x_drop) < 1e-5
+    acc = torch.randn(m, k, device="cuda").to(dtype)
+    out = F.lora_down_grad_input_(acc.clone(), g, A, p, seed)
+    assert out.dtype == dtype and rel_err(out, acc.double() + dropped64(g.double() @ A.double(), p, seed)) < TOL[dtype]
+    # written where dropout keeps, zero where it drops: the same positions as the CPU kernel
+    zeros = F.lora_down_grad_input_(torch.zeros(m, k, dtype=dtype, device="cuda"), g, A, p, seed).cpu()
+    cpu = F.lora_down_grad_input_(torch.zeros(m, k, dtype=dtype), g.cpu(), A.cpu(), p, seed)
+    assert torch.equal(zeros == 0, cpu == 0)
+
+
+@pytest.mark.cuda
+def test_cuda_lora_kernel_kinds_agree():
+    """Tensor cores (tf32 hi + lo) and CUDA cores give the same sums to fp32 rounding, the same xa in bf16 to one
+    rounding step, and identical masks."""
+    m, k, r, p, seed = 777, 1032, 16, 0.05, 5
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    A, g = torch.randn(r, k, device="cuda"), torch.randn(m, r, device="cuda")
+    results = {}
+    for kind in F.CUDA_LORA_KERNELS:
+        F.set_cuda_lora_kernels(kind)
+        results[kind] = (F.lora_down(x, A, p, seed).float(), F.lora_down_grad_weight(g, x, p, seed),
+                         F.lora_down_grad_input_(torch.zeros(m, k, device="cuda"), g, A, p, seed))
+    F.set_cuda_lora_kernels("cuda_cores")
+    (xa_c, dA_c, dx_c), (xa_t, dA_t, dx_t) = results["cuda_cores"], results["tensor_cores"]
+    assert (xa_c - xa_t).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * xa_c.abs().max()
+    assert rel_err(dA_t, dA_c) < 1e-6
+    assert torch.equal(dx_t == 0, dx_c == 0)  # fp32 dx: the CUDA-core kernel (only 16-bit dx has a tensor-core one)
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_core_kernels_run_when_chosen():
+    """The choice reaches the launch: the profiler sees the tensor-core kernels only when they are chosen, and
+    only for 16-bit inputs with K % 8 == 0."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(kind, dtype, k):
+        F.set_cuda_lora_kernels(kind)
+        x, A, g = torch.randn(64, k, device="cuda").to(dtype), torch.randn(8, k, device="cuda"), torch.randn(64, 8, device="cuda")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            F.lora_down(x, A, 0.1, 1)
+            F.lora_down_grad_weight(g, x, 0.1, 1)
+            F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.1, 1)
+            torch.cuda.synchronize()
+        F.set_cuda_lora_kernels("cuda_cores")
+        return {e.key for e in prof.key_averages() if "lora_down" in e.key}
+
+    tc = kernels("tensor_cores", torch.bfloat16, 128)
+    assert len([n for n in tc if "mma_kernel" in n]) == 3, tc
+    assert not any("mma_kernel" in n for n in kernels("cuda_cores", torch.bfloat16, 128))
+    assert not any("mma_kernel" in n for n in kernels("tensor_cores", torch.bfloat16, 100))  # K % 8 != 0
+    assert not any("mma_kernel" in n for n in kernels("tensor_cores", torch.float32, 128))
+
+
+def test_cuda_lora_kernels_setting():
+    before = F.cuda_lora_kernels()
+    assert before in F.CUDA_LORA_KERNELS
+    try:
+        F.set_cuda_lora_kernels("tensor_cores")
+        assert F.cuda_lora_kernels() == "tensor_cores"
+        with pytest.raises(ValueError, match="must be one of"):
+            F.set_cuda_lora_kernels("wmma")
+    finally:
+        F.set_cuda_lora_kernels(before)

@@ -81,19 +81,29 @@ at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& se
   return a.out;
 }
 
+// Tensor cores when asked for (cuda_lora_tensor_cores) and the arguments allow them.
+bool use_tensor_cores(FloatFormat fmt, int64_t K, std::initializer_list<const void*> pointers) {
+  return cuda_lora_tensor_cores() && cuda::lora_tensor_cores_ok(fmt, K, pointers);
+}
+
+// The per-split fp32 partial sums [splits, ...] a split kernel wrote, added (in split order: deterministic).
+at::Tensor sum_partials(const at::Tensor& partial) { return partial.size(0) == 1 ? partial.squeeze(0) : partial.sum(0); }
+
 at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
   const BelowAutograd below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.A.size(0);
-  const int splits = cuda::lora_down_splits(M, K, r);
+  const FloatFormat fmt = float_format(a.x.scalar_type(), "x");
+  const bool tc = use_tensor_cores(fmt, K, {a.x.data_ptr(), a.A.data_ptr()});
+  const int splits = tc ? cuda::lora_down_tc_splits(M, K, r) : cuda::lora_down_splits(M, K, r);
   at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
-  check_launch(cuda::lora_down(a.x.data_ptr(), float_format(a.x.scalar_type(), "x"), a.A.data_ptr<float>(),
-                               partial.data_ptr<float>(), M, K, r, splits, a.dropout.seed.data_ptr<int64_t>(),
-                               a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  const auto launch = tc ? &cuda::lora_down_tc : &cuda::lora_down;
+  check_launch(launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
+                      a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                      c10::cuda::getCurrentCUDAStream()),
                "lora_down");
-  const at::Tensor xa = splits == 1 ? partial.squeeze(0) : partial.sum(0);
-  return xa.to(a.x.scalar_type());
+  return sum_partials(partial).to(a.x.scalar_type());
 }
 
 at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
@@ -101,14 +111,16 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
   const c10::cuda::CUDAGuard guard(x.device());
   const LoraDownGradWeightArgs a = prepare_lora_down_grad_weight(g, x, p, seed);
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.g.size(1);
-  const int splits = cuda::lora_down_grad_weight_splits(M, K, r);
+  const FloatFormat fmt = float_format(a.x.scalar_type(), "x");
+  const bool tc = use_tensor_cores(fmt, K, {a.x.data_ptr()});
+  const int splits = tc ? cuda::lora_down_grad_weight_tc_splits(M, K, r) : cuda::lora_down_grad_weight_splits(M, K, r);
   at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
-  check_launch(cuda::lora_down_grad_weight(a.g.data_ptr<float>(), a.x.data_ptr(), float_format(a.x.scalar_type(), "x"),
-                                           partial.data_ptr<float>(), M, K, r, splits,
-                                           a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold,
-                                           a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  const auto launch = tc ? &cuda::lora_down_grad_weight_tc : &cuda::lora_down_grad_weight;
+  check_launch(launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
+                      a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                      c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_weight");
-  return splits == 1 ? partial.squeeze(0) : partial.sum(0);
+  return sum_partials(partial);
 }
 
 void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
@@ -118,10 +130,11 @@ void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const 
   const LoraDownGradInputArgs a = prepare_lora_down_grad_input(dx, g, lora_A, p, seed);
   TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input_: too many features (",
                     dx.size(1), ")");
-  check_launch(cuda::lora_down_grad_input(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(),
-                                          dx.size(0), dx.size(1), a.A.size(0), a.dropout.seed.data_ptr<int64_t>(),
-                                          a.dropout.threshold, a.dropout.keep_scale, /*accumulate=*/true,
-                                          c10::cuda::getCurrentCUDAStream()),
+  const bool tc = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
+  const auto launch = tc ? &cuda::lora_down_grad_input_tc : &cuda::lora_down_grad_input;
+  check_launch(launch(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(), dx.size(0), dx.size(1),
+                      a.A.size(0), a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                      /*accumulate=*/true, c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_input_");
 }
 

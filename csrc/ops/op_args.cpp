@@ -1,5 +1,7 @@
 #include "op_args.h"
 
+#include <atomic>
+
 #include <c10/util/Exception.h>
 
 #include "../kernels/dropout_rng.h"
@@ -303,5 +305,12 @@ ReciprocalArgs prepare_approx_reciprocal(const at::Tensor& x) {
   args.out = at::empty_like(args.x);
   return args;
 }
+
+namespace {
+std::atomic<bool> g_cuda_lora_tensor_cores{false};
+}  // namespace
+
+bool cuda_lora_tensor_cores() { return g_cuda_lora_tensor_cores.load(std::memory_order_relaxed); }
+void set_cuda_lora_tensor_cores(bool enabled) { g_cuda_lora_tensor_cores.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace qpeft::ops

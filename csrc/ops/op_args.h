@@ -16,6 +16,12 @@ namespace qpeft::ops {
 // adapter weight that requires grad must not make an inner matmul record history or reject an out= argument).
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
+// Which CUDA kernels run the LoRA branch (lora_down and its two gradients) where both kinds apply (16-bit x,
+// K % 8 == 0, aligned rows): the tensor-core ones (true) or the CUDA-core ones (false, the default). Process-wide;
+// set from Python (qpeft.functional.set_cuda_lora_kernels) or the QPEFT_CUDA_LORA_KERNELS environment variable.
+bool cuda_lora_tensor_cores();
+void set_cuda_lora_tensor_cores(bool enabled);
+
 QuantType parse_quant_type(std::string_view quant_type);
 FloatFormat float_format(at::ScalarType dtype, const char* what);
 int64_t num_blocks(int64_t n, int64_t blocksize);

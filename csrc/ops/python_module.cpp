@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../kernels/cpu/quant_cpu.h"
+#include "op_args.h"
 
 #ifndef QPEFT_CUDA_ARCHS
 #define QPEFT_CUDA_ARCHS ""
@@ -22,6 +23,8 @@ PYBIND11_MODULE(_C, m) {
     qpeft::cpu::set_reciprocal_table(reinterpret_cast<const uint8_t*>(data.data()),
                                      static_cast<int64_t>(data.size()));
   });
+  m.def("_set_cuda_lora_tensor_cores", &qpeft::ops::set_cuda_lora_tensor_cores);
+  m.def("_cuda_lora_tensor_cores", &qpeft::ops::cuda_lora_tensor_cores);
   m.def("build_info", []() {
     py::dict info;
     info["version"] = QPEFT_VERSION;

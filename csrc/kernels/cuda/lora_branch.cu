@@ -9,112 +9,16 @@
 // Dropped values are fp32(x) * keep_scale, never rounded to x's format (as the CPU path).
 #include <type_traits>
 
-#include "../dropout_rng.h"
-#include "device_utils.cuh"
+#include "lora_common.cuh"
 #include "lora_cuda.h"
 
 namespace qpeft::cuda {
 namespace {
 
+using namespace lora;
+
 constexpr int kThreads = 256;
 constexpr int kRankTile = 16;
-
-struct Dropout {
-  uint64_t seed;
-  uint32_t threshold;
-  float keep_scale;
-  // v[i] = drop(x)[e0 + i] given v[i] = x[e0 + i], e0 the row-major index of the logical input: one hash per group
-  // of four counters (../dropout_rng.h); p = 0 skips hashing.
-  template <int N>
-  __device__ __forceinline__ void apply(float (&v)[N], int64_t e0) const {
-    if (threshold == 0u && keep_scale == 1.0f) return;
-    const uint64_t first = static_cast<uint64_t>(e0), group0 = first >> 2;
-    const int skew = static_cast<int>(first & 3u);
-    static_assert(N == 4 || N == 8, "groups of 4 or 8 counters");
-    // N consecutive counters touch at most N / 4 + 1 groups; named registers, not an array (no local memory)
-    const uint64_t h0 = dropout_hash(seed, group0), h1 = dropout_hash(seed, group0 + 1);
-    const uint64_t h2 = (N == 8 && skew > 0) ? dropout_hash(seed, group0 + 2) : 0;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const int lane = skew + i;
-      const uint64_t h = (lane >> 2) == 0 ? h0 : (lane >> 2) == 1 ? h1 : h2;
-      v[i] = dropout_lane(h, static_cast<uint64_t>(lane)) >= threshold ? __fmul_rn(v[i], keep_scale) : 0.0f;
-    }
-  }
-};
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-// v[i] = float(row[k + i]) for k + i < k_end, else 0 (16-byte loads when `vec_ok`: K % 8 == 0, 16-byte aligned x).
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int64_t k_end, bool vec_ok,
-                                      float (&v)[8]) {
-  if (vec_ok && k + 8 <= k_end) {
-    if constexpr (sizeof(T) == 2) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
-    } else {
-      const float4 a = __ldg(reinterpret_cast<const float4*>(row + k));
-      const float4 b = __ldg(reinterpret_cast<const float4*>(row + k + 4));
-      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = k + i < k_end ? to_float(row[k + i]) : 0.0f;
-  }
-}
-
-// v = x[m, k .. k + 8) as fp32 for a row m < row_end of x [*, K]; rows past row_end read as zeros (as columns
-// past k_end do in load8).
-template <typename T>
-__device__ __forceinline__ void load_row8(const T* __restrict__ x, int64_t m, int64_t row_end, int64_t K, int64_t k,
-                                          int64_t k_end, bool vec_ok, float (&v)[8]) {
-  if (m < row_end) {
-    load8(x + m * K, k, k_end, vec_ok, v);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-  }
-}
-
-// Writes drop(v) (v = elements e0 .. e0 + 7 of the logical input; zeros stay zero) to 8 floats of shared memory
-// (16-byte aligned).
-__device__ __forceinline__ void stage_dropped8(const Dropout& drop, float (&v)[8], int64_t e0, float* dst) {
-  drop.apply(v, e0);
-  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-
-// Four consecutive elements as fp32 and back (8- or 16-byte accesses; p must be aligned to 4 elements).
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float (&v)[4]) {
-  if constexpr (sizeof(T) == 2) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = to_float(h[i]);
-  } else {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store4(T* p, const float (&v)[4]) {
-  if constexpr (sizeof(T) == 2) {
-    uint2 raw;
-    T* h = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = from_float<T>(v[i]);
-    *reinterpret_cast<uint2*>(p) = raw;
-  } else {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  }
-}
 
 // ---- lora_down: partial[split, m, j] = sum over the split's columns k of drop(x)[m, k] * A[j, k] ---------------
 // Block: 64 rows x one split of columns x kRankTile ranks. Per 64-column tile the block stages drop(x) [64 x 64]
@@ -383,25 +287,6 @@ __global__ void __launch_bounds__(kThreads)
       dx[e0 + b] = from_float<T>(accumulate ? __fadd_rn(to_float(dx[e0 + b]), acc[i][b]) : acc[i][b]);
     }
   }
-}
-
-unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-template <typename Launch>
-cudaError_t by_format(FloatFormat fmt, Launch&& launch) {
-  switch (fmt) {
-    case FloatFormat::F32:
-      launch(float{});
-      break;
-    case FloatFormat::BF16:
-      launch(__nv_bfloat16{});
-      break;
-    default:
-      launch(__half{});
-  }
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "../quant_rules.h"
 
@@ -38,6 +39,24 @@ cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt
 cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
                                  int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale, bool accumulate,
                                  cudaStream_t stream);
+
+// Tensor-core versions of the three kernels above (lora_branch_mma.cu: mma.sync tf32, the fp32 operands A and g
+// split into hi + lo tf32 pairs, so results agree with the CUDA-core kernels to fp32 rounding; same dropout
+// decisions). They take 16-bit x/dx (bf16, fp16) with K % 8 == 0 and 16-byte aligned x, dx and A
+// (lora_tensor_cores_ok); any other call returns cudaErrorInvalidValue without launching. Split counts are their
+// own (the partial-sum layouts are the same as above).
+bool lora_tensor_cores_ok(FloatFormat fmt, int64_t K, std::initializer_list<const void*> pointers);
+int lora_down_tc_splits(int64_t M, int64_t K, int64_t r);
+int lora_down_grad_weight_tc_splits(int64_t M, int64_t K, int64_t r);
+cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
+                         int64_t r, int splits, const int64_t* seed, uint32_t threshold, float keep_scale,
+                         cudaStream_t stream);
+cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
+                                     int64_t K, int64_t r, int splits, const int64_t* seed, uint32_t threshold,
+                                     float keep_scale, cudaStream_t stream);
+cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
+                                    int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale,
+                                    bool accumulate, cudaStream_t stream);
 
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
 // x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] fp32.
