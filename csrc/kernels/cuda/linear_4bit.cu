@@ -117,13 +117,59 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
   }
 }
 
+// The raw operands of one 128-column block of a warp: x rows g, g + 8 (8 elements per uint4), the codes of
+// its n-tiles and what their scales are made of (plain: the fp32 scale; nested: the 8-bit scale code and the
+// fp32 absmax of its group of 256). Loaded one block ahead of the MMAs (software pipeline): with ~4 blocks per
+// warp at K = 4096, waiting for each block's loads (and, nested, for the scale code before the table lookup)
+// left the kernel latency-bound at ~13 us for a 4096^2 weight whose codes take ~3 us to read.
+struct GemvStep {
+  uint4 x[2][4];
+  uint4 codes[kTilesPerWarp];
+  float scale_or_absmax2[kTilesPerWarp];
+  uint32_t scale_code[kTilesPerWarp];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_gemv_step(GemvStep& s, const T* __restrict__ x, int M, int64_t K,
+                                               const uint8_t* __restrict__ packed, const BlockScales& scales,
+                                               int log2_blocksize, int64_t N, int64_t n_block, int64_t kb, int g,
+                                               int t) {
+  const int64_t k = kb * kMmaKBlock + 32 * t;  // this lane's 32 columns
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = g + 8 * h;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      s.x[h][q] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * K + k) + q) : make_uint4(0u, 0u, 0u, 0u);
+  }
+#pragma unroll
+  for (int i = 0; i < kTilesPerWarp; ++i) {
+    const int64_t n = n_block + 8 * i + g;
+    const int64_t e = n * K + k, block = e >> log2_blocksize;
+    const bool in = n < N;
+    s.codes[i] = in ? __ldg(reinterpret_cast<const uint4*>(packed + e / 2)) : make_uint4(0u, 0u, 0u, 0u);
+    if (scales.absmax != nullptr) {
+      s.scale_or_absmax2[i] = in ? __ldg(scales.absmax + block) : 0.0f;
+      s.scale_code[i] = 0;
+    } else {
+      s.scale_or_absmax2[i] = in ? __ldg(scales.nested_absmax + (block >> 8)) : 0.0f;
+      s.scale_code[i] = in ? __ldg(scales.absmax_codes + block) : 0u;
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     linear_4bit_mma_kernel(const T* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
                            BlockScales scales, int log2_blocksize, QuantType type, float* __restrict__ y, int64_t N) {
   __shared__ float code_values[16];
+  __shared__ float nested_code[256];  // the 8-bit scale map of a double-quantized weight (dequantize's values)
   __shared__ float red[kMmaWarps][kTilesPerWarp][32][4];
+  const bool nested = scales.absmax == nullptr;
   if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4 : kFP4)[threadIdx.x];
+  static_assert(kThreads == 256, "one thread per entry of the 256-entry scale map");
+  if (nested) nested_code[threadIdx.x] = scales.nested_code[threadIdx.x];
+  const float nested_offset = nested ? *scales.nested_offset : 0.0f;
   __syncthreads();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, t = lane & 3;
   const int64_t n_block = static_cast<int64_t>(blockIdx.x) * (kTilesPerWarp * 8);
@@ -131,42 +177,33 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kTilesPerWarp; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   const int64_t kblocks = K / kMmaKBlock;
+  GemvStep cur, next;
+  if (warp < kblocks) load_gemv_step(cur, x, M, K, packed, scales, log2_blocksize, N, n_block, warp, g, t);
   for (int64_t kb = warp; kb < kblocks; kb += kMmaWarps) {
-    const int64_t k = kb * kMmaKBlock + 32 * t;  // this lane's 32 columns
-    uint4 xf[2][4];                               // rows g and g + 8, 8 elements per uint4
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = g + 8 * h;
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        xf[h][q] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * K + k) + q) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    uint4 codes[kTilesPerWarp];
-    float scale[kTilesPerWarp];
+    if (kb + kMmaWarps < kblocks)
+      load_gemv_step(next, x, M, K, packed, scales, log2_blocksize, N, n_block, kb + kMmaWarps, g, t);
 #pragma unroll
     for (int i = 0; i < kTilesPerWarp; ++i) {
-      const int64_t n = n_block + 8 * i + g;
-      const int64_t e = n * K + k;
-      codes[i] = n < N ? __ldg(reinterpret_cast<const uint4*>(packed + e / 2)) : make_uint4(0u, 0u, 0u, 0u);
-      scale[i] = n < N ? scales(e >> log2_blocksize) : 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < kTilesPerWarp; ++i) {
-      const uint32_t words[4] = {codes[i].x, codes[i].y, codes[i].z, codes[i].w};
+      // dequantize's scale: plain fp32, or fp32(code8 * absmax2) + offset (quant_rules.h nested_scale)
+      const float scale = nested ? fp32_add(fp32_mul(nested_code[cur.scale_code[i]], cur.scale_or_absmax2[i]),
+                                            nested_offset)
+                                 : cur.scale_or_absmax2[i];
+      const uint32_t words[4] = {cur.codes[i].x, cur.codes[i].y, cur.codes[i].z, cur.codes[i].w};
 #pragma unroll
       for (int s = 0; s < 4; ++s) {  // word s: columns k + 8 s .. + 7; byte b: 2b (high nibble), 2b + 1
         uint32_t w[4];
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
           const uint32_t byte = (words[s] >> (8 * b)) & 0xFFu;
-          w[b] = pack2<T>(__fmul_rn(code_values[byte >> 4], scale[i]), __fmul_rn(code_values[byte & 0xFu], scale[i]));
+          w[b] = pack2<T>(__fmul_rn(code_values[byte >> 4], scale), __fmul_rn(code_values[byte & 0xFu], scale));
         }
-        const uint32_t* x0 = reinterpret_cast<const uint32_t*>(&xf[0][s]);
-        const uint32_t* x1 = reinterpret_cast<const uint32_t*>(&xf[1][s]);
+        const uint32_t* x0 = reinterpret_cast<const uint32_t*>(&cur.x[0][s]);
+        const uint32_t* x1 = reinterpret_cast<const uint32_t*>(&cur.x[1][s]);
         mma_16816<T>(acc[i], x0[0], x1[0], x0[1], x1[1], w[0], w[1]);  // columns +0..3
         mma_16816<T>(acc[i], x0[2], x1[2], x0[3], x1[3], w[2], w[3]);  // columns +4..7
       }
     }
+    cur = next;
   }
 #pragma unroll
   for (int i = 0; i < kTilesPerWarp; ++i)
