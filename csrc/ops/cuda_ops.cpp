@@ -86,8 +86,16 @@ bool use_tensor_cores(FloatFormat fmt, int64_t K, std::initializer_list<const vo
   return cuda_lora_tensor_cores() && cuda::lora_tensor_cores_ok(fmt, K, pointers);
 }
 
-// The per-split fp32 partial sums [splits, ...] a split kernel wrote, added (in split order: deterministic).
-at::Tensor sum_partials(const at::Tensor& partial) { return partial.size(0) == 1 ? partial.squeeze(0) : partial.sum(0); }
+// The per-split fp32 partial sums [splits, rows, cols] a split kernel wrote, added in split order (deterministic)
+// and rounded once to `dtype`, in one launch (none when there is one fp32 split).
+at::Tensor sum_partials(const at::Tensor& partial, at::ScalarType dtype, const char* op) {
+  if (partial.size(0) == 1 && dtype == at::kFloat) return partial.squeeze(0);
+  at::Tensor out = at::empty({partial.size(1), partial.size(2)}, partial.options().dtype(dtype));
+  check_launch(cuda::sum_partials(partial.data_ptr<float>(), static_cast<int>(partial.size(0)), out.numel(),
+                                  out.data_ptr(), float_format(dtype, "output"), c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
 
 at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
   const BelowAutograd below_autograd;
@@ -103,7 +111,7 @@ at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double 
                       a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
                "lora_down");
-  return sum_partials(partial).to(a.x.scalar_type());
+  return sum_partials(partial, a.x.scalar_type(), "lora_down (sum of partials)");
 }
 
 at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, double p, const at::Tensor& seed) {
@@ -120,7 +128,7 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
                       a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_weight");
-  return sum_partials(partial);
+  return sum_partials(partial, at::kFloat, "lora_down_grad_weight (sum of partials)");
 }
 
 void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
@@ -150,12 +158,11 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
                                                      blocksize, quant_type, N, K);
   const at::Tensor x2 = x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({M, N}, x2.options());
   check_launch(cuda::linear_4bit(x2.data_ptr(), float_format(x2.scalar_type(), "x"), M, K, w.packed.data_ptr<uint8_t>(),
-                                 w.scales(), blocksize, w.type, y.data_ptr<float>(), N,
-                                 c10::cuda::getCurrentCUDAStream()),
+                                 w.scales(), blocksize, w.type, y.data_ptr(), N, c10::cuda::getCurrentCUDAStream()),
                "linear_4bit");
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  return y;
 }
 
 at::Tensor approx_reciprocal_cuda(const at::Tensor& x) {

@@ -1,4 +1,5 @@
-// Small-M (decode) base matmul on CUDA reading the 4-bit weight once: y[m, n] = sum_k x[m, k] W[n, k], M <= 16.
+// Small-M (decode) base matmul on CUDA reading the 4-bit weight once: y[m, n] = sum_k x[m, k] W[n, k], M <= 16,
+// summed in fp32 and written once in x's format (round to nearest even).
 //
 // bf16/fp16 activations, K % 128 == 0 (the LLM case): tensor cores. The M <= 16 rows of x are the A operand of
 // mma.m16n8k16 (rows >= M are zeros), 8 weight rows dequantized in registers the B operand. Within one MMA a lane
@@ -30,7 +31,7 @@ __constant__ float kFP4[16] = {QPEFT_FP4_CODE_VALUES};
 __global__ void __launch_bounds__(kThreads)
     linear_4bit_kernel(const void* __restrict__ x, FloatFormat fmt, int M, int64_t K,
                        const uint8_t* __restrict__ packed, BlockScales scales, int log2_blocksize, QuantType type,
-                       float* __restrict__ y, int64_t N, bool vector_ok) {
+                       void* __restrict__ y, int64_t N, bool vector_ok) {
   __shared__ float code_values[16];
   if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4 : kFP4)[threadIdx.x];
   __syncthreads();
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int m = 0; m < kMaxM; ++m) {
     if (m < M) {  // M is uniform across the warp
       const float total = warp_sum(acc[m]);
-      if (lane == 0) y[m * N + n] = total;
+      if (lane == 0) store_from_float(y, fmt, m * N + n, total);
     }
   }
 }
@@ -161,7 +162,7 @@ __device__ __forceinline__ void load_gemv_step(GemvStep& s, const T* __restrict_
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     linear_4bit_mma_kernel(const T* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
-                           BlockScales scales, int log2_blocksize, QuantType type, float* __restrict__ y, int64_t N) {
+                           BlockScales scales, int log2_blocksize, QuantType type, T* __restrict__ y, int64_t N) {
   __shared__ float code_values[16];
   __shared__ float nested_code[256];  // the 8-bit scale map of a double-quantized weight (dequantize's values)
   __shared__ float red[kMmaWarps][kTilesPerWarp][32][4];
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int w = 0; w < kMmaWarps; ++w) sum += red[w][i][l][c];
       const int m = gg + (c >= 2 ? 8 : 0);
       const int64_t n = n_block + 8 * i + 2 * tt + (c & 1);
-      if (m < M && n < N) y[m * N + n] = sum;
+      if (m < M && n < N) y[m * N + n] = from_float<T>(sum);
     }
   }
 }
@@ -227,7 +228,7 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
-                        BlockScales scales, int64_t blocksize, QuantType type, float* y, int64_t N,
+                        BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
                         cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (M > kLinear4bitMaxM) return cudaErrorInvalidValue;
@@ -240,10 +241,12 @@ cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, co
     const unsigned int grid = static_cast<unsigned int>((N + kTilesPerWarp * 8 - 1) / (kTilesPerWarp * 8));
     if (fmt == FloatFormat::BF16) {
       linear_4bit_mma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type, y, N);
+          static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
+          static_cast<__nv_bfloat16*>(y), N);
     } else {
       linear_4bit_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), static_cast<int>(M),
-                                                                    K, packed, scales, log2_blocksize, type, y, N);
+                                                                    K, packed, scales, log2_blocksize, type,
+                                                                    static_cast<__half*>(y), N);
     }
     return cudaGetLastError();
   }

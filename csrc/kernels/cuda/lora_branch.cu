@@ -289,6 +289,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- sum_partials: out[i] = fmt(sum over s of partial[s, i]), s in increasing order ---------------------------
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const float* __restrict__ partial, int splits, int64_t n, void* __restrict__ out,
+                        FloatFormat fmt) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum = __fadd_rn(sum, __ldg(partial + s * n + i));
+    store_from_float(out, fmt, i, sum);
+  }
+}
+
 }  // namespace
 
 int lora_down_splits(int64_t M, int64_t K, int64_t r) {
@@ -359,6 +371,13 @@ cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, cons
     lora_down_grad_input_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, A, M, K, r, seed, threshold,
                                                                   keep_scale, accumulate, vec_ok);
   });
+}
+
+cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt,
+                         cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  sum_partials_kernel<<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(partial, splits, n, out, fmt);
+  return cudaGetLastError();
 }
 
 }  // namespace qpeft::cuda

@@ -21,6 +21,11 @@ cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, c
 int lora_down_splits(int64_t M, int64_t K, int64_t r);
 int lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r);
 
+// out[i] = fmt(partial[0, i] + partial[1, i] + ...) for i < n: the split kernels' fp32 partial sums [splits, n]
+// added in split order (deterministic) and rounded once to the output format, in one launch.
+cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt,
+                         cudaStream_t stream);
+
 // partial[s, m, j] = sum over split s's columns k of drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K]
 // fp32 contiguous, partial fp32 [splits, M, r]; xa = the sum over s.
 cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K, int64_t r,
@@ -59,10 +64,11 @@ cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, c
                                     bool accumulate, cudaStream_t stream);
 
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
-// x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] fp32.
+// x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] contiguous in
+// x's format fmt (fp32 sums rounded once).
 constexpr int64_t kLinear4bitMaxM = 16;
 cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
-                        BlockScales scales, int64_t blocksize, QuantType type, float* y, int64_t N,
+                        BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
                         cudaStream_t stream);
 
 }  // namespace qpeft::cuda
