@@ -242,12 +242,14 @@ def test_cuda_lora_kernel_kinds_agree():
     m, k, r, p, seed = 777, 1032, 16, 0.05, 5
     x = torch.randn(m, k, device="cuda").bfloat16()
     A, g = torch.randn(r, k, device="cuda"), torch.randn(m, r, device="cuda")
-    results = {}
-    for kind in F.CUDA_LORA_KERNELS:
-        F.set_cuda_lora_kernels(kind)
-        results[kind] = (F.lora_down(x, A, p, seed).float(), F.lora_down_grad_weight(g, x, p, seed),
-                         F.lora_down_grad_input_(torch.zeros(m, k, device="cuda"), g, A, p, seed))
-    F.set_cuda_lora_kernels("cuda_cores")
+    results, before = {}, F.cuda_lora_kernels()
+    try:
+        for kind in F.CUDA_LORA_KERNELS:
+            F.set_cuda_lora_kernels(kind)
+            results[kind] = (F.lora_down(x, A, p, seed).float(), F.lora_down_grad_weight(g, x, p, seed),
+                             F.lora_down_grad_input_(torch.zeros(m, k, device="cuda"), g, A, p, seed))
+    finally:
+        F.set_cuda_lora_kernels(before)
     (xa_c, dA_c, dx_c), (xa_t, dA_t, dx_t) = results["cuda_cores"], results["tensor_cores"]
     assert (xa_c - xa_t).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * xa_c.abs().max()
     assert rel_err(dA_t, dA_c) < 1e-6
@@ -261,14 +263,17 @@ def test_cuda_tensor_core_kernels_run_when_chosen():
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(kind, dtype, k):
+        before = F.cuda_lora_kernels()
         F.set_cuda_lora_kernels(kind)
         x, A, g = torch.randn(64, k, device="cuda").to(dtype), torch.randn(8, k, device="cuda"), torch.randn(64, 8, device="cuda")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            F.lora_down(x, A, 0.1, 1)
-            F.lora_down_grad_weight(g, x, 0.1, 1)
-            F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.1, 1)
-            torch.cuda.synchronize()
-        F.set_cuda_lora_kernels("cuda_cores")
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                F.lora_down(x, A, 0.1, 1)
+                F.lora_down_grad_weight(g, x, 0.1, 1)
+                F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.1, 1)
+                torch.cuda.synchronize()
+        finally:
+            F.set_cuda_lora_kernels(before)
         return {e.key for e in prof.key_averages() if "lora_down" in e.key}
 
     tc = kernels("tensor_cores", torch.bfloat16, 128)
