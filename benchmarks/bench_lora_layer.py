@@ -120,6 +120,8 @@ def main() -> None:
         ours = LoraLinear4bit.from_linear(dense, r=R, alpha=ALPHA, dropout=DROPOUT).train()
         theirs = peft_on_bnb(dense, dtype)
         x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
+        if device.type == "cuda":
+            F.set_cuda_lora_kernels("cuda_cores")  # the qpeft_* columns: CUDA-core LoRA kernels, whatever the env says
         results = {"dense": measure(dense, x, device, reps), "qpeft": measure(ours, x, device, reps)}
         if device.type == "cuda":  # the same module with the tensor-core LoRA-branch kernels
             F.set_cuda_lora_kernels("tensor_cores")
