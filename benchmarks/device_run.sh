@@ -35,51 +35,44 @@ echo "installed in $(( $(date +%s) - start )) s"
 cd /tmp
 python3 -c "import qpeft; print(qpeft.build_info())" | tee -a "$LOGS/gpu.txt"
 stage() { tar czf "$OUT/results.tgz" -C "$LOGS" .; echo "== $1 ($(( $(date +%s) - start )) s)"; }
+# Tests, memcheck and profile run once per LoRA-branch kernel kind (QPEFT_CUDA_LORA_KERNELS), so every layer and
+# model test goes through both; logs are named after the kind.
+KINDS="cuda_cores tensor_cores"
 if has tests; then
-  stage "CUDA tests"
-  timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 8 -p no:cacheprovider >"$LOGS/pytest.log" 2>&1
-  echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest.log" | tail -25
-  stage "CUDA tests with the tensor-core LoRA kernels"  # every layer/model test through the other kernel kind
-  QPEFT_CUDA_LORA_KERNELS=tensor_cores timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 8 \
-    -p no:cacheprovider >"$LOGS/pytest_tensor_cores.log" 2>&1
-  echo "pytest (tensor cores) exit $?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest_tensor_cores.log" | tail -25
+  for kind in $KINDS; do
+    stage "CUDA tests, $kind LoRA kernels"
+    QPEFT_CUDA_LORA_KERNELS=$kind timeout 300 python3 -m pytest "$REPO/tests" -m cuda -q -rs -n 8 \
+      -p no:cacheprovider >"$LOGS/pytest_$kind.log" 2>&1
+    echo "pytest ($kind) exit $?"; grep -E "FAILED|ERROR|passed|failed" "$LOGS/pytest_$kind.log" | tail -25
+  done
 fi
 if has memcheck; then
-  stage "compute-sanitizer memcheck"
-  timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$REPO/benchmarks/cuda_smoke.py" \
-    >"$LOGS/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -4 "$LOGS/memcheck.log"
-  QPEFT_CUDA_LORA_KERNELS=tensor_cores timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    python3 "$REPO/benchmarks/cuda_smoke.py" >"$LOGS/memcheck_tensor_cores.log" 2>&1
-  echo "memcheck (tensor cores) exit $?"; tail -4 "$LOGS/memcheck_tensor_cores.log"
+  for kind in $KINDS; do
+    stage "compute-sanitizer memcheck, $kind LoRA kernels"
+    QPEFT_CUDA_LORA_KERNELS=$kind timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      python3 "$REPO/benchmarks/cuda_smoke.py" >"$LOGS/memcheck_$kind.log" 2>&1
+    echo "memcheck ($kind) exit $?"; tail -4 "$LOGS/memcheck_$kind.log"
+  done
 fi
 if has profile; then
-  stage "profile"
-  timeout 120 python3 "$REPO/benchmarks/profile_layer.py" --host >"$LOGS/profile.log" 2>&1; echo "profile exit $?"
-  grep "^==" "$LOGS/profile.log"
-  QPEFT_CUDA_LORA_KERNELS=tensor_cores timeout 120 python3 "$REPO/benchmarks/profile_layer.py" \
-    >"$LOGS/profile_tensor_cores.log" 2>&1; echo "profile (tensor cores) exit $?"
-  grep "^==" "$LOGS/profile_tensor_cores.log"
+  for kind in $KINDS; do
+    stage "profile, $kind LoRA kernels"
+    QPEFT_CUDA_LORA_KERNELS=$kind timeout 120 python3 "$REPO/benchmarks/profile_layer.py" --host \
+      >"$LOGS/profile_$kind.log" 2>&1; echo "profile ($kind) exit $?"
+    grep "^==" "$LOGS/profile_$kind.log"
+  done
 fi
-if has ops; then
-  stage "LoRA-branch ops, both kernel kinds"
-  timeout 120 python3 "$REPO/benchmarks/bench_lora_ops.py" --device cuda --out "$LOGS" >"$LOGS/bench_lora_ops.log" 2>&1
-  echo "exit $?"; tail -20 "$LOGS/bench_lora_ops.log"
-fi
-if has layer; then
-  stage "layer benchmark"
-  timeout 240 python3 "$REPO/benchmarks/bench_lora_layer.py" --device cuda --out "$LOGS" >"$LOGS/bench_lora_layer.log" 2>&1
-  echo "exit $?"; tail -12 "$LOGS/bench_lora_layer.log"
-fi
-if has dequant; then
-  stage "dequantize benchmark"
-  timeout 60 python3 "$REPO/benchmarks/bench_dequantize.py" --device cuda --out "$LOGS" >"$LOGS/bench_dequantize.log" 2>&1
-  echo "exit $?"; tail -6 "$LOGS/bench_dequantize.log"
-fi
-if has e2e; then
-  stage "end-to-end benchmark"
-  timeout 300 python3 "$REPO/benchmarks/bench_e2e.py" --device cuda --out "$LOGS" >"$LOGS/bench_e2e.log" 2>&1
-  echo "exit $?"; tail -6 "$LOGS/bench_e2e.log"
-fi
+# bench TITLE SCRIPT TIMEOUT_S TAIL_LINES: one benchmark script, its log named after it.
+bench() {
+  stage "$1"
+  local log="$LOGS/$(basename "$2" .py).log"
+  timeout "$3" python3 "$REPO/benchmarks/$2" --device cuda --out "$LOGS" >"$log" 2>&1
+  echo "exit $?"; tail -"$4" "$log"
+}
+if has ops; then bench "LoRA-branch ops, both kernel kinds" bench_lora_ops.py 120 20; fi
+if has layer; then bench "layer benchmark" bench_lora_layer.py 240 12; fi
+if has dequant; then bench "dequantize benchmark" bench_dequantize.py 60 6; fi
+if has e2e; then bench "end-to-end benchmark" bench_e2e.py 300 6; fi
 if has plot; then
   python3 "$REPO/benchmarks/plot_results.py" "$LOGS" 2>&1 | tail -3
 fi
