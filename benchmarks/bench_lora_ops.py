@@ -46,8 +46,8 @@ def main() -> None:
                              F.lora_down_grad_input_(torch.zeros_like(dx), g, A, P, SEED))
         agree = [rel_err(a, b) for a, b in zip(outputs["tensor_cores"], outputs["cuda_cores"])]
         t_copy = median_time_ms(lambda: dx.clone(), device, reps=100)
-        for op, (fn, nbytes) in ops.items():
-            row = {"M": m, "K": k, "r": R, "op": op, "bytes": nbytes, "kinds_rel_diff": agree[list(ops).index(op)]}
+        for (op, (fn, nbytes)), rel_diff in zip(ops.items(), agree):
+            row = {"M": m, "K": k, "r": R, "op": op, "bytes": nbytes, "kinds_rel_diff": rel_diff}
             for kind in F.CUDA_LORA_KERNELS:
                 F.set_cuda_lora_kernels(kind)
                 t = median_time_ms(fn, device, reps=100)

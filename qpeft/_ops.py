@@ -16,12 +16,29 @@ from .reference import reciprocal_table_bytes
 ops = torch.ops.qpeft
 # The CPU kernels reproduce the GPU's approximate reciprocal from this table (see reference.approx_reciprocal).
 _C._set_reciprocal_table(reciprocal_table_bytes())
-# QPEFT_CUDA_LORA_KERNELS=tensor_cores|cuda_cores: the LoRA-branch CUDA kernels (functional.set_cuda_lora_kernels).
+
 CUDA_LORA_KERNELS = ("cuda_cores", "tensor_cores")
-_lora_kernels = os.environ.get("QPEFT_CUDA_LORA_KERNELS", "cuda_cores")
-if _lora_kernels not in CUDA_LORA_KERNELS:
-    raise ValueError(f"qpeft: QPEFT_CUDA_LORA_KERNELS must be one of {CUDA_LORA_KERNELS}, got {_lora_kernels!r}")
-_C._set_cuda_lora_tensor_cores(_lora_kernels == "tensor_cores")
+
+
+def set_cuda_lora_kernels(kind: str) -> None:
+    """Which CUDA kernels run the LoRA branch (lora_down, lora_down_grad_weight, lora_down_grad_input_, and so
+    the fused layer): "cuda_cores" (fp32 FMAs; the default) or "tensor_cores" (mma.sync tf32 with fp32 operands
+    split into hi + lo parts: same results to fp32 rounding, same dropout mask). Tensor cores apply to bf16/fp16
+    activations with K % 8 == 0 and 16-byte aligned rows; other calls keep the CUDA-core kernels. Process-wide;
+    the environment variable QPEFT_CUDA_LORA_KERNELS sets the value at import."""
+    if kind not in CUDA_LORA_KERNELS:
+        raise ValueError(f"qpeft: CUDA LoRA kernels (set_cuda_lora_kernels, QPEFT_CUDA_LORA_KERNELS) must be one of "
+                         f"{CUDA_LORA_KERNELS}, got {kind!r}")
+    _C._set_cuda_lora_tensor_cores(kind == "tensor_cores")
+
+
+def cuda_lora_kernels() -> str:
+    """The kind set by set_cuda_lora_kernels."""
+    return "tensor_cores" if _C._cuda_lora_tensor_cores() else "cuda_cores"
+
+
+# QPEFT_CUDA_LORA_KERNELS=tensor_cores|cuda_cores: the LoRA-branch CUDA kernels chosen at import.
+set_cuda_lora_kernels(os.environ.get("QPEFT_CUDA_LORA_KERNELS", "cuda_cores"))
 
 
 def _nblocks(n: int, blocksize: int) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._ops import _C, CUDA_LORA_KERNELS, ops
+from ._ops import CUDA_LORA_KERNELS, cuda_lora_kernels, ops, set_cuda_lora_kernels  # noqa: F401 (re-exported)
 from .reference import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
@@ -136,22 +136,6 @@ def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
 def _check_p(p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"qpeft: dropout probability must be in [0, 1), got {p}")
-
-
-def set_cuda_lora_kernels(kind: str) -> None:
-    """Which CUDA kernels run the LoRA branch (lora_down, lora_down_grad_weight, lora_down_grad_input_, and so
-    the fused layer): "cuda_cores" (fp32 FMAs; the default) or "tensor_cores" (mma.sync tf32 with fp32 operands
-    split into hi + lo parts: same results to fp32 rounding, same dropout mask). Tensor cores apply to bf16/fp16
-    activations with K % 8 == 0 and 16-byte aligned rows; other calls keep the CUDA-core kernels. Process-wide;
-    the environment variable QPEFT_CUDA_LORA_KERNELS sets the value at import."""
-    if kind not in CUDA_LORA_KERNELS:
-        raise ValueError(f"qpeft: CUDA LoRA kernels must be one of {CUDA_LORA_KERNELS}, got {kind!r}")
-    _C._set_cuda_lora_tensor_cores(kind == "tensor_cores")
-
-
-def cuda_lora_kernels() -> str:
-    """The kind set by set_cuda_lora_kernels."""
-    return "tensor_cores" if _C._cuda_lora_tensor_cores() else "cuda_cores"
 
 
 def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int = 0) -> torch.Tensor:
