@@ -128,6 +128,22 @@ def dropout_seed(seed: int | torch.Tensor, device: torch.device | str) -> torch.
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
+_UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
+
+
+def unused_seed(device: torch.device | str) -> torch.Tensor:
+    """The seed tensor of a call without dropout (p = 0; the kernels never read it): one zero per device, made
+    once, so an eval forward launches nothing for it (not cached while a CUDA graph is being captured, where a
+    new tensor's fill would only run at replay)."""
+    device = torch.device(device)
+    seed = _UNUSED_SEEDS.get(device)
+    if seed is None:
+        seed = torch.zeros(1, dtype=torch.int64, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _UNUSED_SEEDS[device] = seed
+    return seed
+
+
 def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
     """A fresh seed from torch's generator of ``device`` (torch.manual_seed makes runs reproducible)."""
     return torch.randint(-2**62, 2**62, (1,), dtype=torch.int64, device=device)

@@ -283,6 +283,70 @@ def test_cuda_tensor_core_kernels_run_when_chosen():
     assert not any("mma_kernel" in n for n in kernels("tensor_cores", torch.float32, 128))
 
 
+# (M, K, N, r) of the fused small-M forward: M = 1, M = 16 (the limit), N not a multiple of the 32-feature blocks,
+# r = 1, r = 64 (the limit), K = 4096 (several 128-column blocks per warp).
+FUSED_SHAPES = [(1, 128, 40, 1), (5, 384, 96, 16), (16, 4096, 264, 64), (3, 1024, 8, 12)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,k,n,r", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b_dtype,bias_dtype", [(torch.float32, torch.float32), (torch.bfloat16, None),
+                                                (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("p,double_quant", [(0.0, True), (0.2, False)])
+def test_cuda_small_m_forward_fused(cuda_lora_kernels, m, k, n, r, dtype, b_dtype, bias_dtype, p, double_quant):
+    """The decode forward (lora_down + one linear_4bit launch adding the LoRA term, the bias and lora_down's
+    partial sums) against float64 from the operands it rounds (W, xa, B and bias in x's dtype): one rounding of
+    the output; xa as lora_down gives it; poisoned outputs."""
+    seed = int(torch.randint(-2**62, 2**62, ()))
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, device="cuda"), "nf4", 64, double_quant)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    A, B = torch.randn(r, k, device="cuda") / k**0.5, torch.randn(n, r, device="cuda").to(b_dtype)
+    bias = None if bias_dtype is None else torch.randn(n, device="cuda").to(bias_dtype)
+    s = 0.5
+    poison_allocator("cuda", m * n * 2)
+    y, xa = ops.qlora_forward(x, *weight_args(q), A, B, bias, s, p, seed_tensor(seed, "cuda"))
+    assert y.dtype == dtype and xa.dtype == dtype and y.shape == (m, n) and xa.shape == (m, r)
+    x_drop = dropped64(x, p, seed)
+    assert rel_err(xa, x_drop @ A.double().T) < TOL[dtype]
+    assert rel_err(xa, F.lora_down(x, A, p, seed)) < 2 * torch.finfo(dtype).eps  # only the split order differs
+    W = q.dequantize(dtype).double()
+    ref = x.double() @ W.T + s * xa.double() @ B.to(dtype).double().T
+    if bias is not None:
+        ref = ref + bias.to(dtype).double()
+    assert rel_err(y, ref) < torch.finfo(dtype).eps  # one rounding of fp32 sums
+    y_full = x.double() @ q.dequantize(torch.float32).double().T + s * x_drop @ A.double().T @ B.double().T
+    assert rel_err(y, y_full + (0 if bias is None else bias.double())) < TOL[dtype]
+
+
+@pytest.mark.cuda
+def test_cuda_decode_forward_is_two_launches():
+    """The point of the fused kernel: an eval-mode forward of LoraLinear4bit at M = 1 (fp32 adapter and bias on a
+    bf16 layer) launches lora_down and the fused linear_4bit kernel, nothing else (no casts, adds or GEMMs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qpeft.nn import LoraLinear4bit
+
+    dense = torch.nn.Linear(512, 384, dtype=torch.bfloat16, device="cuda")
+    layer = LoraLinear4bit.from_linear(dense, r=16, alpha=32, dropout=0.1).eval()
+    torch.nn.init.normal_(layer.lora_B)
+    layer.base.bias.data = layer.base.bias.data.float()
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        layer(x)  # first call: lazily built state
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y = layer(x)
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, kernels
+    assert any("lora_down" in k for k in kernels) and any("linear_4bit_mma_kernel" in k for k in kernels), kernels
+    with torch.no_grad():
+        W = layer.base.quantized_weight.dequantize(torch.float32)
+        ref = x.float() @ (W + layer.scaling * layer.lora_B.float() @ layer.lora_A.float()).T + layer.base.bias.float()
+    assert rel_err(y, ref) < 1e-2
+
+
 def test_cuda_lora_kernels_setting():
     before = F.cuda_lora_kernels()
     assert before in F.CUDA_LORA_KERNELS

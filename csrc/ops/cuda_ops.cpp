@@ -5,10 +5,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "../kernels/cuda/lora_cuda.h"
 #include "../kernels/cuda/quant_cuda.h"
 #include "op_args.h"
+#include "qlora_cuda.h"
 
 namespace qpeft::ops {
 namespace {
@@ -97,20 +99,26 @@ at::Tensor sum_partials(const at::Tensor& partial, at::ScalarType dtype, const c
   return out;
 }
 
-at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
-  const BelowAutograd below_autograd;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
+// Launches lora_down (the kernel kind set by cuda_lora_tensor_cores where it applies) with at most `max_splits`
+// column splits; returns its fp32 partial sums [splits, M, r].
+at::Tensor lora_down_partials(const LoraDownArgs& a, FloatFormat fmt, int max_splits) {
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.A.size(0);
-  const FloatFormat fmt = float_format(a.x.scalar_type(), "x");
   const bool tc = use_tensor_cores(fmt, K, {a.x.data_ptr(), a.A.data_ptr()});
-  const int splits = tc ? cuda::lora_down_tc_splits(M, K, r) : cuda::lora_down_splits(M, K, r);
+  const int splits = std::min(max_splits, tc ? cuda::lora_down_tc_splits(M, K, r) : cuda::lora_down_splits(M, K, r));
   at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
   const auto launch = tc ? &cuda::lora_down_tc : &cuda::lora_down;
   check_launch(launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
                       a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
                "lora_down");
+  return partial;
+}
+
+at::Tensor lora_down_cuda(const at::Tensor& x, const at::Tensor& lora_A, double p, const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
+  const at::Tensor partial = lora_down_partials(a, float_format(a.x.scalar_type(), "x"), INT_MAX);
   return sum_partials(partial, a.x.scalar_type(), "lora_down (sum of partials)");
 }
 
@@ -164,6 +172,40 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
                "linear_4bit");
   return y;
 }
+
+}  // namespace
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> qlora_forward_small_m_cuda(
+    const at::Tensor& x2, const Dequantize4bitArgs& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const std::optional<at::Tensor>& bias, double scaling, double p, const at::Tensor& seed) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = lora_B.size(0), r = lora_A.size(0);
+  const FloatFormat fmt = float_format(x2.scalar_type(), "x");
+  if (!cuda::linear_4bit_lora_ok(fmt, M, K, r, weight.blocksize, x2.data_ptr(), weight.packed.data_ptr<uint8_t>()))
+    return std::nullopt;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const LoraDownArgs a = prepare_lora_down(x2, lora_A, p, seed);
+  const at::Tensor partial = lora_down_partials(a, fmt, cuda::kFusedLoraMaxSplits);
+  const at::Tensor B = lora_B.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, a.x.options()), xa = at::empty({M, r}, a.x.options());
+  cuda::LoraUpEpilogue lora;
+  lora.xa_partial = partial.data_ptr<float>();
+  lora.splits = static_cast<int>(partial.size(0));
+  lora.r = static_cast<int>(r);
+  lora.B = B.data_ptr();
+  lora.b_fmt = float_format(B.scalar_type(), "lora_B");
+  lora.bias = b.defined() ? b.data_ptr() : nullptr;
+  lora.bias_fmt = b.defined() ? float_format(b.scalar_type(), "bias") : FloatFormat::F32;
+  lora.scaling = static_cast<float>(scaling);
+  lora.xa = xa.data_ptr();
+  check_launch(cuda::linear_4bit_lora(a.x.data_ptr(), fmt, M, K, weight.packed.data_ptr<uint8_t>(), weight.scales(),
+                                      weight.blocksize, weight.type, y.data_ptr(), N, lora,
+                                      c10::cuda::getCurrentCUDAStream()),
+               "qlora_forward (small-M fused kernel)");
+  return std::make_tuple(y, xa);
+}
+
+namespace {
 
 at::Tensor approx_reciprocal_cuda(const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());

@@ -5,7 +5,8 @@
 // W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; on CUDA the caching
 // allocator hands the same block back next call) for one GEMM.
 // LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
-// x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term.
+// x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (16-bit x,
+// K % 128 == 0, r <= 64) lora_down + one linear_4bit launch that adds the LoRA term and bias (qlora_cuda.h).
 // Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key: a call costs a
 // few microseconds of host time (the Python register_autograd path cost ~200 us per layer call, which is the
 // whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
@@ -16,6 +17,7 @@
 #include <torch/library.h>
 
 #include "op_args.h"
+#include "qlora_cuda.h"
 
 namespace qpeft::ops {
 namespace {
@@ -102,6 +104,13 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
                       x2.device());
   }
   const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
+#ifdef QPEFT_WITH_CUDA
+  if (x2.is_cuda() && M <= small_m(x2.device())) {  // decode: two launches where the fused kernel applies
+    const Dequantize4bitArgs w = prepare_linear_weight(x2, packed, absmax, nested_absmax, nested_code,
+                                                       nested_offset, blocksize, quant_type, N, K);
+    if (auto fused = qlora_forward_small_m_cuda(x2, w, lora_A, lora_B, bias, scaling, p, seed)) return *fused;
+  }
+#endif
   at::Tensor xa = lora_down(x2, lora_A, p, seed);
   const at::Tensor Bt = lora_B.to(dtype).t();
   at::Tensor y;

@@ -223,18 +223,19 @@ class LoraLinear4bit(nn.Module):
 
     def _seed(self, index: int, adapter: LoraAdapter, dropout_seed, device) -> torch.Tensor:
         if not (self.training and adapter.dropout > 0):
-            return torch.zeros(1, dtype=torch.int64, device=device)  # unused: p = 0
+            return F.unused_seed(device)
         if dropout_seed is None:
             return F.draw_dropout_seed(device)
         return F.dropout_seed(dropout_seed, device) + index
 
     def _total_bias(self, adapter: LoraAdapter, dtype: torch.dtype) -> torch.Tensor | None:
-        """base bias + s * lora_bias (differentiable in both), or None."""
+        """base bias + s * lora_bias (differentiable in both), or None. The base bias alone is passed in its own
+        dtype (qlora_forward rounds it to x's dtype itself: one launch fewer per call)."""
         bias = self.base.bias
         if adapter.lora_bias is not None:
             lora = adapter.scaling * adapter.lora_bias.to(dtype)
             bias = lora if bias is None else bias.to(dtype) + lora
-        return None if bias is None else bias.to(dtype)
+        return bias
 
     @staticmethod
     def _dora_norm(adapter: LoraAdapter, W: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,11 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// Element type -> fp32 (exact).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
 // Stores v rounded (RNE) to element i of a tensor of format fmt.
 __device__ __forceinline__ void store_from_float(void* A, FloatFormat fmt, int64_t i, float v) {
   switch (fmt) {

@@ -159,13 +159,50 @@ __device__ __forceinline__ void load_gemv_step(GemvStep& s, const T* __restrict_
   }
 }
 
+constexpr int kBlockFeatures = kTilesPerWarp * 8;  // output features per block
+constexpr int kMaxRank = static_cast<int>(kFusedLoraMaxRank);
+
+// The LoRA operands of a fused call staged in shared memory as the fp32 values of x's format T: xa[m][j] (the
+// split partial sums added in order, rounded to T: the value lora_down + sum_partials would give) and B[f][j]
+// for the block's features f (lora_B rounded to T, as lora_B.to(dtype)). Block 0 also writes xa out.
 template <typename T>
+__device__ void stage_lora_operands(const LoraUpEpilogue& lora, int M, int64_t N, int64_t n_block,
+                                    float (&xa_s)[kMaxM][kMaxRank], float (&b_s)[kBlockFeatures][kMaxRank]) {
+  const int r = lora.r;
+  const int64_t stride = static_cast<int64_t>(M) * r;
+  for (int i = threadIdx.x; i < M * r; i += kThreads) {
+    float sum = 0.0f;
+    for (int s = 0; s < lora.splits; ++s) sum = __fadd_rn(sum, __ldg(lora.xa_partial + s * stride + i));
+    const T rounded = from_float<T>(sum);
+    xa_s[i / r][i % r] = to_float(rounded);
+    if (blockIdx.x == 0) static_cast<T*>(lora.xa)[i] = rounded;
+  }
+  for (int i = threadIdx.x; i < kBlockFeatures * r; i += kThreads) {
+    const int64_t n = n_block + i / r;
+    b_s[i / r][i % r] = n < N ? to_float(from_float<T>(load_as_float(lora.B, lora.b_fmt, n * r + i % r))) : 0.0f;
+  }
+}
+
+// y[m, n] before rounding, with the fused LoRA epilogue: base + T(bias[n]) + s * sum_j xa[m, j] B[n, j].
+__device__ __forceinline__ float add_lora_up(float base, const LoraUpEpilogue& lora, float bias_value,
+                                             const float* xa_row, const float* b_row) {
+  float up = 0.0f;
+  for (int j = 0; j < lora.r; ++j) up = fmaf(xa_row[j], b_row[j], up);
+  return fmaf(lora.scaling, up, base + bias_value);
+}
+
+// kLora: the small-M QLoRA forward (see LoraUpEpilogue): the LoRA up-projection, the bias and the sum of
+// lora_down's partials are done by this launch, so a decode step's layer is two launches (lora_down + this).
+template <typename T, bool kLora>
 __global__ void __launch_bounds__(kThreads)
     linear_4bit_mma_kernel(const T* __restrict__ x, int M, int64_t K, const uint8_t* __restrict__ packed,
-                           BlockScales scales, int log2_blocksize, QuantType type, T* __restrict__ y, int64_t N) {
+                           BlockScales scales, int log2_blocksize, QuantType type, T* __restrict__ y, int64_t N,
+                           LoraUpEpilogue lora) {
   __shared__ float code_values[16];
   __shared__ float nested_code[256];  // the 8-bit scale map of a double-quantized weight (dequantize's values)
   __shared__ float red[kMmaWarps][kTilesPerWarp][32][4];
+  __shared__ float xa_s[kLora ? kMaxM : 1][kMaxRank];
+  __shared__ float b_s[kLora ? kBlockFeatures : 1][kMaxRank];
   const bool nested = scales.absmax == nullptr;
   if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4 : kFP4)[threadIdx.x];
   static_assert(kThreads == 256, "one thread per entry of the 256-entry scale map");
@@ -173,13 +210,15 @@ __global__ void __launch_bounds__(kThreads)
   const float nested_offset = nested ? *scales.nested_offset : 0.0f;
   __syncthreads();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, t = lane & 3;
-  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * (kTilesPerWarp * 8);
+  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kBlockFeatures;
   float acc[kTilesPerWarp][4];
 #pragma unroll
   for (int i = 0; i < kTilesPerWarp; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   const int64_t kblocks = K / kMmaKBlock;
   GemvStep cur, next;
   if (warp < kblocks) load_gemv_step(cur, x, M, K, packed, scales, log2_blocksize, N, n_block, warp, g, t);
+  // (while the first block's loads are in flight; read after the reduction's barrier)
+  if constexpr (kLora) stage_lora_operands<T>(lora, M, N, n_block, xa_s, b_s);
   for (int64_t kb = warp; kb < kblocks; kb += kMmaWarps) {
     if (kb + kMmaWarps < kblocks)
       load_gemv_step(next, x, M, K, packed, scales, log2_blocksize, N, n_block, kb + kMmaWarps, g, t);
@@ -220,8 +259,47 @@ __global__ void __launch_bounds__(kThreads)
       for (int w = 0; w < kMmaWarps; ++w) sum += red[w][i][l][c];
       const int m = gg + (c >= 2 ? 8 : 0);
       const int64_t n = n_block + 8 * i + 2 * tt + (c & 1);
-      if (m < M && n < N) y[m * N + n] = from_float<T>(sum);
+      if (m < M && n < N) {
+        if constexpr (kLora) {
+          const float bias_value =
+              lora.bias != nullptr ? to_float(from_float<T>(load_as_float(lora.bias, lora.bias_fmt, n))) : 0.0f;
+          sum = add_lora_up(sum, lora, bias_value, xa_s[m], b_s[n - n_block]);
+        }
+        y[m * N + n] = from_float<T>(sum);
+      }
     }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+int log2_of(int64_t blocksize) {
+  int log2_blocksize = 0;
+  while ((int64_t{1} << log2_blocksize) < blocksize) ++log2_blocksize;
+  return log2_blocksize;
+}
+
+bool mma_ok(FloatFormat fmt, int64_t K, int64_t blocksize, const void* x, const uint8_t* packed) {
+  return (fmt == FloatFormat::BF16 || fmt == FloatFormat::F16) && K % kMmaKBlock == 0 && blocksize >= 32 &&
+         reinterpret_cast<uintptr_t>(packed) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
+template <bool kLora>
+void launch_mma(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed, BlockScales scales,
+                int64_t blocksize, QuantType type, void* y, int64_t N, const LoraUpEpilogue& lora,
+                cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>((N + kBlockFeatures - 1) / kBlockFeatures);
+  const int log2_blocksize = log2_of(blocksize);
+  if (fmt == FloatFormat::BF16) {
+    linear_4bit_mma_kernel<__nv_bfloat16, kLora><<<grid, kThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
+        static_cast<__nv_bfloat16*>(y), N, lora);
+  } else {
+    linear_4bit_mma_kernel<__half, kLora><<<grid, kThreads, 0, stream>>>(
+        static_cast<const __half*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
+        static_cast<__half*>(y), N, lora);
   }
 }
 
@@ -232,28 +310,28 @@ cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, co
                         cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (M > kLinear4bitMaxM) return cudaErrorInvalidValue;
-  int log2_blocksize = 0;
-  while ((int64_t{1} << log2_blocksize) < blocksize) ++log2_blocksize;
-  const bool mma_ok = (fmt == FloatFormat::BF16 || fmt == FloatFormat::F16) && K % kMmaKBlock == 0 &&
-                      blocksize >= 32 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  if (mma_ok) {
-    const unsigned int grid = static_cast<unsigned int>((N + kTilesPerWarp * 8 - 1) / (kTilesPerWarp * 8));
-    if (fmt == FloatFormat::BF16) {
-      linear_4bit_mma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
-          static_cast<__nv_bfloat16*>(y), N);
-    } else {
-      linear_4bit_mma_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), static_cast<int>(M),
-                                                                    K, packed, scales, log2_blocksize, type,
-                                                                    static_cast<__half*>(y), N);
-    }
+  if (mma_ok(fmt, K, blocksize, x, packed)) {
+    launch_mma<false>(x, fmt, M, K, packed, scales, blocksize, type, y, N, LoraUpEpilogue{}, stream);
     return cudaGetLastError();
   }
   const bool vector_ok = K % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0;
   const unsigned int grid = static_cast<unsigned int>((N + kWarps - 1) / kWarps);
-  linear_4bit_kernel<<<grid, kThreads, 0, stream>>>(x, fmt, static_cast<int>(M), K, packed, scales, log2_blocksize,
+  linear_4bit_kernel<<<grid, kThreads, 0, stream>>>(x, fmt, static_cast<int>(M), K, packed, scales, log2_of(blocksize),
                                                     type, y, N, vector_ok);
+  return cudaGetLastError();
+}
+
+bool linear_4bit_lora_ok(FloatFormat fmt, int64_t M, int64_t K, int64_t r, int64_t blocksize, const void* x,
+                         const uint8_t* packed) {
+  return M >= 1 && M <= kLinear4bitMaxM && r >= 1 && r <= kFusedLoraMaxRank && mma_ok(fmt, K, blocksize, x, packed);
+}
+
+cudaError_t linear_4bit_lora(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
+                             BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
+                             const LoraUpEpilogue& lora, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (!linear_4bit_lora_ok(fmt, M, K, lora.r, blocksize, x, packed) || lora.splits < 1) return cudaErrorInvalidValue;
+  launch_mma<true>(x, fmt, M, K, packed, scales, blocksize, type, y, N, lora, stream);
   return cudaGetLastError();
 }
 

@@ -48,10 +48,6 @@ struct Dropout {
   }
 };
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
 // v[i] = float(row[k + i]) for k + i < k_end, else 0 (16-byte loads when `vec_ok`: K % 8 == 0, 16-byte aligned x).
 template <typename T>
 __device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int64_t k_end, bool vec_ok,

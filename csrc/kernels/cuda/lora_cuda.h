@@ -71,4 +71,30 @@ cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, co
                         BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
                         cudaStream_t stream);
 
+// The small-M QLoRA layer forward in the same launch (a decode step is lora_down + this, two launches):
+// y[m, n] = T(sum_k x[m, k] W[n, k] + T(bias[n]) + scaling * sum_j xa[m, j] T(B[n, j])), T = x's format, with
+// xa = T(sum over s of xa_partial[s]) (lora_down's split partial sums added in split order: the value
+// sum_partials gives), also written to `xa` [M, r] in x's format. B [N, r] and bias [N] (or nullptr) contiguous in
+// any float format. Only where linear_4bit_lora_ok: 16-bit x, K % 128 == 0, blocksize >= 32, 16-byte aligned x and
+// packed, 1 <= M <= kLinear4bitMaxM, 1 <= r <= kFusedLoraMaxRank; any other call returns cudaErrorInvalidValue.
+// Each block re-adds the partials it needs (splits x M x r loads from L2): keep splits small (kFusedLoraMaxSplits).
+constexpr int64_t kFusedLoraMaxRank = 64;
+constexpr int kFusedLoraMaxSplits = 16;
+struct LoraUpEpilogue {
+  const float* xa_partial = nullptr;  // [splits, M, r] fp32
+  int splits = 0;
+  int r = 0;
+  const void* B = nullptr;
+  FloatFormat b_fmt = FloatFormat::F32;
+  const void* bias = nullptr;
+  FloatFormat bias_fmt = FloatFormat::F32;
+  float scaling = 0.0f;
+  void* xa = nullptr;  // out: [M, r] in x's format
+};
+bool linear_4bit_lora_ok(FloatFormat fmt, int64_t M, int64_t K, int64_t r, int64_t blocksize, const void* x,
+                         const uint8_t* packed);
+cudaError_t linear_4bit_lora(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
+                             BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
+                             const LoraUpEpilogue& lora, cudaStream_t stream);
+
 }  // namespace qpeft::cuda
