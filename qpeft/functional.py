@@ -118,34 +118,55 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
 
 
 def dropout_seed(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """The dropout seed as the ops take it: a one-element int64 tensor on the activation's device (kernels read
-    it there, so a seed drawn on the GPU costs no host sync and CUDA graph replays draw new ones)."""
+    """The dropout seed as the ops take it: a one-element int64 tensor, either on the CPU (read on the host and
+    passed to the kernels by value) or on the activation's device (read by the kernels there: a seed drawn on
+    the GPU costs no host sync and CUDA graph replays draw new ones). An int becomes a CPU tensor; a tensor on
+    another accelerator moves to ``device``."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"qpeft: a dropout seed tensor must be one int64 element, got {seed.dtype} "
                             f"{list(seed.shape)}")
-        return seed.reshape(1).to(device)
-    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+        seed = seed.reshape(1)
+        return seed if seed.device.type == "cpu" else seed.to(device)
+    return torch.tensor([int(seed)], dtype=torch.int64)
 
 
-_UNUSED_SEEDS: dict[torch.device, torch.Tensor] = {}
+_UNUSED_SEED = torch.zeros(1, dtype=torch.int64)
 
 
-def unused_seed(device: torch.device | str) -> torch.Tensor:
-    """The seed tensor of a call without dropout (p = 0; the kernels never read it): one zero per device, made
-    once, so an eval forward launches nothing for it (not cached while a CUDA graph is being captured, where a
-    new tensor's fill would only run at replay)."""
-    device = torch.device(device)
-    seed = _UNUSED_SEEDS.get(device)
-    if seed is None:
-        seed = torch.zeros(1, dtype=torch.int64, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _UNUSED_SEEDS[device] = seed
-    return seed
+def unused_seed() -> torch.Tensor:
+    """The seed of a call without dropout (p = 0; never read): one shared zero on the CPU, so an eval forward
+    allocates and launches nothing for it on any device."""
+    return _UNUSED_SEED
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
-    """A fresh seed from torch's generator of ``device`` (torch.manual_seed makes runs reproducible)."""
+    """A fresh seed from torch's generator of ``device``, so torch.manual_seed makes runs reproducible and
+    torch.utils.checkpoint's restored RNG state gives the recomputed forward the same seed.
+
+    CUDA, eager: computed on the host from the CUDA generator's (seed, offset), whose offset is then advanced as
+    by a kernel drawing 4 numbers; a CPU tensor (the kernels take it by value): no random_ kernel, no host sync
+    (the draw kernel cost ~0.1 ms of host time per layer call on the H100 machine). While a CUDA graph is being
+    captured or torch.compile traces, and on other devices: drawn by torch.randint on the device, so each graph
+    replay draws anew."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
+        generator = torch.cuda.default_generators[device.index if device.index is not None
+                                                  else torch.cuda.current_device()]
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)
+        value = _splitmix64(_splitmix64(generator.initial_seed() & _MASK64) ^ offset)
+        return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
     return torch.randint(-2**62, 2**62, (1,), dtype=torch.int64, device=device)
 
 

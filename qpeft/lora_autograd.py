@@ -105,9 +105,10 @@ def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.
     """x W^T + s * drop(x) A^T B^T + bias for x [..., K] in x's dtype, through the fused ops; ``bias`` [N] is the
     layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device.
     ``weight`` may also be its weight_args tuple already (Linear4bit.op_weight_args: the per-call fast path)."""
-    x2 = x.reshape(-1, x.shape[-1])
     wargs = weight if isinstance(weight, tuple) else weight_args(weight)
-    y, _ = ops.qlora_forward(x2, *wargs, A, B, bias, float(scaling), float(p), seed)
+    if x.dim() == 2:  # (the reshapes cost host time on every call)
+        return ops.qlora_forward(x, *wargs, A, B, bias, float(scaling), float(p), seed)[0]
+    y, _ = ops.qlora_forward(x.reshape(-1, x.shape[-1]), *wargs, A, B, bias, float(scaling), float(p), seed)
     return y.reshape(*x.shape[:-1], B.shape[0])
 
 

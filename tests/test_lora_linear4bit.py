@@ -4,6 +4,7 @@ memory for backward, dropout regenerated from its seed."""
 import pytest
 import torch
 
+from qpeft import functional as F
 from qpeft import reference as R
 from qpeft.nn import LoraLinear4bit
 
@@ -138,19 +139,20 @@ def test_torch_compile_fullgraph_forward_and_backward(p, use_dora, explicit_seed
 
 @pytest.mark.parametrize("explicit_seed", [True, False])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing(use_reentrant, explicit_seed):
+def test_gradient_checkpointing(device, use_reentrant, explicit_seed):
     """The recomputed forward must drop the same elements: with an explicit seed trivially, with the default
-    per-call seed because it is drawn from torch's generator, whose state checkpointing restores."""
+    per-call seed because it is drawn from torch's generator (on CUDA: computed from its state on the host),
+    whose state checkpointing restores."""
     from torch.utils.checkpoint import checkpoint
 
-    layer = make_layer(64, 48, "cpu", torch.float32, p=0.2)
+    layer = make_layer(64, 48, device, torch.float32, p=0.2)
 
     seed_kw = {"dropout_seed": 9} if explicit_seed else {}
 
     def grads(run):
         layer.zero_grad()
         torch.manual_seed(5)
-        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_(True)
         y = run(x)
         y.sum().backward()
         return y.detach(), [x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
@@ -309,3 +311,40 @@ def test_cuda_graph_capture_draws_fresh_dropout_per_replay():
     first = y.clone()
     graph.replay()
     assert torch.isfinite(first).all() and not torch.equal(first, y)
+
+
+@pytest.mark.cuda
+def test_cuda_default_seed_comes_from_the_generator_state():
+    """Eager CUDA calls get their seed without a draw kernel: a CPU tensor computed from the CUDA generator's
+    (seed, offset), whose offset advances by 4 per draw; torch.manual_seed reproduces the sequence; a layer
+    forward launches no random kernel; under graph capture the seed is drawn on the device instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    torch.manual_seed(123)
+    before = generator.get_offset()
+    first, second = F.draw_dropout_seed("cuda"), F.draw_dropout_seed("cuda")
+    assert first.device.type == "cpu" and first.dtype == torch.int64 and first.shape == (1,)
+    assert generator.get_offset() == before + 8 and not torch.equal(first, second)
+    torch.manual_seed(123)
+    assert torch.equal(F.draw_dropout_seed("cuda"), first)
+    torch.manual_seed(124)
+    assert not torch.equal(F.draw_dropout_seed("cuda"), first)
+
+    layer = make_layer(128, 64, "cuda", torch.bfloat16, p=0.3)
+    x = torch.randn(32, 128, device="cuda", dtype=torch.bfloat16)
+    layer(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        layer(x)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not any("distribution" in k or "random" in k for k in kernels), kernels
+
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        F.draw_dropout_seed("cuda")  # warm-up on the side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = F.draw_dropout_seed("cuda")
+    assert captured.device.type == "cuda"

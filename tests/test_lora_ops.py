@@ -179,6 +179,24 @@ def test_cuda_lora_ops_equal_cpu(m):
 
 
 @pytest.mark.cuda
+def test_cuda_ops_take_the_seed_on_the_host_or_the_device():
+    """A CPU seed tensor (read on the host, passed by value) and the same seed on the GPU (read by the kernels)
+    drop the same elements in every op; a GPU seed for CPU tensors is refused."""
+    x = torch.randn(70, 136, device="cuda").bfloat16()
+    A, g = torch.randn(8, 136, device="cuda"), torch.randn(70, 8, device="cuda")
+    results = {}
+    for where in ("cpu", "cuda"):
+        st = seed_tensor(-12345, where)
+        results[where] = (ops.lora_down(x, A, 0.3, st), ops.lora_down_grad_weight(g, x, 0.3, st),
+                          F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.3, st),
+                          ops.lora_dropout(x, 0.3, st, 7))
+    for on_host, on_device in zip(results["cpu"], results["cuda"]):
+        assert torch.equal(on_host, on_device)
+    with pytest.raises(ValueError, match="seed is on"):
+        ops.lora_down(x.cpu(), A.cpu(), 0.3, seed_tensor(1, "cuda"))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("k", [256, 100, 77])  # vectorized path and element-wise path
 @pytest.mark.parametrize("double_quant", [True, False])

@@ -77,10 +77,22 @@ at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& se
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = prepare_lora_dropout(x, p, seed, offset);
   check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(),
-                                  a.dropout.seed.data_ptr<int64_t>(), a.offset, a.dropout.threshold,
+                                  seed_ref(a.dropout), a.offset, a.dropout.threshold,
                                   a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
                "lora_dropout");
   return a.out;
+}
+
+// The seed as the kernels take it: a CUDA tensor is read on the device, a CPU one by value (prepare_dropout
+// allows both).
+cuda::SeedRef seed_ref(const DropoutParams& dropout) {
+  cuda::SeedRef ref;
+  if (dropout.seed.is_cuda()) {
+    ref.device = dropout.seed.data_ptr<int64_t>();
+  } else {
+    ref.value = static_cast<int64_t>(dropout.host_seed());
+  }
+  return ref;
 }
 
 // Tensor cores when asked for (cuda_lora_tensor_cores) and the arguments allow them.
@@ -108,7 +120,7 @@ at::Tensor lora_down_partials(const LoraDownArgs& a, FloatFormat fmt, int max_sp
   at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
   const auto launch = tc ? &cuda::lora_down_tc : &cuda::lora_down;
   check_launch(launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
-                      a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                      seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
                "lora_down");
   return partial;
@@ -133,7 +145,7 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
   at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
   const auto launch = tc ? &cuda::lora_down_grad_weight_tc : &cuda::lora_down_grad_weight;
   check_launch(launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
-                      a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                      seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_weight");
   return sum_partials(partial, at::kFloat, "lora_down_grad_weight (sum of partials)");
@@ -149,7 +161,7 @@ void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const 
   const bool tc = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
   const auto launch = tc ? &cuda::lora_down_grad_input_tc : &cuda::lora_down_grad_input;
   check_launch(launch(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(), dx.size(0), dx.size(1),
-                      a.A.size(0), a.dropout.seed.data_ptr<int64_t>(), a.dropout.threshold, a.dropout.keep_scale,
+                      a.A.size(0), seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
                       /*accumulate=*/true, c10::cuda::getCurrentCUDAStream()),
                "lora_down_grad_input_");
 }

@@ -227,8 +227,9 @@ DropoutParams prepare_dropout(const at::Tensor& activation, double p, const at::
   TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "qpeft: the dropout seed must be an int64 tensor, got ",
                    seed.scalar_type());
   TORCH_CHECK_VALUE(seed.numel() == 1, "qpeft: the dropout seed must have one element, got shape ", seed.sizes());
-  TORCH_CHECK_VALUE(seed.device() == activation.device(), "qpeft: the dropout seed is on ", seed.device(),
-                    " but the activation is on ", activation.device());
+  TORCH_CHECK_VALUE(seed.device() == activation.device() || seed.device().is_cpu(), "qpeft: the dropout seed is on ",
+                    seed.device(), " but the activation is on ", activation.device(),
+                    " (a seed is on the activation's device or on the CPU)");
   DropoutParams params;
   params.seed = seed.reshape({1}).contiguous();
   params.threshold = dropout_threshold(p);

@@ -85,7 +85,7 @@ Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const 
 // Dropout of the LoRA branch: drop probability p and the seed, a one-element int64 tensor on the activation's
 // device (kernels read it there: no host sync, and CUDA graph replays see a freshly drawn seed).
 struct DropoutParams {
-  at::Tensor seed;  // int64 [1], contiguous
+  at::Tensor seed;  // int64 [1], contiguous, on the activation's device or the CPU (then read on the host)
   uint32_t threshold;
   float keep_scale;
   uint64_t host_seed() const;  // the seed's value; CPU tensors only

@@ -10,8 +10,9 @@
 // Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key: a call costs a
 // few microseconds of host time (the Python register_autograd path cost ~200 us per layer call, which is the
 // whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
-// Backward: g = s dy B (M x r), dB = s dy^T xa, dA = lora_down_grad_weight(g, x), dx = dy W (linear_4bit_grad_input
+// Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x), dx = dy W (linear_4bit_grad_input
 // for small M on the CPU, else a transient dequantized W) + drop(g A) accumulated in place.
+#include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -80,6 +81,29 @@ void check_adapter(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& 
                     "/", B.device(), " but the activation is on ", x2.device());
 }
 
+// a @ b summed in fp32 and returned in fp32 [rows, cols], a and b of one dtype: on CUDA one GEMM writing fp32
+// (aten::mm.dtype; looked up at run time, so an older torch without it still builds and runs), elsewhere the
+// GEMM in a's dtype and a cast. (The backward's small GEMMs were a GEMM, a cast and a scaling: launches on CUDA.)
+at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) return at::mm(a, b);
+  if (a.is_cuda()) {
+    static const auto mm_dtype = []() -> std::optional<c10::TypedOperatorHandle<at::Tensor(
+                                          const at::Tensor&, const at::Tensor&, at::ScalarType)>> {
+      const auto handle = c10::Dispatcher::singleton().findOp({"aten::mm", "dtype"});
+      if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
+      return handle->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+    }();
+    if (mm_dtype.has_value()) return mm_dtype->call(a, b, at::kFloat);
+  }
+  return at::mm(a, b).to(at::kFloat);
+}
+
+// dtype(scaling * t) in one launch (the product in fp32, rounded once), e.g. s B for the backward's g = dy (s B).
+at::Tensor scaled_as(const at::Tensor& t, double scaling, at::ScalarType dtype) {
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype));
+  return at::mul_out(out, t, at::native::wrapped_scalar_tensor(scaling));
+}
+
 at::Tensor lora_down(const at::Tensor& x, const at::Tensor& A, double p, const at::Tensor& seed) {
   static auto down = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down");
   return down.call(x, A, p, seed);
@@ -146,9 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
                    "qpeft: qlora_backward: dy, x and xa must share a dtype, got ", dy2.scalar_type(), ", ",
                    x2.scalar_type(), ", ", xa.scalar_type());
   const at::ScalarType dtype = dy2.scalar_type();
-  const at::Tensor g = at::mm(dy2, lora_B.to(dtype)).to(at::kFloat).mul_(scaling);  // [M, r]
-  // (dy^T xa rounds to dtype in the GEMM either way; the scaling is then one fp32 product rounded to B's dtype)
-  at::Tensor dB = at::mm(dy2.t(), xa).to(lora_B.scalar_type()).mul_(scaling);
+  const at::Tensor g = mm_float(dy2, scaled_as(lora_B, scaling, dtype));  // [M, r] fp32: s dy B
+  at::Tensor dB = mm_float(dy2.t(), xa).mul_(scaling).to(lora_B.scalar_type());
   static auto grad_weight = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
       "qpeft::lora_down_grad_weight");
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());

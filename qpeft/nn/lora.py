@@ -184,7 +184,7 @@ class LoraLinear4bit(nn.Module):
         if x.device != self.base.weight.device:
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
         dtype = self.base.compute_dtype or x.dtype
-        xc = x.to(dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
         if self.merged_weight is not None:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError("qpeft: the adapters are merged; call unmerge() before training")
@@ -198,7 +198,7 @@ class LoraLinear4bit(nn.Module):
             seed = self._seed(0, a, dropout_seed, x.device)
             y = qlora_linear(xc, self.base.op_weight_args(), a.lora_A, a.lora_B, self._total_bias(a, dtype),
                              a.scaling, p, seed)
-            return y.to(x.dtype)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         weight = self.base.quantized_weight
         if not adapters:
             y = frozen_4bit_linear(xc, weight)
@@ -223,7 +223,7 @@ class LoraLinear4bit(nn.Module):
 
     def _seed(self, index: int, adapter: LoraAdapter, dropout_seed, device) -> torch.Tensor:
         if not (self.training and adapter.dropout > 0):
-            return F.unused_seed(device)
+            return F.unused_seed()
         if dropout_seed is None:
             return F.draw_dropout_seed(device)
         return F.dropout_seed(dropout_seed, device) + index

@@ -10,9 +10,9 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void lora_dropout_kernel(const T* __restrict__ x, T* __restrict__ out, FloatFormat fmt, int64_t n,
-                                    const int64_t* __restrict__ seed_ptr, uint64_t offset, uint32_t threshold,
+                                    SeedRef seed_ref, uint64_t offset, uint32_t threshold,
                                     float keep_scale) {
-  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
+  const uint64_t seed = seed_ref.get();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const bool keep = dropout_keep(seed, offset + static_cast<uint64_t>(i), threshold);
@@ -22,7 +22,7 @@ __global__ void lora_dropout_kernel(const T* __restrict__ x, T* __restrict__ out
 
 }  // namespace
 
-cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, const int64_t* seed, uint64_t offset,
+cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, SeedRef seed, uint64_t offset,
                          uint32_t threshold, float keep_scale, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const unsigned int grid = grid_for(n, kThreads);

@@ -37,9 +37,9 @@ constexpr int kDownMmaRows = 32 * kMmaWarps;
 template <typename T, int NT>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_mma_kernel(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ partial, int64_t M,
-                         int64_t K, int64_t r, int64_t cols_per_split, const int64_t* __restrict__ seed,
+                         int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed,
                          uint32_t threshold, float keep_scale) {
-  const Dropout mask{static_cast<uint64_t>(*seed), threshold, 1.0f};  // keep -> x, drop -> 0
+  const Dropout mask{seed.get(), threshold, 1.0f};  // keep -> x, drop -> 0
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kDownMmaRows + (threadIdx.x / 32) * 32;
   const int64_t split = blockIdx.y, j_base = static_cast<int64_t>(blockIdx.z) * 8 * NT;
@@ -138,9 +138,9 @@ template <typename T, int MT>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_grad_weight_mma_kernel(const float* __restrict__ g_in, const T* __restrict__ x,
                                      float* __restrict__ partial, int64_t M, int64_t K, int64_t r,
-                                     int64_t rows_per_split, const int64_t* __restrict__ seed, uint32_t threshold,
+                                     int64_t rows_per_split, SeedRef seed, uint32_t threshold,
                                      float keep_scale) {
-  const Dropout mask{static_cast<uint64_t>(*seed), threshold, 1.0f};
+  const Dropout mask{seed.get(), threshold, 1.0f};
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t k_warp = static_cast<int64_t>(blockIdx.x) * kGwMmaCols + (threadIdx.x / 32) * 64;
   const int64_t k = k_warp + 8 * g;  // this lane's 8 columns of x
@@ -234,9 +234,9 @@ constexpr int kGiMmaRows = 32 * kMmaWarps, kGiMmaCols = 256;
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_grad_input_mma_kernel(T* __restrict__ dx, const float* __restrict__ g_in, const float* __restrict__ A,
-                                    int64_t M, int64_t K, int64_t r, const int64_t* __restrict__ seed,
+                                    int64_t M, int64_t K, int64_t r, SeedRef seed,
                                     uint32_t threshold, float keep_scale, bool accumulate) {
-  const Dropout drop{static_cast<uint64_t>(*seed), threshold, keep_scale};
+  const Dropout drop{seed.get(), threshold, keep_scale};
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kGiMmaRows + (threadIdx.x / 32) * 32;
   const int64_t k_block = static_cast<int64_t>(blockIdx.y) * kGiMmaCols;
@@ -363,7 +363,7 @@ int lora_down_grad_weight_tc_splits(int64_t M, int64_t K, int64_t r) {
 }
 
 cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
-                         int64_t r, int splits, const int64_t* seed, uint32_t threshold, float keep_scale,
+                         int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
                          cudaStream_t stream) {
   if (M == 0 || r == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {x, A})) return cudaErrorInvalidValue;
@@ -385,7 +385,7 @@ cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* 
 }
 
 cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                     int64_t K, int64_t r, int splits, const int64_t* seed, uint32_t threshold,
+                                     int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
                                      float keep_scale, cudaStream_t stream) {
   if (K == 0 || r == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {x})) return cudaErrorInvalidValue;
@@ -409,7 +409,7 @@ cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat 
 }
 
 cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                    int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale,
+                                    int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
                                     bool accumulate, cudaStream_t stream) {
   if (M == 0 || K == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {dx, A})) return cudaErrorInvalidValue;

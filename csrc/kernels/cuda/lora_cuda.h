@@ -1,6 +1,6 @@
-// Torch-free CUDA launchers of the LoRA-branch kernels. Device pointers (the dropout seed too: one int64 read
-// inside the kernel, so a seed drawn on the device needs no host sync and CUDA graph replays see new seeds);
-// work enqueued on `stream`. Dropout decisions follow ../dropout_rng.h with counter = row-major element index
+// Torch-free CUDA launchers of the LoRA-branch kernels. Device pointers; work enqueued on `stream`. The dropout
+// seed is a SeedRef: read inside the kernel from device memory (a seed drawn on the GPU needs no host sync and
+// CUDA graph replays see new seeds) or passed by value (a seed the host already knows: no draw kernel). Dropout decisions follow ../dropout_rng.h with counter = row-major element index
 // of the logical [M, K] input (+ offset for lora_dropout).
 #pragma once
 
@@ -13,8 +13,18 @@
 
 namespace qpeft::cuda {
 
+struct SeedRef {
+  const int64_t* device = nullptr;  // one int64 in device memory, or nullptr: use `value`
+  int64_t value = 0;
+#ifdef __CUDACC__
+  __device__ __forceinline__ uint64_t get() const {
+    return static_cast<uint64_t>(device != nullptr ? *device : value);
+  }
+#endif
+};
+
 // out[i] = keep(seed, offset + i) ? fmt(float(x[i]) * keep_scale) : 0 over n contiguous elements.
-cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, const int64_t* seed, uint64_t offset,
+cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, SeedRef seed, uint64_t offset,
                          uint32_t threshold, float keep_scale, cudaStream_t stream);
 
 // Row/column splits the launchers below are asked for (the caller allocates the partial sums and adds them).
@@ -29,20 +39,20 @@ cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out,
 // partial[s, m, j] = sum over split s's columns k of drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K]
 // fp32 contiguous, partial fp32 [splits, M, r]; xa = the sum over s.
 cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K, int64_t r,
-                      int splits, const int64_t* seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
+                      int splits, SeedRef seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
 
 // Partial sums of dA[j, k] = sum_m g[m, j] * drop(x)[m, k]: g [M, r] fp32, x [M, K] (fmt); the rows are split
 // into `splits` consecutive ranges and split s writes partial[s, j, k] (fp32 [splits, r, K]); the caller sums
 // them (deterministic: no atomics).
 cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                  int64_t K, int64_t r, int splits, const int64_t* seed, uint32_t threshold,
+                                  int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
                                   float keep_scale, cudaStream_t stream);
 
 // dx[m, k] = fmt([float(dx[m, k]) +] (keep(m * K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0)) — accumulated
 // into dx when `accumulate`, else written (dx's old contents never read); dx [M, K] contiguous (fmt),
 // g [M, r] fp32, A [r, K] fp32, K <= 65535 * 256.
 cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                 int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale, bool accumulate,
+                                 int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
                                  cudaStream_t stream);
 
 // Tensor-core versions of the three kernels above (lora_branch_mma.cu: mma.sync tf32, the fp32 operands A and g
@@ -54,13 +64,13 @@ bool lora_tensor_cores_ok(FloatFormat fmt, int64_t K, std::initializer_list<cons
 int lora_down_tc_splits(int64_t M, int64_t K, int64_t r);
 int lora_down_grad_weight_tc_splits(int64_t M, int64_t K, int64_t r);
 cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
-                         int64_t r, int splits, const int64_t* seed, uint32_t threshold, float keep_scale,
+                         int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
                          cudaStream_t stream);
 cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                     int64_t K, int64_t r, int splits, const int64_t* seed, uint32_t threshold,
+                                     int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
                                      float keep_scale, cudaStream_t stream);
 cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                    int64_t r, const int64_t* seed, uint32_t threshold, float keep_scale,
+                                    int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
                                     bool accumulate, cudaStream_t stream);
 
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
