@@ -73,16 +73,6 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& q, const at::Tensor&
   return a.out;
 }
 
-at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto a = prepare_lora_dropout(x, p, seed, offset);
-  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(),
-                                  seed_ref(a.dropout), a.offset, a.dropout.threshold,
-                                  a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
-               "lora_dropout");
-  return a.out;
-}
-
 // The seed as the kernels take it: a CUDA tensor is read on the device, a CPU one by value (prepare_dropout
 // allows both).
 cuda::SeedRef seed_ref(const DropoutParams& dropout) {
@@ -93,6 +83,16 @@ cuda::SeedRef seed_ref(const DropoutParams& dropout) {
     ref.value = static_cast<int64_t>(dropout.host_seed());
   }
   return ref;
+}
+
+at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto a = prepare_lora_dropout(x, p, seed, offset);
+  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(),
+                                  seed_ref(a.dropout), a.offset, a.dropout.threshold,
+                                  a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+               "lora_dropout");
+  return a.out;
 }
 
 // Tensor cores when asked for (cuda_lora_tensor_cores) and the arguments allow them.
