@@ -172,7 +172,14 @@ __device__ void stage_lora_operands(const LoraUpEpilogue& lora, int M, int64_t N
   const int64_t stride = static_cast<int64_t>(M) * r;
   for (int i = threadIdx.x; i < M * r; i += kThreads) {
     float sum = 0.0f;
-    for (int s = 0; s < lora.splits; ++s) sum = __fadd_rn(sum, __ldg(lora.xa_partial + s * stride + i));
+    for (int s0 = 0; s0 < lora.splits; s0 += 8) {  // 8 loads in flight, then added in split order
+      float part[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        part[u] = s0 + u < lora.splits ? __ldg(lora.xa_partial + (s0 + u) * stride + i) : 0.0f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) sum = s0 + u < lora.splits ? __fadd_rn(sum, part[u]) : sum;
+    }
     const T rounded = from_float<T>(sum);
     xa_s[i / r][i % r] = to_float(rounded);
     if (blockIdx.x == 0) static_cast<T*>(lora.xa)[i] = rounded;
