@@ -210,22 +210,23 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float red[kMmaWarps][kTilesPerWarp][32][4];
   __shared__ float xa_s[kLora ? kMaxM : 1][kMaxRank];
   __shared__ float b_s[kLora ? kBlockFeatures : 1][kMaxRank];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, t = lane & 3;
+  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kBlockFeatures;
+  const int64_t kblocks = K / kMmaKBlock;
+  // The first block's loads go out before anything waits: the tables below and (kLora) the LoRA operands are
+  // filled while they are in flight, so the kernel pays one memory latency before its first MMA, not two.
+  GemvStep cur, next;
+  if (warp < kblocks) load_gemv_step(cur, x, M, K, packed, scales, log2_blocksize, N, n_block, warp, g, t);
   const bool nested = scales.absmax == nullptr;
   if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4 : kFP4)[threadIdx.x];
   static_assert(kThreads == 256, "one thread per entry of the 256-entry scale map");
   if (nested) nested_code[threadIdx.x] = scales.nested_code[threadIdx.x];
   const float nested_offset = nested ? *scales.nested_offset : 0.0f;
+  if constexpr (kLora) stage_lora_operands<T>(lora, M, N, n_block, xa_s, b_s);  // read after the reduction
   __syncthreads();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane >> 2, t = lane & 3;
-  const int64_t n_block = static_cast<int64_t>(blockIdx.x) * kBlockFeatures;
   float acc[kTilesPerWarp][4];
 #pragma unroll
   for (int i = 0; i < kTilesPerWarp; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-  const int64_t kblocks = K / kMmaKBlock;
-  GemvStep cur, next;
-  if (warp < kblocks) load_gemv_step(cur, x, M, K, packed, scales, log2_blocksize, N, n_block, warp, g, t);
-  // (while the first block's loads are in flight; read after the reduction's barrier)
-  if constexpr (kLora) stage_lora_operands<T>(lora, M, N, n_block, xa_s, b_s);
   for (int64_t kb = warp; kb < kblocks; kb += kMmaWarps) {
     if (kb + kMmaWarps < kblocks)
       load_gemv_step(next, x, M, K, packed, scales, log2_blocksize, N, n_block, kb + kMmaWarps, g, t);
