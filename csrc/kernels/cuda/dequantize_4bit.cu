@@ -1,7 +1,7 @@
 // 4-bit blockwise dequantization on CUDA, memory-bound. Work unit: 8 elements = 4 packed bytes (one 4-byte
 // load) -> 8 outputs (one 16-byte store for 16-bit outputs, two for fp32), so a warp reads 128 contiguous bytes
 // and writes 512 contiguous bytes per unit. Each thread keeps kUnroll units in flight (all loads issued before
-// the first use). A unit never straddles a quantization block (blocksize >= 32). Code book and, when nested,
+// the first use; the first ones before the shared tables are filled). A unit never straddles a quantization block (blocksize >= 32). Code book and, when nested,
 // the 256-entry 8-bit map sit in shared memory. out = fmt(code[q] * scale): one fp32 product, one RNE rounding.
 #include "device_utils.cuh"
 #include "quant_cuda.h"
@@ -41,48 +41,83 @@ __device__ __forceinline__ float block_scale(const BlockScales& scales, const fl
   return __fadd_rn(__fmul_rn(nested_code_smem[code], __ldg(scales.nested_absmax + (block >> 8))), offset);
 }
 
+// The global loads of kUnroll units (units base, base + stride, ...): codes and what their scales are made of
+// (plain: the fp32 scale; nested: the 8-bit scale code and its group's fp32 absmax), none of it needing the
+// shared tables, so they can be in flight while the tables are filled.
+struct RawUnits {
+  uint32_t words[kUnroll];
+  float scale_or_absmax2[kUnroll];
+  uint32_t scale_code[kUnroll];
+};
+
+__device__ __forceinline__ void load_units(RawUnits& raw, const uint8_t* __restrict__ packed, const BlockScales& scales,
+                                           int log2_blocksize, int64_t base, int64_t stride, int64_t num_units) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t unit = base + u * stride;
+    if (unit < num_units) {
+      const int64_t block = (unit * kUnitElements) >> log2_blocksize;
+      raw.words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed) + unit);
+      if (scales.absmax) {
+        raw.scale_or_absmax2[u] = __ldg(scales.absmax + block);
+      } else {
+        raw.scale_code[u] = __ldg(scales.absmax_codes + block);
+        raw.scale_or_absmax2[u] = __ldg(scales.nested_absmax + (block >> 8));
+      }
+    }
+  }
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_units(const RawUnits& raw, const float* code_values, const float* nested_code,
+                                            bool nested, float offset, OutT* __restrict__ out, int64_t base,
+                                            int64_t stride, int64_t num_units) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t unit = base + u * stride;
+    if (unit < num_units) {
+      // dequantize's scale: plain fp32, or fp32(code8 * absmax2) + offset (quant_rules.h nested_scale)
+      const float scale = nested ? __fadd_rn(__fmul_rn(nested_code[raw.scale_code[u]], raw.scale_or_absmax2[u]),
+                                             offset)
+                                 : raw.scale_or_absmax2[u];
+      float values[kUnitElements];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (raw.words[u] >> (8 * b)) & 0xFFu;  // little endian: element pair 2b, 2b+1
+        values[2 * b] = __fmul_rn(code_values[byte >> 4], scale);
+        values[2 * b + 1] = __fmul_rn(code_values[byte & 0xFu], scale);
+      }
+      store_unit(out + unit * kUnitElements, values);
+    }
+  }
+}
+
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, BlockScales scales, int64_t n, int log2_blocksize,
                            QuantType type, OutT* __restrict__ out, bool vector_ok) {
   __shared__ float code_values[16];
   __shared__ float nested_code[256];
-  if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4Values : kFP4Values)[threadIdx.x];
-  if (!scales.absmax) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = scales.nested_code[i];
-  }
-  __syncthreads();
-  const float offset = scales.absmax ? 0.0f : __ldg(scales.nested_offset);
-
+  const bool nested = scales.absmax == nullptr;
   const int64_t num_units = n / kUnitElements;  // full units; the tail is done below
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // The first units' loads go out before the tables are filled: with about one pass per thread (the grid covers
+  // the weight), waiting for the tables first left a whole memory latency per block with no data in flight.
+  RawUnits raw;
+  if (vector_ok) load_units(raw, packed, scales, log2_blocksize, first, stride, num_units);
+  if (threadIdx.x < 16) code_values[threadIdx.x] = (type == QuantType::NF4 ? kNF4Values : kFP4Values)[threadIdx.x];
+  if (nested) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = scales.nested_code[i];
+  }
+  const float offset = nested ? __ldg(scales.nested_offset) : 0.0f;
+  __syncthreads();
+
   if (vector_ok) {
-    for (int64_t base = first; base < num_units; base += stride * kUnroll) {
-      uint32_t words[kUnroll];
-      float unit_scale[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t unit = base + u * stride;
-        if (unit < num_units) {
-          words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed) + unit);
-          unit_scale[u] = block_scale(scales, nested_code, offset, (unit * kUnitElements) >> log2_blocksize);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t unit = base + u * stride;
-        if (unit < num_units) {
-          float values[kUnitElements];
-#pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            const uint32_t byte = (words[u] >> (8 * b)) & 0xFFu;  // little endian: element pair 2b, 2b+1
-            values[2 * b] = __fmul_rn(code_values[byte >> 4], unit_scale[u]);
-            values[2 * b + 1] = __fmul_rn(code_values[byte & 0xFu], unit_scale[u]);
-          }
-          store_unit(out + unit * kUnitElements, values);
-        }
-      }
+    for (int64_t base = first; base < num_units;) {
+      store_units(raw, code_values, nested_code, nested, offset, out, base, stride, num_units);
+      base += stride * kUnroll;
+      if (base < num_units) load_units(raw, packed, scales, log2_blocksize, base, stride, num_units);
     }
   }
   // Elements not covered above (all of them when unaligned, else the last n % 8), one per thread.
