@@ -348,7 +348,7 @@ def test_cuda_decode_forward_is_two_launches():
     dense = torch.nn.Linear(512, 384, dtype=torch.bfloat16, device="cuda")
     layer = LoraLinear4bit.from_linear(dense, r=16, alpha=32, dropout=0.1).eval()
     torch.nn.init.normal_(layer.lora_B)
-    layer.base.bias.data = layer.base.bias.data.float()
+    layer.base.bias = torch.nn.Parameter(layer.base.bias.detach().float())
     x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         layer(x)  # first call: lazily built state
