@@ -1,7 +1,7 @@
 """Autograd of the QLoRA layer over qpeft's ops, saving only what the memory contract allows.
 
 Inputs [..., K] are flattened to rows [M, K]; dropout counters are the row-major indices of that [M, K] input,
-drawn from a seed tensor (int64, one element, on the input's device) so nothing random is ever stored.
+drawn from a seed tensor (int64, one element, on the input's device or the CPU) so nothing random is ever stored.
 
 * qlora_linear (one adapter, plain LoRA): the fused ``qpeft::qlora_forward`` / ``qlora_backward`` ops.
   Saved for backward: x (alive anyway for the caller) and xa = drop(x) A^T [M, r]; W stays 4-bit.
@@ -103,7 +103,7 @@ def frozen_4bit_linear(x: torch.Tensor, weight: Quantized4bitWeight) -> torch.Te
 def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.Tensor, B: torch.Tensor,
                  bias: torch.Tensor | None, scaling: float, p: float, seed: torch.Tensor) -> torch.Tensor:
     """x W^T + s * drop(x) A^T B^T + bias for x [..., K] in x's dtype, through the fused ops; ``bias`` [N] is the
-    layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device.
+    layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device or the CPU.
     ``weight`` may also be its weight_args tuple already (Linear4bit.op_weight_args: the per-call fast path)."""
     wargs = weight if isinstance(weight, tuple) else weight_args(weight)
     if x.dim() == 2:  # (the reshapes cost host time on every call)

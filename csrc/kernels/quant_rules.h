@@ -100,10 +100,15 @@ QPEFT_HD uint8_t quantize_8bit_value(const float* code, float x) {
   return static_cast<uint8_t>(x < midpoint ? lower : pivot);
 }
 
-// fp32 scale of 4-bit block `block` of a double-quantized state: fp32(code8[q] * absmax2) + offset.
+// fp32 scale of a double-quantized 4-bit block from its parts: fp32(code8 value * absmax2) + offset.
+QPEFT_HD float nested_scale_of(float code_value, float absmax2, float offset) {
+  return fp32_add(fp32_mul(code_value, absmax2), offset);
+}
+
+// fp32 scale of 4-bit block `block` of a double-quantized state.
 QPEFT_HD float nested_scale(const uint8_t* absmax_codes, const float* nested_absmax, const float* nested_code,
                             float offset, int64_t block) {
-  return fp32_add(fp32_mul(nested_code[absmax_codes[block]], nested_absmax[block >> 8]), offset);
+  return nested_scale_of(nested_code[absmax_codes[block]], nested_absmax[block >> 8], offset);
 }
 
 // Element formats of float tensors crossing the kernel boundary (16-bit ones as raw bits).

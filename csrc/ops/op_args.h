@@ -83,7 +83,8 @@ Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const 
                                                      const at::Tensor& code, int64_t blocksize);
 
 // Dropout of the LoRA branch: drop probability p and the seed, a one-element int64 tensor on the activation's
-// device (kernels read it there: no host sync, and CUDA graph replays see a freshly drawn seed).
+// device (kernels read it there: no host sync, and CUDA graph replays see a freshly drawn seed) or on the CPU
+// (its value is passed to the kernels).
 struct DropoutParams {
   at::Tensor seed;  // int64 [1], contiguous, on the activation's device or the CPU (then read on the host)
   uint32_t threshold;

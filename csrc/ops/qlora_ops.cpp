@@ -10,8 +10,9 @@
 // Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key: a call costs a
 // few microseconds of host time (the Python register_autograd path cost ~200 us per layer call, which is the
 // whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
-// Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x), dx = dy W (linear_4bit_grad_input
-// for small M on the CPU, else a transient dequantized W) + drop(g A) accumulated in place.
+// Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x),
+// dx = dy W (linear_4bit_grad_input for small M on the CPU, else a transient dequantized W) + drop(g A)
+// accumulated in place.
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>

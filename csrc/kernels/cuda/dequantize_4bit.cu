@@ -1,8 +1,9 @@
 // 4-bit blockwise dequantization on CUDA, memory-bound. Work unit: 8 elements = 4 packed bytes (one 4-byte
 // load) -> 8 outputs (one 16-byte store for 16-bit outputs, two for fp32), so a warp reads 128 contiguous bytes
 // and writes 512 contiguous bytes per unit. Each thread keeps kUnroll units in flight (all loads issued before
-// the first use; the first ones before the shared tables are filled). A unit never straddles a quantization block (blocksize >= 32). Code book and, when nested,
-// the 256-entry 8-bit map sit in shared memory. out = fmt(code[q] * scale): one fp32 product, one RNE rounding.
+// the first use; the first ones before the shared tables are filled). A unit never straddles a quantization
+// block (blocksize >= 32). Code book and, when nested, the 256-entry 8-bit map sit in shared memory.
+// out = fmt(code[q] * scale): one fp32 product, one RNE rounding.
 #include "device_utils.cuh"
 #include "quant_cuda.h"
 
@@ -33,21 +34,11 @@ __device__ __forceinline__ void store_unit(OutT* dst, const float (&values)[kUni
   }
 }
 
-// Scale of 4-bit block `block`; the nested map is read from shared memory.
-__device__ __forceinline__ float block_scale(const BlockScales& scales, const float* nested_code_smem, float offset,
-                                             int64_t block) {
-  if (scales.absmax) return __ldg(scales.absmax + block);
-  const uint8_t code = __ldg(scales.absmax_codes + block);
-  return __fadd_rn(__fmul_rn(nested_code_smem[code], __ldg(scales.nested_absmax + (block >> 8))), offset);
-}
-
-// The global loads of kUnroll units (units base, base + stride, ...): codes and what their scales are made of
-// (plain: the fp32 scale; nested: the 8-bit scale code and its group's fp32 absmax), none of it needing the
-// shared tables, so they can be in flight while the tables are filled.
+// The global loads of kUnroll units (units base, base + stride, ...): codes and their scales' parts, none of it
+// needing the shared tables, so they can be in flight while the tables are filled.
 struct RawUnits {
   uint32_t words[kUnroll];
-  float scale_or_absmax2[kUnroll];
-  uint32_t scale_code[kUnroll];
+  ScaleParts scale[kUnroll];
 };
 
 __device__ __forceinline__ void load_units(RawUnits& raw, const uint8_t* __restrict__ packed, const BlockScales& scales,
@@ -56,14 +47,8 @@ __device__ __forceinline__ void load_units(RawUnits& raw, const uint8_t* __restr
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t unit = base + u * stride;
     if (unit < num_units) {
-      const int64_t block = (unit * kUnitElements) >> log2_blocksize;
       raw.words[u] = __ldg(reinterpret_cast<const uint32_t*>(packed) + unit);
-      if (scales.absmax) {
-        raw.scale_or_absmax2[u] = __ldg(scales.absmax + block);
-      } else {
-        raw.scale_code[u] = __ldg(scales.absmax_codes + block);
-        raw.scale_or_absmax2[u] = __ldg(scales.nested_absmax + (block >> 8));
-      }
+      raw.scale[u] = ScaleParts::load(scales, (unit * kUnitElements) >> log2_blocksize);
     }
   }
 }
@@ -76,10 +61,7 @@ __device__ __forceinline__ void store_units(const RawUnits& raw, const float* co
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t unit = base + u * stride;
     if (unit < num_units) {
-      // dequantize's scale: plain fp32, or fp32(code8 * absmax2) + offset (quant_rules.h nested_scale)
-      const float scale = nested ? __fadd_rn(__fmul_rn(nested_code[raw.scale_code[u]], raw.scale_or_absmax2[u]),
-                                             offset)
-                                 : raw.scale_or_absmax2[u];
+      const float scale = raw.scale[u].value(nested, nested_code, offset);
       float values[kUnitElements];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
@@ -125,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = scalar_begin + first; i < n; i += stride) {
     const uint8_t byte = packed[i / 2];
     const uint8_t code = (i & 1) ? (byte & 0xFu) : (byte >> 4);
-    const float scale = block_scale(scales, nested_code, offset, i >> log2_blocksize);
+    const float scale = ScaleParts::load(scales, i >> log2_blocksize).value(nested, nested_code, offset);
     out[i] = from_float<OutT>(__fmul_rn(code_values[code], scale));
   }
 }

@@ -63,6 +63,29 @@ __device__ __forceinline__ void store_from_float(void* A, FloatFormat fmt, int64
   }
 }
 
+// What the fp32 scale of one 4-bit block is made of, loaded from global memory alone (plain: the scale;
+// nested: the 8-bit scale code and its group's fp32 absmax), so that kernels can have these loads in flight
+// while they stage the 256-entry nested map in shared memory; value() then applies the map (dequantize's rule).
+struct ScaleParts {
+  float scale_or_absmax2 = 0.0f;
+  uint32_t code = 0;
+
+  __device__ __forceinline__ static ScaleParts load(const BlockScales& scales, int64_t block) {
+    ScaleParts parts;
+    if (scales.absmax != nullptr) {
+      parts.scale_or_absmax2 = __ldg(scales.absmax + block);
+    } else {
+      parts.scale_or_absmax2 = __ldg(scales.nested_absmax + (block >> 8));
+      parts.code = __ldg(scales.absmax_codes + block);
+    }
+    return parts;
+  }
+  // nested_code_smem: the nested map in shared memory; offset: *scales.nested_offset (both unused when plain)
+  __device__ __forceinline__ float value(bool nested, const float* nested_code_smem, float offset) const {
+    return nested ? nested_scale_of(nested_code_smem[code], scale_or_absmax2, offset) : scale_or_absmax2;
+  }
+};
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;

@@ -126,8 +126,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 struct GemvStep {
   uint4 x[2][4];
   uint4 codes[kTilesPerWarp];
-  float scale_or_absmax2[kTilesPerWarp];
-  uint32_t scale_code[kTilesPerWarp];
+  ScaleParts scale[kTilesPerWarp];
 };
 
 template <typename T>
@@ -149,13 +148,7 @@ __device__ __forceinline__ void load_gemv_step(GemvStep& s, const T* __restrict_
     const int64_t e = n * K + k, block = e >> log2_blocksize;
     const bool in = n < N;
     s.codes[i] = in ? __ldg(reinterpret_cast<const uint4*>(packed + e / 2)) : make_uint4(0u, 0u, 0u, 0u);
-    if (scales.absmax != nullptr) {
-      s.scale_or_absmax2[i] = in ? __ldg(scales.absmax + block) : 0.0f;
-      s.scale_code[i] = 0;
-    } else {
-      s.scale_or_absmax2[i] = in ? __ldg(scales.nested_absmax + (block >> 8)) : 0.0f;
-      s.scale_code[i] = in ? __ldg(scales.absmax_codes + block) : 0u;
-    }
+    s.scale[i] = in ? ScaleParts::load(scales, block) : ScaleParts{};
   }
 }
 
@@ -232,10 +225,7 @@ __global__ void __launch_bounds__(kThreads)
       load_gemv_step(next, x, M, K, packed, scales, log2_blocksize, N, n_block, kb + kMmaWarps, g, t);
 #pragma unroll
     for (int i = 0; i < kTilesPerWarp; ++i) {
-      // dequantize's scale: plain fp32, or fp32(code8 * absmax2) + offset (quant_rules.h nested_scale)
-      const float scale = nested ? fp32_add(fp32_mul(nested_code[cur.scale_code[i]], cur.scale_or_absmax2[i]),
-                                            nested_offset)
-                                 : cur.scale_or_absmax2[i];
+      const float scale = cur.scale[i].value(nested, nested_code, nested_offset);
       const uint32_t words[4] = {cur.codes[i].x, cur.codes[i].y, cur.codes[i].z, cur.codes[i].w};
 #pragma unroll
       for (int s = 0; s < 4; ++s) {  // word s: columns k + 8 s .. + 7; byte b: 2b (high nibble), 2b + 1
@@ -278,10 +268,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
-
-}  // namespace
-
-namespace {
 
 int log2_of(int64_t blocksize) {
   int log2_blocksize = 0;

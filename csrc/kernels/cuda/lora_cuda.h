@@ -1,7 +1,8 @@
 // Torch-free CUDA launchers of the LoRA-branch kernels. Device pointers; work enqueued on `stream`. The dropout
 // seed is a SeedRef: read inside the kernel from device memory (a seed drawn on the GPU needs no host sync and
-// CUDA graph replays see new seeds) or passed by value (a seed the host already knows: no draw kernel). Dropout decisions follow ../dropout_rng.h with counter = row-major element index
-// of the logical [M, K] input (+ offset for lora_dropout).
+// CUDA graph replays see new seeds) or passed by value (a seed the host already knows: no draw kernel).
+// Dropout decisions follow ../dropout_rng.h with counter = row-major element index of the logical [M, K] input
+// (+ offset for lora_dropout).
 #pragma once
 
 #include <cuda_runtime.h>
