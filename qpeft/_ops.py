@@ -21,7 +21,7 @@ CUDA_LORA_KERNELS = ("cuda_cores", "tensor_cores")
 
 
 def set_cuda_lora_kernels(kind: str) -> None:
-    """Which CUDA kernels run the LoRA branch (lora_down, lora_down_grad_weight, lora_down_grad_input_, and so
+    """Which CUDA kernels run the LoRA branch (lora_down, lora_down_grad_weight, lora_down_grad_input(_), and so
     the fused layer): "cuda_cores" (fp32 FMAs; the default) or "tensor_cores" (mma.sync tf32 with fp32 operands
     split into hi + lo parts: same results to fp32 rounding, same dropout mask). Tensor cores apply to bf16/fp16
     activations with K % 8 == 0 and 16-byte aligned rows; other calls keep the CUDA-core kernels. Process-wide;
@@ -100,6 +100,11 @@ def _(g, x, p, seed):
 @torch.library.register_fake("qpeft::lora_down_grad_input_")
 def _(dx, g, lora_A, p, seed):
     return None
+
+
+@torch.library.register_fake("qpeft::lora_down_grad_input")
+def _(g, lora_A, p, seed, dtype):
+    return g.new_empty((g.shape[0], lora_A.shape[1]), dtype=dtype)
 
 
 @torch.library.register_fake("qpeft::qlora_forward")

@@ -209,6 +209,14 @@ def lora_down_grad_input_(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tenso
     return dx
 
 
+def lora_down_grad_input(g: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch.Tensor,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dx = drop(g A) for g [M, r], A [r, K], a new [M, K] tensor of ``dtype`` (the input gradient of
+    drop(x) A^T; written without reading anything, so a GEMM can then add another gradient onto it)."""
+    _check_p(p)
+    return ops.lora_down_grad_input(g, lora_A, float(p), dropout_seed(seed, g.device), dtype)
+
+
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                 out_features: int, *, nested_absmax: torch.Tensor | None = None,
                 nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:

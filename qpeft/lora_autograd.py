@@ -139,8 +139,11 @@ def _lora_branch_grads(ctx, dl, x2, xa, A, B, scaling, p, seed, dx_base):
     dA = ops.lora_down_grad_weight(g, x2, p, seed).to(A.dtype) if ctx.needs_input_grad[1] else None
     dx = dx_base
     if ctx.needs_input_grad[0]:
-        dx = torch.zeros_like(x2) if dx is None else dx.contiguous()
-        ops.lora_down_grad_input_(dx, g, A, p, seed)
+        if dx is None:
+            dx = ops.lora_down_grad_input(g, A, p, seed, x2.dtype)
+        else:
+            dx = dx.contiguous()
+            ops.lora_down_grad_input_(dx, g, A, p, seed)
     return dA, dB, dx
 
 

@@ -1,5 +1,5 @@
 """The LoRA-branch ops (dropout inside the kernels) and the fused QLoRA layer ops against float64 references:
-lora_down, lora_down_grad_weight, lora_down_grad_input_, qlora_forward, qlora_backward. Odd shapes, 16-bit
+lora_down, lora_down_grad_weight, lora_down_grad_input(_), qlora_forward, qlora_backward. Odd shapes, 16-bit
 inputs, non-contiguous inputs, poisoned allocations, bad input, opcheck."""
 
 import pytest
@@ -57,6 +57,10 @@ def test_lora_down_and_gradients_match_reference(device, m, k, r, dtype, p):
     expected = acc.double() + dropped64(g.double() @ A.double(), p, seed)
     out = F.lora_down_grad_input_(acc.clone(), g, A, p, seed)
     assert out.dtype == dtype and rel_err(out, expected) < TOL[dtype]
+    poison_allocator(device, m * k * 4)
+    written = F.lora_down_grad_input(g, A, p, seed, dtype)  # the out-of-place form: nothing read from dx
+    assert written.shape == (m, k) and written.dtype == dtype and written.is_contiguous()
+    assert rel_err(written, dropped64(g.double() @ A.double(), p, seed)) < TOL[dtype]
 
 
 def test_lora_down_zero_rows_and_noncontiguous(device):
@@ -67,6 +71,9 @@ def test_lora_down_zero_rows_and_noncontiguous(device):
     assert torch.allclose(F.lora_down(x, A, 0.2, 7), F.lora_down(x.contiguous(), A, 0.2, 7))
     g = torch.randn(4, 10, device=device).T  # [10, 4], not contiguous
     assert torch.allclose(F.lora_down_grad_weight(g, x, 0.2, 7), F.lora_down_grad_weight(g.contiguous(), x, 0.2, 7))
+    assert torch.equal(F.lora_down_grad_input(g, A, 0.2, 7), F.lora_down_grad_input(g.contiguous(), A, 0.2, 7))
+    assert F.lora_down_grad_input(torch.randn(0, 4, device=device), A, 0.2, 1, torch.bfloat16).shape == (0, 24)
+    assert F.lora_down_grad_input(torch.randn(3, 0, device=device), A[:0], 0.2, 1).eq(0).all()  # r = 0: zeros
 
 
 def test_ops_take_parameters_that_require_grad(device):
@@ -96,6 +103,14 @@ def test_lora_ops_bad_inputs(device):
         ops.lora_down_grad_input_(torch.randn(8, 4, device=device).T, torch.randn(4, 2, device=device), A, 0.1, s)
     with pytest.raises(ValueError, match="g must have shape"):
         ops.lora_down_grad_input_(x.clone(), torch.randn(4, 3, device=device), A, 0.1, s)
+    with pytest.raises(ValueError, match=r"g must have shape \[rows, r\]"):
+        ops.lora_down_grad_input(torch.randn(4, device=device), A, 0.1, s, torch.float32)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[3, in_features\]"):
+        ops.lora_down_grad_input(torch.randn(4, 3, device=device), A, 0.1, s, torch.float32)
+    with pytest.raises(TypeError, match="dtype of lora_down_grad_input"):
+        ops.lora_down_grad_input(torch.randn(4, 2, device=device), A, 0.1, s, torch.float64)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        F.lora_down_grad_input(torch.randn(4, 2, device=device), A, 1.5, 0)
 
 
 def test_lora_ops_opcheck(device):
@@ -104,6 +119,8 @@ def test_lora_ops_opcheck(device):
     opcheck(ops.lora_down, (x.bfloat16(), A, 0.0, s))
     opcheck(ops.lora_down_grad_weight, (torch.randn(5, 3, device=device), x.half(), 0.2, s))
     opcheck(ops.lora_down_grad_input_, (torch.randn(5, 24, device=device), torch.randn(5, 3, device=device), A, 0.2, s))
+    opcheck(ops.lora_down_grad_input, (torch.randn(5, 3, device=device), A, 0.2, s, torch.bfloat16))
+    opcheck(ops.lora_down_grad_input, (torch.randn(5, 3, device=device), A, 0.0, s, torch.float32))
 
 
 # ---- the fused layer ops ---------------------------------------------------------------------------------------
@@ -176,6 +193,9 @@ def test_cuda_lora_ops_equal_cpu(m):
         cuda = F.lora_down_grad_input_(acc.cuda(), g.cuda(), A.cuda(), p, seed).cpu()
         assert rel_err(cuda, cpu) < 1e-5
         assert torch.equal(cuda == acc, cpu == acc)  # same dropped positions
+        written = F.lora_down_grad_input(g.cuda(), A.cuda(), p, seed).cpu()
+        assert rel_err(written, F.lora_down_grad_input(g, A, p, seed)) < 1e-5
+        assert torch.equal(written == 0, cuda == acc)
 
 
 @pytest.mark.cuda
@@ -189,7 +209,7 @@ def test_cuda_ops_take_the_seed_on_the_host_or_the_device():
         st = seed_tensor(-12345, where)
         results[where] = (ops.lora_down(x, A, 0.3, st), ops.lora_down_grad_weight(g, x, 0.3, st),
                           F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.3, st),
-                          ops.lora_dropout(x, 0.3, st, 7))
+                          ops.lora_down_grad_input(g, A, 0.3, st, x.dtype), ops.lora_dropout(x, 0.3, st, 7))
     for on_host, on_device in zip(results["cpu"], results["cuda"]):
         assert torch.equal(on_host, on_device)
     with pytest.raises(ValueError, match="seed is on"):
@@ -251,6 +271,10 @@ def test_cuda_lora_kernels_match_reference(cuda_lora_kernels, m, k, r, dtype, p)
     zeros = F.lora_down_grad_input_(torch.zeros(m, k, dtype=dtype, device="cuda"), g, A, p, seed).cpu()
     cpu = F.lora_down_grad_input_(torch.zeros(m, k, dtype=dtype), g.cpu(), A.cpu(), p, seed)
     assert torch.equal(zeros == 0, cpu == 0)
+    poison_allocator("cuda", 4 * m * k * 2)
+    written = F.lora_down_grad_input(g, A, p, seed, dtype)  # the write-only variant of each kernel kind
+    assert written.dtype == dtype and rel_err(written, dropped64(g.double() @ A.double(), p, seed)) < TOL[dtype]
+    assert torch.equal(written.cpu() == 0, cpu == 0)
 
 
 @pytest.mark.cuda

@@ -151,19 +151,33 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
   return sum_partials(partial, at::kFloat, "lora_down_grad_weight (sum of partials)");
 }
 
-void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
-                               const at::Tensor& seed) {
-  const BelowAutograd below_autograd;
-  const c10::cuda::CUDAGuard guard(dx.device());
-  const LoraDownGradInputArgs a = prepare_lora_down_grad_input(dx, g, lora_A, p, seed);
-  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input_: too many features (",
+// dx (+)= drop(g A) for the validated arguments (the kernel kind set by cuda_lora_tensor_cores where it applies):
+// added to dx when `accumulate`, else written without reading dx.
+void launch_lora_down_grad_input(const at::Tensor& dx, const LoraDownGradInputArgs& a, bool accumulate) {
+  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input: too many features (",
                     dx.size(1), ")");
   const bool tc = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
   const auto launch = tc ? &cuda::lora_down_grad_input_tc : &cuda::lora_down_grad_input;
   check_launch(launch(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(), dx.size(0), dx.size(1),
-                      a.A.size(0), seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
-                      /*accumulate=*/true, c10::cuda::getCurrentCUDAStream()),
-               "lora_down_grad_input_");
+                      a.A.size(0), seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, accumulate,
+                      c10::cuda::getCurrentCUDAStream()),
+               accumulate ? "lora_down_grad_input_" : "lora_down_grad_input");
+}
+
+void lora_down_grad_input_cuda(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
+                               const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
+  const c10::cuda::CUDAGuard guard(dx.device());
+  launch_lora_down_grad_input(dx, prepare_lora_down_grad_input(dx, g, lora_A, p, seed), /*accumulate=*/true);
+}
+
+at::Tensor lora_down_grad_input_new_cuda(const at::Tensor& g, const at::Tensor& lora_A, double p,
+                                         const at::Tensor& seed, at::ScalarType dtype) {
+  const BelowAutograd below_autograd;
+  const c10::cuda::CUDAGuard guard(g.device());
+  const NewGradInputArgs a = prepare_lora_down_grad_input_new(g, lora_A, p, seed, dtype);
+  launch_lora_down_grad_input(a.dx, a.args, /*accumulate=*/false);
+  return a.dx;
 }
 
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -241,6 +255,7 @@ TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
   m.impl("lora_down", &lora_down_cuda);
   m.impl("lora_down_grad_weight", &lora_down_grad_weight_cuda);
   m.impl("lora_down_grad_input_", &lora_down_grad_input_cuda);
+  m.impl("lora_down_grad_input", &lora_down_grad_input_new_cuda);
   m.impl("linear_4bit", &linear_4bit_cuda);
 }
 

@@ -75,12 +75,15 @@ at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, d
   return dA;
 }
 
-void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
-                              const at::Tensor& seed) {
-  const BelowAutograd below_autograd;
-  const LoraDownGradInputArgs a = prepare_lora_down_grad_input(dx, g, lora_A, p, seed);
+// dx (+)= drop(g A) for the validated arguments, one row tile of fp32 products at a time: added to dx when
+// `accumulate`, else written (dx's old contents never read).
+void lora_down_grad_input_tiles(at::Tensor dx, const LoraDownGradInputArgs& a, double p, bool accumulate) {
   if (plain_fp32(dx, p)) {
-    dx.addmm_(a.g, a.A);
+    if (accumulate) {
+      dx.addmm_(a.g, a.A);
+    } else {
+      at::mm_out(dx, a.g, a.A);
+    }
     return;
   }
   const int64_t M = dx.size(0), K = dx.size(1), T = tile_rows(M, K);
@@ -92,11 +95,30 @@ void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const a
     at::mm_out(product, a.g.narrow(0, m0, rows), a.A);
     const float* v = product.data_ptr<float>();
     void* out = static_cast<char*>(dx.data_ptr()) + m0 * K * dx.element_size();
+    const auto offset = static_cast<uint64_t>(m0 * K);
     at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
-      cpu::add_dropped(v, out, a.fmt, seed_value, static_cast<uint64_t>(m0 * K), a.dropout.threshold,
-                       a.dropout.keep_scale, i0, i1);
+      if (accumulate) {
+        cpu::add_dropped(v, out, a.fmt, seed_value, offset, a.dropout.threshold, a.dropout.keep_scale, i0, i1);
+      } else {
+        cpu::dropout_convert(v, FloatFormat::F32, out, a.fmt, seed_value, offset, a.dropout.threshold,
+                             a.dropout.keep_scale, i0, i1);
+      }
     });
   }
+}
+
+void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A, double p,
+                              const at::Tensor& seed) {
+  const BelowAutograd below_autograd;
+  lora_down_grad_input_tiles(dx, prepare_lora_down_grad_input(dx, g, lora_A, p, seed), p, /*accumulate=*/true);
+}
+
+at::Tensor lora_down_grad_input_new_cpu(const at::Tensor& g, const at::Tensor& lora_A, double p,
+                                        const at::Tensor& seed, at::ScalarType dtype) {
+  const BelowAutograd below_autograd;
+  const NewGradInputArgs a = prepare_lora_down_grad_input_new(g, lora_A, p, seed, dtype);
+  lora_down_grad_input_tiles(a.dx, a.args, p, /*accumulate=*/false);
+  return a.dx;
 }
 
 }  // namespace
@@ -106,6 +128,7 @@ TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("lora_down", &lora_down_cpu);
   m.impl("lora_down_grad_weight", &lora_down_grad_weight_cpu);
   m.impl("lora_down_grad_input_", &lora_down_grad_input_cpu);
+  m.impl("lora_down_grad_input", &lora_down_grad_input_new_cpu);
 }
 
 }  // namespace qpeft::ops

@@ -284,19 +284,31 @@ LoraDownGradWeightArgs prepare_lora_down_grad_weight(const at::Tensor& g, const 
 }
 
 LoraDownGradInputArgs prepare_lora_down_grad_input(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
-                                                   double p, const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: lora_down_grad_input_ needs a contiguous 2-D dx, "
-                    "got shape ", dx.sizes(), " strides ", dx.strides());
+                                                   double p, const at::Tensor& seed, const char* op) {
+  TORCH_CHECK_VALUE(dx.dim() == 2 && dx.is_contiguous(), "qpeft: ", op, " needs a contiguous 2-D dx, got shape ",
+                    dx.sizes(), " strides ", dx.strides());
   LoraDownGradInputArgs args;
-  args.fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input_");
-  const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_input_");
+  args.fmt = float_format(dx.scalar_type(), "dx of lora_down_grad_input");
+  const at::Tensor g2 = prepare_activation(g, "the gradient g of lora_down_grad_input");
   args.A = prepare_lora_A(lora_A, dx.size(1), dx.device());
-  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == args.A.size(0), "qpeft: lora_down_grad_input_: g must "
-                    "have shape [", dx.size(0), ", ", args.A.size(0), "], got ", g2.sizes());
+  TORCH_CHECK_VALUE(g2.size(0) == dx.size(0) && g2.size(1) == args.A.size(0), "qpeft: ", op, ": g must have shape [",
+                    dx.size(0), ", ", args.A.size(0), "], got ", g2.sizes());
   TORCH_CHECK_VALUE(g2.device() == dx.device(), "qpeft: g is on ", g2.device(), " but dx is on ", dx.device());
   args.g = g2.to(at::kFloat).contiguous();
   args.dropout = prepare_dropout(dx, p, seed);
   return args;
+}
+
+NewGradInputArgs prepare_lora_down_grad_input_new(const at::Tensor& g, const at::Tensor& lora_A, double p,
+                                                  const at::Tensor& seed, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(g.dim() == 2, "qpeft: lora_down_grad_input: g must have shape [rows, r], got ", g.sizes());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(0) == g.size(1), "qpeft: lora_down_grad_input: lora_A must "
+                    "have shape [", g.size(1), ", in_features], got ", lora_A.sizes());
+  float_format(dtype, "the dtype of lora_down_grad_input");
+  NewGradInputArgs out;
+  out.dx = at::empty({g.size(0), lora_A.size(1)}, g.options().dtype(dtype));
+  out.args = prepare_lora_down_grad_input(out.dx, g, lora_A, p, seed, "lora_down_grad_input");
+  return out;
 }
 
 ReciprocalArgs prepare_approx_reciprocal(const at::Tensor& x) {

@@ -120,8 +120,17 @@ struct LoraDownGradInputArgs {
   at::Tensor g, A;  // fp32 [M, r], [r, K]
   DropoutParams dropout;
 };
+// `op` names the op in messages (the in-place lora_down_grad_input_ or the out-of-place lora_down_grad_input).
 LoraDownGradInputArgs prepare_lora_down_grad_input(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& lora_A,
-                                                   double p, const at::Tensor& seed);
+                                                   double p, const at::Tensor& seed,
+                                                   const char* op = "lora_down_grad_input_");
+// The out-of-place form: dx = drop(g A) in a new contiguous [M, K] tensor of `dtype` (allocated, not filled).
+struct NewGradInputArgs {
+  at::Tensor dx;
+  LoraDownGradInputArgs args;
+};
+NewGradInputArgs prepare_lora_down_grad_input_new(const at::Tensor& g, const at::Tensor& lora_A, double p,
+                                                  const at::Tensor& seed, at::ScalarType dtype);
 
 // Checks a 2-D activation [rows, features] (float dtype) and returns it contiguous.
 at::Tensor prepare_activation(const at::Tensor& t, const char* what);

@@ -11,8 +11,8 @@
 // few microseconds of host time (the Python register_autograd path cost ~200 us per layer call, which is the
 // whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
 // Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x),
-// dx = dy W (linear_4bit_grad_input for small M on the CPU, else a transient dequantized W) + drop(g A)
-// accumulated in place.
+// dx = dy W + drop(g A): small M on the CPU, linear_4bit_grad_input then drop(g A) accumulated in place; else
+// drop(g A) written first and one GEMM with a transient dequantized W adding dy W onto it.
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -177,11 +177,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
       "qpeft::lora_down_grad_weight");
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());
   const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
-  at::Tensor dx = (x2.device().is_cpu() && M <= small_m(x2.device())) ? weight.grad_input(dy2, K)
-                                                                       : at::mm(dy2, weight.dequantize(N, K, dtype));
-  static auto grad_input = op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
-      "qpeft::lora_down_grad_input_");
-  grad_input.call(dx, g, lora_A, p, seed);
+  at::Tensor dx;
+  if (x2.device().is_cpu() && M <= small_m(x2.device())) {  // dy W from the codes, then += drop(g A)
+    dx = weight.grad_input(dy2, K);
+    static auto grad_input_ = op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                      const at::Tensor&)>("qpeft::lora_down_grad_input_");
+    grad_input_.call(dx, g, lora_A, p, seed);
+  } else {
+    // drop(g A) written first, then the GEMM adds dy W onto it in its epilogue (beta = 1): dx is written twice
+    // and read once, where GEMM-then-accumulate wrote, read and wrote it again (as the forward orders y).
+    static auto grad_input = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                           at::ScalarType)>("qpeft::lora_down_grad_input");
+    dx = grad_input.call(g, lora_A, p, seed, dtype);
+    dx.addmm_(dy2, weight.dequantize(N, K, dtype));
+  }
   return {dx, dA, dB};
 }
 

@@ -35,9 +35,12 @@ TORCH_LIBRARY(qpeft, m) {
   //   lora_down:             xa = drop(x) A^T             x [M, K], A [r, K]  -> [M, r] in x's dtype
   //   lora_down_grad_weight: dA = g^T drop(x)             g [M, r], x [M, K]  -> [r, K] fp32
   //   lora_down_grad_input_: dx += drop(g A) (in place)   dx [M, K] contiguous, g [M, r], A [r, K]
+  //   lora_down_grad_input:  dx = drop(g A)               g [M, r], A [r, K]  -> [M, K] in `dtype` (written
+  //                          once, never read: the form to start a gradient that a GEMM then adds onto)
   m.def("lora_down(Tensor x, Tensor lora_A, float p, Tensor seed) -> Tensor");
   m.def("lora_down_grad_weight(Tensor g, Tensor x, float p, Tensor seed) -> Tensor");
   m.def("lora_down_grad_input_(Tensor(a!) dx, Tensor g, Tensor lora_A, float p, Tensor seed) -> ()");
+  m.def("lora_down_grad_input(Tensor g, Tensor lora_A, float p, Tensor seed, ScalarType dtype) -> Tensor");
   // The QLoRA layer, forward: y = x W^T + s * drop(x) A^T B^T (+ bias) and xa = drop(x) A^T (kept for backward),
   // x [M, K], W the 4-bit weight [N, K], A [r, K], B [N, r], bias [N]; y and xa in x's dtype.
   m.def(
