@@ -1,10 +1,11 @@
-"""The three LoRA-branch ops alone (lora_down, lora_down_grad_weight, lora_down_grad_input_), each CUDA kernel kind
-side by side in one run: "cuda_cores" (fp32 FMAs) and "tensor_cores" (mma.sync tf32), bf16, r = 16, dropout 0.05.
-Each op's time includes its glue (partial-sum reduction, cast), as the layer pays it.
+"""The LoRA-branch ops alone (lora_down, lora_down_grad_weight, lora_down_grad_input_, lora_down_grad_input), each
+CUDA kernel kind side by side in one run: "cuda_cores" (fp32 FMAs) and "tensor_cores" (mma.sync tf32), bf16,
+r = 16, dropout 0.05. Each op's time includes its glue (partial-sum reduction, cast), as the layer pays it.
 
 Effective bandwidth counts the bytes each op must move at least: x read once (lora_down, grad_weight), dx read
-and written once (grad_input_, which accumulates); the rank-sized operands are ignored. A copy of the same
-size gives the device's ceiling in the same run. Before timing, both kinds are checked against each other.
+and written once (grad_input_, which accumulates), dx written once (grad_input, the form the layer's backward
+uses); the rank-sized operands are ignored. A copy of the same size gives the device's ceiling in the same run.
+Before timing, both kinds are checked against each other.
 
     python benchmarks/bench_lora_ops.py [--device cuda] [--out DIR]
 """
@@ -38,12 +39,14 @@ def main() -> None:
         dx = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         ops = {"lora_down": (lambda: F.lora_down(x, A, P, SEED), x.numel() * 2),
                "grad_weight": (lambda: F.lora_down_grad_weight(g, x, P, SEED), x.numel() * 2),
-               "grad_input_": (lambda: F.lora_down_grad_input_(dx, g, A, P, SEED), 2 * dx.numel() * 2)}
+               "grad_input_": (lambda: F.lora_down_grad_input_(dx, g, A, P, SEED), 2 * dx.numel() * 2),
+               "grad_input": (lambda: F.lora_down_grad_input(g, A, P, SEED, dx.dtype), dx.numel() * 2)}
         outputs = {}
         for kind in F.CUDA_LORA_KERNELS:
             F.set_cuda_lora_kernels(kind)
             outputs[kind] = (F.lora_down(x, A, P, SEED), F.lora_down_grad_weight(g, x, P, SEED),
-                             F.lora_down_grad_input_(torch.zeros_like(dx), g, A, P, SEED))
+                             F.lora_down_grad_input_(torch.zeros_like(dx), g, A, P, SEED),
+                             F.lora_down_grad_input(g, A, P, SEED, dx.dtype))
         agree = [rel_err(a, b) for a, b in zip(outputs["tensor_cores"], outputs["cuda_cores"])]
         t_copy = median_time_ms(lambda: dx.clone(), device, reps=100)
         for (op, (fn, nbytes)), rel_diff in zip(ops.items(), agree):

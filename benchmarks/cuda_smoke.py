@@ -1,6 +1,7 @@
 """Exercises every CUDA kernel once on odd sizes (for compute-sanitizer runs): quantize/dequantize 4-bit in all
-formats and dtypes, nested scales, 8-bit, misaligned packed input, the LoRA-branch kernels, the small-M linear and
-the fused layer forward/backward (QPEFT_CUDA_LORA_KERNELS picks the LoRA kernel kind). Prints OK when every result matches the CPU."""
+formats and dtypes, nested scales, 8-bit, misaligned packed input, the LoRA-branch kernels (grad_input both
+accumulating and writing), the small-M linear and the fused layer forward/backward (QPEFT_CUDA_LORA_KERNELS picks
+the LoRA kernel kind). Prints OK when every result matches the CPU."""
 
 import torch
 
@@ -33,6 +34,8 @@ for m, k, r in ((1, 77, 3), (33, 200, 17), (300, 64, 40)):
     dx16 = dx.bfloat16()  # 16-bit dx: the tensor-core kernel where chosen (QPEFT_CUDA_LORA_KERNELS) and K % 8 == 0
     assert torch.allclose(F.lora_down_grad_input_(dx16.cuda(), g.cuda(), A.cuda(), 0.3, 5).cpu().float(),
                           F.lora_down_grad_input_(dx16.clone(), g, A, 0.3, 5).float(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(F.lora_down_grad_input(g.cuda(), A.cuda(), 0.3, 5, torch.bfloat16).cpu().float(),
+                          F.lora_down_grad_input(g, A, 0.3, 5, torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(45, k, device="cuda"))
     if m <= 16:
         y = F.linear_4bit(x.cuda(), q.packed, q.absmax, q.blocksize, q.quant_type, 45, nested_absmax=q.nested_absmax,
