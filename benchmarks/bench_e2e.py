@@ -3,7 +3,10 @@ tokens/s and peak memory of qpeft vs bitsandbytes + peft vs a 16/32-bit base + p
 run; plus the loss check (qpeft and bitsandbytes + peft QLoRA on the same data and seed end within noise).
 
 Each variant runs in its own process (so CPU peak RSS is its own). LoRA r=16 on all 7 projections, AdamW,
-gradient checkpointing, dropout 0.05.
+gradient checkpointing, dropout 0.05. Two bitsandbytes + peft set-ups: "bnb_peft" as TARGETS.md's baseline was
+run (quantized model, checkpointing, non-LoRA parameters left in the compute dtype) — the ratios are against it —
+and "bnb_peft_kbit" through peft.prepare_model_for_kbit_training, which also upcasts every non-quantized
+parameter (norms, embeddings, lm_head) to fp32: the common recipe, slower and larger.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps N] [--out DIR]
 
@@ -31,7 +34,7 @@ GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
 CPU_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2000, max_position_embeddings=256)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["qpeft", "bnb_peft", "dense_peft"]
+VARIANTS = ["qpeft", "bnb_peft", "bnb_peft_kbit", "dense_peft"]
 
 
 def batches(vocab: int, batch: int, seq: int, steps: int):
@@ -57,15 +60,19 @@ def build(variant: str, folder: str, device: torch.device, dtype: torch.dtype):
     import peft
 
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
-    if variant == "bnb_peft":
+    checkpointing = {"use_reentrant": False}
+    if variant.startswith("bnb_peft"):
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
                                                                   device_map={"": str(device)})
-        model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        if variant == "bnb_peft_kbit":
+            model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=checkpointing)
+        else:  # frozen by get_peft_model; nothing upcast
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     return peft.get_peft_model(model, config)
 
 
@@ -137,11 +144,13 @@ def main() -> None:
     by_name = {r["variant"]: r for r in rows}
     if "qpeft" in by_name and "bnb_peft" in by_name:
         q, b = by_name["qpeft"], by_name["bnb_peft"]
-        q["tokens_per_s_vs_bnb_peft"] = q["tokens_per_s"] / b["tokens_per_s"]
-        q["peak_vs_bnb_peft"] = q["peak_MB"] / b["peak_MB"]
         noise = 2 * math.hypot(q["loss_last_20_std"], b["loss_last_20_std"]) / math.sqrt(20)
         q["loss_gap_vs_bnb_peft"] = q["loss_last_20_mean"] - b["loss_last_20_mean"]
         q["loss_within_noise"] = abs(q["loss_gap_vs_bnb_peft"]) <= max(noise, 0.02 * b["loss_last_20_mean"])
+    for row in rows:  # every variant against the TARGETS.md baseline set-up
+        if "bnb_peft" in by_name:
+            row["tokens_per_s_vs_bnb_peft"] = row["tokens_per_s"] / by_name["bnb_peft"]["tokens_per_s"]
+            row["peak_vs_bnb_peft"] = row["peak_MB"] / by_name["bnb_peft"]["peak_MB"]
     print_table(rows, ["variant", "tokens_per_s", "peak_MB", "loss_first", "loss_last_20_mean", "loss_last_20_std",
                        "tokens_per_s_vs_bnb_peft", "peak_vs_bnb_peft", "loss_within_noise"])
     print("wrote", write_results("e2e", device, rows, args.out))

@@ -72,7 +72,7 @@ bench() {
 if has ops; then bench "LoRA-branch ops, both kernel kinds" bench_lora_ops.py 120 20; fi
 if has layer; then bench "layer benchmark" bench_lora_layer.py 240 12; fi
 if has dequant; then bench "dequantize benchmark" bench_dequantize.py 60 6; fi
-if has e2e; then bench "end-to-end benchmark" bench_e2e.py 300 6; fi
+if has e2e; then bench "end-to-end benchmark" bench_e2e.py 420 7; fi
 if has plot; then
   python3 "$REPO/benchmarks/plot_results.py" "$LOGS" 2>&1 | tail -3
 fi
