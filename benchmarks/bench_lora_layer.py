@@ -3,7 +3,9 @@ side by side in one run. LoRA r=16, dropout 0.05 (qpeft and peft), NF4 double-qu
 is measured twice: with the CUDA-core LoRA-branch kernels (qpeft_*) and the tensor-core ones (qpeft_tc_*).
 
 "saved_MB" is what the layer keeps for backward beyond its input and parameters (saved-tensor hooks);
-on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (harness).
+on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (harness), eager calls: the host's
+launch overhead counts where it exceeds the GPU's work. On a GPU the training step is also timed replayed from
+CUDA graphs (torch.cuda.make_graphed_callables: *_fb_graph_ms), which leaves the device time alone.
 
     python benchmarks/bench_lora_layer.py [--device cpu|cuda] [--out DIR]
 """
@@ -87,6 +89,25 @@ def graphed_forward_ms(module, x, reps) -> float | None:
         module.train(was_training)
 
 
+def graphed_fb_ms(module, x, reps) -> float | None:
+    """Forward + backward of a training step replayed from CUDA graphs (torch.cuda.make_graphed_callables, which
+    a user can apply to a layer the same way), or None when the module cannot be captured. The module's forward
+    is restored afterwards."""
+    own_forward = module.__dict__.get("forward")
+    try:
+        graphed = torch.cuda.make_graphed_callables(module, (x,))
+        grad = torch.randn_like(graphed(x))
+        return median_time_ms(lambda: graphed(x).backward(grad), x.device, reps=reps)
+    except Exception as e:  # reported, not invented
+        print(f"CUDA graph capture of the training step failed for {type(module).__name__}: {type(e).__name__}: {e}")
+        return None
+    finally:
+        if own_forward is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own_forward
+
+
 def measure(module, x, device, reps):
     fwd = median_time_ms(lambda: module(x), device, reps=reps)
 
@@ -137,6 +158,16 @@ def main() -> None:
                 row[f"{name}_fwd_graph_ms"] = graphed_forward_ms(module, x, reps) if module is not None else None
             if row["qpeft_fwd_graph_ms"] is not None and row["dense_fwd_graph_ms"] is not None:
                 row["qpeft_fwd_graph_vs_dense"] = row["qpeft_fwd_graph_ms"] / row["dense_fwd_graph_ms"]
+        if device.type == "cuda":  # training step without host overhead: CUDA-graph replays
+            # (bitsandbytes + peft is left out: a capture that fails inside a library can leave the stream unusable
+            # for the cases after it)
+            for name, module in (("dense", dense), ("qpeft", ours), ("qpeft_tc", ours)):
+                F.set_cuda_lora_kernels("tensor_cores" if name == "qpeft_tc" else "cuda_cores")
+                row[f"{name}_fb_graph_ms"] = graphed_fb_ms(module, x, reps)
+            F.set_cuda_lora_kernels("cuda_cores")
+            for name in ("qpeft", "qpeft_tc"):
+                if row[f"{name}_fb_graph_ms"] is not None and row["dense_fb_graph_ms"] is not None:
+                    row[f"{name}_fb_graph_vs_dense"] = row[f"{name}_fb_graph_ms"] / row["dense_fb_graph_ms"]
         row["qpeft_fb_vs_dense"] = row["qpeft_fb_ms"] / row["dense_fb_ms"]
         if "qpeft_tc" in results:
             row["qpeft_tc_fb_vs_dense"] = row["qpeft_tc_fb_ms"] / row["dense_fb_ms"]
@@ -150,6 +181,11 @@ def main() -> None:
                        "bnb_peft_fwd_vs_qpeft", "qpeft_fb_vs_dense", "qpeft_tc_fb_vs_dense", "bnb_peft_fb_vs_qpeft",
                        "qpeft_saved_MB", "bnb_peft_saved_MB",
                        "qpeft_peak_MB", "bnb_peft_peak_MB"])
+    graphed = [r for r in rows if "dense_fb_graph_ms" in r]
+    if graphed:
+        print("training step (forward + backward) replayed from CUDA graphs (ms):")
+        print_table(graphed, ["M", "K", "N", "dense_fb_graph_ms", "qpeft_fb_graph_ms", "qpeft_tc_fb_graph_ms",
+                              "qpeft_fb_graph_vs_dense", "qpeft_tc_fb_graph_vs_dense"])
     small = [r for r in rows if "qpeft_fwd_graph_ms" in r]
     if small:
         print("inference forward replayed from a CUDA graph (ms):")

@@ -70,7 +70,7 @@ bench() {
   echo "exit $?"; tail -"$4" "$log"
 }
 if has ops; then bench "LoRA-branch ops, both kernel kinds" bench_lora_ops.py 120 20; fi
-if has layer; then bench "layer benchmark" bench_lora_layer.py 240 12; fi
+if has layer; then bench "layer benchmark" bench_lora_layer.py 300 22; fi
 if has dequant; then bench "dequantize benchmark" bench_dequantize.py 60 6; fi
 if has e2e; then bench "end-to-end benchmark" bench_e2e.py 420 7; fi
 if has plot; then
