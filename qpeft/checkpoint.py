@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .nn.linear4bit import Linear4bit
+from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
 
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
@@ -98,10 +98,15 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
         model = model_class.from_config(config)
     for name in quantized:
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
+        if isinstance(linear, nn.Linear):
+            in_features, out_features = linear.in_features, linear.out_features
+        elif is_conv1d(linear):  # transformers quantized its [in, out] weight transposed, as qpeft does
+            in_features, out_features = linear.weight.shape
+        else:
             raise ValueError(f"qpeft: the checkpoint quantizes {name!r}, a {type(linear).__name__} in the model")
-        layer = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           compute_dtype=compute_dtype, device="meta")
+        layer = Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                           device="meta")
+        layer.fan_in_fan_out = is_conv1d(linear)
         _set_submodule(model, name, layer)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):

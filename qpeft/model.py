@@ -5,8 +5,11 @@ set_adapter, disable_adapter, merge_and_unload, ...).
 
 Targeting follows peft: ``target_modules`` is a list of module names or name suffixes (matched at a '.'
 boundary), one regex string (fullmatch against the module name), or "all-linear" (every nn.Linear except the
-output head). ``rank_pattern`` / ``alpha_pattern`` map regexes (matched against the end of a module name) to
-per-layer r / alpha.
+output head); ``exclude_modules`` (same forms) and ``modules_to_save`` are never targets; with a list,
+``layers_to_transform`` keeps the layers of those indices (the first numbered segment of the name, or the one
+after ``layers_pattern``). ``rank_pattern`` / ``alpha_pattern`` map regexes (matched against the end of
+a module name) to per-layer r / alpha. transformers' Conv1D layers (GPT-2) are targets too: their [in, out]
+weight is quantized transposed, and the adapter file says fan_in_fan_out, as peft writes it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn.linear4bit import Linear4bit
+from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,6 +45,10 @@ class LoraConfig:
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: list[str] | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    fan_in_fan_out: bool = False  # set from the targets: True when they are Conv1D layers (peft's rule)
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     init_lora_weights: bool | str = True  # True / "kaiming", "gaussian", False (B random too: tests)
@@ -64,14 +71,21 @@ class LoraConfig:
             raise ValueError("qpeft: lora_bias is not supported with DoRA (as in peft)")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or
+                                                     self.layers_pattern is not None):
+            raise ValueError("qpeft: layers_to_transform / layers_pattern need target_modules as a list of names "
+                             "(as in peft), not a regex or 'all-linear'")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("qpeft: layers_pattern only applies together with layers_to_transform (as in peft)")
 
     # ---- peft's adapter_config.json ------------------------------------------------------------------------
     _QPEFT_ONLY = ("quant_type", "blocksize", "double_quant", "compute_dtype")
 
     def to_peft_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._QPEFT_ONLY}
-        d.update(peft_type="LORA", fan_in_fan_out=False, layers_to_transform=None, layers_pattern=None,
-                 inference_mode=True)
+        d.update(peft_type="LORA", inference_mode=True)
         d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
         return d
 
@@ -79,9 +93,9 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict, **quant) -> "LoraConfig":
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"qpeft: only LoRA adapters can be loaded, this one is {d.get('peft_type')!r}")
-        if d.get("fan_in_fan_out") or d.get("layers_to_transform") not in (None, []) or d.get("use_qalora"):
-            raise ValueError("qpeft: this adapter_config.json uses fan_in_fan_out, layers_to_transform or QALoRA, "
-                             "which qpeft does not support")
+        if d.get("use_qalora") or d.get("target_parameters"):
+            raise ValueError("qpeft: this adapter_config.json uses QALoRA or target_parameters, which qpeft does not "
+                             "support")
         names = {f.name for f in dataclasses.fields(cls)} - set(cls._QPEFT_ONLY)
         return cls(**{k: v for k, v in d.items() if k in names}, **quant)
 
@@ -100,6 +114,8 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _is_target(name: str, target_modules: list[str] | str) -> bool:
+    """peft's name rule: a regex string must fullmatch the name; a list entry must equal it or be a suffix at a
+    '.' boundary."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
@@ -112,26 +128,74 @@ def _pattern_value(name: str, patterns: dict, default):
     return default
 
 
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index of the layer a module belongs to, read from its name as peft reads it: without layers_pattern,
+    the first all-digit path segment that follows a named segment which is not the first ("model.layers.3.mlp.
+    up_proj" -> 3, "transformer.h.0.attn.c_attn" -> 0); with it, the all-digit segment right after a segment
+    matching one of the patterns (tried in order). The digits must not be the name's last segment."""
+    parts = name.split(".")
+    if not layers_pattern:
+        for j in range(2, len(parts) - 1):
+            if parts[j].isdecimal():
+                return int(parts[j])
+        return None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        found = re.match(rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.", name)
+        if found is not None:
+            return int(found.group(1))
+    return None
+
+
+def _in_layers(name: str, config: LoraConfig) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _within(name: str, module_names: Sequence[str]) -> bool:
+    """True when ``name`` is one of ``module_names`` or inside one (matched on whole '.'-separated segments)."""
+    dotted = f".{name}."
+    return any(f".{m}." in dotted for m in module_names)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Linear4bit, LoraLinear4bit)) or is_conv1d(module)
+
+
 def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The names of the modules that ``config`` targets (nn.Linear, qpeft Linear4bit or LoraLinear4bit)."""
-    linear_types = (nn.Linear, Linear4bit, LoraLinear4bit)
+    """The names of the modules that ``config`` targets (nn.Linear, transformers Conv1D, qpeft Linear4bit or
+    LoraLinear4bit), as peft selects them: exclude_modules and modules_to_save first, then target_modules, then
+    (list targets) layers_to_transform."""
     if config.target_modules is None:
         raise ValueError("qpeft: LoraConfig.target_modules is required (a list of names, a regex, or 'all-linear')")
+    all_linear = config.target_modules == "all-linear"
+    skip = _output_head_names(model) if all_linear else set()
     names = []
-    if config.target_modules == "all-linear":
-        skip = _output_head_names(model)
-        names = [n for n, m in model.named_modules() if isinstance(m, linear_types) and n not in skip and
-                 not _inside_lora(n, model)]
-    else:
-        for name, module in model.named_modules():
-            if _inside_lora(name, model) or not _is_target(name, config.target_modules):
+    for name, module in model.named_modules():
+        if not name or name in skip or _inside_lora(name, model):
+            continue
+        if config.exclude_modules and _is_target(name, config.exclude_modules):
+            continue
+        if config.modules_to_save and _within(name, config.modules_to_save):
+            continue
+        if all_linear:
+            if not _is_linear(module):
                 continue
-            if not isinstance(module, linear_types):
-                raise ValueError(f"qpeft: target module {name!r} is a {type(module).__name__}; only nn.Linear "
-                                 "layers can be targeted")
-            names.append(name)
+        elif not _is_target(name, config.target_modules):
+            continue
+        if not _in_layers(name, config):  # (LoraConfig allows layers_to_transform with a list target only)
+            continue
+        if not _is_linear(module):
+            raise ValueError(f"qpeft: target module {name!r} is a {type(module).__name__}; only linear layers "
+                             "(nn.Linear, transformers Conv1D) can be targeted")
+        names.append(name)
     if not names:
-        raise ValueError(f"qpeft: target_modules {config.target_modules!r} match no linear layer of the model")
+        raise ValueError(f"qpeft: target_modules {config.target_modules!r} match no linear layer of the model"
+                         + (" in layers_to_transform" if config.layers_to_transform not in (None, []) else ""))
     return names
 
 
@@ -167,7 +231,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         if isinstance(module, LoraLinear4bit):
             adapter = module.add_adapter(adapter_name, **kwargs, activate=False)
         else:
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) or is_conv1d(module):
                 module = Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant,
                                                 config.compute_dtype)
             layer = LoraLinear4bit(module, **kwargs, adapter_name=adapter_name)
@@ -176,6 +240,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         if config.init_lora_weights is False:  # peft's "no identity" init, for tests
             with torch.no_grad():
                 nn.init.normal_(adapter.lora_B, std=0.02)
+    # peft's rule: the adapter's fan_in_fan_out says whether its layers store weights [in, out] (Conv1D)
+    config.fan_in_fan_out = any(model.get_submodule(name).base.fan_in_fan_out for name in names)
     return names
 
 

@@ -11,15 +11,15 @@ import qpeft
 from qpeft.nn import Linear4bit
 
 from helpers import same_bytes
-from test_model import tiny_llama, tokens, rel_err
+from test_model import tiny_gpt2, tiny_llama, tokens, rel_err
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def bnb_checkpoint(tmp_path, double_quant=True, quant_type="nf4"):
-    """A tiny Llama quantized and saved by transformers + bitsandbytes (CPU backend)."""
-    tiny_llama().save_pretrained(tmp_path / "fp")
+def bnb_checkpoint(tmp_path, double_quant=True, quant_type="nf4", make_model=tiny_llama):
+    """A tiny Llama (or GPT-2) quantized and saved by transformers + bitsandbytes (CPU backend)."""
+    make_model().save_pretrained(tmp_path / "fp")
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                              bnb_4bit_use_double_quant=double_quant,
                                              bnb_4bit_compute_dtype=torch.float32)
@@ -47,6 +47,26 @@ def test_load_bitsandbytes_checkpoint(tmp_path, double_quant, quant_type):
     ids = tokens()
     with torch.no_grad():
         assert rel_err(ours(ids).logits, theirs(ids).logits) < 1e-5
+
+
+def test_load_bitsandbytes_gpt2_checkpoint(tmp_path):
+    """GPT-2's Conv1D layers, which transformers quantizes transposed: read as Linear4bit layers marked
+    fan_in_fan_out (the exact bytes, the same logits); adapters then train on them and merge back to Conv1D."""
+    theirs = bnb_checkpoint(tmp_path, make_model=tiny_gpt2)
+    ours = qpeft.load_4bit_pretrained(tmp_path / "bnb")
+    layer = ours.transformer.h[1].mlp.c_fc
+    assert isinstance(layer, Linear4bit) and layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (64, 256)
+    for key, t in layer.state_dict().items():
+        assert same_bytes(t, theirs.transformer.h[1].mlp.c_fc.state_dict()[key]), key
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, theirs(ids).logits) < 1e-5
+    model = qpeft.get_peft_model(ours, qpeft.LoraConfig(r=2, target_modules=["c_fc"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = model.merge_and_unload()
+        assert type(merged.transformer.h[1].mlp.c_fc).__name__ == "Conv1D"
+        assert rel_err(merged(ids).logits, adapted) < 1e-5
 
 
 def test_save_loads_in_transformers_bitsandbytes(tmp_path):

@@ -39,12 +39,27 @@ def randomize_adapters(model):
 
 
 def dequantized_float_copy(qmodel, original):
-    """The original float model with every quantized layer's weight replaced by qpeft's dequantized weight."""
+    """The original float model with every quantized layer's weight replaced by qpeft's dequantized weight
+    (transposed back for a Conv1D, which stores [in, out])."""
     float_model = copy.deepcopy(original)
     with torch.no_grad():
         for name, layer in qmodel.lora_layers():
-            float_model.get_submodule(name).weight.copy_(layer.base.dequantized_weight(torch.float32))
+            W = layer.base.dequantized_weight(torch.float32)
+            float_model.get_submodule(name).weight.copy_(W.T if layer.base.fan_in_fan_out else W)
     return float_model
+
+
+def tiny_gpt2(seed=0):
+    """GPT-2's attention and MLP projections are transformers Conv1D layers (weight [in, out])."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def peft_lora_names(model):
+    """The module names peft gave a LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
 
 
 def test_all_linear_targets_and_freezing(capsys):
@@ -75,7 +90,7 @@ def test_target_forms_and_patterns():
     assert len(list(regex.lora_layers())) == 4
     with pytest.raises(ValueError, match="match no linear layer"):
         qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=["nope"]))
-    with pytest.raises(ValueError, match="only nn.Linear"):
+    with pytest.raises(ValueError, match="only linear layers"):
         qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=["input_layernorm"]))
 
 
@@ -223,3 +238,119 @@ def test_torch_compile_of_the_model():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---- peft's target selection: layers_to_transform, layers_pattern, exclude_modules, modules_to_save -------------
+
+SELECTIONS = [
+    dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=0),
+    dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[0, 1], layers_pattern="layers"),
+    dict(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern=["blocks", "layers"]),
+    dict(target_modules="all-linear", exclude_modules=["k_proj", "model.layers.0.mlp.up_proj"]),
+    dict(target_modules="all-linear", exclude_modules=r".*\.mlp\..*"),
+    dict(target_modules=r".*layers\.0\..*_proj", exclude_modules=["q_proj"]),
+    dict(target_modules=["q_proj", "o_proj"], modules_to_save=["model.layers.1.self_attn"]),
+]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_target_selection_matches_peft(selection):
+    """qpeft quantizes and adapts exactly the layers peft adapts for the same config."""
+    ours = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, **selection))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, **selection))
+    names = sorted(n for n, _ in ours.lora_layers())
+    assert names and names == peft_lora_names(theirs)
+
+
+def test_layer_index_reads_names_as_peft_does():
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from qpeft.model import _layer_index
+
+    names = ["model.layers.3.mlp.up_proj", "transformer.h.0.attn.c_attn", "layers.2.q", "a.b.7", "a.1.2.x",
+             "model.layers.1.experts.0.w1", "encoder.block.10.layer.0.DenseReluDense.wi", "x.y.z", "model.layers.x.q"]
+    for pattern in (None, "layers", ["block", "h"], "h"):
+        for name in names:
+            for index in range(12):
+                cfg = peft.LoraConfig(target_modules=[name.split(".")[-1]], layers_to_transform=[index],
+                                      layers_pattern=pattern)
+                assert bool(check_target_module_exists(cfg, name)) == (_layer_index(name, pattern) == index), \
+                    (name, pattern, index)
+
+
+def test_layer_selection_round_trips_through_the_adapter_files(tmp_path):
+    """An adapter over some layers only (layers_to_transform): peft's file loads in qpeft and qpeft's in peft."""
+    original = tiny_llama()
+    pcfg = peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers",
+                           exclude_modules=["model.layers.1.mlp.up_proj"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(original), pcfg).save_pretrained(tmp_path / "peft")
+    model = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft")
+    assert [n for n, _ in model.lora_layers()] == ["model.layers.1.self_attn.q_proj"]
+    ids = tokens()
+    with torch.no_grad():
+        check = peft.PeftModel.from_pretrained(dequantized_float_copy(model, original), tmp_path / "peft")
+        assert rel_err(model(ids).logits, check.eval()(ids).logits) < 1e-5
+    model.save_pretrained(tmp_path / "qpeft")
+    with torch.no_grad():
+        again = peft.PeftModel.from_pretrained(dequantized_float_copy(model, original), tmp_path / "qpeft")
+        assert rel_err(model(ids).logits, again.eval()(ids).logits) < 1e-5
+    with pytest.raises(ValueError, match="layers_pattern only applies"):
+        qpeft.LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+    with pytest.raises(ValueError, match="need target_modules as a list"):
+        qpeft.LoraConfig(target_modules="all-linear", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="in layers_to_transform"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]))
+
+
+# ---- GPT-2: transformers Conv1D layers ---------------------------------------------------------------------------
+
+def test_gpt2_conv1d_layers_quantize_train_and_merge_back():
+    """Conv1D targets are quantized from their transposed [in, out] weight: the frozen model computes with the
+    dequantized weights, training moves only the adapters, and merge_and_unload gives Conv1D layers back (the
+    model's own checkpoint shapes) computing the same logits."""
+    original = tiny_gpt2()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules="all-linear"))
+    names = [n for n, _ in model.lora_layers()]
+    assert len(names) == 2 * 4 and {n.split(".")[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
+    assert model.peft_config["default"].fan_in_fan_out
+    layer = model.base_model.transformer.h[0].attn.c_attn
+    assert layer.in_features == 64 and layer.out_features == 3 * 64
+    ids = tokens()
+    with torch.no_grad():
+        base = model(ids).logits
+        assert rel_err(base, dequantized_float_copy(model, original)(ids).logits) < 1e-5
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        assert rel_err(adapted, base) > 1e-4
+        merged = model.merge_and_unload()
+        conv1d = type(original.transformer.h[0].attn.c_attn)
+        assert isinstance(merged.transformer.h[0].attn.c_attn, conv1d)
+        assert merged.transformer.h[0].attn.c_attn.weight.shape == (64, 3 * 64)
+        assert rel_err(merged(ids).logits, adapted) < 1e-5
+        assert set(merged.state_dict()) == set(original.state_dict())
+
+
+def test_gpt2_adapters_move_between_peft_and_qpeft(tmp_path):
+    original = tiny_gpt2()
+    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                           init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(original), pcfg).save_pretrained(tmp_path / "peft")
+    model = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft")
+    ids = tokens()
+    with torch.no_grad():
+        check = peft.PeftModel.from_pretrained(dequantized_float_copy(model, original), tmp_path / "peft").eval()
+        assert rel_err(model(ids).logits, check(ids).logits) < 1e-5
+    ours = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=["c_proj"]))
+    randomize_adapters(ours)
+    ours.save_pretrained(tmp_path / "qpeft")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(dequantized_float_copy(ours, original), tmp_path / "qpeft").eval()
+        assert rel_err(ours(ids).logits, theirs(ids).logits) < 1e-5

@@ -33,6 +33,33 @@ def _from_buffer(t: torch.Tensor | None, field: str) -> torch.Tensor | None:
     return t.view(torch.float32)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family): a linear layer y = x W + b whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool = False) -> nn.Module:
+    """A dense layer computing x weight^T + bias for weight [out, in]: nn.Linear, or transformers' Conv1D holding
+    weight^T when ``fan_in_fan_out`` (so a model keeps its layer types and checkpoint shapes)."""
+    out_features, in_features = weight.shape
+    with torch.no_grad():
+        if fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(out_features, in_features).to(device=weight.device, dtype=weight.dtype)
+            layer.weight.copy_(weight.T)
+            if bias is None:  # Conv1D always has a bias
+                layer.bias.zero_()
+            else:
+                layer.bias.copy_(bias)
+            return layer
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+
 class Linear4bit(nn.Module):
     """Frozen 4-bit linear layer. ``weight`` is the packed uint8 (or quant_storage) parameter, as in bitsandbytes.
 
@@ -53,20 +80,28 @@ class Linear4bit(nn.Module):
         self.set_quantized_weight(Quantized4bitWeight.from_float(placeholder, quant_type, blocksize, double_quant,
                                                                  quant_storage))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
+        self.fan_in_fan_out = False  # quantized from a Conv1D (weight stored [in, out]): to_linear gives one back
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
-        """Quantize an nn.Linear (on its device). The bias is copied unquantized, in its own dtype."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"qpeft: from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Quantize an nn.Linear (on its device), or a transformers Conv1D: its weight [in, out] is quantized
+        transposed, as transformers' bitsandbytes integration does. The bias is copied unquantized, in its own
+        dtype."""
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"qpeft: from_linear expects an nn.Linear or a transformers Conv1D, got "
+                            f"{type(linear).__name__}")
+        weight = linear.weight.detach()
+        weight = weight.T.contiguous() if conv1d else weight
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.out_features, module.in_features = weight.shape
         module.compute_dtype = compute_dtype
-        module.set_quantized_weight(Quantized4bitWeight.from_float(linear.weight.detach(), quant_type, blocksize,
-                                                                   double_quant, quant_storage))
+        module.set_quantized_weight(Quantized4bitWeight.from_float(weight, quant_type, blocksize, double_quant,
+                                                                   quant_storage))
         module.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        module.fan_in_fan_out = conv1d
         return module
 
     # ---- the quantized weight -----------------------------------------------------------------------------
@@ -107,16 +142,10 @@ class Linear4bit(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.quantized_weight.dequantize(dtype)
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A dense nn.Linear with the dequantized weight (in ``dtype``, default the original weight dtype)."""
-        W = self.dequantized_weight(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=W.device,
-                           dtype=W.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(W)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A dense nn.Linear with the dequantized weight (in ``dtype``, default the original weight dtype); a
+        Conv1D when the layer was quantized from one."""
+        return dense_layer(self.dequantized_weight(dtype), self.bias, self.fan_in_fan_out)
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

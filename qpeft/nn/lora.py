@@ -20,7 +20,7 @@ from torch import nn
 from .. import functional as F
 from .. import reference
 from ..lora_autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, dense_layer
 
 
 class LoraAdapter(nn.Module):
@@ -280,15 +280,11 @@ class LoraLinear4bit(nn.Module):
             raise RuntimeError(f"qpeft: unmerge() before you {what}")
 
     @torch.no_grad()
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """An nn.Linear with the merged weight and bias (peft's merge_and_unload for this layer)."""
-        dtype = dtype or self.base.weight_dtype
-        W, bias = self.merged_dense(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=W.device, dtype=dtype)
-        linear.weight.copy_(W)
-        if bias is not None:
-            linear.bias.copy_(bias)
-        return linear
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """An nn.Linear with the merged weight and bias (peft's merge_and_unload for this layer); a Conv1D when the
+        base was quantized from one."""
+        W, bias = self.merged_dense(dtype or self.base.weight_dtype)
+        return dense_layer(W, bias, self.base.fan_in_fan_out)
 
     def extra_repr(self) -> str:
         return f"active_adapters={self.active_adapters}, disable_adapters={self.disable_adapters}"
