@@ -98,15 +98,16 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
         model = model_class.from_config(config)
     for name in quantized:
         linear = model.get_submodule(name)
+        conv1d = is_conv1d(linear)
         if isinstance(linear, nn.Linear):
             in_features, out_features = linear.in_features, linear.out_features
-        elif is_conv1d(linear):  # transformers quantized its [in, out] weight transposed, as qpeft does
+        elif conv1d:  # transformers quantized its [in, out] weight transposed, as qpeft does
             in_features, out_features = linear.weight.shape
         else:
             raise ValueError(f"qpeft: the checkpoint quantizes {name!r}, a {type(linear).__name__} in the model")
         layer = Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
                            device="meta")
-        layer.fan_in_fan_out = is_conv1d(linear)
+        layer.fan_in_fan_out = conv1d
         _set_submodule(model, name, layer)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):

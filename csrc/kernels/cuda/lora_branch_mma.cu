@@ -64,14 +64,14 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = m_base + 16 * mt + 8 * h + g;
-        xr[mt][h] = (m < M && k < k_end) ? __ldg(reinterpret_cast<const uint4*>(x + m * K + k)) : make_uint4(0, 0, 0, 0);
+        xr[mt][h] = ldg_or_zero(reinterpret_cast<const uint4*>(x + m * K + k), m < M && k < k_end);
       }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int64_t j = j_base + 8 * nt + g;
       const bool in = j < r && k < k_end;
-      ar[nt][0] = in ? __ldg(reinterpret_cast<const float4*>(A + j * K + k)) : make_float4(0, 0, 0, 0);
-      ar[nt][1] = in ? __ldg(reinterpret_cast<const float4*>(A + j * K + k + 4)) : make_float4(0, 0, 0, 0);
+      ar[nt][0] = ldg_or_zero(reinterpret_cast<const float4*>(A + j * K + k), in);
+      ar[nt][1] = ldg_or_zero(reinterpret_cast<const float4*>(A + j * K + k + 4), in);
     }
   };
   if (k_begin < k_end) load_step(k_begin);
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = m_outer + 8 * s + 4 * h + t;
-        xr[s][h] = (m < m_end && k < K) ? __ldg(reinterpret_cast<const uint4*>(x + m * K + k)) : make_uint4(0, 0, 0, 0);
+        xr[s][h] = ldg_or_zero(reinterpret_cast<const uint4*>(x + m * K + k), m < m_end && k < K);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const int64_t j = j_base + 16 * mt + g;
@@ -268,8 +268,8 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int h = 0; h < 2; ++h) {
         const int64_t j = j0 + t + 4 * h;
         const bool in = j < r && k_b < K;
-        const float4 lo = in ? __ldg(reinterpret_cast<const float4*>(A + j * K + k_b)) : make_float4(0, 0, 0, 0);
-        const float4 hi = in ? __ldg(reinterpret_cast<const float4*>(A + j * K + k_b + 4)) : make_float4(0, 0, 0, 0);
+        const float4 lo = ldg_or_zero(reinterpret_cast<const float4*>(A + j * K + k_b), in);
+        const float4 hi = ldg_or_zero(reinterpret_cast<const float4*>(A + j * K + k_b + 4), in);
         bv[h][0] = lo.x, bv[h][1] = lo.y, bv[h][2] = lo.z, bv[h][3] = lo.w;
         bv[h][4] = hi.x, bv[h][5] = hi.y, bv[h][6] = hi.z, bv[h][7] = hi.w;
       }

@@ -151,6 +151,13 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// *p through the read-only cache where `in`, else zeros (V = uint4 or float4): the bounds-guarded 16-byte operand
+// loads of the tensor-core kernels (p is only dereferenced where `in`).
+template <typename V>
+__device__ __forceinline__ V ldg_or_zero(const V* p, bool in) {
+  return in ? __ldg(p) : V{};
+}
+
 // Eight 16-bit values (one 16-byte load) widened to fp32.
 template <typename T>
 __device__ __forceinline__ void widen8(const uint4& raw, float (&v)[8]) {
