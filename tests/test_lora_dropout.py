@@ -90,3 +90,39 @@ def seed_tensor(seed, device):
 def test_seed_tensor_equals_int_seed(device):
     x = torch.randn(5, 17, device=device)
     assert torch.equal(F.lora_dropout(x, 0.3, seed_tensor(2**62 + 5, device)), F.lora_dropout(x, 0.3, 2**62 + 5))
+
+
+def finite_fp32_edge_values():
+    """Finite fp32 values of both signs over every exponent, with mantissas that put a rounding tie (and its
+    neighbours) at every bit position: the fp16 ties (13 dropped bits, more for fp16 subnormals), the bf16 ties
+    (16 bits), the overflow edge of fp16 (65504 / 65520); and random mantissas."""
+    positions = torch.arange(23, dtype=torch.int64)
+    one_bit = 1 << positions
+    mantissas = torch.cat([one_bit, one_bit | (one_bit << 1), one_bit - 1, (one_bit - 1) | (1 << 22),
+                           torch.randint(0, 1 << 23, (64,)), torch.tensor([0, (1 << 23) - 1])]) & ((1 << 23) - 1)
+    exponents = torch.arange(0, 255, dtype=torch.int64)
+    bits = (exponents[:, None] << 23 | mantissas[None, :]).flatten()
+    bits = torch.cat([bits, bits | (1 << 31)])
+    values = bits.to(torch.int32).view(torch.float32)  # int64 -> int32 wraps the sign bit in
+    return torch.cat([values, torch.tensor([65504.0, 65519.99, 65520.0, -65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_format_conversions_round_like_torch(device, dtype):
+    """The kernels' fp32 -> 16-bit rounding (to nearest even, overflow to inf, subnormals) and 16-bit -> fp32
+    widening equal torch's .to() for every kind of finite value. Written through lora_down_grad_input with
+    r = 1, A = [[1]] and no dropout (dx = round(g)), its accumulating form (dx = round(float(dx) + g)) and
+    lora_dropout's identity for every finite 16-bit pattern."""
+    g = finite_fp32_edge_values()
+    g = g[g.view(torch.int32) != -2**31].to(device)  # not -0.0: the GEMM g A gives 0 + (-0) = +0 there
+    A = torch.ones(1, 1, device=device)
+    narrowed = F.lora_down_grad_input(g[:, None], A, 0.0, 0, dtype=dtype)[:, 0]
+    assert torch.equal(narrowed.view(torch.int16).cpu(), g.to(dtype).view(torch.int16).cpu())
+
+    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = patterns[torch.isfinite(patterns)].to(device)
+    assert torch.equal(F.lora_dropout(finite, 0.0, 0).view(torch.int16), finite.view(torch.int16))
+    base = finite[torch.randint(0, finite.numel(), (g.numel(),))]
+    acc = base.clone()[:, None]
+    F.lora_down_grad_input_(acc, (g * 0.5)[:, None], A, 0.0, 0)
+    assert torch.equal(acc[:, 0].view(torch.int16).cpu(), (base.float() + g * 0.5).to(dtype).view(torch.int16).cpu())

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "cpu_simd.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define QPEFT_X86 1
@@ -15,8 +17,7 @@ constexpr float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
 constexpr int64_t kMaxSegment = 4096;  // the largest blocksize: one block's decoded weights
 
 // The hot loop, compiled for several instruction sets and picked at run time (portable binary).
-__attribute__((target_clones("avx512f", "avx2", "default"))) float dot(const float* a, const float* b,
-                                                                         int64_t n) {
+QPEFT_CPU_CLONES float dot(const float* a, const float* b, int64_t n) {
   float acc[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
