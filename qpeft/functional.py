@@ -6,6 +6,7 @@ ops check again, so a direct torch.ops call with bad input also raises instead o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,11 @@ def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
     if device not in _DYNAMIC_MAPS:
         _DYNAMIC_MAPS[device] = reference.dynamic_map_8bit(device)
     return _DYNAMIC_MAPS[device]
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., F] as a 2-D [rows, F] tensor (a view when possible); unlike reshape(-1, F) also when F = 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -189,7 +195,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch
     """drop(x) A^T for x [..., K] and A [r, K] with the dropout inside the kernel (counters: row-major index of
     x flattened to [M, K]); fp32 accumulation, result in x's dtype, [..., r]."""
     _check_p(p)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = as_rows(x)
     xa = ops.lora_down(x2, lora_A, float(p), dropout_seed(seed, x.device))
     return xa.reshape(*x.shape[:-1], lora_A.shape[0])
 
@@ -220,11 +226,12 @@ def lora_down_grad_input(g: torch.Tensor, lora_A: torch.Tensor, p: float, seed: 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                 out_features: int, *, nested_absmax: torch.Tensor | None = None,
                 nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T with the 4-bit weight W [out_features, K] read once from its codes (no dense W);
-    accumulates in fp32, returns x's dtype. CPU kernel (the small-M path of the frozen base)."""
+    """x [..., K] @ W^T for the 4-bit weight W [out_features, K], never a dense copy of W, in x's dtype. Up to 16
+    rows W is read once from its codes with fp32 accumulation (CPU and CUDA); more rows (CPU): W is dequantized in
+    x's dtype a slab of ~2 MB at a time, one GEMM per slab."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    y = ops.linear_4bit(x.reshape(-1, x.shape[-1]), _packed_bytes(packed), absmax, nested_absmax, nested_code,
+    y = ops.linear_4bit(as_rows(x), _packed_bytes(packed), absmax, nested_absmax, nested_code,
                         _offset_arg(nested_offset), blocksize, quant_type, out_features)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -233,10 +240,10 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
                            quant_type: str, in_features: int, *, nested_absmax: torch.Tensor | None = None,
                            nested_code: torch.Tensor | None = None,
                            nested_offset: torch.Tensor | None = None) -> torch.Tensor:
-    """dy [..., N] @ W for the 4-bit weight W [N, in_features], read once from its codes: the input gradient of
-    linear_4bit. Accumulates in fp32, returns dy's dtype. CPU kernel."""
+    """dy [..., N] @ W for the 4-bit weight W [N, in_features]: the input gradient of linear_4bit, the same two
+    paths (codes up to 16 rows with fp32 accumulation, then slab-wise GEMMs in dy's dtype). CPU kernel."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    dx = ops.linear_4bit_grad_input(dy.reshape(-1, dy.shape[-1]), _packed_bytes(packed), absmax, nested_absmax,
+    dx = ops.linear_4bit_grad_input(as_rows(dy), _packed_bytes(packed), absmax, nested_absmax,
                                     nested_code, _offset_arg(nested_offset), blocksize, quant_type, in_features)
     return dx.reshape(*dy.shape[:-1], in_features)

@@ -5,8 +5,9 @@ drawn from a seed tensor (int64, one element, on the input's device or the CPU) 
 
 * qlora_linear (one adapter, plain LoRA): the fused ``qpeft::qlora_forward`` / ``qlora_backward`` ops.
   Saved for backward: x (alive anyway for the caller) and xa = drop(x) A^T [M, r]; W stays 4-bit.
-* frozen_4bit_linear (no adapter): x W^T; CPU rows <= SMALL_M read W from its codes (forward and backward),
-  otherwise W is dequantized into a transient tensor in each direction. Saves nothing but the 4-bit weight.
+* frozen_4bit_linear (no adapter): x W^T; on the CPU the linear_4bit ops in both directions (a few rows: W read
+  from its codes; more: W dequantized a slab at a time into a small buffer), elsewhere W is dequantized into a
+  transient tensor in each direction. Saves nothing but the 4-bit weight.
 * lora_branch (one of several adapters on one base): s * drop(x) A^T B^T with lora_down and its gradients
   (dropout inside the kernels); saves x and xa.
 * dora_linear (one DoRA adapter): saves x, xa and the [N] magnitude ratio; backward recomputes the base term
@@ -20,9 +21,6 @@ import torch
 from . import functional as F
 from ._ops import ops
 from .quantized import Quantized4bitWeight
-
-SMALL_M = 8  # CPU rows up to which the base matmul reads the 4-bit weight directly (measured crossover)
-
 
 # ---- lora_dropout: backward is the same seeded dropout, so it saves nothing -----------------------------------
 
@@ -53,7 +51,7 @@ def weight_args(weight: Quantized4bitWeight) -> tuple:
 def _base_forward(x2: torch.Tensor, wargs: tuple, n: int) -> torch.Tensor:
     """x2 [M, K] @ W^T -> [M, n] in x2's dtype."""
     packed, absmax, na, nc, no, blocksize, quant_type = wargs
-    if x2.device.type == "cpu" and x2.shape[0] <= SMALL_M:
+    if x2.device.type == "cpu":
         return ops.linear_4bit(x2, packed, absmax, na, nc, no, blocksize, quant_type, n)
     return x2 @ _dequantize(wargs, (n, x2.shape[1]), x2.dtype).T
 
@@ -61,7 +59,7 @@ def _base_forward(x2: torch.Tensor, wargs: tuple, n: int) -> torch.Tensor:
 def _base_grad_input(dy2: torch.Tensor, wargs: tuple, k: int) -> torch.Tensor:
     """dy2 [M, N] @ W -> [M, k] in dy2's dtype."""
     packed, absmax, na, nc, no, blocksize, quant_type = wargs
-    if dy2.device.type == "cpu" and dy2.shape[0] <= SMALL_M:
+    if dy2.device.type == "cpu":
         return ops.linear_4bit_grad_input(dy2, packed, absmax, na, nc, no, blocksize, quant_type, k)
     return dy2 @ _dequantize(wargs, (dy2.shape[1], k), dy2.dtype)
 
@@ -79,13 +77,13 @@ class _Frozen4bitLinear(torch.autograd.Function):
         wargs = (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type)
         ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, nested_offset)
         ctx.meta = (blocksize, quant_type, x.shape[-1])
-        return _base_forward(x.reshape(-1, x.shape[-1]), wargs, n).reshape(*x.shape[:-1], n)
+        return _base_forward(F.as_rows(x), wargs, n).reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
         blocksize, quant_type, k = ctx.meta
         wargs = (*ctx.saved_tensors, blocksize, quant_type)
-        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dy2 = F.as_rows(dy).contiguous()
         return (_base_grad_input(dy2, wargs, k).reshape(*dy.shape[:-1], k),) + (None,) * 8
 
 
@@ -108,7 +106,7 @@ def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.
     wargs = weight if isinstance(weight, tuple) else weight_args(weight)
     if x.dim() == 2:  # (the reshapes cost host time on every call)
         return ops.qlora_forward(x, *wargs, A, B, bias, float(scaling), float(p), seed)[0]
-    y, _ = ops.qlora_forward(x.reshape(-1, x.shape[-1]), *wargs, A, B, bias, float(scaling), float(p), seed)
+    y, _ = ops.qlora_forward(F.as_rows(x), *wargs, A, B, bias, float(scaling), float(p), seed)
     return y.reshape(*x.shape[:-1], B.shape[0])
 
 
@@ -117,7 +115,7 @@ def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.
 class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, scaling, p, seed):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = F.as_rows(x)
         xa = ops.lora_down(x2, A, p, seed)  # [M, r]: the only activation this branch adds
         ctx.save_for_backward(x2, xa, A, B, seed)
         ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
@@ -126,7 +124,7 @@ class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, xa, A, B, seed = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = F.as_rows(dy)
         dA, dB, dx = _lora_branch_grads(ctx, dy2, x2, xa, A, B, ctx.scaling, ctx.p, seed, dx_base=None)
         return (None if dx is None else dx.reshape(ctx.x_shape)), dA, dB, None, None, None
 
@@ -165,7 +163,7 @@ class _DoraLinear(torch.autograd.Function):
     def forward(ctx, x, A, B, ratio, lora_bias, bias, scaling, p, seed, n, packed, absmax, nested_absmax, nested_code,
                 nested_offset, blocksize, quant_type):
         wargs = (packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = F.as_rows(x)
         base = _base_forward(x2, wargs, n)
         xa = ops.lora_down(x2, A, p, seed)
         r = ratio.to(x.dtype)
@@ -184,7 +182,7 @@ class _DoraLinear(torch.autograd.Function):
         x2, xa, A, B, ratio, lora_bias, seed, *weight_tensors = ctx.saved_tensors
         n, s, p, x_shape, blocksize, quant_type = ctx.meta
         wargs, k = (*weight_tensors, blocksize, quant_type), x2.shape[1]
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = F.as_rows(dy)
         r = ratio.to(dy.dtype)
         dl = dy2 * r  # upstream gradient of the LoRA term
         d_ratio = None

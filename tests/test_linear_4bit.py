@@ -1,4 +1,5 @@
-"""The fused small-M 4-bit linear (reads W once from its codes) against float64 x @ W_ref^T."""
+"""The 4-bit linear ops against float64 x @ W_ref^T: the small-M kernels (W read once from its codes) and, on the
+CPU above 16 rows, the slab-wise dequantize + GEMM (no dense W)."""
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from torch.library import opcheck
 import qpeft
 from qpeft import functional as F
 from qpeft import reference as R
+
+from helpers import poison_allocator
 
 
 def reference_linear(x, q):
@@ -83,3 +86,55 @@ def test_grad_input_opcheck():
     opcheck(torch.ops.qpeft.linear_4bit_grad_input, (torch.randn(2, 16), q.packed.reshape(-1), q.absmax,
                                                      q.nested_absmax, q.nested_code, q.nested_offset.reshape(1), 64,
                                                      "nf4", 64))
+
+
+def reference_weight(q):
+    scales = R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset) \
+        if q.double_quant else q.absmax
+    return R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
+
+
+def run_grad_input(dy, q):
+    return F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[1],
+                                    nested_absmax=q.nested_absmax, nested_code=q.nested_code,
+                                    nested_offset=q.nested_offset)
+
+
+# Shapes whose slab loops run several times with a short last slab: ~2 MB slabs are 128 rows of W at K = 4109
+# (fp32; 256 in 16-bit) in the forward, and 1728 (fp32) columns at N = 300 in the input gradient. K is not a
+# multiple of the blocksize, so quantization blocks straddle rows of W and slab edges.
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m", [17, 70])  # above the small-M switch (16 rows)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cpu_slab_matmul_matches_reference(dtype, tol, m, double_quant):
+    n = 300 if dtype == torch.float32 else 600
+    k = 4109
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, dtype=dtype), "nf4", 64, double_quant)
+    W = reference_weight(q)
+    x = torch.randn(k, m, dtype=dtype).T  # non-contiguous rows
+    poison_allocator(torch.device("cpu"), m * n * x.element_size())
+    y = run(x, q)
+    assert y.shape == (m, n) and y.dtype == dtype and torch.isfinite(y).all()
+    ref = x.double() @ W.T
+    assert ((y.double() - ref).norm() / ref.norm()) < tol
+    dy = torch.randn(m, n, dtype=dtype)
+    poison_allocator(torch.device("cpu"), m * k * x.element_size())
+    dx = run_grad_input(dy, q)
+    assert dx.shape == (m, k) and dx.dtype == dtype and torch.isfinite(dx).all()
+    ref = dy.double() @ W
+    assert ((dx.double() - ref).norm() / ref.norm()) < tol
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 5, 64), (12, 0, 64), (12, 5, 0)])
+def test_cpu_slab_matmul_empty_shapes(m, n, k):
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k))
+    poison_allocator(torch.device("cpu"), max(m * max(n, k) * 4, 1))
+    assert torch.equal(run(torch.randn(m, k), q), torch.zeros(m, n))
+    assert torch.equal(run_grad_input(torch.randn(m, n), q), torch.zeros(m, k))
+
+
+def test_cpu_slab_matmul_opcheck():
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(24, 100))
+    args = (q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.nested_offset.reshape(1), 64, "nf4")
+    opcheck(torch.ops.qpeft.linear_4bit, (torch.randn(20, 100), *args, 24))
+    opcheck(torch.ops.qpeft.linear_4bit_grad_input, (torch.randn(20, 24), *args, 100))

@@ -134,11 +134,12 @@ def make_case(device, m, k, n, r, dtype, double_quant=True, bias=True):
     return q, x, A, B, b
 
 
-@pytest.mark.parametrize("m", [1, 8, 9, 70])  # both sides of the small-M switch
+@pytest.mark.parametrize("m", [1, 16, 17, 70])  # both sides of the small-M switch (16 rows, CPU and CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p,double_quant,bias", [(0.0, True, True), (0.25, False, False), (0.25, True, True)])
-def test_qlora_ops_match_reference(device, m, dtype, p, double_quant, bias):
-    k, n, r, s, seed = 136, 72, 8, 0.75, int(torch.randint(0, 2**62, ()))
+@pytest.mark.parametrize("k,n", [(136, 72), (4109, 300)])  # the second: several CPU GEMM slabs each way
+def test_qlora_ops_match_reference(device, m, dtype, p, double_quant, bias, k, n):
+    r, s, seed = 8, 0.75, int(torch.randint(0, 2**62, ()))
     q, x, A, B, b = make_case(device, m, k, n, r, dtype, double_quant, bias)
     st = seed_tensor(seed, device)
     poison_allocator(device, m * n * 4)

@@ -5,6 +5,7 @@
 
 #include "../kernels/cpu/linear_4bit_cpu.h"
 #include "../kernels/cpu/quant_cpu.h"
+#include "matmul_4bit_cpu.h"
 #include "op_args.h"
 
 namespace qpeft::ops {
@@ -89,6 +90,11 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
                                                      blocksize, quant_type, N, K);
+  if (M > kCpuSmallM) {  // training sizes: W dequantized a slab at a time, GEMMs in x's dtype
+    at::Tensor y = at::empty({M, N}, x.options());
+    matmul_4bit_cpu(y, x, w, N, K, /*transpose_w=*/true, /*accumulate=*/false);
+    return y;
+  }
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const BlockScales scales = w.scales();
@@ -110,6 +116,11 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const at::Tensor& pa
   const int64_t M = dy.size(0), N = dy.size(1), K = in_features;
   const Dequantize4bitArgs w = prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset,
                                                      blocksize, quant_type, N, K);
+  if (M > kCpuSmallM) {
+    at::Tensor dx = at::empty({M, K}, dy.options());
+    matmul_4bit_cpu(dx, dy, w, N, K, /*transpose_w=*/false, /*accumulate=*/false);
+    return dx;
+  }
   const at::Tensor dy32 = dy.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty({M, K}, dy.options().dtype(at::kFloat));
   const BlockScales scales = w.scales();

@@ -2,8 +2,9 @@
 // and composes qpeft's own ops through the dispatcher (so each runs its CPU or CUDA kernel) with ATen GEMMs.
 //
 // Base term x W^T: for M <= small_m(device) the linear_4bit kernel reads W once from its 4-bit codes; above,
-// W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; on CUDA the caching
-// allocator hands the same block back next call) for one GEMM.
+// CUDA: W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; the caching
+// allocator hands the same block back next call) for one GEMM; CPU: W is dequantized a slab at a time into a
+// small reused buffer, one GEMM per slab (matmul_4bit_cpu.h), so no dense W is allocated.
 // LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
 // x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (16-bit x,
 // K % 128 == 0, r <= 64) lora_down + one linear_4bit launch that adds the LoRA term and bias (qlora_cuda.h).
@@ -12,12 +13,13 @@
 // whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
 // Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x),
 // dx = dy W + drop(g A): small M on the CPU, linear_4bit_grad_input then drop(g A) accumulated in place; else
-// drop(g A) written first and one GEMM with a transient dequantized W adding dy W onto it.
+// drop(g A) written first and the base GEMM(s) adding dy W onto it.
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "matmul_4bit_cpu.h"
 #include "op_args.h"
 #include "qlora_cuda.h"
 
@@ -28,7 +30,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 // Rows up to which the base matmul reads the 4-bit codes directly (CPU: measured crossover; CUDA: the GEMV
 // kernel's limit, kLinear4bitMaxM).
-int64_t small_m(const at::Device& device) { return device.is_cuda() ? 16 : 8; }
+int64_t small_m(const at::Device& device) { return device.is_cuda() ? 16 : kCpuSmallM; }
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -68,6 +70,18 @@ struct Weight4bit {
   at::Tensor grad_input(const at::Tensor& dy, int64_t K) const {  // dy W from the codes
     static auto fused = op<FusedSignature>("qpeft::linear_4bit_grad_input");
     return fused.call(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, K);
+  }
+  // out += a W^T (transpose_w; a [M, K], out [M, N]) or out += a W (a [M, N], out [M, K]) in a's dtype, the GEMM
+  // adding onto out in its epilogue: the CPU slab by slab, elsewhere one GEMM with a transient dequantized W.
+  void add_matmul(const at::Tensor& out, const at::Tensor& a, int64_t N, int64_t K, bool transpose_w) const {
+    if (a.device().is_cpu()) {
+      const Dequantize4bitArgs w = prepare_linear_weight(a, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                         blocksize, quant_type, N, K);
+      matmul_4bit_cpu(out, a, w, N, K, transpose_w, /*accumulate=*/true);
+      return;
+    }
+    const at::Tensor W = dequantize(N, K, a.scalar_type());
+    out.addmm_(a, transpose_w ? W.t() : W);
   }
 };
 
@@ -148,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
     // epilogue), so y is written twice and read once instead of written, read and written again.
     y = bias.has_value() ? at::addmm(bias->to(dtype), xa, Bt, 1.0, scaling)
                          : at::addmm(at::empty({M, N}, x2.options()), xa, Bt, 0.0, scaling);
-    y.addmm_(x2, weight.dequantize(N, K, dtype).t());
+    weight.add_matmul(y, x2, N, K, /*transpose_w=*/true);
   }
   return {y, xa};
 }
@@ -189,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
     static auto grad_input = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
                                            at::ScalarType)>("qpeft::lora_down_grad_input");
     dx = grad_input.call(g, lora_A, p, seed, dtype);
-    dx.addmm_(dy2, weight.dequantize(N, K, dtype));
+    weight.add_matmul(dx, dy2, N, K, /*transpose_w=*/false);
   }
   return {dx, dA, dB};
 }

@@ -37,6 +37,41 @@ void scaled_table(const float* code_values, float scale, FloatFormat fmt, OutT* 
 constexpr float kNF4Values[16] = {QPEFT_NF4_CODE_VALUES};
 constexpr float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
 
+// dst[i - e_begin] = table[code of element i] for the elements [e_begin, e_end) (one block's table).
+template <typename OutT>
+void lookup_elements(const uint8_t* packed, const OutT* table, int64_t e_begin, int64_t e_end, OutT* dst) {
+  int64_t e = e_begin;
+  if (e < e_end && (e & 1)) *dst++ = table[packed[e / 2] & 0xF], ++e;  // starts on a low nibble
+  for (; e + 1 < e_end; e += 2) {
+    const uint8_t byte = packed[e / 2];
+    *dst++ = table[byte >> 4];
+    *dst++ = table[byte & 0xF];
+  }
+  if (e < e_end) *dst = table[packed[e / 2] >> 4];
+}
+
+template <typename OutT>
+void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
+                                QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, OutT* out, int64_t ld,
+                                FloatFormat fmt) {
+  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+  OutT table[16];
+  int64_t table_block = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    OutT* dst = out + (r - r0) * ld;
+    const int64_t row_end = r * K + c1;
+    // Segments of the row that stay in one quantization block (rows and tiles may start mid-block).
+    for (int64_t e = r * K + c0; e < row_end;) {
+      const int64_t block = e / blocksize;
+      const int64_t seg_end = std::min((block + 1) * blocksize, row_end);
+      if (block != table_block) scaled_table(code_values, scales(block), fmt, table), table_block = block;
+      lookup_elements(packed, table, e, seg_end, dst);
+      dst += seg_end - e;
+      e = seg_end;
+    }
+  }
+}
+
 template <typename OutT>
 void dequantize_4bit_typed(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize,
                            QuantType type, OutT* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
@@ -121,6 +156,17 @@ void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n
   } else {
     dequantize_4bit_typed(packed, scales, n, blocksize, type, static_cast<uint16_t*>(out), fmt, block_begin,
                           block_end);
+  }
+}
+
+void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
+                          QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld,
+                          FloatFormat fmt) {
+  if (fmt == FloatFormat::F32) {
+    dequantize_4bit_tile_typed(packed, scales, K, blocksize, type, r0, r1, c0, c1, static_cast<float*>(out), ld, fmt);
+  } else {
+    dequantize_4bit_tile_typed(packed, scales, K, blocksize, type, r0, r1, c0, c1, static_cast<uint16_t*>(out), ld,
+                               fmt);
   }
 }
 

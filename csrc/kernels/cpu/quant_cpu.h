@@ -30,6 +30,13 @@ void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize,
 void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize, QuantType type,
                      void* out, FloatFormat fmt, int64_t block_begin, int64_t block_end);
 
+// 4-bit, a tile of the weight seen as a row-major [rows, K] matrix: out[(r - r0) * ld + (c - c0)] =
+// fmt(code[q] * scale) of element r * K + c, for r in [r0, r1), c in [c0, c1) (the values dequantize_4bit gives
+// there). Lets a matmul dequantize W a slab at a time into a small reused buffer instead of all N x K at once.
+void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
+                          QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld,
+                          FloatFormat fmt);
+
 // 8-bit blockwise (double quantization of the scales): fp32 in, codes of the sorted 256-entry `code` out.
 void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q,
                              float* absmax, int64_t block_begin, int64_t block_end);
