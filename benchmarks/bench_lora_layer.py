@@ -3,7 +3,8 @@ side by side in one run. LoRA r=16, dropout 0.05 (qpeft and peft), NF4 double-qu
 is measured twice: with the CUDA-core LoRA-branch kernels (qpeft_*) and the tensor-core ones (qpeft_tc_*).
 
 "saved_MB" is what the layer keeps for backward beyond its input and parameters (saved-tensor hooks);
-on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (harness), eager calls: the host's
+on a GPU "peak_MB" is the CUDA peak of one forward+backward. Times: median ms (harness) of the variants timed in
+interleaved rounds (one call of each per round), eager calls: the host's
 launch overhead counts where it exceeds the GPU's work. On a GPU the training step is also timed replayed from
 CUDA graphs (torch.cuda.make_graphed_callables: *_fb_graph_ms), which leaves the device time alone.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import benchmark_args, median_time_ms, print_table, write_results
+from harness import benchmark_args, median_time_ms, median_times_ms, print_table, write_results
 
 from qpeft import functional as F
 from qpeft.nn import LoraLinear4bit
@@ -108,23 +109,46 @@ def graphed_fb_ms(module, x, reps) -> float | None:
             module.forward = own_forward
 
 
-def measure(module, x, device, reps):
-    fwd = median_time_ms(lambda: module(x), device, reps=reps)
+def peak_memory_MB(module, x, grad, device) -> float | None:
+    """CUDA peak of one forward + backward above what was allocated before it (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    module(x).backward(grad)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
-    def fwd_bwd():
-        module(x).backward(grad)
 
-    grad = torch.randn_like(module(x))
-    fb = median_time_ms(fwd_bwd, device, reps=reps)
-    peak = None
+def measure(variants: dict, x, device, reps) -> dict[str, tuple]:
+    """(fwd ms, fb ms, saved MB, peak MB) of each variant {name: (module, cuda LoRA kernel kind or None)}, the
+    times from interleaved rounds (harness.median_times_ms); each call first selects its variant's kernels."""
+    grad = torch.randn_like(next(iter(variants.values()))[0](x))
+
+    def call(module, kernels, backward):
+        def run():
+            if kernels is not None:
+                F.set_cuda_lora_kernels(kernels)
+            y = module(x)
+            if backward:
+                y.backward(grad)
+        return run
+
+    fns = {}
+    for name, (module, kernels) in variants.items():
+        fns[f"{name}_fwd"] = call(module, kernels, backward=False)
+        fns[f"{name}_fb"] = call(module, kernels, backward=True)
+    times = median_times_ms(fns, device, warmup=10 if device.type == "cuda" else 3, reps=reps)
+    results = {}
+    for name, (module, kernels) in variants.items():
+        if kernels is not None:
+            F.set_cuda_lora_kernels(kernels)
+        results[name] = (times[f"{name}_fwd"], times[f"{name}_fb"], saved_bytes(module, x) / 2**20,
+                         peak_memory_MB(module, x, grad, device))
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd, fb, saved_bytes(module, x) / 2**20, peak
+        F.set_cuda_lora_kernels("cuda_cores")
+    return results
 
 
 def main() -> None:
@@ -141,15 +165,15 @@ def main() -> None:
         ours = LoraLinear4bit.from_linear(dense, r=R, alpha=ALPHA, dropout=DROPOUT).train()
         theirs = peft_on_bnb(dense, dtype)
         x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
-        if device.type == "cuda":
-            F.set_cuda_lora_kernels("cuda_cores")  # the qpeft_* columns: CUDA-core LoRA kernels, whatever the env says
-        results = {"dense": measure(dense, x, device, reps), "qpeft": measure(ours, x, device, reps)}
-        if device.type == "cuda":  # the same module with the tensor-core LoRA-branch kernels
-            F.set_cuda_lora_kernels("tensor_cores")
-            results["qpeft_tc"] = measure(ours, x, device, reps)
-            F.set_cuda_lora_kernels("cuda_cores")
+        # On a GPU the qpeft_* columns use the CUDA-core LoRA kernels whatever the environment says, and qpeft_tc
+        # is the same module with the tensor-core ones.
+        gpu = device.type == "cuda"
+        variants = {"dense": (dense, None), "qpeft": (ours, "cuda_cores" if gpu else None)}
+        if gpu:
+            variants["qpeft_tc"] = (ours, "tensor_cores")
         if theirs is not None:
-            results["bnb_peft"] = measure(theirs, x, device, reps)
+            variants["bnb_peft"] = (theirs, None)
+        results = measure(variants, x, device, reps)
         row = {"M": m, "K": k, "N": n, "dtype": str(dtype).removeprefix("torch.")}
         for name, (fwd, fb, saved, peak) in results.items():
             row.update({f"{name}_fwd_ms": fwd, f"{name}_fb_ms": fb, f"{name}_saved_MB": saved, f"{name}_peak_MB": peak})

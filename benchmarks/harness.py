@@ -1,7 +1,8 @@
 """Shared benchmark harness: timing, environment metadata, and JSON output.
 
 GPU work is timed with CUDA events after warm-up, the median of many repetitions; CPU work with
-time.perf_counter, also a median. Every benchmark writes one JSON file to benchmarks/results/ with the
+time.perf_counter, also a median. Variants compared side by side are timed in interleaved rounds
+(median_times_ms). Every benchmark writes one JSON file to benchmarks/results/ with the
 environment it ran in, so committed numbers say where they came from.
 """
 
@@ -33,27 +34,41 @@ def benchmark_args(description: str, add_options=None) -> argparse.Namespace:
     return args
 
 
+def _timed_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """One call of ``fn`` in milliseconds: CUDA events around it on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, reps: int = 50) -> float:
     """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU, perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
+    return median_times_ms({"fn": fn}, device, warmup, reps)["fn"]
+
+
+def median_times_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 10,
+                    reps: int = 50) -> dict[str, float]:
+    """Median time in ms of each of several functions compared side by side, timed in interleaved rounds (one
+    call of each per round, after ``warmup`` rounds): a slow spell of a shared machine then hits every variant
+    alike instead of whichever happened to run during it (on the 2-core CI kind, back-to-back blocks of the same
+    layer moved by 30-50% between runs)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    for _ in range(warmup):
+        for fn in fns.values():
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_timed_call_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def environment(device: torch.device) -> dict:

@@ -4,12 +4,14 @@
 #include "quant_cpu.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <vector>
 
 #include "../float_convert.h"
+#include "cpu_simd.h"
 
 namespace qpeft::cpu {
 namespace {
@@ -39,22 +41,29 @@ constexpr float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
 
 // dst[i - e_begin] = table[code of element i] for the elements [e_begin, e_end) (one block's table).
 template <typename OutT>
-void lookup_elements(const uint8_t* packed, const OutT* table, int64_t e_begin, int64_t e_end, OutT* dst) {
+inline void lookup_elements(const uint8_t* packed, const OutT* __restrict table, int64_t e_begin, int64_t e_end,
+                            OutT* __restrict dst) {
   int64_t e = e_begin;
   if (e < e_end && (e & 1)) *dst++ = table[packed[e / 2] & 0xF], ++e;  // starts on a low nibble
-  for (; e + 1 < e_end; e += 2) {
-    const uint8_t byte = packed[e / 2];
-    *dst++ = table[byte >> 4];
-    *dst++ = table[byte & 0xF];
+  const uint8_t* bytes = packed + e / 2;
+  const int64_t pairs = (e_end - e) / 2;
+  for (int64_t j = 0; j < pairs; ++j) {
+    const uint8_t byte = bytes[j];
+    dst[2 * j] = table[byte >> 4];
+    dst[2 * j + 1] = table[byte & 0xF];
   }
-  if (e < e_end) *dst = table[packed[e / 2] >> 4];
+  if (e + 2 * pairs < e_end) dst[2 * pairs] = table[bytes[pairs] >> 4];  // ends on a high nibble
 }
 
 template <typename OutT>
-void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
+QPEFT_NO_AUTOVEC void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
                                 QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, OutT* out, int64_t ld,
                                 FloatFormat fmt) {
   const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+  // Block of element e: a shift for the power-of-two blocksizes qpeft's ops take (a 64-bit division per
+  // segment cost ~15% of the instructions at blocksize 64).
+  const int shift = std::has_single_bit(static_cast<uint64_t>(blocksize))
+                        ? std::countr_zero(static_cast<uint64_t>(blocksize)) : -1;
   OutT table[16];
   int64_t table_block = -1;
   for (int64_t r = r0; r < r1; ++r) {
@@ -62,7 +71,7 @@ void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales
     const int64_t row_end = r * K + c1;
     // Segments of the row that stay in one quantization block (rows and tiles may start mid-block).
     for (int64_t e = r * K + c0; e < row_end;) {
-      const int64_t block = e / blocksize;
+      const int64_t block = shift >= 0 ? e >> shift : e / blocksize;
       const int64_t seg_end = std::min((block + 1) * blocksize, row_end);
       if (block != table_block) scaled_table(code_values, scales(block), fmt, table), table_block = block;
       lookup_elements(packed, table, e, seg_end, dst);
@@ -73,7 +82,7 @@ void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales
 }
 
 template <typename OutT>
-void dequantize_4bit_typed(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize,
+QPEFT_NO_AUTOVEC void dequantize_4bit_typed(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize,
                            QuantType type, OutT* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
   const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
   OutT table[16];
