@@ -138,3 +138,30 @@ def test_cpu_slab_matmul_opcheck():
     args = (q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.nested_offset.reshape(1), 64, "nf4")
     opcheck(torch.ops.qpeft.linear_4bit, (torch.randn(20, 100), *args, 24))
     opcheck(torch.ops.qpeft.linear_4bit_grad_input, (torch.randn(20, 24), *args, 100))
+
+
+def largest_cpu_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while fn() runs (torch.profiler's memory events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided")),
+               default=0)
+
+
+def test_cpu_training_sizes_never_allocate_a_dense_weight():
+    """The memory contract of the CPU path above 16 rows: the forward and backward of the frozen base and of the
+    QLoRA layer allocate slabs of ~2 MB, never the dense N x K weight (32 MB here)."""
+    from qpeft.nn import Linear4bit, LoraLinear4bit
+
+    n, k, m = 2048, 4096, 64
+    dense_bytes = n * k * 4
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k))
+    x = torch.randn(m, k)
+    assert largest_cpu_allocation(lambda: run(x, q)) < dense_bytes / 8
+    assert largest_cpu_allocation(lambda: run_grad_input(torch.randn(m, n), q)) < dense_bytes / 8
+    base = Linear4bit.from_linear(torch.nn.Linear(k, n, bias=False))
+    layer = LoraLinear4bit(base, r=8, alpha=16, dropout=0.1).train()
+    xg = x.clone().requires_grad_(True)
+    assert largest_cpu_allocation(lambda: layer(xg).sum().backward()) < dense_bytes / 8
+    assert largest_cpu_allocation(lambda: base(xg).sum().backward()) < dense_bytes / 8
+    assert largest_cpu_allocation(lambda: q.dequantize(torch.float32)) == dense_bytes  # the probe sees it
