@@ -6,8 +6,9 @@ drawn from a seed tensor (int64, one element, on the input's device or the CPU) 
 * qlora_linear (one adapter, plain LoRA): the fused ``qpeft::qlora_forward`` / ``qlora_backward`` ops.
   Saved for backward: x (alive anyway for the caller) and xa = drop(x) A^T [M, r]; W stays 4-bit.
 * frozen_4bit_linear (no adapter): x W^T; on the CPU the linear_4bit ops in both directions (a few rows: W read
-  from its codes; more: W dequantized a slab at a time into a small buffer), elsewhere W is dequantized into a
-  transient tensor in each direction. Saves nothing but the 4-bit weight.
+  from its codes; more: W dequantized a slab at a time into a small buffer); on CUDA the linear_4bit kernel for a
+  forward of at most 16 rows (decode), otherwise W dequantized into a transient tensor. Saves nothing but the
+  4-bit weight.
 * lora_branch (one of several adapters on one base): s * drop(x) A^T B^T with lora_down and its gradients
   (dropout inside the kernels); saves x and xa.
 * dora_linear (one DoRA adapter): saves x, xa and the [N] magnitude ratio; backward recomputes the base term
@@ -48,10 +49,13 @@ def weight_args(weight: Quantized4bitWeight) -> tuple:
             weight.quant_type)
 
 
+CUDA_SMALL_M = 16  # rows up to which the CUDA linear_4bit kernel reads W once (kLinear4bitMaxM; as qlora_forward)
+
+
 def _base_forward(x2: torch.Tensor, wargs: tuple, n: int) -> torch.Tensor:
     """x2 [M, K] @ W^T -> [M, n] in x2's dtype."""
     packed, absmax, na, nc, no, blocksize, quant_type = wargs
-    if x2.device.type == "cpu":
+    if x2.device.type == "cpu" or (x2.device.type == "cuda" and 0 < x2.shape[0] <= CUDA_SMALL_M):
         return ops.linear_4bit(x2, packed, absmax, na, nc, no, blocksize, quant_type, n)
     return x2 @ _dequantize(wargs, (n, x2.shape[1]), x2.dtype).T
 

@@ -26,7 +26,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("shape", [(1, 257), (3, 5, 257), (0, 257), (64, 257)])
+@pytest.mark.parametrize("shape", [(1, 257), (3, 5, 257), (16, 257), (17, 257), (0, 257), (64, 257)])
 def test_forward_matches_reference(device, dtype, tol, shape):
     dense = torch.nn.Linear(257, 130, dtype=dtype, device=device)
     layer = Linear4bit.from_linear(dense, "nf4", 64, double_quant=True)
