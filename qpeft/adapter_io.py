@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .hub import ADAPTER_FILES, resolve_folder
 from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, QPeftModel
 
 PREFIX = "base_model.model."
@@ -58,9 +59,11 @@ def save_adapter(model: QPeftModel, adapter_name: str, folder: str | Path) -> No
         json.dump(model.peft_config[adapter_name].to_peft_dict(), f, indent=2, sort_keys=True, default=str)
 
 
-def load_adapter_files(model_id: str | Path, **quant) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a local adapter folder (safetensors only: no pickle)."""
-    folder = Path(model_id)
+def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, revision: str | None = None,
+                       token: str | bool | None = None, **quant) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an adapter: a local folder, or a Hugging Face Hub repository id (its
+    adapter_config.json and adapter_model.safetensors fetched into the Hub cache; safetensors only: no pickle)."""
+    folder = resolve_folder(model_id, ADAPTER_FILES, subfolder=subfolder, revision=revision, token=token)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file():
         raise FileNotFoundError(f"qpeft: no {ADAPTER_CONFIG} in {folder}")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .hub import CHECKPOINT_FILES, resolve_folder
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
 
@@ -66,15 +67,17 @@ def _dtype(name) -> torch.dtype | None:
 
 
 def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: torch.dtype | None = None,
-                         dtype: torch.dtype | None = None) -> nn.Module:
-    """A transformers model from a bitsandbytes 4-bit checkpoint folder, its 4-bit linear layers as
-    qpeft.nn.Linear4bit holding the checkpoint's exact bytes (nothing is dequantized or requantized).
+                         dtype: torch.dtype | None = None, *, subfolder: str | None = None,
+                         revision: str | None = None, token: str | bool | None = None) -> nn.Module:
+    """A transformers model from a bitsandbytes 4-bit checkpoint (a local folder or a Hub repository id: its
+    config and safetensors fetched into the Hub cache), its 4-bit linear layers as qpeft.nn.Linear4bit holding
+    the checkpoint's exact bytes (nothing is dequantized or requantized).
 
     model_class: default transformers.AutoModelForCausalLM. compute_dtype: default the checkpoint's
     bnb_4bit_compute_dtype. dtype: of the unquantized tensors (default: as stored)."""
     import transformers
 
-    folder = Path(folder)
+    folder = resolve_folder(folder, CHECKPOINT_FILES, subfolder=subfolder, revision=revision, token=token)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"qpeft: no config.json in {folder}")
     config = transformers.AutoConfig.from_pretrained(folder)

@@ -408,10 +408,11 @@ class QPeftModel(nn.Module):
             save_adapter(self, name, folder)
 
     def load_adapter(self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False,
-                     **quant) -> None:
-        """Loads a peft LoRA adapter folder (from peft or qpeft) as ``adapter_name`` and activates it."""
+                     **kwargs) -> None:
+        """Loads a peft LoRA adapter (from peft or qpeft: a local folder or a Hub repository id; ``subfolder``,
+        ``revision``, ``token`` as in peft) as ``adapter_name`` and activates it."""
         from .adapter_io import load_adapter_files
-        config, tensors = load_adapter_files(model_id, **quant)
+        config, tensors = load_adapter_files(model_id, **kwargs)
         self.add_adapter(adapter_name, config)
         self._load_adapter_tensors(adapter_name, config, tensors)
         if not is_trainable:
@@ -424,11 +425,12 @@ class QPeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False, **quant) -> "QPeftModel":
-        """peft's PeftModel.from_pretrained: quantize ``model``'s targets and load the adapter folder into them.
-        ``quant`` overrides the 4-bit format (quant_type, blocksize, double_quant, compute_dtype)."""
+                        is_trainable: bool = False, **kwargs) -> "QPeftModel":
+        """peft's PeftModel.from_pretrained: quantize ``model``'s targets and load the adapter (a local folder or a
+        Hub repository id; ``subfolder``, ``revision``, ``token`` as in peft) into them. The other keywords override
+        the 4-bit format (quant_type, blocksize, double_quant, compute_dtype)."""
         from .adapter_io import load_adapter_files
-        config, tensors = load_adapter_files(model_id, **quant)
+        config, tensors = load_adapter_files(model_id, **kwargs)
         wrapper = cls(model, config, adapter_name)
         wrapper._load_adapter_tensors(adapter_name, config, tensors)
         if not is_trainable:
