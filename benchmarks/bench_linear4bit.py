@@ -1,7 +1,9 @@
 """Frozen 4-bit linear forward: qpeft Linear4bit vs dense torch vs bitsandbytes Linear4bit, side by side.
 
-The baseline for the fused QLoRA kernels: today qpeft's forward is dequantize + matmul. Shapes follow
-../shared/TARGETS.md (CPU: K = N = 2048; GPU: 4096 -> 4096 and the Llama MLP shapes).
+qpeft's forward: up to 16 rows the linear_4bit kernel (W read once from its codes, CPU and CUDA); more rows: on
+the CPU W dequantized a ~2 MB slab at a time, one GEMM per slab; on CUDA dequantize + matmul. The three variants
+are timed in interleaved rounds. Shapes follow ../shared/TARGETS.md (CPU: K = N = 2048; GPU: 4096 -> 4096 and the
+Llama MLP shapes).
 
     python benchmarks/bench_linear4bit.py [--device cpu|cuda] [--out DIR]
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import benchmark_args, median_time_ms, print_table, write_results
+from harness import benchmark_args, median_times_ms, print_table, write_results
 
 from qpeft.nn import Linear4bit
 
@@ -46,9 +48,11 @@ def main() -> None:
             ours = Linear4bit.from_linear(dense, "nf4", 64, double_quant=True, compute_dtype=dtype)
             theirs = bitsandbytes_layer(dense, dtype)
             x = torch.randn(m, k, dtype=dtype, device=device)
-            t_dense = median_time_ms(lambda: dense(x), device, reps=reps)
-            t_ours = median_time_ms(lambda: ours(x), device, reps=reps)
-            t_bnb = median_time_ms(lambda: theirs(x), device, reps=reps) if theirs is not None else None
+            fns = {"dense": lambda: dense(x), "qpeft": lambda: ours(x)}
+            if theirs is not None:
+                fns["bnb"] = lambda: theirs(x)
+            times = median_times_ms(fns, device, warmup=10 if device.type == "cuda" else 3, reps=reps)
+            t_dense, t_ours, t_bnb = times["dense"], times["qpeft"], times.get("bnb")
             rows.append({"dtype": str(dtype).removeprefix("torch."), "M": m, "K": k, "N": n, "dense_ms": t_dense,
                          "qpeft_ms": t_ours, "bnb_ms": t_bnb, "qpeft_vs_dense": t_ours / t_dense,
                          "bnb_vs_qpeft": t_bnb / t_ours if t_bnb else None})
