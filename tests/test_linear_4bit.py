@@ -150,7 +150,8 @@ def largest_cpu_allocation(fn) -> int:
 
 def test_cpu_training_sizes_never_allocate_a_dense_weight():
     """The memory contract of the CPU path above 16 rows: the forward and backward of the frozen base and of the
-    QLoRA layer allocate slabs of ~2 MB, never the dense N x K weight (32 MB here)."""
+    QLoRA layer (plain LoRA and DoRA, whose weight norm uses cached row norms of W) allocate slabs of ~2 MB,
+    never the dense N x K weight (32 MB here)."""
     from qpeft.nn import Linear4bit, LoraLinear4bit
 
     n, k, m = 2048, 4096, 64
@@ -164,4 +165,6 @@ def test_cpu_training_sizes_never_allocate_a_dense_weight():
     xg = x.clone().requires_grad_(True)
     assert largest_cpu_allocation(lambda: layer(xg).sum().backward()) < dense_bytes / 8
     assert largest_cpu_allocation(lambda: base(xg).sum().backward()) < dense_bytes / 8
+    dora = LoraLinear4bit(base, r=8, alpha=16, dropout=0.1, use_dora=True).train()  # row norms of W cached here
+    assert largest_cpu_allocation(lambda: dora(xg).sum().backward()) < dense_bytes / 8
     assert largest_cpu_allocation(lambda: q.dequantize(torch.float32)) == dense_bytes  # the probe sees it

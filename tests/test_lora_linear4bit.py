@@ -6,7 +6,7 @@ import torch
 
 from qpeft import functional as F
 from qpeft import reference as R
-from qpeft.nn import LoraLinear4bit
+from qpeft.nn import Linear4bit, LoraLinear4bit
 
 CONFIGS = [  # (use_dora, use_rslora, lora_bias, p, base_bias)
     (False, False, False, 0.0, True), (False, True, True, 0.2, True), (True, False, False, 0.0, False),
@@ -379,3 +379,19 @@ def test_cuda_default_seed_comes_from_the_generator_state():
     with torch.cuda.graph(graph):
         captured = F.draw_dropout_seed("cuda")
     assert captured.device.type == "cuda"
+
+
+@pytest.mark.parametrize("r", [4, 20])  # 20 rows of A: above the small-M switch, so W A^T takes the other path
+def test_dora_weight_norm_without_a_dense_weight(device, r):
+    """DoRA's ||W + s B A||_row, built from the cached row norms of W, W A^T and A A^T, equals the direct norm
+    (float64) of the dense weight; and the cache follows a replaced weight."""
+    layer = make_layer(160, 48, device, torch.float32, use_dora=True, r=r)
+    adapter = layer.adapters["default"]
+    W = layer.base.dequantized_weight(torch.float32).double()
+    direct = (W + adapter.scaling * adapter.lora_B.double() @ adapter.lora_A.double()).norm(dim=1)
+    assert rel_err(layer._dora_norm(adapter), direct) < 1e-6
+    other = Linear4bit.from_linear(torch.nn.Linear(160, 48, device=device))
+    layer.base.set_quantized_weight(other.quantized_weight)
+    W = layer.base.dequantized_weight(torch.float32).double()
+    direct = (W + adapter.scaling * adapter.lora_B.double() @ adapter.lora_A.double()).norm(dim=1)
+    assert rel_err(layer._dora_norm(adapter), direct) < 1e-6

@@ -111,6 +111,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
                              f"[{self.out_features}, {self.in_features}]")
         self.__dict__.pop("_op_weight_args", None)
+        self.__dict__.pop("_row_norms_squared", None)
         self.weight = nn.Parameter(q.packed.reshape(-1, 1).view(torch.uint8), requires_grad=False)
         self.quant_storage = q.quant_storage
         for buffer, field in _STATE_BUFFERS.items():
@@ -136,8 +137,22 @@ class Linear4bit(nn.Module):
             cached = self.__dict__["_op_weight_args"] = (self.weight, weight_args(self.quantized_weight))
         return cached[1]
 
+    def row_norms_squared(self) -> torch.Tensor:
+        """||W_n||^2 of every output row n of the dequantized weight, fp64 [out_features]: W is frozen, so this is
+        computed once (one dense fp32 dequantization) and cached until the weight is replaced or moved (DoRA's
+        weight norm is built from it without a dense W per call)."""
+        if torch.compiler.is_compiling():  # traced: computed in the graph, no cache
+            return self.dequantized_weight(torch.float32).double().pow(2).sum(1)
+        cached = self.__dict__.get("_row_norms_squared")
+        if cached is None or cached[0] is not self.weight:
+            with torch.no_grad():
+                norms = self.dequantized_weight(torch.float32).double().pow(2).sum(1)
+            cached = self.__dict__["_row_norms_squared"] = (self.weight, norms)
+        return cached[1]
+
     def _apply(self, fn, recurse=True):  # .to() / .cuda() replace the tensors: drop the cached views
         self.__dict__.pop("_op_weight_args", None)
+        self.__dict__.pop("_row_norms_squared", None)
         return super()._apply(fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -107,7 +107,7 @@ class LoraLinear4bit(nn.Module):
                               init, adapter_dtype, self.base.weight.device)
         if use_dora:  # m starts as the row norms of W, in fp32
             with torch.no_grad():
-                adapter.lora_magnitude.copy_(self.base.dequantized_weight(torch.float32).norm(dim=1))
+                adapter.lora_magnitude.copy_(self.base.row_norms_squared().sqrt())
         self.adapters[name] = adapter
         if activate:
             self.set_adapter(name)
@@ -207,7 +207,7 @@ class LoraLinear4bit(nn.Module):
         ps = [a.dropout if self.training else 0.0 for a in adapters]
         if len(adapters) == 1:  # one DoRA adapter
             a, p, seed = adapters[0], ps[0], seeds[0]
-            ratio = a.lora_magnitude.float() / self._dora_norm(a, weight.dequantize(torch.float32))
+            ratio = a.lora_magnitude.float() / self._dora_norm(a)
             y = dora_linear(xc, weight, a.lora_A, a.lora_B, ratio, a.lora_bias, base_bias, a.scaling, p, seed)
             return y.to(x.dtype)
         if any(a.use_dora for a in adapters):
@@ -237,11 +237,18 @@ class LoraLinear4bit(nn.Module):
             bias = lora if bias is None else bias.to(dtype) + lora
         return bias
 
-    @staticmethod
-    def _dora_norm(adapter: LoraAdapter, W: torch.Tensor) -> torch.Tensor:
-        """||W + s B A||_row in fp32 for the fp32 weight W, detached (DoRA section 4.3)."""
+    def _dora_norm(self, adapter: LoraAdapter) -> torch.Tensor:
+        """||W + s B A||_row in fp32, detached (DoRA section 4.3), without a dense W or s B A [N, K]: expanded as
+        ||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T, from the cached row norms of the frozen W, one
+        4-bit matmul W A^T [N, r] (r rows: the small-M path) and the r x r Gram matrix, combined in fp64."""
         with torch.no_grad():
-            return (W + adapter.delta_weight()).norm(dim=1)
+            A = adapter.lora_A.float()
+            B = adapter.lora_B.double()
+            wa = frozen_4bit_linear(A, self.base.quantized_weight).double()  # [r, N] = A W^T
+            s = adapter.scaling
+            gram = (A.double() @ A.double().T)
+            squared = (self.base.row_norms_squared() + 2 * s * (B * wa.T).sum(1) + s * s * ((B @ gram) * B).sum(1))
+            return squared.clamp_min(0).sqrt().float()
 
     # ---- merging (into a dense weight: the 4-bit base is never requantized) --------------------------------
     @torch.no_grad()
