@@ -39,13 +39,15 @@ def adapter_parameters(model: QPeftModel, adapter_name: str) -> dict[str, torch.
             params[key + ".base_layer.bias"] = layer.base.bias
     if config.bias == "all":
         for name, p in model.base_model.named_parameters():
+            if ".original_module." in name or ".modules_to_save." in name:
+                continue  # a modules_to_save module's parameters: its adapter copy's, below
             if name.endswith("bias") and p.is_floating_point():
                 owner = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
                 if name.endswith(".base.bias") and owner in lora_paths:
                     name = owner + ".base_layer.bias"
                 params[PREFIX + name] = p
-    for mname, module in model._modules_to_save(config):
-        for pname, p in module.named_parameters():
+    for mname, wrapper in model._modules_to_save(config):  # the adapter's own copy, under the module's name
+        for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
             params[f"{PREFIX}{mname}.{pname}"] = p
     return params
 

@@ -134,14 +134,21 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as a 4-bit checkpoint holds it: Linear4bit layers with bitsandbytes' keys; the base of
-    a LoRA layer under the layer's own name (adapters are saved separately, in peft's format)."""
-    lora_prefixes = {name + ".": name for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    a LoRA layer and the original of a modules_to_save module under the module's own name (adapters, and their
+    copies of modules_to_save, are saved separately, in peft's format)."""
+    from .model import ModulesToSave
+
+    # module name + "." -> the child whose entries stand for the module ("base." / "original_module."), the
+    # rest of the module's entries being adapter state
+    kept_child = {name + ".": "base." for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
+    kept_child.update({name + ".": "original_module." for name, m in model.named_modules()
+                       if isinstance(m, ModulesToSave)})
     out = {}
     for key, t in model.state_dict().items():
-        for prefix, name in lora_prefixes.items():
+        for prefix, child in kept_child.items():
             if key.startswith(prefix):
                 rest = key[len(prefix):]
-                key = None if not rest.startswith("base.") else f"{name}.{rest[len('base.'):]}"
+                key = prefix + rest[len(child):] if rest.startswith(child) else None
                 break
         if key is not None:
             out[key] = t

@@ -15,6 +15,7 @@ weight is quantized transposed, and the adapter file says fan_in_fan_out, as pef
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
@@ -200,12 +201,47 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _inside_lora(name: str, model: nn.Module) -> bool:
-    """True for the submodules of a LoraLinear4bit (its base), which are never targets themselves."""
+    """True for the submodules of a LoraLinear4bit (its base) or of a ModulesToSave wrapper (the original module
+    and the adapters' copies), which are never targets themselves."""
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), LoraLinear4bit):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (LoraLinear4bit, ModulesToSave)):
             return True
     return False
+
+
+class ModulesToSave(nn.Module):
+    """A module of ``modules_to_save``, as peft's ModulesToSaveWrapper: the original module (frozen) and one
+    trainable copy per adapter that lists it. The forward runs the active adapter's copy, or the original module
+    when adapters are disabled or the active adapter has no copy (so ``disable_adapter()`` gives the base model
+    back, as in peft). State-dict names are peft's: ``original_module.*`` and ``modules_to_save.<adapter>.*``;
+    other attributes (``weight``, ...) are read from the module in use."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def in_use(self) -> nn.Module:
+        if self.disabled or self.active is None:
+            return self.original_module
+        return self.modules_to_save[self.active]
+
+    def forward(self, *args, **kwargs):
+        return self.in_use()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save") or "_modules" not in self.__dict__:
+                raise
+            return getattr(self.in_use(), name)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -303,8 +339,18 @@ class QPeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
         inject_adapter(self.base_model, config, adapter_name)
+        for name, module in self._modules_to_save(config):
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _set_submodule(self.base_model, name, module)
+            module.add(adapter_name)
         self.peft_config[adapter_name] = config
         self.set_adapter(adapter_name)
+
+    def _wrappers(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield name, module
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activates one adapter (or several, summed) and makes exactly its parameters trainable (plus the biases
@@ -322,6 +368,14 @@ class QPeftModel(nn.Module):
                 layer.adapters[n].requires_grad_(True)
         for n in names:
             self._unfreeze_extras(self.peft_config[n])
+        for wname, wrapper in self._wrappers():
+            owners = [n for n in names if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(f"qpeft: adapters {owners} each have their own copy of {wname!r} "
+                                 "(modules_to_save); only one of them can be active at a time, as in peft")
+            wrapper.active = owners[0] if owners else None
+            if owners:
+                wrapper.modules_to_save[owners[0]].requires_grad_(True)
         self.active_adapter = names[0] if len(names) == 1 else names
 
     def _unfreeze_extras(self, config: LoraConfig) -> None:
@@ -333,12 +387,12 @@ class QPeftModel(nn.Module):
             for _, layer in self.lora_layers():
                 if layer.base.bias is not None:
                     layer.base.bias.requires_grad_(True)
-        for name, module in self._modules_to_save(config):
-            module.requires_grad_(True)
 
     def _modules_to_save(self, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-        targets = config.modules_to_save or []
-        return [(n, m) for n, m in self.base_model.named_modules() if n and _is_target(n, list(targets))]
+        """The modules (or their ModulesToSave wrappers) that ``config.modules_to_save`` names."""
+        targets = list(config.modules_to_save or [])
+        return [(n, m) for n, m in self.base_model.named_modules()
+                if n and _is_target(n, targets) and not _inside_lora(n, self.base_model)]
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -346,15 +400,30 @@ class QPeftModel(nn.Module):
         for _, layer in self.lora_layers():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
+        for name, wrapper in list(self._wrappers()):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+                if wrapper.active == adapter_name:
+                    wrapper.active = None
+                if not len(wrapper.modules_to_save):  # no adapter keeps a copy: the plain module again
+                    _set_submodule(self.base_model, name, wrapper.original_module)
         del self.peft_config[adapter_name]
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the context every LoRA layer is its frozen base alone."""
+        """Within the context every LoRA layer is its frozen base alone and every modules_to_save module its
+        original (the base model, as in peft)."""
+        wrappers = [w for _, w in self._wrappers()]
         with contextlib.ExitStack() as stack:
             for _, layer in self.lora_layers():
                 stack.enter_context(layer.disable_adapter())
-            yield
+            for w in wrappers:
+                w.disabled = True
+            try:
+                yield
+            finally:
+                for w in wrappers:
+                    w.disabled = False
 
     # ---- merging --------------------------------------------------------------------------------------------
     def merge_adapter(self, dtype: torch.dtype | None = None) -> None:
@@ -371,13 +440,21 @@ class QPeftModel(nn.Module):
         16/32-bit from one dequantization: no 4-bit requantization loss). ``dtype``: default the weights' own."""
         for name, layer in list(self.lora_layers()):
             _set_submodule(self.base_model, name, layer.to_linear(dtype))
+        self._unwrap_modules_to_save()
         return self.base_model
+
+    def _unwrap_modules_to_save(self) -> None:
+        """Each modules_to_save wrapper replaced by the module in use (the active adapter's copy), as peft's
+        merge_and_unload / unload do."""
+        for name, wrapper in list(self._wrappers()):
+            _set_submodule(self.base_model, name, wrapper.in_use())
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
         """The model with every LoRA layer replaced by its frozen 4-bit base (adapters dropped)."""
         for name, layer in list(self.lora_layers()):
             _set_submodule(self.base_model, name, layer.base)
+        self._unwrap_modules_to_save()
         return self.base_model
 
     # ---- reporting ------------------------------------------------------------------------------------------

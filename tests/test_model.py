@@ -354,3 +354,88 @@ def test_gpt2_adapters_move_between_peft_and_qpeft(tmp_path):
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(dequantized_float_copy(ours, original), tmp_path / "qpeft").eval()
         assert rel_err(ours(ids).logits, theirs(ids).logits) < 1e-5
+
+
+# ---- modules_to_save: one trainable copy per adapter, as peft's ModulesToSaveWrapper ----------------------------
+
+def test_modules_to_save_copies_match_peft(tmp_path):
+    """Each adapter trains its own copy of a modules_to_save module; disable_adapter() gives the original back
+    (what TRL's DPO reference pass relies on); the model's state-dict names and disabled / enabled logits are
+    peft's."""
+    original = tiny_llama()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(**cfg))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.base_model.lm_head.weight.mul_(1.5)  # trains the adapter's copy, never the original
+    assert torch.equal(model.base_model.lm_head.original_module.weight, original.lm_head.weight)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.lm_head.modules_to_save.default.weight" in trainable
+    assert not any("original_module" in n for n in trainable)
+
+    theirs = peft.get_peft_model(dequantized_float_copy(model, original), peft.LoraConfig(**cfg))
+    ours_keys = {k.removeprefix("base_model.") for k in model.state_dict() if "lm_head" in k}
+    theirs_keys = {k.removeprefix("base_model.model.") for k in theirs.state_dict() if "lm_head" in k}
+    assert ours_keys == theirs_keys == {"lm_head.original_module.weight", "lm_head.modules_to_save.default.weight"}
+
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(dequantized_float_copy(model, original), tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, theirs(ids).logits) < 1e-5
+        with model.disable_adapter(), theirs.disable_adapter():
+            disabled, theirs_disabled = model(ids).logits, theirs(ids).logits
+        base = dequantized_float_copy(model, original)(ids).logits
+    assert rel_err(disabled, base) < 1e-6 and rel_err(theirs_disabled, base) < 1e-6
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, theirs(ids).logits) < 1e-5  # enabled again after the context
+
+
+def test_modules_to_save_per_adapter_switching_deleting_and_unloading(tmp_path):
+    original = tiny_llama()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("other", qpeft.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("plain", qpeft.LoraConfig(r=2, target_modules=["k_proj"]))
+    wrapper = model.base_model.lm_head
+    assert sorted(wrapper.modules_to_save) == ["default", "other"]
+    with torch.no_grad():
+        wrapper.modules_to_save["other"].weight.add_(0.5)
+    ids = tokens()
+    model.set_adapter("default")
+    with torch.no_grad():
+        y_default = model(ids).logits
+    model.set_adapter("other")
+    assert wrapper.modules_to_save["other"].weight.requires_grad
+    assert not wrapper.modules_to_save["default"].weight.requires_grad
+    with torch.no_grad():
+        y_other = model(ids).logits
+    assert rel_err(y_other, y_default) > 1e-2  # its own lm_head
+    model.set_adapter("plain")  # no copy of its own: the original lm_head
+    assert wrapper.in_use() is wrapper.original_module
+    with pytest.raises(ValueError, match="only one of them can be active"):
+        model.set_adapter(["default", "other"])
+
+    model.save_pretrained(tmp_path)  # each adapter's file holds its own copy under the module's name
+    loaded = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "other", adapter_name="other")
+    assert torch.equal(loaded.base_model.lm_head.weight, wrapper.modules_to_save["other"].weight)
+
+    model.set_adapter("other")
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged.lm_head) is torch.nn.Linear and torch.equal(merged.lm_head.weight,
+                                                                    wrapper.modules_to_save["other"].weight)
+    model.delete_adapter("other")
+    assert wrapper.active is None and sorted(wrapper.modules_to_save) == ["default"]
+    model.delete_adapter("default")  # the last copy gone: the plain module is back
+    assert model.base_model.lm_head is wrapper.original_module
+
+
+def test_4bit_checkpoint_keeps_the_original_of_modules_to_save(tmp_path):
+    original = tiny_llama()
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(
+        r=4, target_modules="all-linear", modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.base_model.lm_head.weight.mul_(2.0)
+    state = qpeft.checkpoint.quantized_state_dict(model.base_model)
+    assert torch.equal(state["lm_head.weight"], original.lm_head.weight)
+    assert not any("original_module" in k or "modules_to_save" in k for k in state)
