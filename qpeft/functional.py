@@ -240,8 +240,8 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
                            quant_type: str, in_features: int, *, nested_absmax: torch.Tensor | None = None,
                            nested_code: torch.Tensor | None = None,
                            nested_offset: torch.Tensor | None = None) -> torch.Tensor:
-    """dy [..., N] @ W for the 4-bit weight W [N, in_features]: the input gradient of linear_4bit, the same two
-    paths (codes up to 16 rows with fp32 accumulation, then slab-wise GEMMs in dy's dtype). CPU kernel."""
+    """dy [..., N] @ W for the 4-bit weight W [N, in_features]: the input gradient of linear_4bit, by the same two
+    paths (W read from its codes with fp32 accumulation up to 8 rows, then slab-wise GEMMs in dy's dtype). CPU."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     dx = ops.linear_4bit_grad_input(as_rows(dy), _packed_bytes(packed), absmax, nested_absmax,

@@ -67,7 +67,7 @@ def test_opcheck_and_bad_inputs():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("k,blocksize", [(256, 64), (100, 64), (77, 32), (136, 128)])
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 8, 16])  # 8: the codes kernel's limit in the input gradient; 16: slabs
 def test_grad_input_matches_reference(quant_type, double_quant, k, blocksize, m):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(45, k), quant_type, blocksize, double_quant)
     dy = torch.randn(m, 45)

@@ -116,7 +116,7 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const at::Tensor& pa
   const int64_t M = dy.size(0), N = dy.size(1), K = in_features;
   const Dequantize4bitArgs w = prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset,
                                                      blocksize, quant_type, N, K);
-  if (M > kCpuSmallM) {
+  if (M > kCpuSmallMGradInput) {
     at::Tensor dx = at::empty({M, K}, dy.options());
     matmul_4bit_cpu(dx, dy, w, N, K, /*transpose_w=*/false, /*accumulate=*/false);
     return dx;

@@ -12,9 +12,11 @@
 namespace qpeft::ops {
 
 // Rows up to which the CPU reads W straight from its 4-bit codes (linear_4bit kernels, fp32 accumulation); above
-// it, matmul_4bit_cpu. Measured (2 cores, AVX2, fp32; K x N = 2048^2, 4096^2, 4096 x 14336): the codes kernel is
-// faster through 16 rows (e.g. 3.9 vs 5.0-6.3 ms at 2048^2), the two are even near 24.
+// them, matmul_4bit_cpu. Measured (2 cores, AVX2, fp32; K x N = 2048^2, 4096^2, 4096 x 14336): the forward's codes
+// kernel is faster through 16 rows (e.g. 3.9 vs 5.0-6.3 ms at 2048^2), the two are even near 24; the input
+// gradient's through 8 (at 12 rows: 9.8 / 44 ms vs ~10 / 34 ms by slabs at 2048^2 / 4096^2).
 constexpr int64_t kCpuSmallM = 16;
+constexpr int64_t kCpuSmallMGradInput = 8;
 
 // out (+)= a W^T when transpose_w (a [M, K], out [M, N]), else out (+)= a W (a [M, N], out [M, K]), W the validated
 // 4-bit weight [N, K] (prepare_linear_weight), dequantized slab-wise in a's dtype: the values and GEMM of

@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());
   const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
   at::Tensor dx;
-  if (x2.device().is_cpu() && M <= small_m(x2.device())) {  // dy W from the codes, then += drop(g A)
+  if (x2.device().is_cpu() && M <= kCpuSmallMGradInput) {  // dy W from the codes, then += drop(g A)
     dx = weight.grad_input(dy2, K);
     static auto grad_input_ = op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                       const at::Tensor&)>("qpeft::lora_down_grad_input_");

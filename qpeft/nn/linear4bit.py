@@ -1,8 +1,9 @@
 """``Linear4bit``: a frozen linear layer whose weight is stored in 4 bits (NF4/FP4, optional double quant).
 
-y = x W^T + b with W never kept dense: on the CPU a kernel reading the 4-bit codes up to 16 rows, and above that W
-dequantized a ~2 MB slab at a time for one GEMM per slab; on CUDA the same codes kernel up to 16 rows of a forward,
-otherwise a transient dequantization + matmul (qpeft.lora_autograd.frozen_4bit_linear). Its state dict uses bitsandbytes'
+y = x W^T + b with W never kept dense: on the CPU a kernel reading the 4-bit codes for few rows (16 forward, 8 for
+the input gradient), and above that W dequantized a ~2 MB slab at a time for one GEMM per slab; on CUDA the codes
+kernel up to 16 rows of a forward, otherwise a transient dequantization + matmul
+(qpeft.lora_autograd.frozen_4bit_linear). Its state dict uses bitsandbytes'
 Linear4bit keys, so it loads bitsandbytes / HF 4-bit checkpoints and bitsandbytes loads what it saves; unlike
 bitsandbytes, ``load_state_dict`` works on it.
 
