@@ -177,7 +177,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     skip = _output_head_names(model) if all_linear else set()
     names = []
     for name, module in model.named_modules():
-        if not name or name in skip or _inside_lora(name, model):
+        if not name or name in skip or _inside_wrapper(name, model):
             continue
         if config.exclude_modules and _is_target(name, config.exclude_modules):
             continue
@@ -200,7 +200,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
-def _inside_lora(name: str, model: nn.Module) -> bool:
+def _inside_wrapper(name: str, model: nn.Module) -> bool:
     """True for the submodules of a LoraLinear4bit (its base) or of a ModulesToSave wrapper (the original module
     and the adapters' copies), which are never targets themselves."""
     parts = name.split(".")
@@ -392,7 +392,7 @@ class QPeftModel(nn.Module):
         """The modules (or their ModulesToSave wrappers) that ``config.modules_to_save`` names."""
         targets = list(config.modules_to_save or [])
         return [(n, m) for n, m in self.base_model.named_modules()
-                if n and _is_target(n, targets) and not _inside_lora(n, self.base_model)]
+                if n and _is_target(n, targets) and not _inside_wrapper(n, self.base_model)]
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:

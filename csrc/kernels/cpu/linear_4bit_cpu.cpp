@@ -148,7 +148,12 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int
 // into dx's rows, K floats apart, put every row's same columns in one L1 set: beyond 8 rows (the L1's ways)
 // each step evicted the next row's line, and M = 16 ran 10x slower than M = 8. Walking W a column tile at a time
 // instead touched a new page per row of W and was TLB-bound for large K.)
-inline int64_t grad_buffer_ld(int64_t width) { return (width + 7) / 8 * 8 + 16; }  // + 64 bytes: a new L1 set per row
+// The buffer's row stride: width rounded up to 8 floats, plus 16 (64 bytes) so consecutive rows start in
+// different L1 sets, never a multiple of 4 KB.
+inline int64_t grad_buffer_ld(int64_t width) {
+  const int64_t ld = (width + 7) / 8 * 8 + 16;
+  return ld % 1024 == 0 ? ld + 16 : ld;
+}
 
 // Columns [k_begin, k_end) of dx for all M rows, AVX2 + FMA; needs K, k_begin, k_end multiples of 8.
 __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_t M, int64_t N,
