@@ -413,17 +413,13 @@ class QPeftModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Within the context every LoRA layer is its frozen base alone and every modules_to_save module its
         original (the base model, as in peft)."""
-        wrappers = [w for _, w in self._wrappers()]
         with contextlib.ExitStack() as stack:
             for _, layer in self.lora_layers():
                 stack.enter_context(layer.disable_adapter())
-            for w in wrappers:
-                w.disabled = True
-            try:
-                yield
-            finally:
-                for w in wrappers:
-                    w.disabled = False
+            for _, wrapper in self._wrappers():
+                wrapper.disabled = True
+                stack.callback(setattr, wrapper, "disabled", False)
+            yield
 
     # ---- merging --------------------------------------------------------------------------------------------
     def merge_adapter(self, dtype: torch.dtype | None = None) -> None:

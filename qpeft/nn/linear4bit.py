@@ -111,8 +111,7 @@ class Linear4bit(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
                              f"[{self.out_features}, {self.in_features}]")
-        self.__dict__.pop("_op_weight_args", None)
-        self.__dict__.pop("_row_norms_squared", None)
+        self._drop_weight_caches()
         self.weight = nn.Parameter(q.packed.reshape(-1, 1).view(torch.uint8), requires_grad=False)
         self.quant_storage = q.quant_storage
         for buffer, field in _STATE_BUFFERS.items():
@@ -131,29 +130,35 @@ class Linear4bit(nn.Module):
     def op_weight_args(self) -> tuple:
         """weight_args of this layer's weight (views of its tensors, as qpeft's ops take them), cached until the
         tensors are replaced or moved: building them costs more Python than the rest of a small forward."""
-        if torch.compiler.is_compiling():  # traced once: no cache in the graph
-            return weight_args(self.quantized_weight)
-        cached = self.__dict__.get("_op_weight_args")
-        if cached is None or cached[0] is not self.weight:
-            cached = self.__dict__["_op_weight_args"] = (self.weight, weight_args(self.quantized_weight))
-        return cached[1]
+        return self._derived_from_weight("_op_weight_args", lambda: weight_args(self.quantized_weight))
 
     def row_norms_squared(self) -> torch.Tensor:
         """||W_n||^2 of every output row n of the dequantized weight, fp64 [out_features]: W is frozen, so this is
         computed once (one dense fp32 dequantization) and cached until the weight is replaced or moved (DoRA's
         weight norm is built from it without a dense W per call)."""
-        if torch.compiler.is_compiling():  # traced: computed in the graph, no cache
-            return self.dequantized_weight(torch.float32).double().pow(2).sum(1)
-        cached = self.__dict__.get("_row_norms_squared")
-        if cached is None or cached[0] is not self.weight:
+        def compute():
             with torch.no_grad():
-                norms = self.dequantized_weight(torch.float32).double().pow(2).sum(1)
-            cached = self.__dict__["_row_norms_squared"] = (self.weight, norms)
+                return self.dequantized_weight(torch.float32).double().pow(2).sum(1)
+        return self._derived_from_weight("_row_norms_squared", compute)
+
+    _WEIGHT_CACHES = ("_op_weight_args", "_row_norms_squared")
+
+    def _derived_from_weight(self, key: str, compute):
+        """compute()'s value, cached under ``key`` (one of _WEIGHT_CACHES) for as long as ``self.weight`` is the same
+        tensor; while torch.compile traces, computed in the graph with no cache."""
+        if torch.compiler.is_compiling():
+            return compute()
+        cached = self.__dict__.get(key)
+        if cached is None or cached[0] is not self.weight:
+            cached = self.__dict__[key] = (self.weight, compute())
         return cached[1]
 
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() replace the tensors: drop the cached views
-        self.__dict__.pop("_op_weight_args", None)
-        self.__dict__.pop("_row_norms_squared", None)
+    def _drop_weight_caches(self) -> None:
+        for key in self._WEIGHT_CACHES:
+            self.__dict__.pop(key, None)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() replace the tensors: drop what was derived from them
+        self._drop_weight_caches()
         return super()._apply(fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -56,9 +56,9 @@ inline void lookup_elements(const uint8_t* packed, const OutT* __restrict table,
 }
 
 template <typename OutT>
-QPEFT_NO_AUTOVEC void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
-                                QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, OutT* out, int64_t ld,
-                                FloatFormat fmt) {
+QPEFT_NO_AUTOVEC void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales, int64_t K,
+                                                 int64_t blocksize, QuantType type, int64_t r0, int64_t r1, int64_t c0,
+                                                 int64_t c1, OutT* out, int64_t ld, FloatFormat fmt) {
   const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
   // Block of element e: a shift for the power-of-two blocksizes qpeft's ops take (a 64-bit division per
   // segment cost ~15% of the instructions at blocksize 64).
@@ -78,27 +78,6 @@ QPEFT_NO_AUTOVEC void dequantize_4bit_tile_typed(const uint8_t* packed, const Bl
       dst += seg_end - e;
       e = seg_end;
     }
-  }
-}
-
-template <typename OutT>
-QPEFT_NO_AUTOVEC void dequantize_4bit_typed(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize,
-                           QuantType type, OutT* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
-  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
-  OutT table[16];
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    scaled_table(code_values, scales(b), fmt, table);
-    const int64_t begin = b * blocksize;
-    const int64_t end = std::min(begin + blocksize, n);
-    const int64_t pairs_end = begin + ((end - begin) & ~int64_t{1});
-    const uint8_t* bytes = packed + begin / 2;
-    OutT* dst = out + begin;
-    for (int64_t j = 0; j < (pairs_end - begin) / 2; ++j) {
-      const uint8_t byte = bytes[j];
-      dst[2 * j] = table[byte >> 4];
-      dst[2 * j + 1] = table[byte & 0xF];
-    }
-    if (pairs_end < end) out[pairs_end] = table[packed[pairs_end / 2] >> 4];  // odd n: the last high nibble
   }
 }
 
@@ -160,12 +139,11 @@ void quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize,
 
 void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n, int64_t blocksize, QuantType type,
                      void* out, FloatFormat fmt, int64_t block_begin, int64_t block_end) {
-  if (fmt == FloatFormat::F32) {
-    dequantize_4bit_typed(packed, scales, n, blocksize, type, static_cast<float*>(out), fmt, block_begin, block_end);
-  } else {
-    dequantize_4bit_typed(packed, scales, n, blocksize, type, static_cast<uint16_t*>(out), fmt, block_begin,
-                          block_end);
-  }
+  // The blocks' elements as columns of the flattened tensor seen as one row of n elements.
+  const int64_t c0 = block_begin * blocksize, c1 = std::min(block_end * blocksize, n);
+  if (c0 >= c1) return;
+  void* dst = static_cast<char*>(out) + c0 * (fmt == FloatFormat::F32 ? 4 : 2);
+  dequantize_4bit_tile(packed, scales, n, blocksize, type, 0, 1, c0, c1, dst, 0, fmt);
 }
 
 void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
