@@ -50,7 +50,7 @@ __global__ void approx_reciprocal_kernel(const float* __restrict__ x, int64_t n,
 
 cudaError_t approx_reciprocal(const float* x, int64_t n, float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  approx_reciprocal_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(x, n, out);
+  QPEFT_LAUNCH(grid_for(n, kThreads), kThreads, stream, approx_reciprocal_kernel)(x, n, out);
   return cudaGetLastError();
 }
 
@@ -58,15 +58,15 @@ cudaError_t quantize_blockwise_8bit(const float* A, const float* code, int64_t n
                                     float* absmax, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-  quantize_8bit_kernel<<<grid_for(num_blocks * 32, kThreads), kThreads, 0, stream>>>(A, code, n, blocksize, q, absmax,
-                                                                                     num_blocks);
+  QPEFT_LAUNCH(grid_for(num_blocks * 32, kThreads), kThreads, stream, quantize_8bit_kernel)(A, code, n, blocksize, q,
+      absmax, num_blocks);
   return cudaGetLastError();
 }
 
 cudaError_t dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
                                       int64_t blocksize, float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  dequantize_8bit_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(q, absmax, code, n, blocksize, out);
+  QPEFT_LAUNCH(grid_for(n, kThreads), kThreads, stream, dequantize_8bit_kernel)(q, absmax, code, n, blocksize, out);
   return cudaGetLastError();
 }
 

@@ -8,6 +8,13 @@
 
 #include "../quant_rules.h"
 
+// Kernel launches are written QPEFT_LAUNCH(grid, block, stream, kernel)(args...): `kernel<<<grid, block, 0,
+// stream>>>(args...)` here, and a call into the host emulator when tests/cuda_emulation compiles these files for
+// the CPU (QPEFT_CUDA_HOST_EMULATION; its header defines the macro and the device functions used below).
+#ifndef QPEFT_LAUNCH
+#define QPEFT_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace qpeft::cuda {
 
 __device__ __forceinline__ float load_as_float(const void* A, FloatFormat fmt, int64_t i) {
@@ -23,9 +30,13 @@ __device__ __forceinline__ float load_as_float(const void* A, FloatFormat fmt, i
 
 // rcp.approx.ftz.f32, what `1.0f / x` compiles to under fast math (bitsandbytes' build); 0 for x == 0.
 __device__ __forceinline__ float approx_reciprocal(float x) {
+#if defined(QPEFT_CUDA_HOST_EMULATION)
+  return ::qpeft_emu::unsupported("rcp.approx.ftz.f32");  // the quantize kernels are not run under the emulator
+#else
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return x == 0.0f ? 0.0f : r;
+#endif
 }
 
 // fp32 -> output element type, round to nearest even.

@@ -28,17 +28,16 @@ cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, S
   const unsigned int grid = grid_for(n, kThreads);
   switch (fmt) {
     case FloatFormat::F32:
-      lora_dropout_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(x), static_cast<float*>(out), fmt,
-                                                         n, seed, offset, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<float>)(static_cast<const float*>(x),
+          static_cast<float*>(out), fmt, n, seed, offset, threshold, keep_scale);
       break;
     case FloatFormat::BF16:
-      lora_dropout_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x),
-                                                         static_cast<__nv_bfloat16*>(out), fmt, n, seed, offset,
-                                                         threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<__nv_bfloat16>)(static_cast<const __nv_bfloat16*>(x),
+          static_cast<__nv_bfloat16*>(out), fmt, n, seed, offset, threshold, keep_scale);
       break;
     default:
-      lora_dropout_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), static_cast<__half*>(out), fmt,
-                                                         n, seed, offset, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<__half>)(static_cast<const __half*>(x),
+          static_cast<__half*>(out), fmt, n, seed, offset, threshold, keep_scale);
   }
   return cudaGetLastError();
 }

@@ -103,6 +103,9 @@ __device__ __forceinline__ uint32_t pack2<__half>(float first, float second) {
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
+#if defined(QPEFT_CUDA_HOST_EMULATION)
+  ::qpeft_emu::mma_m16n8k16(std::is_same_v<T, __nv_bfloat16>, d, a0, a1, a2, a3, b0, b1);
+#else
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -116,6 +119,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // The raw operands of one 128-column block of a warp: x rows g, g + 8 (8 elements per uint4), the codes of
@@ -287,13 +291,12 @@ void launch_mma(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint
   const unsigned int grid = static_cast<unsigned int>((N + kBlockFeatures - 1) / kBlockFeatures);
   const int log2_blocksize = log2_of(blocksize);
   if (fmt == FloatFormat::BF16) {
-    linear_4bit_mma_kernel<__nv_bfloat16, kLora><<<grid, kThreads, 0, stream>>>(
+    QPEFT_LAUNCH(grid, kThreads, stream, linear_4bit_mma_kernel<__nv_bfloat16, kLora>)(
         static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
         static_cast<__nv_bfloat16*>(y), N, lora);
   } else {
-    linear_4bit_mma_kernel<__half, kLora><<<grid, kThreads, 0, stream>>>(
-        static_cast<const __half*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
-        static_cast<__half*>(y), N, lora);
+    QPEFT_LAUNCH(grid, kThreads, stream, linear_4bit_mma_kernel<__half, kLora>)(static_cast<const __half*>(x),
+        static_cast<int>(M), K, packed, scales, log2_blocksize, type, static_cast<__half*>(y), N, lora);
   }
 }
 
@@ -310,8 +313,8 @@ cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, co
   }
   const bool vector_ok = K % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0;
   const unsigned int grid = static_cast<unsigned int>((N + kWarps - 1) / kWarps);
-  linear_4bit_kernel<<<grid, kThreads, 0, stream>>>(x, fmt, static_cast<int>(M), K, packed, scales, log2_of(blocksize),
-                                                    type, y, N, vector_ok);
+  QPEFT_LAUNCH(grid, kThreads, stream, linear_4bit_kernel)(x, fmt, static_cast<int>(M), K, packed, scales,
+      log2_of(blocksize), type, y, N, vector_ok);
   return cudaGetLastError();
 }
 

@@ -336,8 +336,8 @@ cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* par
   const bool vec_ok = K % 8 == 0 && aligned16(x);
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    lora_down_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), A, partial, M, K, r, cols_per_split,
-                                                       seed, threshold, keep_scale, vec_ok);
+    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_kernel<T>)(static_cast<const T*>(x), A, partial, M, K, r,
+        cols_per_split, seed, threshold, keep_scale, vec_ok);
   });
 }
 
@@ -353,9 +353,8 @@ cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt
   const bool vec_ok = K % 8 == 0 && aligned16(x);
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    lora_down_grad_weight_kernel<T><<<grid, kThreads, 0, stream>>>(g, static_cast<const T*>(x), partial, M, K, r,
-                                                                   rows_per_split, seed, threshold, keep_scale,
-                                                                   vec_ok);
+    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_weight_kernel<T>)(g, static_cast<const T*>(x), partial, M, K,
+        r, rows_per_split, seed, threshold, keep_scale, vec_ok);
   });
 }
 
@@ -368,15 +367,15 @@ cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, cons
   const bool vec_ok = K % 4 == 0 && reinterpret_cast<uintptr_t>(dx) % 16 == 0;
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    lora_down_grad_input_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<T*>(dx), g, A, M, K, r, seed, threshold,
-                                                                  keep_scale, accumulate, vec_ok);
+    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_input_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r, seed,
+        threshold, keep_scale, accumulate, vec_ok);
   });
 }
 
 cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt,
                          cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  sum_partials_kernel<<<grid_for(n, kThreads, 4096), kThreads, 0, stream>>>(partial, splits, n, out, fmt);
+  QPEFT_LAUNCH(grid_for(n, kThreads, 4096), kThreads, stream, sum_partials_kernel)(partial, splits, n, out, fmt);
   return cudaGetLastError();
 }
 

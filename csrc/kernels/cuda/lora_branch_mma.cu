@@ -375,11 +375,11 @@ cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* 
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     if (narrow) {
-      lora_down_mma_kernel<T, 2><<<grid, kMmaThreads, 0, stream>>>(static_cast<const T*>(x), A, partial, M, K, r,
-                                                                    cols_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 2>)(static_cast<const T*>(x), A, partial, M, K,
+          r, cols_per_split, seed, threshold, keep_scale);
     } else {
-      lora_down_mma_kernel<T, 4><<<grid, kMmaThreads, 0, stream>>>(static_cast<const T*>(x), A, partial, M, K, r,
-                                                                    cols_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 4>)(static_cast<const T*>(x), A, partial, M, K,
+          r, cols_per_split, seed, threshold, keep_scale);
     }
   });
 }
@@ -399,11 +399,11 @@ cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat 
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     if (narrow) {
-      lora_down_grad_weight_mma_kernel<T, 1><<<grid, kMmaThreads, 0, stream>>>(
-          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 1>)(g, static_cast<const T*>(x),
+          partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
     } else {
-      lora_down_grad_weight_mma_kernel<T, 2><<<grid, kMmaThreads, 0, stream>>>(
-          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 2>)(g, static_cast<const T*>(x),
+          partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
     }
   });
 }
@@ -417,8 +417,8 @@ cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, c
   const dim3 grid(ceil_div(M, kGiMmaRows), ceil_div(K, kGiMmaCols));
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    lora_down_grad_input_mma_kernel<T><<<grid, kMmaThreads, 0, stream>>>(static_cast<T*>(dx), g, A, M, K, r, seed,
-                                                                         threshold, keep_scale, accumulate);
+    QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_input_mma_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r,
+        seed, threshold, keep_scale, accumulate);
   });
 }
 

@@ -126,9 +126,13 @@ struct Tf32Pair {
   uint32_t hi, lo;
 };
 __device__ __forceinline__ uint32_t to_tf32(float v) {
+#if defined(QPEFT_CUDA_HOST_EMULATION)
+  return ::qpeft_emu::cvt_rna_tf32(v);
+#else
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
   return r;
+#endif
 }
 __device__ __forceinline__ Tf32Pair split_tf32(float v) {
   const uint32_t hi = to_tf32(v);
@@ -145,10 +149,14 @@ __device__ __forceinline__ uint32_t exact_tf32(float v) { return __float_as_uint
 // the lanes' k slots as long as A and B use the same assignment.
 __device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
+#if defined(QPEFT_CUDA_HOST_EMULATION)
+  ::qpeft_emu::mma_m16n8k8_tf32(d, a0, a1, a2, a3, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 // *p through the read-only cache where `in`, else zeros (V = uint4 or float4): the bounds-guarded 16-byte operand

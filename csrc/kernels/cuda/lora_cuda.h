@@ -17,7 +17,7 @@ namespace qpeft::cuda {
 struct SeedRef {
   const int64_t* device = nullptr;  // one int64 in device memory, or nullptr: use `value`
   int64_t value = 0;
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(QPEFT_CUDA_HOST_EMULATION)
   __device__ __forceinline__ uint64_t get() const {
     return static_cast<uint64_t>(device != nullptr ? *device : value);
   }
