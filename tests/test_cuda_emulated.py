@@ -102,6 +102,88 @@ def test_emulator_warp_sum(emu):
     assert rel_err(out, expected) < 1e-6
 
 
+def test_emulator_thread_order_exposes_a_race(emu):
+    x = torch.randn(128)
+    results = []
+    for reverse in (False, True):
+        emu.set_reverse_order(reverse)
+        out = torch.full((128,), float("nan"))
+        assert emu.selftest("racy", x, out)[0] == 0
+        results.append(out)
+    emu.set_reverse_order(False)
+    assert not torch.equal(results[0].nan_to_num(), results[1].nan_to_num())
+
+
+def _order_cases():
+    """Launches of every emulated kernel (both LoRA kinds, nested scales, the fused epilogue): name -> run(emu)
+    returning the output tensors. Inputs are drawn once per call, so both orders see the same."""
+    q, packed, scales = weight(72, 256)
+    x16, x32 = torch.randn(70, 264).to(torch.bfloat16), torch.randn(70, 264)
+    A, g = torch.randn(24, 264), torch.randn(70, 24)
+    xs = torch.randn(16, 256).to(torch.float16)
+    partial_xa, B = torch.randn(3, 16, 16), torch.randn(72, 16)
+    seed, (threshold, keep) = 99, dropout_args(0.25)
+
+    def dequantize(emu):
+        out = torch.empty(72 * 256, dtype=torch.bfloat16)
+        emu.dequantize_4bit(packed, scales, 64, "nf4", out)
+        return [out]
+
+    def down(x, tc):
+        def run(emu):
+            partial = torch.empty(emu.lora_down_splits(70, 264, 24, tc) + 1, 70, 24)
+            emu.lora_down(x, A, partial, seed, threshold, keep, tc)
+            return [partial]
+        return run
+
+    def grad_weight(x, tc):
+        def run(emu):
+            partial = torch.empty(2, 24, 264)
+            emu.lora_down_grad_weight(g, x, partial, seed, threshold, keep, tc)
+            return [partial]
+        return run
+
+    def grad_input(dtype, tc):
+        def run(emu):
+            dx = torch.ones(70, 264, dtype=dtype)
+            emu.lora_down_grad_input(dx, g, A, seed, threshold, keep, True, tc)
+            return [dx]
+        return run
+
+    def linear(emu):
+        y = torch.empty(16, 72, dtype=torch.float16)
+        emu.linear_4bit(xs, packed, scales, 64, "nf4", y)
+        return [y]
+
+    def fused(emu):
+        y, xa = torch.empty(16, 72, dtype=torch.float16), torch.empty(16, 16, dtype=torch.float16)
+        emu.linear_4bit_lora(xs, packed, scales, 64, "nf4", y, partial_xa, B, B[:, 0].contiguous(), 0.5, xa)
+        return [y, xa]
+
+    return {"dequantize_4bit": dequantize, "lora_down": down(x32, False), "lora_down_tc": down(x16, True),
+            "lora_down_grad_weight": grad_weight(x32, False), "lora_down_grad_weight_tc": grad_weight(x16, True),
+            "lora_down_grad_input": grad_input(torch.float32, False),
+            "lora_down_grad_input_tc": grad_input(torch.bfloat16, True),
+            "linear_4bit": linear, "linear_4bit_lora": fused}
+
+
+@pytest.mark.parametrize("name", ["dequantize_4bit", "lora_down", "lora_down_tc", "lora_down_grad_weight",
+                                  "lora_down_grad_weight_tc", "lora_down_grad_input", "lora_down_grad_input_tc",
+                                  "linear_4bit", "linear_4bit_lora"])
+def test_results_do_not_depend_on_thread_order(emu, name):
+    """A race between two barriers (a thread reading shared memory another thread of the interval writes) gives
+    results that depend on which thread runs first: run every kernel with the threads in both orders."""
+    run = _order_cases()[name]
+    try:
+        forward = run(emu)
+        emu.set_reverse_order(True)
+        backward = run(emu)
+    finally:
+        emu.set_reverse_order(False)
+    for a, b in zip(forward, backward):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 # ---- dequantize_4bit: bit-identical to the CPU op ------------------------------------------------------------
 
 @pytest.mark.parametrize("n,blocksize", [(1, 64), (13, 64), (200, 64), (64 * 37 + 5, 64), (1000, 128), (4096, 32)])

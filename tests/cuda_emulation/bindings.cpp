@@ -13,6 +13,7 @@
 
 namespace qpeft_emu {
 const char* last_error_message();
+void set_reverse_order(bool reverse);
 }
 int selftest_launch(const char* which, const float* in, float* out);  // selftest_kernels.cpp
 
@@ -229,4 +230,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit_lora_ok", &linear_4bit_lora_ok);
   m.def("linear_4bit_lora", &linear_4bit_lora);
   m.def("selftest", &selftest);
+  m.def("set_reverse_order", &qpeft_emu::set_reverse_order);
 }

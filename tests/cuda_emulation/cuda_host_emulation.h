@@ -10,9 +10,10 @@
 //
 // What it checks beyond the kernels' results: a barrier that not all live threads reach (deadlock), threads of a
 // block waiting at different __syncthreads (divergent barrier), a warp collective with exited lanes or a partial
-// mask. What it cannot see: data races between threads (fibers switch only at barriers), memory-ordering and
-// timing, out-of-bounds accesses (the tests surround buffers with guard regions instead), register/shared-memory
-// limits. Device pointers are host pointers.
+// mask; and, by running threads in the opposite order (set_reverse_order) and comparing, data races between two
+// barriers that change a result. What it cannot see: races that happen not to change the result, memory ordering
+// and timing, out-of-bounds accesses (the tests surround buffers with guard regions instead), register and
+// shared-memory limits. Device pointers are host pointers.
 //
 // Used by compiling a kernel file with this header included first (tests/cuda_emulation/build.py); the kernels
 // see QPEFT_CUDA_HOST_EMULATION and route their inline PTX and launches through the functions below.
@@ -78,6 +79,9 @@ uint32_t cvt_rna_tf32(float v);
 // An instruction the emulator does not model: recorded as a launch error (returns 0).
 float unsupported(const char* what);
 const char* last_error_message();
+// Threads run (until their next barrier) in increasing index order, or decreasing with `reverse`. A kernel whose
+// results change with the order has a data race between two barriers.
+void set_reverse_order(bool reverse);
 
 }  // namespace qpeft_emu
 

@@ -57,6 +57,7 @@ struct Scheduler {
 };
 
 Scheduler g;
+bool g_reverse_order = false;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
 
@@ -184,7 +185,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
         for (;;) {
           bool ran = false, all_done = true;
           int waiting_block = 0, waiting_warp = 0;
-          for (Fiber& f : g.fibers) {
+          for (int i = 0; i < threads; ++i) {
+            Fiber& f = g.fibers[g_reverse_order ? threads - 1 - i : i];
             if (f.state == State::Done) continue;
             all_done = false;
             if (f.state == State::Waiting && f.waiting_on->generation == f.wait_generation) {
@@ -272,6 +274,8 @@ float unsupported(const char* what) {
 }
 
 const char* last_error_message() { return g_last_message.c_str(); }
+
+void set_reverse_order(bool reverse) { g_reverse_order = reverse; }
 
 }  // namespace qpeft_emu
 

@@ -27,6 +27,12 @@ __global__ void deadlock_kernel(float* out) {
   out[threadIdx.x] = qpeft::cuda::warp_sum(1.0f);
 }
 
+__global__ void racy_kernel(const float* in, float* out) {
+  __shared__ float staged[128];
+  staged[threadIdx.x] = in[threadIdx.x];
+  out[threadIdx.x] = staged[(threadIdx.x + 1) % 128];  // missing __syncthreads: the neighbour may not have written
+}
+
 __global__ void warp_sum_kernel(const float* in, float* out) {
   out[threadIdx.x + blockIdx.x * blockDim.x] = qpeft::cuda::warp_sum(in[threadIdx.x + blockIdx.x * blockDim.x]);
 }
@@ -39,6 +45,7 @@ int selftest_launch(const char* which, const float* in, float* out) {
   if (w == "divergent_barrier") QPEFT_LAUNCH(1, 128, nullptr, divergent_barrier_kernel)(out);
   if (w == "partial_warp_shuffle") QPEFT_LAUNCH(1, 64, nullptr, partial_warp_shuffle_kernel)(out);
   if (w == "deadlock") QPEFT_LAUNCH(1, 32, nullptr, deadlock_kernel)(out);
+  if (w == "racy") QPEFT_LAUNCH(1, 128, nullptr, racy_kernel)(in, out);
   if (w == "warp_sum") QPEFT_LAUNCH(2, 64, nullptr, warp_sum_kernel)(in, out);
   return static_cast<int>(cudaGetLastError());
 }
