@@ -229,9 +229,24 @@ def kind_id(case):
     return f"{'tc' if tc else 'core'}-{str(dtype)[6:]}-{m}x{k}x{r}"
 
 
-@pytest.mark.parametrize("case", KIND_CASES, ids=kind_id)
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("more_splits", [False, True])
+def lora_branch_cases(name, values):
+    """Both kernel kinds over KIND_CASES, dropout off and on, and `name` over `values`."""
+    def mark(test):
+        test = pytest.mark.parametrize(name, values)(test)
+        test = pytest.mark.parametrize("p", [0.0, 0.25])(test)
+        return pytest.mark.parametrize("case", KIND_CASES, ids=kind_id)(test)
+    return mark
+
+
+def sum_in_split_order(partial):
+    """partial[0] + partial[1] + ... as fp32 adds, one rounding each (what the kernels' split sums are)."""
+    total = partial[0].clone()
+    for s in range(1, partial.shape[0]):
+        total = total + partial[s]
+    return total
+
+
+@lora_branch_cases("more_splits", [False, True])
 def test_lora_down(emu, case, p, more_splits):
     tensor_cores, dtype, (m, k, r) = case
     seed = random_seed()
@@ -245,9 +260,7 @@ def test_lora_down(emu, case, p, more_splits):
     assert rel_err(partial.tensor.double().sum(0), dropped64(x, p, seed) @ A.double().T) < 1e-5
 
 
-@pytest.mark.parametrize("case", KIND_CASES, ids=kind_id)
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("more_splits", [False, True])
+@lora_branch_cases("more_splits", [False, True])
 def test_lora_down_grad_weight(emu, case, p, more_splits):
     tensor_cores, dtype, (m, k, r) = case
     seed = random_seed()
@@ -259,9 +272,7 @@ def test_lora_down_grad_weight(emu, case, p, more_splits):
     assert rel_err(partial.tensor.double().sum(0), g.double().T @ dropped64(x, p, seed)) < 1e-5
 
 
-@pytest.mark.parametrize("case", KIND_CASES, ids=kind_id)
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("accumulate", [False, True])
+@lora_branch_cases("accumulate", [False, True])
 def test_lora_down_grad_input(emu, case, p, accumulate):
     tensor_cores, dtype, (m, k, r) = case
     seed = random_seed()
@@ -288,12 +299,9 @@ def test_tensor_core_kernels_refuse_what_they_cannot_do(emu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sum_partials_adds_in_split_order(emu, splits, dtype):
     partial = torch.randn(splits, 37, 5) * torch.logspace(-3, 3, splits).reshape(-1, 1, 1)
-    expected = partial[0].clone()
-    for s in range(1, splits):
-        expected = expected + partial[s]  # fp32 adds, one rounding each, in split order
     out = Guarded((37, 5), dtype)
     emu.sum_partials(partial, out.tensor)
-    assert torch.equal(out.tensor, expected.to(dtype)) and out.guards_intact()
+    assert torch.equal(out.tensor, sum_in_split_order(partial).to(dtype)) and out.guards_intact()
 
 
 # ---- linear_4bit (small-M base matmul) and the fused decode forward --------------------------------------------
@@ -330,9 +338,7 @@ def test_linear_4bit_lora(emu, m, r, splits, dtype, bias_dtype):
     bias = None if bias_dtype is None else torch.randn(n_out).to(dtype if bias_dtype == "x" else bias_dtype)
     y, xa = Guarded((m, n_out), dtype), Guarded((m, r), dtype)
     emu.linear_4bit_lora(x, packed, scales, 64, "nf4", y.tensor, partial, B, bias, scaling, xa.tensor)
-    xa_sum = partial[0].clone()
-    for s in range(1, splits):
-        xa_sum = xa_sum + partial[s]
+    xa_sum = sum_in_split_order(partial)
     assert torch.equal(xa.tensor, xa_sum.to(dtype)) and xa.guards_intact()  # what lora_down + sum_partials give
     expected = x.double() @ q.dequantize(dtype).double().T
     expected += scaling * (xa_sum.to(dtype).double() @ B.to(dtype).double().T)
