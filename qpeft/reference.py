@@ -294,11 +294,16 @@ def dropout_keep_mask(shape: Sequence[int], p: float, seed: int, offset: int = 0
     return torch.from_numpy(dropout_bits(n, seed, offset) >= np.uint32(dropout_threshold(p))).reshape(tuple(shape))
 
 
+def dropout_keep_scale(p: float) -> float:
+    """The factor kept values are scaled by: fp32(1 / fp32(1 - p)) (an fp32 value, returned as a Python float)."""
+    return (1.0 / torch.tensor(1.0 - p, dtype=torch.float32)).item()
+
+
 def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
     """x * mask / (1 - p): kept values are fp32(x) * fp32(1 / fp32(1 - p)), rounded once to x's dtype."""
     keep = dropout_keep_mask(x.shape, p, seed, offset).to(x.device)
-    keep_scale = 1.0 / torch.tensor(1.0 - p, dtype=torch.float32)
-    kept = (x.to(torch.float32) * keep_scale.to(x.device)).to(x.dtype)
+    keep_scale = torch.tensor(dropout_keep_scale(p), dtype=torch.float32, device=x.device)
+    kept = (x.to(torch.float32) * keep_scale).to(x.dtype)
     return torch.where(keep, kept, torch.zeros_like(kept))
 
 

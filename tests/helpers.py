@@ -2,6 +2,22 @@
 
 import torch
 
+from qpeft import reference as R
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 on the CPU (the norm of b floored at 1e-30)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def dropped64(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """drop(x) in float64 with the reference mask (counters = row-major index of the [M, K] input)."""
+    if p == 0:
+        return x.double()
+    keep = R.dropout_keep_mask(x.shape, p, seed).to(x.device)
+    return torch.where(keep, x.double() / (1 - p), torch.zeros((), dtype=torch.float64, device=x.device))
+
 
 def poison_allocator(device: torch.device, nbytes: int) -> None:
     """Fill and free blocks of the sizes an op is about to allocate, so that an output element the kernel
@@ -10,8 +26,6 @@ def poison_allocator(device: torch.device, nbytes: int) -> None:
     for size in (nbytes, max(1, nbytes // 2), max(1, nbytes // 4)):
         t = torch.full((size,), 0xFF, dtype=torch.uint8, device=device)
         del t
-
-
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -3,10 +3,13 @@ references the GPU tests use: this machine and CI have no GPU, and kernels writt
 
 The emulator executes the kernels' own code: every thread of every block, shared memory, __syncthreads, warp
 shuffles and mma.sync from the PTX fragment layouts. It finds indexing, fragment-layout, masking, bounds and
-barrier mistakes; it cannot find data races, timing or memory-model problems (the GPU tests and compute-sanitizer
-on the device are for those). Outputs sit inside poisoned guard regions: a stray write or a read of unwritten
-memory shows. Shapes are small (each emulated thread is a fiber on one core).
+barrier mistakes, and races between two barriers that change a result (threads run in both orders); it cannot
+find other races, timing or memory-model problems (the GPU tests and compute-sanitizer on the device are for
+those). Outputs sit inside poisoned guard regions: a stray write or a read of unwritten memory shows. Shapes are
+small (each emulated thread is a fiber on one core).
 """
+import contextlib
+import math
 import os
 
 import pytest
@@ -16,6 +19,7 @@ from qpeft import reference as R
 from qpeft.quantized import Quantized4bitWeight
 
 from cuda_emulation.build import cuda_include_dir, load_emulated_kernels
+from helpers import dropped64, rel_err
 
 ops = torch.ops.qpeft
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -34,10 +38,8 @@ class Guarded:
     elements before it misalign it (offset 1: 2 or 4 bytes off 16-byte alignment)."""
 
     def __init__(self, shape, dtype, offset=0, pad=64, fill=None):
-        n = 1
-        for s in shape:
-            n *= s
-        self.begin, self.end = pad + offset, pad + offset + n
+        self.begin = pad + offset
+        self.end = self.begin + math.prod(shape)
         self.buffer = torch.empty(self.end + pad, dtype=dtype)
         self.buffer.view(torch.uint8).fill_(0xFF)  # NaN in every float format
         self.poison = self.buffer.clone()
@@ -51,21 +53,18 @@ class Guarded:
         return torch.equal(bits[:self.begin], poison[:self.begin]) and torch.equal(bits[self.end:], poison[self.end:])
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def dropped64(x, p, seed):
-    if p == 0:
-        return x.double()
-    keep = R.dropout_keep_mask(x.shape, p, seed)
-    return torch.where(keep, x.double() / (1 - p), torch.zeros((), dtype=torch.float64))
-
-
 def dropout_args(p):
     """(threshold, keep_scale) as the ops pass them to the kernels."""
-    keep_scale = (1.0 / torch.tensor(1.0 - p, dtype=torch.float32)).item() if p > 0 else 1.0
-    return R.dropout_threshold(p), keep_scale
+    return R.dropout_threshold(p), R.dropout_keep_scale(p)
+
+
+@contextlib.contextmanager
+def threads_in_reverse_order(emu):
+    emu.set_reverse_order(True)
+    try:
+        yield
+    finally:
+        emu.set_reverse_order(False)
 
 
 def random_seed():
@@ -104,14 +103,11 @@ def test_emulator_warp_sum(emu):
 
 def test_emulator_thread_order_exposes_a_race(emu):
     x = torch.randn(128)
-    results = []
-    for reverse in (False, True):
-        emu.set_reverse_order(reverse)
-        out = torch.full((128,), float("nan"))
-        assert emu.selftest("racy", x, out)[0] == 0
-        results.append(out)
-    emu.set_reverse_order(False)
-    assert not torch.equal(results[0].nan_to_num(), results[1].nan_to_num())
+    forward, backward = torch.full((128,), float("nan")), torch.full((128,), float("nan"))
+    assert emu.selftest("racy", x, forward)[0] == 0
+    with threads_in_reverse_order(emu):
+        assert emu.selftest("racy", x, backward)[0] == 0
+    assert not torch.equal(forward.nan_to_num(), backward.nan_to_num())
 
 
 def _order_cases():
@@ -174,12 +170,9 @@ def test_results_do_not_depend_on_thread_order(emu, name):
     """A race between two barriers (a thread reading shared memory another thread of the interval writes) gives
     results that depend on which thread runs first: run every kernel with the threads in both orders."""
     run = _order_cases()[name]
-    try:
-        forward = run(emu)
-        emu.set_reverse_order(True)
+    forward = run(emu)
+    with threads_in_reverse_order(emu):
         backward = run(emu)
-    finally:
-        emu.set_reverse_order(False)
     for a, b in zip(forward, backward):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 

@@ -8,7 +8,7 @@ import qpeft
 from qpeft import reference as R
 from qpeft.nn import Linear4bit
 
-from helpers import same_bytes
+from helpers import rel_err, same_bytes
 
 
 def reference_forward(module: Linear4bit, x: torch.Tensor) -> torch.Tensor:
@@ -19,10 +19,6 @@ def reference_forward(module: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     W = R.dequantize_4bit(q.packed.cpu(), scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
     bias = module.bias.detach().cpu().double() if module.bias is not None else None
     return torch.nn.functional.linear(x.detach().cpu().double(), W, bias)
-
-
-def rel_err(a, b):
-    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])

@@ -8,6 +8,8 @@ from qpeft import functional as F
 from qpeft import reference as R
 from qpeft.nn import Linear4bit, LoraLinear4bit
 
+from helpers import rel_err
+
 CONFIGS = [  # (use_dora, use_rslora, lora_bias, p, base_bias)
     (False, False, False, 0.0, True), (False, True, True, 0.2, True), (True, False, False, 0.0, False),
     (True, True, False, 0.2, True),
@@ -25,10 +27,6 @@ def make_layer(k, n, device, dtype, use_dora=False, use_rslora=False, lora_bias=
         if layer.lora_magnitude is not None:
             layer.lora_magnitude.mul_(1 + 0.1 * torch.rand_like(layer.lora_magnitude))
     return layer
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("use_dora,use_rslora,lora_bias,p,base_bias", CONFIGS)

@@ -11,25 +11,13 @@ from qpeft import functional as F
 from qpeft import reference as R
 from qpeft.lora_autograd import weight_args
 
-from helpers import poison_allocator
+from helpers import dropped64, poison_allocator, rel_err
 
 ops = torch.ops.qpeft
 
 
 def seed_tensor(seed, device):
     return torch.tensor([seed], dtype=torch.int64, device=device)
-
-
-def dropped64(x, p, seed):
-    """drop(x) in float64 with the reference mask (counters = row-major index of the [M, K] input)."""
-    if p == 0:
-        return x.double()
-    keep = R.dropout_keep_mask(x.shape, p, seed).to(x.device)
-    return torch.where(keep, x.double() / (1 - p), torch.zeros((), dtype=torch.float64, device=x.device))
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}

@@ -9,6 +9,8 @@ import torch
 import qpeft
 from qpeft.nn import LoraLinear4bit
 
+from helpers import rel_err
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -25,10 +27,6 @@ def tiny_llama(seed=0):
 
 def tokens(seed=1):
     return torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def randomize_adapters(model):

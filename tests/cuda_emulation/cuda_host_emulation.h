@@ -87,25 +87,6 @@ void set_reverse_order(bool reverse);
 
 #define QPEFT_LAUNCH(grid, block, stream, ...) ::qpeft_emu::launch(dim3(grid), dim3(block), &__VA_ARGS__)
 
-inline void __syncthreads() { ::qpeft_emu::sync_block(); }
-
-inline float __shfl_xor_sync(unsigned int mask, float v, int lane_mask) {
-  if (mask != 0xffffffffu) return ::qpeft_emu::unsupported("__shfl_xor_sync with a partial mask");
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  const uint32_t got = ::qpeft_emu::warp_exchange(bits, static_cast<int>((threadIdx.x % 32) ^ lane_mask));
-  float out;
-  std::memcpy(&out, &got, 4);
-  return out;
-}
-
-template <typename T>
-inline T __ldg(const T* p) {
-  return *p;
-}
-// Single correctly rounded fp32 operations (the emulation is compiled with -ffp-contract=off).
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
 inline uint32_t __float_as_uint(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
@@ -116,3 +97,19 @@ inline float __uint_as_float(uint32_t u) {
   std::memcpy(&v, &u, 4);
   return v;
 }
+
+inline void __syncthreads() { ::qpeft_emu::sync_block(); }
+
+inline float __shfl_xor_sync(unsigned int mask, float v, int lane_mask) {
+  if (mask != 0xffffffffu) return ::qpeft_emu::unsupported("__shfl_xor_sync with a partial mask");
+  return __uint_as_float(
+      ::qpeft_emu::warp_exchange(__float_as_uint(v), static_cast<int>((threadIdx.x % 32) ^ lane_mask)));
+}
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+// Single correctly rounded fp32 operations (the emulation is compiled with -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }

@@ -36,10 +36,10 @@ struct Fiber {
   uint64_t wait_generation = 0;
 };
 
-// A warp's barrier and the registers its lanes publish for one collective; collective n uses slots[n % 2], so a
-// lane that runs ahead into collective n + 1 never overwrites what a slower lane is still reading of collective n
-// (it cannot reach collective n + 2 before every lane has arrived at n + 1).
-constexpr int kSlotWords = 10;
+// A warp's barrier and the registers its lanes publish for one collective (at most an MMA's a0..a3, b0, b1);
+// collective n uses slots[n % 2], so a lane that runs ahead into collective n + 1 never overwrites what a slower
+// lane is still reading of collective n (it cannot reach collective n + 2 before every lane has arrived at n + 1).
+constexpr int kSlotWords = 6;
 struct Warp {
   Barrier barrier;
   uint32_t slots[2][32][kSlotWords];
@@ -62,6 +62,13 @@ cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
 
 Warp& current_warp() { return g.warps[g.current->index.x / 32]; }
+
+// Records the first error since the last cudaGetLastError.
+void set_error(cudaError_t error, const std::string& message) {
+  if (g_last_error != cudaSuccess) return;
+  g_last_error = error;
+  g_last_message = "emulator: " + message;
+}
 
 // Stops the launch: records the error and returns to the scheduler, never to the failing thread.
 [[noreturn]] void fail(const std::string& message) {
@@ -110,7 +117,7 @@ void fiber_main() {
   Fiber& f = *g.current;
   f.state = State::Done;
   leave(g.block_barrier);
-  leave(g.warps[f.index.x / 32].barrier);
+  leave(current_warp().barrier);
 }  // returns to uc_link: the scheduler
 
 // Publishes this lane's words for a warp collective of kind `what`, waits for the whole warp, returns the slots.
@@ -123,18 +130,26 @@ const uint32_t (*publish(const uint32_t* words, int n, const char* what))[kSlotW
   return w.slots[parity];
 }
 
-float f32(uint32_t bits) {
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-
 double half_value(bool bf16, uint32_t reg, int which) {
   const uint16_t bits = static_cast<uint16_t>(reg >> (16 * which));  // element 0 in the low half
-  if (bf16) return f32(static_cast<uint32_t>(bits) << 16);
+  if (bf16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
   __half h;
   std::memcpy(&h, &bits, 2);
   return __half2float(h);
+}
+
+// d[c] += sum over k < k_size of A[row][k] B[k][col] for this lane's four accumulators (c0, c1: row g, columns
+// 2t, 2t + 1; c2, c3: row g + 8), products exact in double, rounded once to fp32; a(row, k) and b(k, col) read
+// the operands out of the lanes' published registers.
+template <typename AValue, typename BValue>
+void accumulate_mma(float (&d)[4], int k_size, AValue&& a, BValue&& b) {
+  const int lane = static_cast<int>(g.current->index.x % 32), gid = lane / 4, tid = lane % 4;
+  for (int c = 0; c < 4; ++c) {
+    const int row = gid + (c >= 2 ? 8 : 0), col = 2 * tid + (c & 1);
+    double acc = d[c];
+    for (int k = 0; k < k_size; ++k) acc += a(row, k) * b(k, col);
+    d[c] = static_cast<float>(acc);
+  }
 }
 
 }  // namespace
@@ -142,18 +157,10 @@ double half_value(bool bf16, uint32_t reg, int which) {
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (block.y != 1 || block.z != 1 || threads < 1 || threads > kMaxThreads) {
-    if (g_last_error == cudaSuccess) {
-      g_last_error = cudaErrorInvalidConfiguration;
-      g_last_message = "emulator: blocks must be 1-D with 1..1024 threads";
-    }
-    return;
+    return set_error(cudaErrorInvalidConfiguration, "blocks must be 1-D with 1..1024 threads");
   }
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
-    if (g_last_error == cudaSuccess) {
-      g_last_error = cudaErrorInvalidConfiguration;
-      g_last_message = "emulator: grid dimensions out of range";
-    }
-    return;
+    return set_error(cudaErrorInvalidConfiguration, "grid dimensions out of range");
   }
   g.fibers.resize(threads);
   g.warps.assign((threads + 31) / 32, Warp{});
@@ -209,10 +216,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
           }
         }
       }
-  if (g.aborted && g_last_error == cudaSuccess) {
-    g_last_error = cudaErrorLaunchFailure;
-    g_last_message = "emulator: " + g.error;
-  }
+  if (g.aborted) set_error(cudaErrorLaunchFailure, g.error);
   g.current = nullptr;
 }
 
@@ -227,43 +231,29 @@ void mma_m16n8k16(bool bf16, float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a
                   uint32_t b1) {
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
   const auto slots = publish(mine, 6, bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16");
-  const int lane = static_cast<int>(g.current->index.x % 32), gid = lane / 4, tid = lane % 4;
   // A[row][k]: lane (row % 8, (k % 8) / 2), register (row >= 8) + 2 (k >= 8), half k % 2.
   // B[k][col]: lane (col, (k % 8) / 2), register 4 + (k >= 8), half k % 2.
-  for (int c = 0; c < 4; ++c) {
-    const int row = gid + (c >= 2 ? 8 : 0), col = 2 * tid + (c & 1);
-    double acc = d[c];
-    for (int k = 0; k < 16; ++k) {
-      const int a_lane = (row % 8) * 4 + (k % 8) / 2, b_lane = col * 4 + (k % 8) / 2;
-      const double a = half_value(bf16, slots[a_lane][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
-      const double b = half_value(bf16, slots[b_lane][4 + (k >= 8 ? 1 : 0)], k % 2);
-      acc += a * b;
-    }
-    d[c] = static_cast<float>(acc);
-  }
+  accumulate_mma(
+      d, 16,
+      [&](int row, int k) {
+        return half_value(bf16, slots[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+      },
+      [&](int k, int col) { return half_value(bf16, slots[col * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)], k % 2); });
 }
 
 void mma_m16n8k8_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
   const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
   const auto slots = publish(mine, 6, "mma.m16n8k8.tf32");
-  const int lane = static_cast<int>(g.current->index.x % 32), gid = lane / 4, tid = lane % 4;
   // A[row][k]: lane (row % 8, k % 4), register (row >= 8) + 2 (k >= 4); B[k][col]: lane (col, k % 4), register
   // 4 + (k >= 4). The tensor cores read a tf32 operand's top 19 bits.
-  for (int c = 0; c < 4; ++c) {
-    const int row = gid + (c >= 2 ? 8 : 0), col = 2 * tid + (c & 1);
-    double acc = d[c];
-    for (int k = 0; k < 8; ++k) {
-      const double a = f32(slots[(row % 8) * 4 + k % 4][(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)] & 0xFFFFE000u);
-      const double b = f32(slots[col * 4 + k % 4][4 + (k >= 4 ? 1 : 0)] & 0xFFFFE000u);
-      acc += a * b;
-    }
-    d[c] = static_cast<float>(acc);
-  }
+  const auto tf32 = [](uint32_t bits) { return static_cast<double>(__uint_as_float(bits & 0xFFFFE000u)); };
+  accumulate_mma(
+      d, 8, [&](int row, int k) { return tf32(slots[(row % 8) * 4 + k % 4][(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]); },
+      [&](int k, int col) { return tf32(slots[col * 4 + k % 4][4 + (k >= 4 ? 1 : 0)]); });
 }
 
 uint32_t cvt_rna_tf32(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
+  const uint32_t u = __float_as_uint(v);
   if ((u & 0x7F800000u) == 0x7F800000u) return (u & 0x007FFFFFu) ? 0x7FFFE000u : u;  // nan / inf
   return (u + 0x1000u) & 0xFFFFE000u;  // magnitude + half an ulp, truncated: ties away from zero
 }
