@@ -1,5 +1,8 @@
 """Helpers shared by the tests."""
 
+import copy
+import json
+
 import torch
 
 from qpeft import reference as R
@@ -32,3 +35,32 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """dtype, shape and every byte equal (unlike torch.equal, packed bytes that read as NaN compare equal)."""
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def reference_weight_4bit(sd: dict, prefix: str = "", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight that a bitsandbytes 4-bit state dict (``<prefix>weight``, ``weight.absmax``, ...)
+    describes, decoded from its bytes and JSON with qpeft.reference alone: the format's definition, the same on
+    every CPU (bitsandbytes' own CPU dequantize and forward are not: they differ by instruction set)."""
+    key = next(k for k in sd if k.startswith(prefix + "weight.quant_state.bitsandbytes__"))
+    state = json.loads(bytes(sd[key].tolist()))
+    absmax = sd[prefix + "weight.absmax"]
+    if "nested_offset" in state:
+        absmax = R.dequantize_nested_absmax(absmax, sd[prefix + "weight.nested_absmax"],
+                                            sd[prefix + "weight.nested_quant_map"], state["nested_offset"])
+    packed = sd[prefix + "weight"].contiguous().reshape(-1).view(torch.uint8)
+    assert torch.equal(sd[prefix + "weight.quant_map"], R.code_book(state["quant_type"]))  # -0.0 == +0.0
+    return R.dequantize_4bit(packed, absmax, state["blocksize"], state["quant_type"], state["shape"], dtype)
+
+
+def reference_float_model(original: torch.nn.Module, sd: dict) -> torch.nn.Module:
+    """A float copy of ``original`` whose 4-bit layers (those with a quant_state in ``sd``, a checkpoint's
+    tensors) hold reference_weight_4bit of their bytes (transposed back for a Conv1D, which stores [in, out])."""
+    model = copy.deepcopy(original)
+    names = [k.split(".weight.quant_state.")[0] for k in sd if ".weight.quant_state.bitsandbytes__" in k]
+    assert names, "no 4-bit layer in the state dict"
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            W = reference_weight_4bit(sd, name + ".")
+            layer.weight.copy_(W.T if type(layer).__name__ == "Conv1D" else W)
+    return model
