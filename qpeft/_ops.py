@@ -41,6 +41,39 @@ def cuda_lora_kernels() -> str:
 set_cuda_lora_kernels(os.environ.get("QPEFT_CUDA_LORA_KERNELS", "cuda_cores"))
 
 
+CPU_ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16")
+
+
+def detected_cpu_isa() -> str:
+    """The best CPU kernel level this CPU and OS support, one of CPU_ISA_LEVELS: "avx2" (AVX2 + FMA), "avx512"
+    (AVX-512 F/BW/VL/DQ), "avx512_bf16" (+ AVX512_BF16); "baseline" is portable C++."""
+    return _C._detected_cpu_isa()
+
+
+def cpu_isa() -> str:
+    """The level the CPU kernels run at: the detected one, or lower where set_cpu_isa capped it."""
+    return _C._cpu_isa()
+
+
+def set_cpu_isa(level: str) -> str:
+    """Caps the CPU kernels' level at ``level`` (one of CPU_ISA_LEVELS; a level above the detected one runs the
+    detected one) and returns the previous cap. Process-wide; QPEFT_CPU_ISA sets it at import. Every level gives
+    results within the tested tolerances of the reference, and dequantization gives the same bits at each."""
+    if level not in CPU_ISA_LEVELS:
+        raise ValueError(f"qpeft: CPU kernel level (set_cpu_isa, QPEFT_CPU_ISA) must be one of {CPU_ISA_LEVELS}, "
+                         f"got {level!r}")
+    return _C._set_cpu_isa_cap(level)
+
+
+def cpu_isa_levels() -> tuple[str, ...]:
+    """The levels this machine can run, lowest first (the ones tests check)."""
+    return CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(detected_cpu_isa()) + 1]
+
+
+# QPEFT_CPU_ISA=baseline|avx2|avx512|avx512_bf16: the highest CPU kernel level used, set at import.
+set_cpu_isa(os.environ.get("QPEFT_CPU_ISA") or CPU_ISA_LEVELS[-1])
+
+
 def _nblocks(n: int, blocksize: int) -> int:
     return -(-n // blocksize)
 

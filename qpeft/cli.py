@@ -38,7 +38,8 @@ def cpu_features() -> list[str]:
                     break
     except OSError:
         pass
-    wanted = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"]
+    wanted = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"]
     return [f for f in wanted if f in flags]
 
 
@@ -56,6 +57,7 @@ def info(_args) -> int:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu": platform.processor() or platform.machine(),
         "cpu_features": cpu_features(),
+        "cpu_kernels": {"detected": qpeft.functional.detected_cpu_isa(), "active": qpeft.functional.cpu_isa()},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._ops import CUDA_LORA_KERNELS, cuda_lora_kernels, ops, set_cuda_lora_kernels  # noqa: F401 (re-exported)
+from ._ops import (CPU_ISA_LEVELS, CUDA_LORA_KERNELS, cpu_isa, cpu_isa_levels, cuda_lora_kernels,  # noqa: F401
+                   detected_cpu_isa, ops, set_cpu_isa, set_cuda_lora_kernels)  # (re-exported)
 from .reference import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}

@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "../kernels/cpu/cpu_isa.h"
 #include "../kernels/cpu/quant_cpu.h"
 #include "op_args.h"
 
@@ -25,6 +26,14 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("_set_cuda_lora_tensor_cores", &qpeft::ops::set_cuda_lora_tensor_cores);
   m.def("_cuda_lora_tensor_cores", &qpeft::ops::cuda_lora_tensor_cores);
+  m.def("_cpu_isa", []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::cpu_isa())); });
+  m.def("_detected_cpu_isa",
+        []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::detected_cpu_isa())); });
+  m.def("_set_cpu_isa_cap", [](const std::string& name) {
+    qpeft::cpu::CpuIsa cap;
+    if (!qpeft::cpu::parse_cpu_isa(name.c_str(), &cap)) throw py::value_error("qpeft: unknown CPU level " + name);
+    return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::set_cpu_isa_cap(cap)));
+  });
   m.def("build_info", []() {
     py::dict info;
     info["version"] = QPEFT_VERSION;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "code_books.h"
 #include "cpu_simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -14,8 +15,6 @@
 namespace qpeft::cpu {
 namespace {
 
-constexpr float kNF4Values[16] = {QPEFT_NF4_CODE_VALUES};
-constexpr float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
 constexpr int64_t kMaxSegment = 4096;  // the largest blocksize: one block's decoded weights
 
 // The hot loop, compiled for several instruction sets and picked at run time (portable binary).
@@ -195,7 +194,7 @@ bool has_avx2_fma() {
 
 void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                  int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
-  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+  const float* code_values = cpu::code_values(type);
 #if defined(QPEFT_X86)
   if (K % 8 == 0 && has_avx2_fma()) {
     for (int64_t n = n_begin; n < n_end; ++n) row_avx2(x, M, K, packed, scales, blocksize, code_values, y, N, n);
@@ -219,7 +218,7 @@ void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
 
 void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t* packed, const BlockScales& scales,
                             int64_t blocksize, QuantType type, float* dx, int64_t K, int64_t k_begin, int64_t k_end) {
-  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+  const float* code_values = cpu::code_values(type);
 #if defined(QPEFT_X86)
   if (K % 8 == 0 && k_begin % 8 == 0 && k_end % 8 == 0 && has_avx2_fma()) {
     grad_input_avx2(dy, M, N, packed, scales, blocksize, code_values, dx, K, k_begin, k_end);

@@ -11,6 +11,9 @@
 #include <vector>
 
 #include "../float_convert.h"
+#include "code_books.h"
+#include "cpu_isa.h"
+#include "dequantize_4bit_avx512.h"
 #include "cpu_simd.h"
 
 namespace qpeft::cpu {
@@ -36,8 +39,6 @@ void scaled_table(const float* code_values, float scale, FloatFormat fmt, OutT* 
   }
 }
 
-constexpr float kNF4Values[16] = {QPEFT_NF4_CODE_VALUES};
-constexpr float kFP4Values[16] = {QPEFT_FP4_CODE_VALUES};
 
 // dst[i - e_begin] = table[code of element i] for the elements [e_begin, e_end) (one block's table).
 template <typename OutT>
@@ -59,7 +60,7 @@ template <typename OutT>
 QPEFT_NO_AUTOVEC void dequantize_4bit_tile_typed(const uint8_t* packed, const BlockScales& scales, int64_t K,
                                                  int64_t blocksize, QuantType type, int64_t r0, int64_t r1, int64_t c0,
                                                  int64_t c1, OutT* out, int64_t ld, FloatFormat fmt) {
-  const float* code_values = type == QuantType::NF4 ? kNF4Values : kFP4Values;
+  const float* code_values = cpu::code_values(type);
   // Block of element e: a shift for the power-of-two blocksizes qpeft's ops take (a 64-bit division per
   // segment cost ~15% of the instructions at blocksize 64).
   const int shift = std::has_single_bit(static_cast<uint64_t>(blocksize))
@@ -149,6 +150,10 @@ void dequantize_4bit(const uint8_t* packed, const BlockScales& scales, int64_t n
 void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
                           QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld,
                           FloatFormat fmt) {
+  if (cpu_has(CpuIsa::Avx512)) {
+    dequantize_4bit_tile_avx512(packed, scales, K, blocksize, type, r0, r1, c0, c1, out, ld, fmt);
+    return;
+  }
   if (fmt == FloatFormat::F32) {
     dequantize_4bit_tile_typed(packed, scales, K, blocksize, type, r0, r1, c0, c1, static_cast<float*>(out), ld, fmt);
   } else {
