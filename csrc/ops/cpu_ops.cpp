@@ -95,15 +95,24 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     matmul_4bit_cpu(y, x, w, N, K, /*transpose_w=*/true, /*accumulate=*/false);
     return y;
   }
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const BlockScales scales = w.scales();
-  const float* xs = x32.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   const uint8_t* codes = w.packed.data_ptr<uint8_t>();
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    cpu::linear_4bit(xs, M, K, codes, scales, blocksize, w.type, ys, N, n0, n1);
-  });
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+  if (x.scalar_type() == at::kBFloat16 && cpu::linear_4bit_bf16_supported(K)) {
+    const at::Tensor xc = x.contiguous();
+    const auto* xs = static_cast<const uint16_t*>(xc.data_ptr());
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      cpu::linear_4bit_bf16(xs, M, K, codes, scales, blocksize, w.type, ys, N, n0, n1);
+    });
+  } else {
+    const at::Tensor x32 = x.to(at::kFloat).contiguous();
+    const float* xs = x32.data_ptr<float>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      cpu::linear_4bit(xs, M, K, codes, scales, blocksize, w.type, ys, N, n0, n1);
+    });
+  }
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 

@@ -9,20 +9,8 @@
 #include "../quant_rules.h"
 #include "code_books.h"
 
-// Compiles the functions up to QPEFT_AVX512_END for AVX-512 F/BW/VL/DQ (plus `extra`, e.g. ",avx512bf16").
-#if defined(__clang__)
-#define QPEFT_PRAGMA(x) _Pragma(#x)
-#define QPEFT_AVX512_BEGIN(extra) \
-  QPEFT_PRAGMA(clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq" extra))), apply_to = function))
-#define QPEFT_AVX512_END _Pragma("clang attribute pop")
-#else
-#define QPEFT_PRAGMA(x) _Pragma(#x)
-#define QPEFT_AVX512_BEGIN(extra) \
-  _Pragma("GCC push_options") QPEFT_PRAGMA(GCC target("avx512f,avx512bw,avx512vl,avx512dq" extra))
-#define QPEFT_AVX512_END _Pragma("GCC pop_options")
-#endif
-
-#define QPEFT_AVX512_FN inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define QPEFT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define QPEFT_AVX512_FN inline QPEFT_AVX512_TARGET
 
 namespace qpeft::cpu::avx512 {
 

@@ -8,14 +8,12 @@
 
 #include "avx512_lut.h"
 
-QPEFT_AVX512_BEGIN("")
-
 namespace qpeft::cpu {
 namespace {
 
 // The 16 outputs fmt(code * scale) of one block: fp32 lanes (F32) or 16-bit lanes repeated twice.
 template <FloatFormat F>
-inline __m512i block_table(__m512 codes, float scale) {
+QPEFT_AVX512_FN __m512i block_table(__m512 codes, float scale) {
   const __m512 v = _mm512_mul_ps(codes, _mm512_set1_ps(scale));
   if constexpr (F == FloatFormat::F32) return _mm512_castps_si512(v);
   else if constexpr (F == FloatFormat::BF16) return avx512::repeat_table(avx512::to_bf16_bits(v));
@@ -24,7 +22,7 @@ inline __m512i block_table(__m512 codes, float scale) {
 
 // dst[0, e_end - e) = table[code of element e ...]; e even.
 template <FloatFormat F>
-inline void lookup(const uint8_t* packed, __m512i table, int64_t e, int64_t e_end, void* dst) {
+QPEFT_AVX512_FN void lookup(const uint8_t* packed, __m512i table, int64_t e, int64_t e_end, void* dst) {
   if constexpr (F == FloatFormat::F32) {
     float* out = static_cast<float*>(dst);
     const __m512 t = _mm512_castsi512_ps(table);
@@ -50,7 +48,7 @@ inline void lookup(const uint8_t* packed, __m512i table, int64_t e, int64_t e_en
 }
 
 template <FloatFormat F>
-void tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize, QuantType type, int64_t r0,
+QPEFT_AVX512_TARGET void tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize, QuantType type, int64_t r0,
           int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld) {
   using OutT = std::conditional_t<F == FloatFormat::F32, float, uint16_t>;
   const __m512 codes = avx512::code_book(type);
@@ -97,8 +95,6 @@ void dequantize_4bit_tile_avx512(const uint8_t* packed, const BlockScales& scale
 }
 
 }  // namespace qpeft::cpu
-
-QPEFT_AVX512_END
 
 #else
 #include <stdexcept>

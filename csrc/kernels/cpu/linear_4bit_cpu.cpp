@@ -5,6 +5,8 @@
 #include <vector>
 
 #include "code_books.h"
+#include "cpu_isa.h"
+#include "linear_4bit_avx512.h"
 #include "cpu_simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -184,10 +186,6 @@ __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_
   for (int64_t m = 0; m < M; ++m) std::copy(acc + m * ld, acc + m * ld + width, dx + m * K + k_begin);
 }
 
-bool has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
 #endif
 
 }  // namespace
@@ -195,8 +193,12 @@ bool has_avx2_fma() {
 void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                  int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const float* code_values = cpu::code_values(type);
+  if (K % 16 == 0 && cpu_has(CpuIsa::Avx512)) {
+    linear_4bit_avx512(x, M, K, packed, scales, blocksize, type, y, N, n_begin, n_end);
+    return;
+  }
 #if defined(QPEFT_X86)
-  if (K % 8 == 0 && has_avx2_fma()) {
+  if (K % 8 == 0 && cpu_has(CpuIsa::Avx2)) {
     for (int64_t n = n_begin; n < n_end; ++n) row_avx2(x, M, K, packed, scales, blocksize, code_values, y, N, n);
     return;
   }
@@ -219,8 +221,12 @@ void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
 void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t* packed, const BlockScales& scales,
                             int64_t blocksize, QuantType type, float* dx, int64_t K, int64_t k_begin, int64_t k_end) {
   const float* code_values = cpu::code_values(type);
+  if (K % 16 == 0 && k_begin % 16 == 0 && k_end % 16 == 0 && cpu_has(CpuIsa::Avx512)) {
+    linear_4bit_grad_input_avx512(dy, M, N, packed, scales, blocksize, type, dx, K, k_begin, k_end);
+    return;
+  }
 #if defined(QPEFT_X86)
-  if (K % 8 == 0 && k_begin % 8 == 0 && k_end % 8 == 0 && has_avx2_fma()) {
+  if (K % 8 == 0 && k_begin % 8 == 0 && k_end % 8 == 0 && cpu_has(CpuIsa::Avx2)) {
     grad_input_avx2(dy, M, N, packed, scales, blocksize, code_values, dx, K, k_begin, k_end);
     return;
   }
@@ -243,6 +249,17 @@ void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t
     }
   }
   for (int64_t m = 0; m < M; ++m) std::copy(acc.data() + m * ld, acc.data() + m * ld + width, dx + m * K + k_begin);
+}
+
+}  // namespace qpeft::cpu
+
+namespace qpeft::cpu {
+
+bool linear_4bit_bf16_supported(int64_t K) { return K % 32 == 0 && cpu_has(CpuIsa::Avx512Bf16); }
+
+void linear_4bit_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
+                      int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  linear_4bit_avx512_bf16(x, M, K, packed, scales, blocksize, type, y, N, n_begin, n_end);
 }
 
 }  // namespace qpeft::cpu
