@@ -1,18 +1,33 @@
 // Run-time choice of SIMD code for the portable CPU kernels (no -march flags at build time).
 //
-// QPEFT_CPU_CLONES on a function compiles it once per instruction set (AVX-512F, AVX2, baseline) and lets the
-// loader pick the best one the CPU has (GCC/Clang target_clones through an ifunc: x86-64 Linux). Inline helpers
-// called from such a function are compiled into every clone, so one loop written in plain C++ is vectorized for
-// each. Elsewhere (other architectures, compilers without ifunc) it expands to nothing: the baseline build.
+// QPEFT_CPU_MULTIVERSION(ret, name, (params), (args)) defines `ret name(params)`, which runs `name##_impl(args)`
+// (a QPEFT_CPU_INLINE function written in plain C++) compiled once per level: AVX-512 (F/BW/VL/DQ), AVX2 + FMA,
+// baseline, picked by cpu_isa() (cpu_isa.h) on each call, so the auto-vectorizer produces each level's code from
+// one loop and a cap (QPEFT_CPU_ISA, set_cpu_isa) selects a lower one. Elsewhere (other architectures,
+// compilers without target attributes) only the baseline is built.
 #pragma once
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define QPEFT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#include "cpu_isa.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define QPEFT_CPU_MULTIVERSION(ret, name, params, args)                                             \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static ret name##_avx512 params { \
+    return name##_impl args;                                                                        \
+  }                                                                                                 \
+  __attribute__((target("avx2,fma"))) static ret name##_avx2 params { return name##_impl args; }    \
+  static ret name##_baseline params { return name##_impl args; }                                    \
+  ret name params {                                                                                 \
+    if (::qpeft::cpu::cpu_has(::qpeft::cpu::CpuIsa::Avx512)) return name##_avx512 args;            \
+    if (::qpeft::cpu::cpu_has(::qpeft::cpu::CpuIsa::Avx2)) return name##_avx2 args;                \
+    return name##_baseline args;                                                                    \
+  }
 #else
-#define QPEFT_CPU_CLONES
+#define QPEFT_CPU_MULTIVERSION(ret, name, params, args) \
+  ret name params { return name##_impl args; }
 #endif
 
-// For the inline helpers of a QPEFT_CPU_CLONES function: inlined into each clone, so each is vectorized for it.
+// For the _impl functions of QPEFT_CPU_MULTIVERSION and their helpers: inlined into each level's version, so each
+// is vectorized for it.
 #if defined(__GNUC__) || defined(__clang__)
 #define QPEFT_CPU_INLINE inline __attribute__((always_inline))
 #else

@@ -1,7 +1,7 @@
 // The CPU dropout kernels. The mask bits of a chunk of counters are generated first into a small buffer (one
 // SplitMix64 hash per group of four counters, its four 16-bit lanes stored in counter order), then a straight
-// loop applies them: both loops have no branches and compile to SIMD code (QPEFT_CPU_CLONES picks AVX-512 /
-// AVX2 / baseline at run time). The arithmetic per element is the same as dropout_rng.h's scalar rule.
+// loop applies them: both loops have no branches and compile to SIMD code (QPEFT_CPU_MULTIVERSION: AVX-512 / AVX2 /
+// baseline, picked by cpu_isa()). The arithmetic per element is the same as dropout_rng.h's scalar rule.
 #include "dropout_cpu.h"
 
 #include <algorithm>
@@ -82,11 +82,9 @@ QPEFT_CPU_INLINE void dropout_convert_from(const void* x, void* out, FloatFormat
   }
 }
 
-}  // namespace
-
-QPEFT_CPU_CLONES void dropout_convert(const void* x, FloatFormat in_fmt, void* out, FloatFormat out_fmt,
-                                      uint64_t seed, uint64_t offset, uint32_t threshold, float keep_scale,
-                                      int64_t begin, int64_t end) {
+QPEFT_CPU_INLINE void dropout_convert_impl(const void* x, FloatFormat in_fmt, void* out, FloatFormat out_fmt,
+                                           uint64_t seed, uint64_t offset, uint32_t threshold, float keep_scale,
+                                           int64_t begin, int64_t end) {
   switch (in_fmt) {
     case FloatFormat::F32:
       return dropout_convert_from<FloatFormat::F32>(x, out, out_fmt, seed, offset, threshold, keep_scale, begin, end);
@@ -98,8 +96,9 @@ QPEFT_CPU_CLONES void dropout_convert(const void* x, FloatFormat in_fmt, void* o
   }
 }
 
-QPEFT_CPU_CLONES void add_dropped(const float* v, void* out, FloatFormat out_fmt, uint64_t seed, uint64_t offset,
-                                  uint32_t threshold, float keep_scale, int64_t begin, int64_t end) {
+QPEFT_CPU_INLINE void add_dropped_impl(const float* v, void* out, FloatFormat out_fmt, uint64_t seed,
+                                       uint64_t offset, uint32_t threshold, float keep_scale, int64_t begin,
+                                       int64_t end) {
   switch (out_fmt) {
     case FloatFormat::F32:
       return add_dropped_typed<FloatFormat::F32>(v, out, seed, offset, threshold, keep_scale, begin, end);
@@ -109,5 +108,17 @@ QPEFT_CPU_CLONES void add_dropped(const float* v, void* out, FloatFormat out_fmt
       return add_dropped_typed<FloatFormat::F16>(v, out, seed, offset, threshold, keep_scale, begin, end);
   }
 }
+
+}  // namespace
+
+QPEFT_CPU_MULTIVERSION(void, dropout_convert,
+                       (const void* x, FloatFormat in_fmt, void* out, FloatFormat out_fmt, uint64_t seed,
+                        uint64_t offset, uint32_t threshold, float keep_scale, int64_t begin, int64_t end),
+                       (x, in_fmt, out, out_fmt, seed, offset, threshold, keep_scale, begin, end))
+
+QPEFT_CPU_MULTIVERSION(void, add_dropped,
+                       (const float* v, void* out, FloatFormat out_fmt, uint64_t seed, uint64_t offset,
+                        uint32_t threshold, float keep_scale, int64_t begin, int64_t end),
+                       (v, out, out_fmt, seed, offset, threshold, keep_scale, begin, end))
 
 }  // namespace qpeft::cpu

@@ -20,7 +20,7 @@ namespace {
 constexpr int64_t kMaxSegment = 4096;  // the largest blocksize: one block's decoded weights
 
 // The hot loop, compiled for several instruction sets and picked at run time (portable binary).
-QPEFT_CPU_CLONES float dot(const float* a, const float* b, int64_t n) {
+QPEFT_CPU_INLINE float dot_impl(const float* a, const float* b, int64_t n) {
   float acc[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -31,6 +31,7 @@ QPEFT_CPU_CLONES float dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
 }
+QPEFT_CPU_MULTIVERSION(float, dot, (const float* a, const float* b, int64_t n), (a, b, n))
 
 // Decodes elements [e_begin, e_end) of the flattened weight (all in one block, scale `scale`) into out.
 inline void decode(const uint8_t* packed, const float* code_values, float scale, int64_t e_begin, int64_t e_end,
