@@ -20,7 +20,7 @@ from harness import benchmark_args, median_time_ms, median_times_ms, print_table
 from qpeft import functional as F
 from qpeft.nn import LoraLinear4bit
 
-CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048)]  # TARGETS.md's CPU shapes
+CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048), (1024, 4096, 4096)]  # TARGETS.md's + issue 15
 GPU_CASES = [(m, 4096, 4096) for m in (1, 16, 4096, 16384)] + [(4096, 4096, 14336), (4096, 14336, 4096),
                                                                  (16384, 4096, 14336), (16384, 14336, 4096)]
 R, ALPHA, DROPOUT = 16, 32, 0.05
@@ -154,11 +154,12 @@ def measure(variants: dict, x, device, reps) -> dict[str, tuple]:
 def main() -> None:
     args = benchmark_args(__doc__, lambda parser: parser.add_argument(
         "--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-        help="default: bfloat16 on a GPU, float32 on a CPU (CPUs without AVX-512 BF16 run bf16 GEMMs tens of "
-             "times slower, which would swamp every column)"))
+        help="default: bfloat16 on a GPU and on CPUs with AVX512_BF16, else float32 (CPUs without it run bf16 "
+             "GEMMs tens of times slower, which would swamp every column)"))
     device = args.device
     cases, reps = (GPU_CASES, 50) if device.type == "cuda" else (CPU_CASES, 15)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    bf16_cpu = F.detected_cpu_isa() == "avx512_bf16"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" or bf16_cpu else "float32"))
     rows = []
     for m, k, n in cases:
         dense = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device).requires_grad_(False)

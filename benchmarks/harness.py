@@ -82,6 +82,7 @@ def environment(device: torch.device) -> dict:
         "qpeft": qpeft.build_info(),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu": cpu_description(),
     }
     try:
         import bitsandbytes
@@ -90,6 +91,23 @@ def environment(device: torch.device) -> dict:
     except Exception:  # bitsandbytes missing or broken on this machine: baselines are left out, and said so
         env["bitsandbytes"] = None
     return env
+
+
+def cpu_description() -> dict:
+    """The CPU the numbers come from: model, the SIMD flags that select kernels, qpeft's CPU kernel level (detected
+    and active: QPEFT_CPU_ISA may cap it) and torch's own dispatch level."""
+    from qpeft import functional as F
+    from qpeft.cli import cpu_features
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"model": model or platform.processor(), "flags": cpu_features(), "qpeft_cpu_isa": F.cpu_isa(),
+            "qpeft_cpu_isa_detected": F.detected_cpu_isa(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Path | None = None) -> Path:

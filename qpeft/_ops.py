@@ -70,6 +70,12 @@ def cpu_isa_levels() -> tuple[str, ...]:
     return CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(detected_cpu_isa()) + 1]
 
 
+def cpu_linear_4bit_path(rows: int, in_features: int, dtype: torch.dtype) -> str:
+    """Which CPU kernels a frozen 4-bit linear forward of ``rows`` rows runs now: "codes:<level>" (W read from its
+    codes by that level's kernel) or "slabs:<level>+aten_gemm" (W dequantized a slab at a time, ATen GEMMs)."""
+    return _C._cpu_linear_4bit_path(rows, in_features, dtype == torch.bfloat16)
+
+
 # QPEFT_CPU_ISA=baseline|avx2|avx512|avx512_bf16: the highest CPU kernel level used, set at import.
 set_cpu_isa(os.environ.get("QPEFT_CPU_ISA") or CPU_ISA_LEVELS[-1])
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from . import reference
-from ._ops import (CPU_ISA_LEVELS, CUDA_LORA_KERNELS, cpu_isa, cpu_isa_levels, cuda_lora_kernels,  # noqa: F401
-                   detected_cpu_isa, ops, set_cpu_isa, set_cuda_lora_kernels)  # (re-exported)
+from ._ops import (CPU_ISA_LEVELS, CUDA_LORA_KERNELS, cpu_isa, cpu_isa_levels, cpu_linear_4bit_path,  # noqa: F401
+                   cuda_lora_kernels, detected_cpu_isa, ops, set_cpu_isa, set_cuda_lora_kernels)  # (re-exported)
 from .reference import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
@@ -202,7 +202,9 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch
 
 
 def lora_down_grad_weight(g: torch.Tensor, x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
-    """g^T drop(x) for g [M, r], x [M, K] (the gradient of A in drop(x) A^T), fp32 [r, K]."""
+    """g^T drop(x) for g [M, r], x [M, K] (the gradient of A in drop(x) A^T), fp32 [r, K]. Summed in fp32; for a
+    bf16 x on a CPU at level avx512_bf16 the operands are bf16 (g rounded to bf16) and each tile of rows' sums is
+    rounded to bf16 once, the precision of any bf16 GEMM (as in lora_down and lora_down_grad_input there)."""
     _check_p(p)
     return ops.lora_down_grad_weight(g, x, float(p), dropout_seed(seed, x.device))
 

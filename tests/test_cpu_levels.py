@@ -191,3 +191,14 @@ def test_qlora_layer_at_every_level(cpu_isa, dtype, tol, rows):
     assert rel_err(x.grad, x_ref.grad) < tol
     assert rel_err(layer.lora_A.grad, A_ref.grad) < tol
     assert rel_err(layer.lora_B.grad, B_ref.grad) < tol
+
+
+def test_linear_path_names_the_kernel_of_the_level(cpu_isa):
+    """cpu_linear_4bit_path (what benchmarks record) follows the level and the shape rules of the kernels."""
+    path = F.cpu_linear_4bit_path
+    assert path(1, 4096, torch.bfloat16) == f"codes:{cpu_isa}"
+    assert path(16, 4096, torch.float32) == "codes:" + ("avx512" if cpu_isa == "avx512_bf16" else cpu_isa)
+    assert path(1, 48, torch.bfloat16) == "codes:" + ("avx512" if cpu_isa == "avx512_bf16" else cpu_isa)
+    assert path(1, 40, torch.float32) == "codes:" + ("baseline" if cpu_isa == "baseline" else "avx2")
+    assert path(1, 77, torch.bfloat16) == "codes:baseline"
+    assert path(17, 4096, torch.bfloat16) == f"slabs:{cpu_isa}+aten_gemm"

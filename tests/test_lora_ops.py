@@ -40,7 +40,9 @@ def test_lora_down_and_gradients_match_reference(device, m, k, r, dtype, p):
     poison_allocator(device, r * k * 4)
     dA = F.lora_down_grad_weight(g, x, p, seed)
     assert dA.shape == (r, k) and dA.dtype == torch.float32
-    assert rel_err(dA, g.double().T @ x_drop) < 1e-5  # fp32 accumulation of exact 16-bit inputs
+    # fp32 accumulation of exact 16-bit inputs, or bf16 GEMMs on CPUs with bf16 dot products (bf16 x)
+    bf16_gemm = device.type == "cpu" and dtype == torch.bfloat16 and F.cpu_isa() == "avx512_bf16"
+    assert rel_err(dA, g.double().T @ x_drop) < (1e-2 if bf16_gemm else 1e-5)
     acc = torch.randn(m, k, device=device).to(dtype)
     expected = acc.double() + dropped64(g.double() @ A.double(), p, seed)
     out = F.lora_down_grad_input_(acc.clone(), g, A, p, seed)

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../kernels/cpu/cpu_isa.h"
 #include "../kernels/cpu/linear_4bit_cpu.h"
 #include "../kernels/cpu/quant_cpu.h"
 #include "matmul_4bit_cpu.h"
@@ -100,7 +101,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   float* ys = y.data_ptr<float>();
   const uint8_t* codes = w.packed.data_ptr<uint8_t>();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
-  if (x.scalar_type() == at::kBFloat16 && cpu::linear_4bit_bf16_supported(K)) {
+  if (cpu::linear_4bit_kernel(K, x.scalar_type() == at::kBFloat16) == cpu::CodesKernel::Avx512Bf16) {
     const at::Tensor xc = x.contiguous();
     const auto* xs = static_cast<const uint16_t*>(xc.data_ptr());
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -156,6 +157,11 @@ at::Tensor approx_reciprocal_cpu(const at::Tensor& x) {
 }
 
 }  // namespace
+
+std::string linear_4bit_cpu_path(int64_t M, int64_t K, at::ScalarType dtype) {
+  if (M > kCpuSmallM) return std::string("slabs:") + cpu::cpu_isa_name(cpu::cpu_isa()) + "+aten_gemm";
+  return std::string("codes:") + cpu::codes_kernel_name(cpu::linear_4bit_kernel(K, dtype == at::kBFloat16));
+}
 
 TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);

@@ -1,10 +1,11 @@
 // CPU registrations of the LoRA-branch ops (lora_dropout, lora_down and its two gradients). The dropout is
-// applied to row tiles of ~1 MB (fp32) that are consumed at once by a matmul, so neither a mask nor a dropped
-// copy of the whole input ever exists; the LoRA arithmetic runs in fp32 (fast and exact enough on any CPU,
-// unlike bf16 matmuls on CPUs without bf16 units).
+// applied to row tiles of ~256K elements that are consumed at once by a matmul, so neither a mask nor a dropped
+// copy of the whole input ever exists. The tiles and GEMMs are in gemm_dtype: bf16 for bf16 activations on CPUs
+// with bf16 dot products (level avx512_bf16), else fp32 (bf16 GEMMs without those units are many times slower).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../kernels/cpu/cpu_isa.h"
 #include "../kernels/cpu/dropout_cpu.h"
 #include "op_args.h"
 
@@ -18,21 +19,28 @@ int64_t tile_rows(int64_t M, int64_t K) {
   return std::max<int64_t>(1, std::min<int64_t>(M, std::max<int64_t>(16, 262144 / std::max<int64_t>(K, 1))));
 }
 
-// Calls fn(m0, tile) for consecutive row ranges [m0, m0 + tile.size(0)) of src [M, K] (contiguous), tile = fp32
-// drop(src[m0 : m0 + rows]) with the counters of the whole tensor (element (m, k) -> m * K + k).
+// The dtype of the LoRA branch's tiles and GEMMs for an activation of `dtype`.
+at::ScalarType gemm_dtype(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && cpu::cpu_has(cpu::CpuIsa::Avx512Bf16) ? at::kBFloat16 : at::kFloat;
+}
+
+// Calls fn(m0, tile) for consecutive row ranges [m0, m0 + tile.size(0)) of src [M, K] (contiguous), tile =
+// drop(src[m0 : m0 + rows]) in gemm_dtype with the counters of the whole tensor (element (m, k) -> m * K + k).
 template <typename Fn>
 void for_each_dropped_tile(const at::Tensor& src, const DropoutParams& d, Fn&& fn) {
   const int64_t M = src.size(0), K = src.size(1), T = tile_rows(M, K);
   const FloatFormat fmt = float_format(src.scalar_type(), "the LoRA input");
+  const at::ScalarType tile_dtype = gemm_dtype(src.scalar_type());
+  const FloatFormat tile_fmt = float_format(tile_dtype, "the LoRA tile");
   const uint64_t seed = d.host_seed();
-  at::Tensor tile = at::empty({T, K}, src.options().dtype(at::kFloat));
+  at::Tensor tile = at::empty({T, K}, src.options().dtype(tile_dtype));
   for (int64_t m0 = 0; m0 < M; m0 += T) {
     const int64_t rows = std::min(T, M - m0);
     const char* base = static_cast<const char*>(src.data_ptr()) + m0 * K * src.element_size();
-    float* out = tile.data_ptr<float>();
+    void* out = tile.data_ptr();
     at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
-      cpu::dropout_convert(base, fmt, out, FloatFormat::F32, seed, static_cast<uint64_t>(m0 * K), d.threshold,
-                           d.keep_scale, i0, i1);
+      cpu::dropout_convert(base, fmt, out, tile_fmt, seed, static_cast<uint64_t>(m0 * K), d.threshold, d.keep_scale,
+                           i0, i1);
     });
     fn(m0, tile.narrow(0, 0, rows));
   }
@@ -56,10 +64,12 @@ at::Tensor lora_down_cpu(const at::Tensor& x, const at::Tensor& lora_A, double p
   const BelowAutograd below_autograd;
   const LoraDownArgs a = prepare_lora_down(x, lora_A, p, seed);
   if (plain_fp32(a.x, p)) return at::mm(a.x, a.A.t());
-  at::Tensor xa = at::empty({a.x.size(0), a.A.size(0)}, a.x.options().dtype(at::kFloat));
+  const at::ScalarType dtype = gemm_dtype(a.x.scalar_type());
+  const at::Tensor At = a.A.to(dtype).t();
+  at::Tensor xa = at::empty({a.x.size(0), a.A.size(0)}, a.x.options().dtype(dtype));
   for_each_dropped_tile(a.x, a.dropout, [&](int64_t m0, const at::Tensor& tile) {
     at::Tensor rows = xa.narrow(0, m0, tile.size(0));
-    at::mm_out(rows, tile, a.A.t());
+    at::mm_out(rows, tile, At);
   });
   return xa.to(a.x.scalar_type());
 }
@@ -69,8 +79,15 @@ at::Tensor lora_down_grad_weight_cpu(const at::Tensor& g, const at::Tensor& x, d
   const LoraDownGradWeightArgs a = prepare_lora_down_grad_weight(g, x, p, seed);
   if (plain_fp32(a.x, p)) return at::mm(a.g.t(), a.x);
   at::Tensor dA = at::zeros({a.g.size(1), a.x.size(1)}, a.x.options().dtype(at::kFloat));
+  const at::ScalarType dtype = gemm_dtype(a.x.scalar_type());
+  const at::Tensor g_c = a.g.to(dtype);
   for_each_dropped_tile(a.x, a.dropout, [&](int64_t m0, const at::Tensor& tile) {
-    dA.addmm_(a.g.narrow(0, m0, tile.size(0)).t(), tile);
+    const at::Tensor gt = g_c.narrow(0, m0, tile.size(0)).t();
+    if (dtype == at::kFloat) {
+      dA.addmm_(gt, tile);
+    } else {
+      dA.add_(at::mm(gt, tile));  // each tile's sums rounded once to bf16, the tiles summed in fp32
+    }
   });
   return dA;
 }
@@ -88,19 +105,24 @@ void lora_down_grad_input_tiles(at::Tensor dx, const LoraDownGradInputArgs& a, d
   }
   const int64_t M = dx.size(0), K = dx.size(1), T = tile_rows(M, K);
   const uint64_t seed_value = a.dropout.host_seed();
-  at::Tensor tile = at::empty({T, K}, dx.options().dtype(at::kFloat));
+  // add_dropped adds fp32 products; a written dx takes them in gemm_dtype.
+  const at::ScalarType dtype = accumulate ? at::kFloat : gemm_dtype(dx.scalar_type());
+  const FloatFormat product_fmt = float_format(dtype, "the LoRA tile");
+  const at::Tensor g = a.g.to(dtype), A = a.A.to(dtype);
+  at::Tensor tile = at::empty({T, K}, dx.options().dtype(dtype));
   for (int64_t m0 = 0; m0 < M; m0 += T) {
     const int64_t rows = std::min(T, M - m0);
     at::Tensor product = tile.narrow(0, 0, rows);
-    at::mm_out(product, a.g.narrow(0, m0, rows), a.A);
-    const float* v = product.data_ptr<float>();
+    at::mm_out(product, g.narrow(0, m0, rows), A);
+    const void* v = product.data_ptr();
     void* out = static_cast<char*>(dx.data_ptr()) + m0 * K * dx.element_size();
     const auto offset = static_cast<uint64_t>(m0 * K);
     at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
       if (accumulate) {
-        cpu::add_dropped(v, out, a.fmt, seed_value, offset, a.dropout.threshold, a.dropout.keep_scale, i0, i1);
+        cpu::add_dropped(static_cast<const float*>(v), out, a.fmt, seed_value, offset, a.dropout.threshold,
+                         a.dropout.keep_scale, i0, i1);
       } else {
-        cpu::dropout_convert(v, FloatFormat::F32, out, a.fmt, seed_value, offset, a.dropout.threshold,
+        cpu::dropout_convert(v, product_fmt, out, a.fmt, seed_value, offset, a.dropout.threshold,
                              a.dropout.keep_scale, i0, i1);
       }
     });

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 #include "op_args.h"
 
 namespace qpeft::ops {
@@ -17,6 +19,10 @@ namespace qpeft::ops {
 // gradient's through 8 (at 12 rows: 9.8 / 44 ms vs ~10 / 34 ms by slabs at 2048^2 / 4096^2).
 constexpr int64_t kCpuSmallM = 16;
 constexpr int64_t kCpuSmallMGradInput = 8;
+
+// Which CPU kernels a forward linear_4bit of M rows, K columns, x of `dtype` runs, for reports and benchmarks:
+// "codes:<level>" (W read from its codes, that level's kernel) or "slabs:<level>+aten_gemm".
+std::string linear_4bit_cpu_path(int64_t M, int64_t K, at::ScalarType dtype);
 
 // out (+)= a W^T when transpose_w (a [M, K], out [M, N]), else out (+)= a W (a [M, N], out [M, K]), W the validated
 // 4-bit weight [N, K] (prepare_linear_weight), dequantized slab-wise in a's dtype: the values and GEMM of

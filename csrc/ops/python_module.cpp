@@ -6,6 +6,7 @@
 
 #include "../kernels/cpu/cpu_isa.h"
 #include "../kernels/cpu/quant_cpu.h"
+#include "matmul_4bit_cpu.h"
 #include "op_args.h"
 
 #ifndef QPEFT_CUDA_ARCHS
@@ -33,6 +34,9 @@ PYBIND11_MODULE(_C, m) {
     qpeft::cpu::CpuIsa cap;
     if (!qpeft::cpu::parse_cpu_isa(name.c_str(), &cap)) throw py::value_error("qpeft: unknown CPU level " + name);
     return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::set_cpu_isa_cap(cap)));
+  });
+  m.def("_cpu_linear_4bit_path", [](int64_t M, int64_t K, bool bf16) {
+    return qpeft::ops::linear_4bit_cpu_path(M, K, bf16 ? at::kBFloat16 : at::kFloat);
   });
   m.def("build_info", []() {
     py::dict info;

@@ -194,12 +194,13 @@ __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_
 void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                  int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const float* code_values = cpu::code_values(type);
-  if (K % 16 == 0 && cpu_has(CpuIsa::Avx512)) {
+  const CodesKernel kernel = linear_4bit_kernel(K, false);
+  if (kernel == CodesKernel::Avx512) {
     linear_4bit_avx512(x, M, K, packed, scales, blocksize, type, y, N, n_begin, n_end);
     return;
   }
 #if defined(QPEFT_X86)
-  if (K % 8 == 0 && cpu_has(CpuIsa::Avx2)) {
+  if (kernel == CodesKernel::Avx2) {
     for (int64_t n = n_begin; n < n_end; ++n) row_avx2(x, M, K, packed, scales, blocksize, code_values, y, N, n);
     return;
   }
@@ -256,7 +257,23 @@ void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t
 
 namespace qpeft::cpu {
 
-bool linear_4bit_bf16_supported(int64_t K) { return K % 32 == 0 && cpu_has(CpuIsa::Avx512Bf16); }
+CodesKernel linear_4bit_kernel(int64_t K, bool bf16_x) {
+  if (bf16_x && K % 32 == 0 && cpu_has(CpuIsa::Avx512Bf16)) return CodesKernel::Avx512Bf16;
+  if (K % 16 == 0 && cpu_has(CpuIsa::Avx512)) return CodesKernel::Avx512;
+#if defined(QPEFT_X86)
+  if (K % 8 == 0 && cpu_has(CpuIsa::Avx2)) return CodesKernel::Avx2;
+#endif
+  return CodesKernel::Baseline;
+}
+
+const char* codes_kernel_name(CodesKernel kernel) {
+  switch (kernel) {
+    case CodesKernel::Avx512Bf16: return "avx512_bf16";
+    case CodesKernel::Avx512: return "avx512";
+    case CodesKernel::Avx2: return "avx2";
+    default: return "baseline";
+  }
+}
 
 void linear_4bit_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                       int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {

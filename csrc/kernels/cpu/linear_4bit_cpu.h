@@ -22,10 +22,15 @@ void linear_4bit(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
 void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t* packed, const BlockScales& scales,
                             int64_t blocksize, QuantType type, float* dx, int64_t K, int64_t k_begin, int64_t k_end);
 
+// The kernel linear_4bit (fp32 x) or linear_4bit_bf16 (bf16 x) runs for K columns at the current CPU level.
+enum class CodesKernel { Baseline, Avx2, Avx512, Avx512Bf16 };
+CodesKernel linear_4bit_kernel(int64_t K, bool bf16_x);
+const char* codes_kernel_name(CodesKernel kernel);
+
 // bf16 x (raw bits) and fp32 y, with bf16 weights and products (vdpbf16ps): the same result as dequantizing W
 // to bf16 and a bf16 matmul with fp32 accumulation. Only where linear_4bit_bf16_supported(K) (CPU level
-// avx512_bf16, K % 32 == 0); elsewhere a bf16 x is widened to fp32 for linear_4bit.
-bool linear_4bit_bf16_supported(int64_t K);
+// avx512_bf16, K % 32 == 0: linear_4bit_kernel(K, true) == Avx512Bf16); elsewhere a bf16 x is widened to fp32 for
+// linear_4bit.
 void linear_4bit_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                       int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end);
 
