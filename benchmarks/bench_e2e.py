@@ -8,10 +8,12 @@ run (quantized model, checkpointing, non-LoRA parameters left in the compute dty
 and "bnb_peft_kbit" through peft.prepare_model_for_kbit_training, which also upcasts every non-quantized
 parameter (norms, embeddings, lm_head) to fp32: the common recipe, slower and larger.
 
-    python benchmarks/bench_e2e.py [--device cpu|cuda] [--steps N] [--out DIR]
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--size small|kernels] [--steps N] [--out DIR]
 
-GPU: TARGETS.md's model (8 layers, hidden 4096, intermediate 14336, 32/8 heads, vocab 32000, batch 4 x 2048);
-CPU: a scaled-down one (2 layers, hidden 256, batch 2 x 128).
+GPU: TARGETS.md's model (8 layers, hidden 4096, intermediate 14336, 32/8 heads, vocab 32000, batch 4 x 2048, bf16);
+CPU --size small (default): a scaled-down one (2 layers, hidden 256, batch 2 x 128, fp32; results e2e_cpu.json);
+CPU --size kernels: one where the 4-bit kernels dominate (4 layers, hidden 1024, batch 2 x 256, bf16 on CPUs with
+AVX512_BF16, else fp32; results e2e_kernels_cpu.json).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
 CPU_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2000, max_position_embeddings=256)
+CPU_KERNELS_MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=2000, max_position_embeddings=256)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["qpeft", "bnb_peft", "bnb_peft_kbit", "dense_peft"]
 
@@ -116,13 +120,22 @@ def _std(values: list[float]) -> float:
 
 def main() -> None:
     args = benchmark_args(__doc__, lambda p: (p.add_argument("--steps", type=int, default=None),
+                                              p.add_argument("--size", default="small", choices=["small", "kernels"]),
                                               p.add_argument("--variant", default=None, help=argparse_hidden()),
                                               p.add_argument("--folder", default=None, help=argparse_hidden())))
     device = args.device
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    batch, seq = (4, 2048) if gpu else (2, 128)
-    steps = args.steps or (30 if gpu else 200)
+    kernels = not gpu and args.size == "kernels"
+    if gpu:
+        model_config, dtype, batch, seq, default_steps = GPU_MODEL, torch.bfloat16, 4, 2048, 30
+    elif kernels:
+        from qpeft import functional as F
+
+        dtype = torch.bfloat16 if F.detected_cpu_isa() == "avx512_bf16" else torch.float32
+        model_config, batch, seq, default_steps = CPU_KERNELS_MODEL, 2, 256, 30
+    else:
+        model_config, dtype, batch, seq, default_steps = CPU_MODEL, torch.float32, 2, 128, 200
+    steps = args.steps or default_steps
     if args.variant:  # child process: one variant, JSON on the last line of stdout
         print(json.dumps(run_variant(args.variant, args.folder, device, dtype, batch, seq, steps, warmup=3)))
         return
@@ -130,12 +143,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(**(GPU_MODEL if gpu else CPU_MODEL))) \
-            .to(dtype).save_pretrained(folder)
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_config)).to(dtype).save_pretrained(folder)
         rows = []
         for variant in VARIANTS:
             cmd = [sys.executable, __file__, "--device", str(device), "--steps", str(steps), "--variant", variant,
-                   "--folder", folder]
+                   "--folder", folder, "--size", args.size]
             done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             if done.returncode != 0:
                 print(f"{variant} failed (reported, not invented):\n{done.stderr[-2000:]}")
@@ -153,7 +165,9 @@ def main() -> None:
             row["peak_vs_bnb_peft"] = row["peak_MB"] / by_name["bnb_peft"]["peak_MB"]
     print_table(rows, ["variant", "tokens_per_s", "peak_MB", "loss_first", "loss_last_20_mean", "loss_last_20_std",
                        "tokens_per_s_vs_bnb_peft", "peak_vs_bnb_peft", "loss_within_noise"])
-    print("wrote", write_results("e2e", device, rows, args.out))
+    for row in rows:
+        row.update({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq": seq, "model": model_config})
+    print("wrote", write_results("e2e_kernels" if kernels else "e2e", device, rows, args.out))
 
 
 def argparse_hidden():

@@ -45,7 +45,7 @@ CPU_ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16")
 
 
 def detected_cpu_isa() -> str:
-    """The best CPU kernel level this CPU and OS support, one of CPU_ISA_LEVELS: "avx2" (AVX2 + FMA), "avx512"
+    """The best CPU kernel level this CPU and OS support, one of CPU_ISA_LEVELS: "avx2" (AVX2 + FMA + F16C), "avx512"
     (AVX-512 F/BW/VL/DQ), "avx512_bf16" (+ AVX512_BF16); "baseline" is portable C++."""
     return _C._detected_cpu_isa()
 

@@ -31,7 +31,7 @@ def cpu_flags() -> set[str]:
 
 
 def expected_level(flags: set[str]) -> str:
-    if not {"avx2", "fma"} <= flags:
+    if not {"avx2", "fma", "f16c"} <= flags:
         return "baseline"
     if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return "avx2"

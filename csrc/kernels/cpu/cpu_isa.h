@@ -7,7 +7,7 @@ namespace qpeft::cpu {
 
 enum class CpuIsa : int {
   Baseline = 0,    // x86-64 baseline (SSE2) or any other architecture: portable C++
-  Avx2 = 1,        // AVX2 + FMA
+  Avx2 = 1,        // AVX2 + FMA + F16C
   Avx512 = 2,      // AVX-512 F, BW, VL, DQ
   Avx512Bf16 = 3,  // + AVX512_BF16 (vdpbf16ps, vcvtneps2bf16)
 };

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <stdexcept>
 
 #include "linear_4bit_avx512.h"
@@ -5,6 +6,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include "avx512_lut.h"
 
+// Every header the kernels use is included above, outside the target region: inline functions first defined
+// inside it would carry its target into other translation units through the linker.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #include "linear_4bit_avx512_tile.h"

@@ -13,6 +13,7 @@
 #include "../float_convert.h"
 #include "code_books.h"
 #include "cpu_isa.h"
+#include "dequantize_4bit_avx2.h"
 #include "dequantize_4bit_avx512.h"
 #include "cpu_simd.h"
 
@@ -152,6 +153,10 @@ void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int6
                           FloatFormat fmt) {
   if (cpu_has(CpuIsa::Avx512)) {
     dequantize_4bit_tile_avx512(packed, scales, K, blocksize, type, r0, r1, c0, c1, out, ld, fmt);
+    return;
+  }
+  if (cpu_has(CpuIsa::Avx2)) {
+    dequantize_4bit_tile_avx2(packed, scales, K, blocksize, type, r0, r1, c0, c1, out, ld, fmt);
     return;
   }
   if (fmt == FloatFormat::F32) {
