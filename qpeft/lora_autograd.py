@@ -91,9 +91,15 @@ class _Frozen4bitLinear(torch.autograd.Function):
         return (_base_grad_input(dy2, wargs, k).reshape(*dy.shape[:-1], k),) + (None,) * 8
 
 
-def frozen_4bit_linear(x: torch.Tensor, weight: Quantized4bitWeight) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] in x's dtype, W the dequantized 4-bit weight [N, K] (frozen: no grad)."""
-    return _Frozen4bitLinear.apply(x, weight.shape[0], *weight_args(weight))
+def frozen_4bit_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple,
+                       out_features: int | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] in x's dtype, W the dequantized 4-bit weight [N, K] (frozen: no grad).
+    ``weight`` may also be its weight_args tuple, with ``out_features`` (Linear4bit.op_weight_args: the per-call
+    fast path). Where no gradient can flow to x the op runs without an autograd node."""
+    wargs, n = (weight, out_features) if isinstance(weight, tuple) else (weight_args(weight), weight.shape[0])
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _base_forward(F.as_rows(x), wargs, n).reshape(*x.shape[:-1], n)
+    return _Frozen4bitLinear.apply(x, n, *wargs)
 
 
 # ---- one plain LoRA adapter: the fused ops ---------------------------------------------------------------------

@@ -177,7 +177,7 @@ class Linear4bit(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.weight.device}")
         dtype = self.compute_dtype or x.dtype
-        y = frozen_4bit_linear(x.to(dtype), self.quantized_weight)
+        y = frozen_4bit_linear(x.to(dtype), self.op_weight_args(), self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.to(x.dtype)
