@@ -168,3 +168,30 @@ def test_cpu_training_sizes_never_allocate_a_dense_weight():
     dora = LoraLinear4bit(base, r=8, alpha=16, dropout=0.1, use_dora=True).train()  # row norms of W cached here
     assert largest_cpu_allocation(lambda: dora(xg).sum().backward()) < dense_bytes / 8
     assert largest_cpu_allocation(lambda: q.dequantize(torch.float32)) == dense_bytes  # the probe sees it
+
+
+def test_every_op_rejects_overflowing_sizes():
+    """Sizes whose element counts wrap int64 (or exceed 2^60) are refused with a ValueError before any kernel runs
+    (they used to pass the numel checks and read past the buffers)."""
+    packed, absmax = torch.zeros(128, dtype=torch.uint8), torch.ones(4)
+    x0 = torch.empty(0, 4)
+    huge = [2**62 + 64, 2**61, 2**60 + 1]
+    for n in huge:
+        with pytest.raises(ValueError, match="too large"):
+            torch.ops.qpeft.linear_4bit(x0, packed, absmax, None, None, None, 64, "nf4", n)
+        with pytest.raises(ValueError, match="too large"):
+            torch.ops.qpeft.linear_4bit_grad_input(torch.empty(0, 4), packed, absmax, None, None, None, 64, "nf4", n)
+        with pytest.raises(ValueError, match="too large"):
+            F.linear_4bit(x0, packed, absmax, 64, "nf4", n)
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64))
+    nested = (q.absmax, q.nested_absmax, q.nested_code, q.nested_offset.reshape(1))
+    for shape in ([2**32, 2**32], [2**31, 2**31, 4], [2**62, 2, 2], [3, 2**62]):
+        with pytest.raises(ValueError, match="too large"):
+            torch.ops.qpeft.dequantize_4bit(packed, absmax, 64, "nf4", shape, torch.float32)
+        with pytest.raises(ValueError, match="too large"):
+            torch.ops.qpeft.dequantize_4bit_nested(q.packed.reshape(-1), *nested, 64, "nf4", shape, torch.float32)
+    A = torch.zeros(1, 4)
+    B = torch.zeros(1, 1).expand(2**60, 1)  # a huge N without memory (stride 0): N x K = 2^62
+    with pytest.raises(ValueError, match="too large"):
+        torch.ops.qpeft.qlora_forward(torch.zeros(1, 4), packed, absmax, None, None, None, 64, "nf4", A, B, None, 1.0,
+                                      0.0, torch.zeros(1, dtype=torch.int64))

@@ -28,11 +28,23 @@ void check_same_device(const at::Tensor& reference, const at::Tensor& t, const c
                     " but the packed data is on ", reference.device());
 }
 
+// Element counts the ops accept: every size derived from them ((n + 1) / 2 bytes, blocks rounded up, byte
+// offsets of 4-byte elements) then fits in int64.
+constexpr int64_t kMaxElements = int64_t{1} << 60;
+
+// a * b for non-negative sizes, or a ValueError naming `what` when it exceeds kMaxElements.
+int64_t checked_size_product(int64_t a, int64_t b, const char* what) {
+  int64_t product = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &product) && product <= kMaxElements, "qpeft: ", what, " (", a,
+                    " x ", b, " elements) is too large: at most 2^60 elements");
+  return product;
+}
+
 int64_t shape_numel(at::IntArrayRef shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     TORCH_CHECK_VALUE(d >= 0, "qpeft: shape has a negative dimension: ", shape);
-    n *= d;
+    n = checked_size_product(n, d, "the requested shape");
   }
   return n;
 }
@@ -212,9 +224,10 @@ Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at:
                     "qpeft: nested_absmax, nested_code and nested_offset go together");
   TORCH_CHECK_VALUE(activation.device() == packed.device(), "qpeft: the activation is on ", activation.device(),
                     " but the weight is on ", packed.device());
+  const int64_t n = checked_size_product(rows, cols, "the weight");
   return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                                             quant_type, rows * cols)
-                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, rows * cols);
+                                             quant_type, n)
+                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, n);
 }
 
 uint64_t DropoutParams::host_seed() const {
