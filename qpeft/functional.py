@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
+from . import _C, reference
 from ._ops import (CPU_ISA_LEVELS, CUDA_LORA_KERNELS, cpu_isa, cpu_isa_levels, cpu_linear_4bit_path,  # noqa: F401
                    cuda_lora_kernels, detected_cpu_isa, ops, set_cpu_isa, set_cuda_lora_kernels)  # (re-exported)
 from .reference import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
@@ -177,9 +177,15 @@ def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
     return torch.randint(-2**62, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def _check_p(p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"qpeft: dropout probability must be in [0, 1), got {p}")
+# The largest dropout probability: the 16-bit mask keeps with probability within 1% of 1 - p up to it.
+MAX_DROPOUT_P: float = _C.MAX_DROPOUT_P
+
+
+def check_dropout_p(p: float, what: str = "dropout probability") -> None:
+    """p must be a number in [0, MAX_DROPOUT_P]; ValueError naming ``what`` otherwise."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= MAX_DROPOUT_P:
+        raise ValueError(f"qpeft: {what} must be a number in [0, {MAX_DROPOUT_P}] (the 16-bit dropout mask), "
+                         f"got {p!r}")
 
 
 def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -188,14 +194,14 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: in
     device, so a backward pass recomputes it instead of storing it; a slice of rows [r:] of an [M, K] input
     uses offset + r * K. Returns a new contiguous tensor."""
     check_float_dtype(x.dtype, "the input of lora_dropout")
-    _check_p(p)
+    check_dropout_p(p)
     return ops.lora_dropout(x, float(p), dropout_seed(seed, x.device), int(offset))
 
 
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """drop(x) A^T for x [..., K] and A [r, K] with the dropout inside the kernel (counters: row-major index of
     x flattened to [M, K]); fp32 accumulation, result in x's dtype, [..., r]."""
-    _check_p(p)
+    check_dropout_p(p)
     x2 = as_rows(x)
     xa = ops.lora_down(x2, lora_A, float(p), dropout_seed(seed, x.device))
     return xa.reshape(*x.shape[:-1], lora_A.shape[0])
@@ -205,7 +211,7 @@ def lora_down_grad_weight(g: torch.Tensor, x: torch.Tensor, p: float, seed: int 
     """g^T drop(x) for g [M, r], x [M, K] (the gradient of A in drop(x) A^T), fp32 [r, K]. Summed in fp32; for a
     bf16 x on a CPU at level avx512_bf16 the operands are bf16 (g rounded to bf16) and each tile of rows' sums is
     rounded to bf16 once, the precision of any bf16 GEMM (as in lora_down and lora_down_grad_input there)."""
-    _check_p(p)
+    check_dropout_p(p)
     return ops.lora_down_grad_weight(g, x, float(p), dropout_seed(seed, x.device))
 
 
@@ -213,7 +219,7 @@ def lora_down_grad_input_(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tenso
                           seed: int | torch.Tensor) -> torch.Tensor:
     """In place dx += drop(g A) for contiguous dx [M, K], g [M, r], A [r, K] (the input gradient of drop(x) A^T
     added to an existing one); returns dx."""
-    _check_p(p)
+    check_dropout_p(p)
     ops.lora_down_grad_input_(dx, g, lora_A, float(p), dropout_seed(seed, dx.device))
     return dx
 
@@ -222,7 +228,7 @@ def lora_down_grad_input(g: torch.Tensor, lora_A: torch.Tensor, p: float, seed: 
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dx = drop(g A) for g [M, r], A [r, K], a new [M, K] tensor of ``dtype`` (the input gradient of
     drop(x) A^T; written without reading anything, so a GEMM can then add another gradient onto it)."""
-    _check_p(p)
+    check_dropout_p(p)
     return ops.lora_down_grad_input(g, lora_A, float(p), dropout_seed(seed, g.device), dtype)
 
 

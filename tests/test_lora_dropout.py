@@ -63,10 +63,13 @@ def test_seeds_and_neighbours_are_independent():
 
 def test_bad_inputs(device):
     x = torch.randn(4, 4, device=device)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        F.lora_dropout(x, 1.0, 0)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        torch.ops.qpeft.lora_dropout(x, -0.1, seed_tensor(0, device), 0)
+    for p in (1.0, 0.999999, -0.1, float("nan"), "0.1", True):  # 0.999999: the 16-bit mask cannot keep 1e-6
+        with pytest.raises(ValueError, match=r"\[0, 0.999\]"):
+            F.lora_dropout(x, p, 0)
+    for p in (-0.1, 0.9995, 1.0):
+        with pytest.raises(ValueError, match=r"\[0, 0.999\]"):
+            torch.ops.qpeft.lora_dropout(x, p, seed_tensor(0, device), 0)
+    assert F.lora_dropout(x, F.MAX_DROPOUT_P, 0).shape == x.shape
     with pytest.raises(TypeError, match="int64"):
         torch.ops.qpeft.lora_dropout(x, 0.1, torch.zeros(1, device=device), 0)
     with pytest.raises(ValueError, match="one element"):
@@ -112,7 +115,16 @@ def test_kernel_format_conversions_round_like_torch(device, dtype):
     """The kernels' fp32 -> 16-bit rounding (to nearest even, overflow to inf, subnormals) and 16-bit -> fp32
     widening equal torch's .to() for every kind of finite value. Written through lora_down_grad_input with
     r = 1, A = [[1]] and no dropout (dx = round(g)), its accumulating form (dx = round(float(dx) + g)) and
-    lora_dropout's identity for every finite 16-bit pattern."""
+    lora_dropout's identity for every finite 16-bit pattern. (At CPU level avx512_bf16 a bf16 dx is a bf16 GEMM's
+    output, which flushes subnormals; the kernels' own rounding is checked one level below.)"""
+    previous = F.set_cpu_isa("avx512")
+    try:
+        check_format_conversions(device, dtype)
+    finally:
+        F.set_cpu_isa(previous)
+
+
+def check_format_conversions(device, dtype):
     g = finite_fp32_edge_values()
     g = g[g.view(torch.int32) != -2**31].to(device)  # not -0.0: the GEMM g A gives 0 + (-0) = +0 there
     A = torch.ones(1, 1, device=device)
@@ -126,3 +138,14 @@ def test_kernel_format_conversions_round_like_torch(device, dtype):
     acc = base.clone()[:, None]
     F.lora_down_grad_input_(acc, (g * 0.5)[:, None], A, 0.0, 0)
     assert torch.equal(acc[:, 0].view(torch.int16).cpu(), (base.float() + g * 0.5).to(dtype).view(torch.int16).cpu())
+
+
+def test_mean_is_kept_near_the_largest_p():
+    """E[drop(x)] = x up to MAX_DROPOUT_P: the mask's keep rate is within 1% of 1 - p there (above it the 16-bit
+    threshold saturates while 1 / (1 - p) does not, so larger p are refused)."""
+    p = F.MAX_DROPOUT_P
+    keep = 1 - R.dropout_threshold(p) / 65536
+    assert abs(keep / (1 - p) - 1) < 0.01
+    x = torch.ones(4_000_000)
+    mean = F.lora_dropout(x, p, 123).double().mean().item()
+    assert abs(mean - 1) < 5 * math.sqrt(p / (1 - p) / x.numel()) + 0.01

@@ -35,7 +35,11 @@ QPEFT_RNG_HD uint32_t dropout_bits(uint64_t seed, uint64_t counter) {
   return dropout_lane(dropout_hash(seed, counter >> 2), counter);
 }
 
-// The keep threshold for drop probability p in [0, 1): round(p * 2^16), computed in double.
+// The largest drop probability the ops take: the 16-bit mask keeps with probability 1 - round(p * 2^16) / 2^16,
+// within 2^-17 of 1 - p, so within 1% of it up to here (p = 0.999999 would keep 1/2^16 instead of 1e-6).
+constexpr double kMaxDropoutP = 0.999;
+
+// The keep threshold for drop probability p in [0, kMaxDropoutP]: round(p * 2^16), computed in double.
 inline uint32_t dropout_threshold(double p) {
   const double t = p * 65536.0 + 0.5;
   return t >= 65535.0 ? 0xFFFFu : static_cast<uint32_t>(t);

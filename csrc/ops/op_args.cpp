@@ -236,7 +236,8 @@ uint64_t DropoutParams::host_seed() const {
 }
 
 DropoutParams prepare_dropout(const at::Tensor& activation, double p, const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "qpeft: dropout probability must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= kMaxDropoutP, "qpeft: dropout probability must be in [0, ", kMaxDropoutP,
+                    "] (the 16-bit dropout mask), got ", p);
   TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "qpeft: the dropout seed must be an int64 tensor, got ",
                    seed.scalar_type());
   TORCH_CHECK_VALUE(seed.numel() == 1, "qpeft: the dropout seed must have one element, got shape ", seed.sizes());

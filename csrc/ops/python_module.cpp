@@ -6,6 +6,7 @@
 
 #include "../kernels/cpu/cpu_isa.h"
 #include "../kernels/cpu/quant_cpu.h"
+#include "../kernels/dropout_rng.h"
 #include "matmul_4bit_cpu.h"
 #include "op_args.h"
 
@@ -27,6 +28,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("_set_cuda_lora_tensor_cores", &qpeft::ops::set_cuda_lora_tensor_cores);
   m.def("_cuda_lora_tensor_cores", &qpeft::ops::cuda_lora_tensor_cores);
+  m.attr("MAX_DROPOUT_P") = qpeft::kMaxDropoutP;
   m.def("_cpu_isa", []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::cpu_isa())); });
   m.def("_detected_cpu_isa",
         []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::detected_cpu_isa())); });

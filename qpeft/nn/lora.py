@@ -33,8 +33,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"qpeft: LoRA rank r must be a positive integer, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"qpeft: LoRA dropout must be in [0, 1), got {dropout}")
+        F.check_dropout_p(dropout, "LoRA dropout")
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"qpeft: init must be 'kaiming' or 'gaussian', got {init!r}")
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
@@ -161,8 +160,7 @@ class LoraLinear4bit(nn.Module):
 
     @dropout.setter
     def dropout(self, p: float) -> None:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"qpeft: LoRA dropout must be in [0, 1), got {p}")
+        F.check_dropout_p(p, "LoRA dropout")
         self._single().dropout = p
 
     @property
