@@ -10,7 +10,7 @@ namespace {
 constexpr const char* kNames[kCpuIsaCount] = {"baseline", "avx2", "avx512", "avx512_bf16"};
 
 CpuIsa detect() {
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#if defined(QPEFT_X86_SIMD)
   // libgcc's __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 register state (XCR0).
   __builtin_cpu_init();
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))

@@ -3,6 +3,12 @@
 // (tests run every level the machine has). Levels are ordered; each implies the ones below it.
 #pragma once
 
+// The x86 SIMD kernels are built where their target regions compile: x86 with GCC (`#pragma GCC target`).
+// Elsewhere every level above baseline is reported unsupported.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define QPEFT_X86_SIMD 1
+#endif
+
 namespace qpeft::cpu {
 
 enum class CpuIsa : int {

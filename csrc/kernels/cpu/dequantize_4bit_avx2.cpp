@@ -2,7 +2,9 @@
 
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(__i386__)
+#include "cpu_isa.h"
+
+#if defined(QPEFT_X86_SIMD)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -129,7 +131,7 @@ void dequantize_4bit_tile_avx2(const uint8_t* packed, const BlockScales& scales,
 namespace qpeft::cpu {
 void dequantize_4bit_tile_avx2(const uint8_t*, const BlockScales&, int64_t, int64_t, QuantType, int64_t, int64_t,
                                int64_t, int64_t, void*, int64_t, FloatFormat) {
-  throw std::logic_error("qpeft: AVX2 kernel called on a non-x86 build");
+  throw std::logic_error("qpeft: AVX2 kernel called in a build without x86 SIMD kernels");
 }
 }  // namespace qpeft::cpu
 #endif

@@ -2,7 +2,9 @@
 
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(__i386__)
+#include "cpu_isa.h"
+
+#if defined(QPEFT_X86_SIMD)
 #include <algorithm>
 #include <bit>
 #include <type_traits>
@@ -74,7 +76,7 @@ void dequantize_4bit_tile_avx512(const uint8_t* packed, const BlockScales& scale
 namespace qpeft::cpu {
 void dequantize_4bit_tile_avx512(const uint8_t*, const BlockScales&, int64_t, int64_t, QuantType, int64_t, int64_t,
                                  int64_t, int64_t, void*, int64_t, FloatFormat) {
-  throw std::logic_error("qpeft: AVX-512 kernel called on a non-x86 build");
+  throw std::logic_error("qpeft: AVX-512 kernel called in a build without x86 SIMD kernels");
 }
 }  // namespace qpeft::cpu
 #endif

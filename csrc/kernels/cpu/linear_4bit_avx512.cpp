@@ -4,7 +4,9 @@
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
+#include "cpu_isa.h"
+
+#if defined(QPEFT_X86_SIMD)
 #include "avx512_lut.h"
 
 // Every header the kernels use is included above, outside the target region: inline functions first defined
@@ -82,11 +84,11 @@ void linear_4bit_grad_input_avx512(const float* dy, int64_t M, int64_t N, const 
 namespace qpeft::cpu {
 void linear_4bit_avx512(const float*, int64_t, int64_t, const uint8_t*, const BlockScales&, int64_t, QuantType, float*,
                         int64_t, int64_t, int64_t) {
-  throw std::logic_error("qpeft: AVX-512 kernel called on a non-x86 build");
+  throw std::logic_error("qpeft: AVX-512 kernel called in a build without x86 SIMD kernels");
 }
 void linear_4bit_grad_input_avx512(const float*, int64_t, int64_t, const uint8_t*, const BlockScales&, int64_t,
                                    QuantType, float*, int64_t, int64_t, int64_t) {
-  throw std::logic_error("qpeft: AVX-512 kernel called on a non-x86 build");
+  throw std::logic_error("qpeft: AVX-512 kernel called in a build without x86 SIMD kernels");
 }
 }  // namespace qpeft::cpu
 #endif
