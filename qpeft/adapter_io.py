@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .hub import ADAPTER_FILES, resolve_folder
+from .errors import ConfigError
 from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, QPeftModel
 
 PREFIX = "base_model.model."
@@ -72,8 +73,12 @@ def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, re
     if not weights_path.is_file():
         hint = " (adapter_model.bin is pickle, which qpeft never loads)" if (folder / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"qpeft: no {ADAPTER_WEIGHTS} in {folder}{hint}")
-    with open(config_path) as f:
-        config = LoraConfig.from_peft_dict(json.load(f), **quant)
+    try:
+        with open(config_path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(str(config_path), "adapter_config", f"is not valid JSON ({e})") from None
+    config = LoraConfig.from_peft_dict(raw, str(config_path), **quant)
     return config, load_file(str(weights_path))
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import ConfigError
 from .hub import CHECKPOINT_FILES, resolve_folder
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
@@ -60,10 +61,14 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _dtype(name) -> torch.dtype | None:
+def _dtype(name, source: str) -> torch.dtype | None:
+    """bnb_4bit_compute_dtype of a checkpoint's config: None / "auto", or the name of a float dtype."""
     if name in (None, "auto"):
         return None
-    return name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(source, "bnb_4bit_compute_dtype", f"must be float32, float16 or bfloat16, got {name!r}")
+    return dtype
 
 
 def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: torch.dtype | None = None,
@@ -86,7 +91,7 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
         qconfig = qconfig.to_dict()
     if qconfig and not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit", False)):
         raise ValueError(f"qpeft: {folder} is not a 4-bit bitsandbytes checkpoint (quantization_config {qconfig})")
-    compute_dtype = compute_dtype or _dtype(qconfig.get("bnb_4bit_compute_dtype"))
+    compute_dtype = compute_dtype or _dtype(qconfig.get("bnb_4bit_compute_dtype"), str(folder / "config.json"))
     tensors = read_safetensors_folder(folder)
     quantized = {k[: k.index(_QUANT_STATE)] for k in tensors if _QUANT_STATE in k}
     if not quantized:

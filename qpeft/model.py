@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import functional as F
+from .errors import ConfigError
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
 
@@ -63,23 +66,75 @@ class LoraConfig:
     compute_dtype: torch.dtype | None = None
 
     def __post_init__(self):
+        self.validate()
         if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"qpeft: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "kaiming", "gaussian"):
-            raise ValueError(f"qpeft: init_lora_weights {self.init_lora_weights!r} is not supported "
-                             "(True, 'gaussian' or False)")
+            raise ConfigError(None, "bias", f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "kaiming", "gaussian") or \
+                not isinstance(self.init_lora_weights, (bool, str)):
+            raise ConfigError(None, "init_lora_weights", f"{self.init_lora_weights!r} is not supported "
+                              "(True, 'gaussian' or False)")
         if self.use_dora and self.lora_bias:
-            raise ValueError("qpeft: lora_bias is not supported with DoRA (as in peft)")
+            raise ConfigError(None, "lora_bias", "is not supported with DoRA (as in peft)")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or
                                                      self.layers_pattern is not None):
-            raise ValueError("qpeft: layers_to_transform / layers_pattern need target_modules as a list of names "
-                             "(as in peft), not a regex or 'all-linear'")
+            raise ConfigError(None, "layers_to_transform", "and layers_pattern need target_modules as a list of "
+                              "names (as in peft), not a regex or 'all-linear'")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("qpeft: layers_pattern only applies together with layers_to_transform (as in peft)")
+            raise ConfigError(None, "layers_pattern", "only applies together with layers_to_transform (as in peft)")
+
+    def validate(self, source: str | None = None) -> None:
+        """Every field's type and range (ConfigError naming ``source``, the key and the problem): a config from a
+        file is refused before it changes any model, never reinterpreted (the string "false" is not true)."""
+        def fail(key, problem):
+            raise ConfigError(source, key, f"{problem}, got {getattr(self, key)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def is_names(v, allow_str=True):
+            return (allow_str and isinstance(v, str)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+        if not is_int(self.r) or self.r <= 0:
+            fail("r", "must be a positive integer")
+        if not is_number(self.lora_alpha):
+            fail("lora_alpha", "must be a finite number")
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout <= F.MAX_DROPOUT_P:
+            fail("lora_dropout", f"must be a number in [0, {F.MAX_DROPOUT_P}]")
+        for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode", "double_quant"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "must be true or false")
+        for key in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, key)
+            if value is not None and not is_names(sorted(value) if isinstance(value, (set, tuple)) else value):
+                fail(key, "must be a name, a regex or a list of names")
+        if self.modules_to_save is not None and (isinstance(self.modules_to_save, str) or not isinstance(
+                self.modules_to_save, (list, tuple, set)) or not is_names(list(self.modules_to_save), False)):
+            fail("modules_to_save", "must be a list of names")
+        layers = self.layers_to_transform
+        if layers is not None and not (is_int(layers) or (isinstance(layers, list) and all(map(is_int, layers)))):
+            fail("layers_to_transform", "must be a layer index or a list of them")
+        if not isinstance(self.rank_pattern, dict) or not all(
+                isinstance(k, str) and is_int(v) and v > 0 for k, v in self.rank_pattern.items()):
+            fail("rank_pattern", "must map names or regexes to positive integers")
+        if not isinstance(self.alpha_pattern, dict) or not all(
+                isinstance(k, str) and is_number(v) for k, v in self.alpha_pattern.items()):
+            fail("alpha_pattern", "must map names or regexes to numbers")
+        for key in ("task_type", "base_model_name_or_path"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                fail(key, "must be a string or null")
+        if self.quant_type not in F.QUANT_TYPES:
+            fail("quant_type", f"must be one of {F.QUANT_TYPES}")
+        if not is_int(self.blocksize) or self.blocksize not in F.VALID_BLOCKSIZES:
+            fail("blocksize", f"must be one of {F.VALID_BLOCKSIZES}")
+        if self.compute_dtype is not None and self.compute_dtype not in F.FLOAT_DTYPES:
+            fail("compute_dtype", "must be None or torch.float32 / float16 / bfloat16")
 
     # ---- peft's adapter_config.json ------------------------------------------------------------------------
     _QPEFT_ONLY = ("quant_type", "blocksize", "double_quant", "compute_dtype")
@@ -91,14 +146,24 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict, **quant) -> "LoraConfig":
+    def from_peft_dict(cls, d: dict, source: str | None = None, **quant) -> "LoraConfig":
+        """The config of peft's adapter_config.json dict ``d`` (from file ``source``, named in errors)."""
+        if not isinstance(d, dict):
+            raise ConfigError(source, "adapter_config", f"must be a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"qpeft: only LoRA adapters can be loaded, this one is {d.get('peft_type')!r}")
         if d.get("use_qalora") or d.get("target_parameters"):
             raise ValueError("qpeft: this adapter_config.json uses QALoRA or target_parameters, which qpeft does not "
                              "support")
         names = {f.name for f in dataclasses.fields(cls)} - set(cls._QPEFT_ONLY)
-        return cls(**{k: v for k, v in d.items() if k in names}, **quant)
+        fields = {k: v for k, v in d.items() if k in names}
+        for key in ("rank_pattern", "alpha_pattern"):  # peft writes null or {} for "none"
+            if fields.get(key, {}) is None:
+                fields[key] = {}
+        try:
+            return cls(**fields, **quant)
+        except ConfigError as e:  # the same problem, with the file named
+            raise ConfigError(source, e.key, e.problem) from None
 
 
 # ---- targeting -------------------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""Bad adapter configs, from code or from adapter_config.json: one error type (qpeft.ConfigError, a ValueError)
+naming the file, the key and the problem, raised before any model is changed; never a value reinterpreted
+(the string "false" is not true) or a raw TypeError / KeyError."""
+
+import json
+
+import pytest
+import torch
+
+import qpeft
+
+from test_model import tiny_llama
+
+
+def write_adapter(tmp_path, **overrides):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(overrides)
+    path.write_text(json.dumps(config))
+    return path
+
+
+BAD_FIELDS = [
+    ("use_rslora", "false"), ("use_dora", 1), ("r", True), ("r", 0), ("r", "8"), ("lora_alpha", "16"),
+    ("lora_alpha", float("inf")), ("lora_dropout", 0.9999), ("lora_dropout", "0.1"), ("target_modules", 5),
+    ("target_modules", ["q_proj", 3]), ("rank_pattern", {"q_proj": "4"}), ("rank_pattern", {"q_proj": 0}),
+    ("alpha_pattern", {"q_proj": None}), ("layers_to_transform", "1"), ("modules_to_save", "lm_head"),
+    ("bias", "some"), ("init_lora_weights", "orthogonal"), ("fan_in_fan_out", None), ("task_type", 3),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_FIELDS)
+def test_bad_field_in_adapter_config_names_file_and_key(tmp_path, key, value):
+    path = write_adapter(tmp_path, **{key: value})
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(qpeft.ConfigError, match=key) as info:
+        qpeft.QPeftModel.from_pretrained(model, tmp_path)
+    assert str(path) in str(info.value) and info.value.key == key
+    assert isinstance(info.value, ValueError)
+    after = model.state_dict()  # the caller's model is untouched
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_malformed_adapter_config_files(tmp_path):
+    path = write_adapter(tmp_path)
+    for text in ("[1, 2]", "null", "{not json", '"LORA"'):
+        path.write_text(text)
+        with pytest.raises(qpeft.ConfigError, match="adapter_config") as info:
+            qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+        assert str(path) in str(info.value)
+    path.write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(qpeft.ConfigError, match="not valid JSON"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_peft_null_patterns_load(tmp_path):
+    """peft writes null or {} for 'no pattern': both load."""
+    write_adapter(tmp_path, rank_pattern=None, alpha_pattern=None, layers_pattern=None, exclude_modules=None)
+    model = qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert model.peft_config["default"].rank_pattern == {} and model.peft_config["default"].alpha_pattern == {}
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(compute_dtype=torch.nn), "compute_dtype"), (dict(compute_dtype=torch.int8), "compute_dtype"),
+    (dict(blocksize=64.0), "blocksize"), (dict(blocksize=48), "blocksize"), (dict(quant_type="int4"), "quant_type"),
+    (dict(double_quant="yes"), "double_quant"), (dict(lora_dropout=1.0), "lora_dropout"), (dict(r=2.5), "r")])
+def test_bad_config_in_code(kwargs, key):
+    with pytest.raises(qpeft.ConfigError, match=key) as info:
+        qpeft.LoraConfig(target_modules=["q_proj"], **kwargs)
+    assert info.value.key == key
+
+
+def test_checkpoint_compute_dtype_must_be_a_float_dtype(tmp_path):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules="all-linear"))
+    qpeft.save_4bit_pretrained(model, tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    for bad in ("nn", "int8", "cuda"):
+        config["quantization_config"]["bnb_4bit_compute_dtype"] = bad
+        path.write_text(json.dumps(config))
+        with pytest.raises(qpeft.ConfigError, match="bnb_4bit_compute_dtype") as info:
+            qpeft.load_4bit_pretrained(tmp_path)
+        assert str(path) in str(info.value)
+    config["quantization_config"]["bnb_4bit_compute_dtype"] = "bfloat16"
+    path.write_text(json.dumps(config))
+    assert qpeft.load_4bit_pretrained(tmp_path) is not None
