@@ -194,6 +194,21 @@ def test_merge_unmerge_and_export(use_dora, lora_bias):
     assert rel_err(linear.weight, merged) < 1e-6
 
 
+def test_disable_adapter_while_merged_is_the_base():
+    """disable_adapter() on a merged layer gives the frozen base (as peft, which unmerges), and the merge is still
+    there after the context."""
+    layer = make_layer(64, 24, "cpu", torch.float32).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y_base = layer.base(x)
+        layer.merge(torch.float32)
+        y_merged = layer(x)
+        with layer.disable_adapter():
+            assert torch.equal(layer(x), y_base)
+        assert layer.merged and torch.equal(layer(x), y_merged)
+        assert rel_err(y_merged, y_base) > 1e-3  # the adapter matters
+
+
 def test_merged_layer_refuses_training():
     layer = make_layer(32, 16, "cpu", torch.float32)
     layer.merge()

@@ -130,7 +130,7 @@ class LoraLinear4bit(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the context the layer is the frozen base alone."""
+        """Within the context the layer is the frozen base alone (also while merged: the merge is kept for after)."""
         previous, self.disable_adapters = self.disable_adapters, True
         try:
             yield
@@ -183,7 +183,7 @@ class LoraLinear4bit(nn.Module):
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
         dtype = self.base.compute_dtype or x.dtype
         xc = x if x.dtype == dtype else x.to(dtype)
-        if self.merged_weight is not None:
+        if self.merged_weight is not None and not self.disable_adapters:  # disabled: the base alone, below
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError("qpeft: the adapters are merged; call unmerge() before training")
             bias = self.merged_bias.to(dtype) if self.merged_bias is not None else None
