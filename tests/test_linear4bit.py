@@ -148,3 +148,25 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 128)
     assert torch.equal(compiled(x), layer(x))
+
+
+def test_torch_save_and_deepcopy_after_a_forward(tmp_path):
+    """The weight-derived caches a forward builds never reach pickling or deepcopy: torch.save of a used layer
+    works, and a copy derives its caches from its own weight (an in-place edit of the copy is seen by the copy
+    alone)."""
+    import copy
+
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32, bias=False), double_quant=False,
+                                   compute_dtype=torch.float32)
+    x = torch.randn(3, 64)
+    y = layer(x)
+    layer.row_norms_squared()
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert torch.equal(loaded(x), y)
+    twin = copy.deepcopy(layer)
+    assert not any(k in twin.__dict__ for k in Linear4bit._WEIGHT_CACHES)
+    with torch.no_grad():
+        twin.quantized_weight.absmax.mul_(2)  # every weight doubles exactly
+    assert torch.equal(twin(x), 2 * y)
+    assert torch.equal(layer(x), y)

@@ -143,6 +143,11 @@ class Linear4bit(nn.Module):
 
     _WEIGHT_CACHES = ("_op_weight_args", "_row_norms_squared")
 
+    def __getstate__(self):
+        """Pickling and deepcopy leave the weight-derived caches out (rebuilt on use): they hold other-typed views
+        of the weight's storage, which torch.save refuses, and a copy must derive them from its own weight."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._WEIGHT_CACHES}
+
     def _derived_from_weight(self, key: str, compute):
         """compute()'s value, cached under ``key`` (one of _WEIGHT_CACHES) for as long as ``self.weight`` is the same
         tensor; while torch.compile traces, computed in the graph with no cache."""
