@@ -33,7 +33,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_blocksize(blocksize: int) -> None:
-    if blocksize not in VALID_BLOCKSIZES:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"qpeft: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from . import functional as F
+from .errors import ConfigError
 from .reference import NESTED_BLOCKSIZE, code_book
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -31,8 +32,17 @@ def _pack_json(meta: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
 
 
+_MAX_QUANT_STATE_BYTES = 1 << 16  # bitsandbytes' quant_state JSON is ~150 bytes
+
+
 def _unpack_json(t: torch.Tensor) -> dict:
-    return json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > _MAX_QUANT_STATE_BYTES:
+        raise ConfigError("4-bit state dict", "quant_state", f"must be a 1-D uint8 tensor of at most "
+                          f"{_MAX_QUANT_STATE_BYTES} bytes, got {t.dtype} {list(t.shape)}")
+    try:
+        return json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError("4-bit state dict", "quant_state", f"is not valid JSON ({e})") from None
 
 
 @dataclasses.dataclass
@@ -140,12 +150,18 @@ class Quantized4bitWeight:
             raise ValueError(f"qpeft: expected '{prefix}' and exactly one '{prefix}.quant_state.bitsandbytes__<type>' "
                              f"key, found {sorted(k for k in sd if k.startswith(prefix))}")
         meta = _unpack_json(sd[state_keys[0]])
+        if not isinstance(meta, dict):
+            raise ConfigError(state_keys[0], "quant_state", f"must be a JSON object, got {type(meta).__name__}")
         quant_type, blocksize = meta.get("quant_type"), meta.get("blocksize")
         F.check_quant_type(quant_type)
         F.check_blocksize(blocksize)
         if meta.get("dtype") not in _DTYPES_BY_NAME:
             raise ValueError(f"qpeft: unsupported weight dtype {meta.get('dtype')!r} in {state_keys[0]}")
-        shape = torch.Size(meta["shape"])
+        raw_shape = meta.get("shape")
+        if not isinstance(raw_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in raw_shape):
+            raise ConfigError(state_keys[0], "shape", f"must be a list of non-negative integers, got {raw_shape!r}")
+        shape = torch.Size(raw_shape)
         device = torch.device(device) if device is not None else sd[prefix].device
         packed = sd[prefix].to(device)
         absmax = get("absmax").to(device)
@@ -167,10 +183,18 @@ class Quantized4bitWeight:
                                  f"{meta.get('nested_dtype')!r} (only blocksize 256, float32)")
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"qpeft: double-quantized '{prefix}.absmax' must be uint8, got {absmax.dtype}")
-            nested = dict(nested_absmax=get("nested_absmax").to(device, torch.float32),
-                          nested_code=get("nested_quant_map").to(device, torch.float32),
-                          nested_offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32,
-                                                     device=device))
+            nested_absmax, nested_code = get("nested_absmax"), get("nested_quant_map")
+            offset = meta.get("nested_offset")
+            if nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
+                raise ValueError(f"qpeft: '{prefix}.nested_absmax' has {nested_absmax.numel()} elements, expected "
+                                 f"{-(-nblocks // NESTED_BLOCKSIZE)} (one per {NESTED_BLOCKSIZE} blocks)")
+            if nested_code.numel() != 256:
+                raise ValueError(f"qpeft: '{prefix}.nested_quant_map' has {nested_code.numel()} elements, expected 256")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ConfigError(state_keys[0], "nested_offset", f"must be a finite number, got {offset!r}")
+            nested = dict(nested_absmax=nested_absmax.to(device, torch.float32),
+                          nested_code=nested_code.to(device, torch.float32),
+                          nested_offset=torch.tensor(float(offset), dtype=torch.float32, device=device))
         elif absmax.dtype != torch.float32:
             raise ValueError(f"qpeft: '{prefix}.absmax' must be float32 without double quantization, "
                              f"got {absmax.dtype}")

@@ -170,3 +170,41 @@ def test_torch_save_and_deepcopy_after_a_forward(tmp_path):
         twin.quantized_weight.absmax.mul_(2)  # every weight doubles exactly
     assert torch.equal(twin(x), 2 * y)
     assert torch.equal(layer(x), y)
+
+
+def _blob(meta):
+    import json
+    return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
+def test_hostile_state_dicts_are_refused_at_load():
+    """Every malformed field of a 4-bit state dict is refused by load_state_dict with a message naming it (not at
+    the first forward, not a raw KeyError / TypeError)."""
+    import json
+
+    good = Linear4bit.from_linear(torch.nn.Linear(600, 32)).state_dict()  # 300 blocks: two nested blocks
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(good[key].tolist()))
+
+    def load(**changes):
+        sd = {**good, **changes}
+        Linear4bit(600, 32).load_state_dict({k: v for k, v in sd.items() if v is not None})
+
+    load()  # the unchanged dict loads
+    bad = [
+        (dict(**{"weight.nested_absmax": torch.empty(0)}), "nested_absmax"),
+        (dict(**{"weight.nested_quant_map": torch.zeros(255)}), "nested_quant_map"),
+        (dict(**{key: _blob({**meta, "nested_offset": None})}), "nested_offset"),
+        (dict(**{key: _blob({**meta, "nested_offset": "0.1"})}), "nested_offset"),
+        (dict(**{key: _blob({k: v for k, v in meta.items() if k != "shape"})}), "shape"),
+        (dict(**{key: _blob({**meta, "shape": [32, -600]})}), "shape"),
+        (dict(**{key: _blob({**meta, "shape": "32x600"})}), "shape"),
+        (dict(**{key: _blob([1, 2])}), "quant_state"),
+        (dict(**{key: torch.tensor([0xFF, 0xFE], dtype=torch.uint8)}), "quant_state"),
+        (dict(**{key: torch.zeros(1 << 17, dtype=torch.uint8)}), "quant_state"),
+        (dict(**{key: _blob({**meta, "blocksize": 64.0})}), "blocksize"),
+        (dict(**{"weight.absmax": torch.zeros(299, dtype=torch.uint8)}), "absmax"),
+    ]
+    for changes, what in bad:
+        with pytest.raises(RuntimeError, match=what):  # load_state_dict's error, naming the field
+            load(**changes)
