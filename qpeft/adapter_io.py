@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .hub import ADAPTER_FILES, resolve_folder
 from .errors import ConfigError
+from .files import write_json_atomic, write_safetensors_atomic
 from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, QPeftModel
 
 PREFIX = "base_model.model."
@@ -53,13 +54,11 @@ def adapter_parameters(model: QPeftModel, adapter_name: str) -> dict[str, torch.
     return params
 
 
-def save_adapter(model: QPeftModel, adapter_name: str, folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_adapter(model: QPeftModel, adapter_name: str, folder: Path) -> None:
+    """The adapter's two files in ``folder`` (from files.folder_inside), each written atomically: weights first."""
     tensors = {k: p.detach().cpu().contiguous().clone() for k, p in adapter_parameters(model, adapter_name).items()}
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(folder / ADAPTER_CONFIG, "w") as f:
-        json.dump(model.peft_config[adapter_name].to_peft_dict(), f, indent=2, sort_keys=True, default=str)
+    write_safetensors_atomic(folder / ADAPTER_WEIGHTS, tensors)
+    write_json_atomic(folder / ADAPTER_CONFIG, model.peft_config[adapter_name].to_peft_dict())
 
 
 def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, revision: str | None = None,

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ConfigError
+from .files import write_json_atomic, write_safetensors_atomic
 from .hub import CHECKPOINT_FILES, resolve_folder
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
@@ -189,7 +190,7 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
             continue
         seen[ptr] = key
         tensors[key] = t.detach().cpu().contiguous()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors_atomic(folder / "model.safetensors", tensors)
     compute = layers[0].compute_dtype
     qconfig = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
@@ -199,4 +200,4 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
                "llm_int8_enable_fp32_cpu_offload": False}
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    write_json_atomic(folder / "config.json", config)

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import functional as F
 from .errors import ConfigError
+from .files import check_adapter_name, folder_inside
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
 
@@ -401,6 +402,7 @@ class QPeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Adds (and trains) adapter ``adapter_name``; other adapters stay but are inactive."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
         inject_adapter(self.base_model, config, adapter_name)
@@ -542,7 +544,9 @@ class QPeftModel(nn.Module):
         others in a subfolder of their name)."""
         from .adapter_io import save_adapter
         for name in selected_adapters or list(self.peft_config):
-            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+            if name not in self.peft_config:
+                raise KeyError(f"qpeft: no adapter named {name!r}")
+            folder = folder_inside(save_directory, *([] if name == "default" else [check_adapter_name(name)]))
             save_adapter(self, name, folder)
 
     def load_adapter(self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False,

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import functional as F
 from .. import reference
+from ..files import check_adapter_name
 from ..lora_autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
 from .linear4bit import Linear4bit, dense_layer
 
@@ -97,8 +98,7 @@ class LoraLinear4bit(nn.Module):
                     use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
                     adapter_dtype: torch.dtype = torch.float32, activate: bool = True) -> LoraAdapter:
         """Adds a fresh adapter (B = 0: the layer's output is unchanged) and, by default, makes it the active one."""
-        if not name or "." in name:
-            raise ValueError(f"qpeft: adapter names must be non-empty and contain no '.', got {name!r}")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"qpeft: adapter {name!r} already exists")
         self._require_unmerged("add an adapter")

@@ -1,0 +1,89 @@
+"""Writes stay inside their folder and are atomic: adapter names cannot lead outside the save directory or
+through a symbolic link, and an interrupted save leaves every file whole (the old one or the new one)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qpeft
+from qpeft import files
+from qpeft.nn import LoraLinear4bit
+
+from test_model import tiny_llama
+
+BAD_NAMES = ["../evil", "/tmp/evil", "a/b", "a\\b", "", "a.b", "-x", "x" * 129, 5, None, "é"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_adapter_names_are_confined(name):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(qpeft.ConfigError, match="adapter name"):
+        model.add_adapter(name, qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert list(model.peft_config) == ["default"]
+    with pytest.raises(qpeft.ConfigError, match="adapter name"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name=name)
+    with pytest.raises(qpeft.ConfigError, match="adapter name"):
+        LoraLinear4bit.from_linear(torch.nn.Linear(8, 4)).add_adapter(name)
+
+
+def test_save_refuses_a_symlinked_adapter_folder(tmp_path):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("style", qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "style").symlink_to(outside)
+    with pytest.raises(ValueError, match="symbolic link"):
+        model.save_pretrained(tmp_path / "save")
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2])
+def test_interrupted_adapter_save_leaves_whole_files(tmp_path, monkeypatch, interrupt_at):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    old_config = (tmp_path / "adapter_config.json").read_text()
+    old_weights = load_file(tmp_path / "adapter_model.safetensors")
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            layer.lora_B.fill_(0.5)
+    model.peft_config["default"].lora_alpha = 7
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    weights = load_file(tmp_path / "adapter_model.safetensors")  # whole: old (1) or new (2)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config == json.loads(old_config)) and config["lora_alpha"] != 7  # the config is written last
+    b_key = next(k for k in weights if k.endswith("lora_B.weight"))
+    if interrupt_at == 1:
+        assert torch.equal(weights[b_key], old_weights[b_key])
+    else:
+        assert torch.equal(weights[b_key], torch.full_like(weights[b_key], 0.5))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    model.save_pretrained(tmp_path)  # and a complete save afterwards
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 7
+
+
+def test_interrupted_checkpoint_save_leaves_whole_files(tmp_path, monkeypatch):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules="all-linear"))
+    qpeft.save_4bit_pretrained(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        qpeft.save_4bit_pretrained(model, tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert qpeft.load_4bit_pretrained(tmp_path) is not None
