@@ -370,6 +370,42 @@ def _forward_unbound(self, *args, **kwargs):
     return self.base_model(*args, **kwargs)
 
 
+class _ModelSnapshot:
+    """The module tree, trainable flags and adapter selections of ``root``, to put back when adding or loading an
+    adapter fails part-way: a failed load leaves the model as it was (restore())."""
+
+    def __init__(self, root: nn.Module):
+        self.children = [(m, dict(m._modules)) for m in root.modules()]
+        self.flags = [(p, p.requires_grad) for p in root.parameters()]
+        self.active = [(m, list(m.active_adapters)) for m in root.modules() if isinstance(m, LoraLinear4bit)]
+        self.wrappers = [(m, m.active) for m in root.modules() if isinstance(m, ModulesToSave)]
+
+    def restore(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        for layer, active in self.active:
+            layer.active_adapters = active
+        for wrapper, active in self.wrappers:
+            wrapper.active = active
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module, peft_model: "QPeftModel | None" = None) -> Iterator[None]:
+    """Runs the block; if it raises, ``model`` (and ``peft_model``'s adapter registry) is restored as it was."""
+    snapshot = _ModelSnapshot(model)
+    registry = None if peft_model is None else (dict(peft_model.peft_config), peft_model.active_adapter)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        if registry is not None:
+            peft_model.peft_config, peft_model.active_adapter = registry[0], registry[1]
+        raise
+
+
 class QPeftModel(nn.Module):
     """Wraps a model whose targeted linear layers are LoraLinear4bit. ``forward`` is the model's; attributes the
     wrapper lacks are looked up on the model (config, generate, gradient_checkpointing_enable, ...)."""
@@ -405,14 +441,15 @@ class QPeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
-        inject_adapter(self.base_model, config, adapter_name)
-        for name, module in self._modules_to_save(config):
-            if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module)
-                _set_submodule(self.base_model, name, module)
-            module.add(adapter_name)
-        self.peft_config[adapter_name] = config
-        self.set_adapter(adapter_name)
+        with _all_or_nothing(self.base_model, self):
+            inject_adapter(self.base_model, config, adapter_name)
+            for name, module in self._modules_to_save(config):
+                if not isinstance(module, ModulesToSave):
+                    module = ModulesToSave(module)
+                    _set_submodule(self.base_model, name, module)
+                module.add(adapter_name)
+            self.peft_config[adapter_name] = config
+            self.set_adapter(adapter_name)
 
     def _wrappers(self) -> Iterator[tuple[str, ModulesToSave]]:
         for name, module in self.base_model.named_modules():
@@ -555,8 +592,9 @@ class QPeftModel(nn.Module):
         ``revision``, ``token`` as in peft) as ``adapter_name`` and activates it."""
         from .adapter_io import load_adapter_files
         config, tensors = load_adapter_files(model_id, **kwargs)
-        self.add_adapter(adapter_name, config)
-        self._load_adapter_tensors(adapter_name, config, tensors)
+        with _all_or_nothing(self.base_model, self):  # a failed load leaves no adapter behind
+            self.add_adapter(adapter_name, config)
+            self._load_adapter_tensors(adapter_name, config, tensors)
         if not is_trainable:
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
@@ -573,8 +611,9 @@ class QPeftModel(nn.Module):
         the 4-bit format (quant_type, blocksize, double_quant, compute_dtype)."""
         from .adapter_io import load_adapter_files
         config, tensors = load_adapter_files(model_id, **kwargs)
-        wrapper = cls(model, config, adapter_name)
-        wrapper._load_adapter_tensors(adapter_name, config, tensors)
+        with _all_or_nothing(model):  # a failed load leaves the caller's model unquantized
+            wrapper = cls(model, config, adapter_name)
+            wrapper._load_adapter_tensors(adapter_name, config, tensors)
         if not is_trainable:
             for p in wrapper.base_model.parameters():
                 p.requires_grad_(False)

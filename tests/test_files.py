@@ -87,3 +87,58 @@ def test_interrupted_checkpoint_save_leaves_whole_files(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert qpeft.load_4bit_pretrained(tmp_path) is not None
+
+
+def corrupt_adapter(folder, how):
+    from safetensors.torch import save_file
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[-1]
+    if how == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def model_state(model):
+    return [(n, type(m).__name__) for n, m in model.named_modules()], \
+        {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+
+
+def same_state(a, b):
+    return a[0] == b[0] and a[2] == b[2] and set(a[1]) == set(b[1]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize("how", ["missing", "shape"])
+def test_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path, how):
+    qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(tmp_path)
+    corrupt_adapter(tmp_path, how)
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises((ValueError, KeyError)):
+        qpeft.QPeftModel.from_pretrained(model, tmp_path)
+    assert same_state(model_state(model), before)  # not quantized, nothing added
+
+
+@pytest.mark.parametrize("how", ["missing", "shape"])
+def test_failed_load_adapter_leaves_no_adapter_behind(tmp_path, how):
+    from test_model import tokens
+    good = tmp_path / "good"
+    bad = tmp_path / "bad"
+    source = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                 modules_to_save=["lm_head"]))
+    source.save_pretrained(good)
+    source.save_pretrained(bad)
+    corrupt_adapter(bad, how)
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        y = model(tokens()).logits
+    before = model_state(model)
+    with pytest.raises((ValueError, KeyError)):
+        model.load_adapter(bad, adapter_name="other")
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert same_state(model_state(model), before)
+    with torch.no_grad():
+        assert torch.equal(model(tokens()).logits, y)
+    model.load_adapter(good, adapter_name="other")  # a retry with good files works
+    assert set(model.peft_config) == {"default", "other"}
