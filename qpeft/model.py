@@ -20,7 +20,6 @@ import dataclasses
 import inspect
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import patterns
 from .errors import ConfigError
 from .files import check_adapter_name, folder_inside
 from .nn.linear4bit import Linear4bit, is_conv1d
@@ -180,17 +180,17 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _is_target(name: str, target_modules: list[str] | str) -> bool:
+def _is_target(name: str, target_modules: list[str] | str, key: str = "target_modules") -> bool:
     """peft's name rule: a regex string must fullmatch the name; a list entry must equal it or be a suffix at a
     '.' boundary."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return patterns.fullmatch(target_modules, name, key) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _pattern_value(name: str, patterns: dict, default):
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+def _pattern_value(name: str, pattern_values: dict, default, key: str):
+    for pattern, value in pattern_values.items():
+        if patterns.match(rf"(.*\.)?({pattern})$", name, key):
             return value
     return default
 
@@ -207,7 +207,7 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
                 return int(parts[j])
         return None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        found = re.match(rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.", name)
+        found = patterns.match(rf"(?:.*?\.)?(?:{pattern})\.(\d+)\.", name, "layers_pattern")
         if found is not None:
             return int(found.group(1))
     return None
@@ -245,7 +245,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or name in skip or _inside_wrapper(name, model):
             continue
-        if config.exclude_modules and _is_target(name, config.exclude_modules):
+        if config.exclude_modules and _is_target(name, config.exclude_modules, "exclude_modules"):
             continue
         if config.modules_to_save and _within(name, config.modules_to_save):
             continue
@@ -326,8 +326,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     names = find_target_modules(model, config)
     for name in names:
         module = model.get_submodule(name)
-        r = _pattern_value(name, config.rank_pattern, config.r)
-        alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
+        r = _pattern_value(name, config.rank_pattern, config.r, "rank_pattern")
+        alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha, "alpha_pattern")
         kwargs = dict(r=r, alpha=alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
                       use_dora=config.use_dora, lora_bias=config.lora_bias, init=_init_name(config))
         if isinstance(module, LoraLinear4bit):

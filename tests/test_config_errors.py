@@ -87,3 +87,24 @@ def test_checkpoint_compute_dtype_must_be_a_float_dtype(tmp_path):
     config["quantization_config"]["bnb_4bit_compute_dtype"] = "bfloat16"
     path.write_text(json.dumps(config))
     assert qpeft.load_4bit_pretrained(tmp_path) is not None
+
+
+HOSTILE = "(.|.)*y"  # exponential backtracking on a long name with a 'y' that is not its end
+
+
+@pytest.mark.parametrize("key,value", [
+    ("target_modules", HOSTILE), ("exclude_modules", HOSTILE), ("target_modules", "(q_proj"),
+    ("rank_pattern", {HOSTILE: 4}), ("alpha_pattern", {HOSTILE: 4}), ("rank_pattern", {"[": 4})])
+def test_hostile_regexes_in_adapter_config_are_refused_quickly(tmp_path, key, value):
+    """Regexes from a file run with a time bound: a catastrophically backtracking pattern (minutes with Python's
+    re on a long module name) or one that does not compile is a ConfigError within seconds, the model untouched."""
+    import time
+    path = write_adapter(tmp_path, **{key: value})
+    model = tiny_llama()
+    model.model.layers[0].self_attn.add_module("x" * 40 + "yz", torch.nn.Linear(4, 4))  # a long name
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    start = time.perf_counter()
+    with pytest.raises(qpeft.ConfigError, match=key):
+        qpeft.QPeftModel.from_pretrained(model, path.parent)
+    assert time.perf_counter() - start < 30
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
