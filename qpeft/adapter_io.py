@@ -75,7 +75,7 @@ def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, re
     try:
         with open(config_path) as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(str(config_path), "adapter_config", f"is not valid JSON ({e})") from None
     config = LoraConfig.from_peft_dict(raw, str(config_path), **quant)
     return config, load_file(str(weights_path))

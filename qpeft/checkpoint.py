@@ -33,7 +33,17 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        source = str(index)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError, KeyError) as e:
+            raise ConfigError(source, "weight_map", f"is missing or not valid JSON ({type(e).__name__})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConfigError(source, "weight_map", "must map tensor names to shard file names")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:  # shard names come from the file: they must name files in this folder
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise ConfigError(source, "weight_map", f"names a shard outside the folder: {shard!r}")
         tensors = {}
         for shard in shards:
             tensors.update(load_file(str(folder / shard)))
@@ -86,7 +96,7 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
     folder = resolve_folder(folder, CHECKPOINT_FILES, subfolder=subfolder, revision=revision, token=token)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"qpeft: no config.json in {folder}")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never code from a folder
     qconfig = getattr(config, "quantization_config", None) or {}
     if not isinstance(qconfig, dict):
         qconfig = qconfig.to_dict()
@@ -104,7 +114,7 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
         del config.quantization_config  # build the plain architecture; qpeft provides the 4-bit layers
     model_class = model_class or transformers.AutoModelForCausalLM
     with _parameters_on_meta():
-        model = model_class.from_config(config)
+        model = model_class.from_config(config, trust_remote_code=False)
     for name in quantized:
         linear = model.get_submodule(name)
         conv1d = is_conv1d(linear)

@@ -7,6 +7,7 @@ ops check again, so a direct torch.ops call with bad input also raises instead o
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,18 @@ def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """t [..., F] as a 2-D [rows, F] tensor (a view when possible); unlike reshape(-1, F) also when F = 0."""
+    if t.dim() == 0:
+        raise ValueError("qpeft: expected a tensor with a feature (last) dimension, got a 0-dim tensor")
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def check_layer_input(x: torch.Tensor, in_features: int, layer: str) -> None:
+    """A layer's input: at least 1-D with ``in_features`` in its last dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"qpeft: {layer} takes a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"qpeft: {layer} expects inputs with last dimension {in_features}, got shape "
+                         f"{list(x.shape)}")
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -135,7 +147,12 @@ def dropout_seed(seed: int | torch.Tensor, device: torch.device | str) -> torch.
                             f"{list(seed.shape)}")
         seed = seed.reshape(1)
         return seed if seed.device.type == "cpu" else seed.to(device)
-    return torch.tensor([int(seed)], dtype=torch.int64)
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):  # "7", 1.5, True are not seeds
+        raise TypeError(f"qpeft: a dropout seed must be an integer or a one-element int64 tensor, got {seed!r}")
+    value = operator.index(seed)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"qpeft: a dropout seed must fit in int64, got {value}")
+    return torch.tensor([value], dtype=torch.int64)
 
 
 _UNUSED_SEED = torch.zeros(1, dtype=torch.int64)

@@ -41,8 +41,8 @@ def _unpack_json(t: torch.Tensor) -> dict:
                           f"{_MAX_QUANT_STATE_BYTES} bytes, got {t.dtype} {list(t.shape)}")
     try:
         return json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError("4-bit state dict", "quant_state", f"is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError("4-bit state dict", "quant_state", f"is not valid JSON ({type(e).__name__})") from None
 
 
 @dataclasses.dataclass

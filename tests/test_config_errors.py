@@ -108,3 +108,35 @@ def test_hostile_regexes_in_adapter_config_are_refused_quickly(tmp_path, key, va
         qpeft.QPeftModel.from_pretrained(model, path.parent)
     assert time.perf_counter() - start < 30
     assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
+
+
+def test_sharded_checkpoint_index_is_checked(tmp_path):
+    """model.safetensors.index.json names shards: only files of the folder, in a JSON object."""
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules="all-linear"))
+    qpeft.save_4bit_pretrained(model, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "shard.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    keys = list(load_keys(tmp_path / "shard.safetensors"))
+    for weight_map in ({k: "../shard.safetensors" for k in keys}, {k: "/etc/passwd" for k in keys}, [1, 2],
+                       {k: 3 for k in keys}):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(qpeft.ConfigError, match="weight_map"):
+            qpeft.load_4bit_pretrained(tmp_path)
+    index.write_text("[" * 100_000 + "]" * 100_000)  # deep nesting: RecursionError inside json
+    with pytest.raises(qpeft.ConfigError, match="weight_map"):
+        qpeft.load_4bit_pretrained(tmp_path)
+    index.write_text(json.dumps({"weight_map": {k: "shard.safetensors" for k in keys}}))
+    assert qpeft.load_4bit_pretrained(tmp_path) is not None
+
+
+def load_keys(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def test_deeply_nested_adapter_config_is_a_config_error(tmp_path):
+    path = write_adapter(tmp_path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(qpeft.ConfigError, match="adapter_config"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)

@@ -195,3 +195,22 @@ def test_every_op_rejects_overflowing_sizes():
     with pytest.raises(ValueError, match="too large"):
         torch.ops.qpeft.qlora_forward(torch.zeros(1, 4), packed, absmax, None, None, None, 64, "nf4", A, B, None, 1.0,
                                       0.0, torch.zeros(1, dtype=torch.int64))
+
+
+def test_zero_dim_inputs_raise_value_errors():
+    from qpeft.nn import Linear4bit, LoraLinear4bit
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(4, 64))
+    for fn in (lambda x: run(x, q), lambda x: run_grad_input(x, q),
+               Linear4bit.from_linear(torch.nn.Linear(64, 4)), LoraLinear4bit.from_linear(torch.nn.Linear(64, 4))):
+        with pytest.raises(ValueError, match="0-dim|last dimension"):
+            fn(torch.tensor(1.0))
+
+
+def test_raw_quantize_ops_refuse_non_finite_values():
+    """The ops themselves (not only qpeft.functional) refuse inf / NaN, which have no code."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        A = torch.tensor([1.0, bad, 0.5])
+        with pytest.raises(ValueError, match="inf or NaN"):
+            torch.ops.qpeft.quantize_4bit(A, 64, "nf4")
+        with pytest.raises(ValueError, match="inf or NaN"):
+            torch.ops.qpeft.quantize_blockwise_8bit(A, F.dynamic_map_8bit(), 256)

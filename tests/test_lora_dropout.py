@@ -76,6 +76,11 @@ def test_bad_inputs(device):
         torch.ops.qpeft.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64, device=device), 0)
     with pytest.raises(TypeError, match="one int64 element"):
         F.lora_dropout(x, 0.1, torch.zeros(2, dtype=torch.int64))
+    for seed in ("7", 1.5, True, None):  # never converted silently
+        with pytest.raises(TypeError, match="dropout seed must be an integer"):
+            F.lora_dropout(x, 0.1, seed)
+    with pytest.raises(ValueError, match="int64"):
+        F.lora_dropout(x, 0.1, 2**64)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         F.lora_dropout(x.double(), 0.1, 0)
 

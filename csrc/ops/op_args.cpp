@@ -2,6 +2,7 @@
 
 #include <atomic>
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include "../kernels/dropout_rng.h"
@@ -85,11 +86,19 @@ FloatFormat float_format(at::ScalarType dtype, const char* what) {
 
 int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
 
+// Non-finite values have no code and would poison a whole block: refused (reads the tensor once; on a GPU a
+// sync, which quantization can afford).
+void check_finite(const at::Tensor& A, const char* what) {
+  TORCH_CHECK_VALUE(A.numel() == 0 || A.is_meta() || at::isfinite(A).all().item<bool>(), "qpeft: ", what,
+                    " has inf or NaN values; they cannot be quantized");
+}
+
 Quantize4bitArgs prepare_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_view quant_type) {
   check_blocksize(blocksize);
   Quantize4bitArgs args;
   args.fmt = float_format(A.scalar_type(), "the input of quantize_4bit");
   args.type = parse_quant_type(quant_type);
+  check_finite(A, "the tensor to quantize");
   args.A = A.contiguous();
   args.n = A.numel();
   args.blocksize = blocksize;
@@ -179,6 +188,7 @@ Quantize8bitArgs prepare_quantize_blockwise_8bit(const at::Tensor& A, const at::
   check_dtype(code, at::kFloat, "code");
   check_numel(code, 256, "code");
   check_same_device(A, code, "code");
+  check_finite(A, "the input of quantize_blockwise_8bit");
   Quantize8bitArgs args;
   args.A = A.contiguous();
   args.code = code.contiguous();

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import functional as F
 from ..lora_autograd import frozen_4bit_linear, weight_args
 from ..quantized import Quantized4bitWeight
 
@@ -176,9 +177,7 @@ class Linear4bit(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"qpeft: Linear4bit expects inputs with last dimension {self.in_features}, "
-                             f"got shape {list(x.shape)}")
+        F.check_layer_input(x, self.in_features, "Linear4bit")
         if x.device != self.weight.device:
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.weight.device}")
         dtype = self.compute_dtype or x.dtype

@@ -176,9 +176,7 @@ class LoraLinear4bit(nn.Module):
         """``dropout_seed`` fixes the dropout stream (tests; adapter i uses seed + i); by default each training call
         draws a seed per adapter from torch's generator on x's device (torch.manual_seed makes runs reproducible;
         no host sync, so it works under torch.compile and CUDA graph capture)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"qpeft: LoraLinear4bit expects inputs with last dimension {self.in_features}, "
-                             f"got shape {list(x.shape)}")
+        F.check_layer_input(x, self.in_features, "LoraLinear4bit")
         if x.device != self.base.weight.device:
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
         dtype = self.base.compute_dtype or x.dtype
