@@ -7,7 +7,6 @@ or "all"), and the modules_to_save' own parameter names; the adapter name never 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from .hub import ADAPTER_FILES, resolve_folder
 from .errors import ConfigError
-from .files import write_json_atomic, write_safetensors_atomic
+from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, QPeftModel
 
 PREFIX = "base_model.model."
@@ -72,12 +71,7 @@ def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, re
     if not weights_path.is_file():
         hint = " (adapter_model.bin is pickle, which qpeft never loads)" if (folder / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"qpeft: no {ADAPTER_WEIGHTS} in {folder}{hint}")
-    try:
-        with open(config_path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(str(config_path), "adapter_config", f"is not valid JSON ({e})") from None
-    config = LoraConfig.from_peft_dict(raw, str(config_path), **quant)
+    config = LoraConfig.from_peft_dict(read_json_file(config_path, "adapter_config"), str(config_path), **quant)
     return config, load_file(str(weights_path))
 
 

@@ -11,7 +11,6 @@ bitsandbytes' keys (``qpeft.Quantized4bitWeight.state_dict``). Never unpickles.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ConfigError
-from .files import write_json_atomic, write_safetensors_atomic
+from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import CHECKPOINT_FILES, resolve_folder
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
@@ -34,10 +33,8 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         source = str(index)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError, KeyError) as e:
-            raise ConfigError(source, "weight_map", f"is missing or not valid JSON ({type(e).__name__})") from None
+        raw = read_json_file(index, "weight_map")
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ConfigError(source, "weight_map", "must map tensor names to shard file names")
         shards = sorted(set(weight_map.values()))
@@ -96,6 +93,7 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
     folder = resolve_folder(folder, CHECKPOINT_FILES, subfolder=subfolder, revision=revision, token=token)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"qpeft: no config.json in {folder}")
+    read_json_file(folder / "config.json", "config")  # size and syntax checked before transformers reads it
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never code from a folder
     qconfig = getattr(config, "quantization_config", None) or {}
     if not isinstance(qconfig, dict):

@@ -40,6 +40,20 @@ def folder_inside(root: str | Path, *parts: str) -> Path:
     return folder
 
 
+MAX_JSON_BYTES = 16 << 20  # config and index files are kilobytes; a larger one is refused unread
+
+
+def read_json_file(path: Path, key: str):
+    """A config / index JSON file of at most MAX_JSON_BYTES, parsed; ConfigError naming the file otherwise."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ConfigError(str(path), key, f"is {size} bytes; config files of over {MAX_JSON_BYTES} are refused")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(str(path), key, f"is not valid JSON ({type(e).__name__})") from None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """path's content becomes ``data`` all at once (temporary file + fsync + rename); a symbolic link at path is
     replaced, never followed."""

@@ -140,3 +140,11 @@ def test_deeply_nested_adapter_config_is_a_config_error(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(qpeft.ConfigError, match="adapter_config"):
         qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_oversized_config_files_are_refused_unread(tmp_path):
+    path = write_adapter(tmp_path)
+    with open(path, "ab") as f:  # valid JSON followed by 17 MB of spaces
+        f.write(b" " * (17 << 20))
+    with pytest.raises(qpeft.ConfigError, match="refused"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
