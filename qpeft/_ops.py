@@ -10,7 +10,33 @@ import os
 
 import torch
 
-from . import _C  # noqa: F401  (importing the extension runs its TORCH_LIBRARY registrations)
+
+def _required_torch() -> str | None:
+    """The torch version series this installed qpeft was built against ("2.13"), from its metadata's pin."""
+    import importlib.metadata
+    import re
+
+    try:
+        requires = importlib.metadata.requires("qpeft") or []
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree: nothing installed to check
+        return None
+    pin = next((re.fullmatch(r"torch\s*==\s*(\d+\.\d+)\.\*", r.split(";")[0].strip()) for r in requires
+                if r.startswith("torch")), None)
+    return pin.group(1) if pin else None
+
+
+def _check_torch_version() -> None:
+    """torch keeps no stable C++ ABI across minor versions: refuse to load the extension into another one."""
+    required = _required_torch()
+    installed = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if required is not None and installed != required:
+        raise ImportError(f"qpeft: this qpeft was built against torch {required}.x, but torch {torch.__version__} "
+                          f"is installed; install torch=={required}.* or rebuild qpeft against this torch "
+                          "(pip install --no-build-isolation .)")
+
+
+_check_torch_version()
+from . import _C  # noqa: E402  (importing the extension runs its TORCH_LIBRARY registrations)
 from .reference import reciprocal_table_bytes
 
 ops = torch.ops.qpeft

@@ -203,3 +203,18 @@ def test_linear_path_names_the_kernel_of_the_level(cpu_isa):
     assert path(1, 40, torch.float32) == "codes:" + ("baseline" if cpu_isa == "baseline" else "avx2")
     assert path(1, 77, torch.bfloat16) == "codes:baseline"
     assert path(17, 4096, torch.bfloat16) == f"slabs:{cpu_isa}+aten_gemm"
+
+
+def test_import_refuses_another_torch_series(monkeypatch):
+    """An installed qpeft requires the torch major.minor it was built against (its metadata's pin and
+    build_info()["torch"]); import says which when another is installed."""
+    import torch
+    built = qpeft.build_info()["torch"].split("+")[0]
+    assert built.split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    required = qpeft._ops._required_torch()
+    if required is None:
+        pytest.skip("qpeft is not installed (run from a source tree): no metadata pin to check")
+    assert required == ".".join(built.split(".")[:2])
+    monkeypatch.setattr(torch, "__version__", "2.99.0+cpu")
+    with pytest.raises(ImportError, match=rf"built against torch {required}\.x, but torch 2\.99\.0"):
+        qpeft._ops._check_torch_version()

@@ -16,6 +16,9 @@
 #ifndef QPEFT_VERSION
 #define QPEFT_VERSION "0.0.0"
 #endif
+#ifndef QPEFT_TORCH_VERSION
+#define QPEFT_TORCH_VERSION ""
+#endif
 
 namespace py = pybind11;
 
@@ -43,6 +46,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", []() {
     py::dict info;
     info["version"] = QPEFT_VERSION;
+    info["torch"] = QPEFT_TORCH_VERSION;  // the torch the extension was compiled against
 #ifdef QPEFT_WITH_CUDA
     info["cuda"] = true;
 #else
