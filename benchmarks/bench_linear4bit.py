@@ -60,7 +60,8 @@ def main() -> None:
                          "dense_ms": t_dense,
                          "qpeft_ms": t_ours, "bnb_ms": t_bnb, "qpeft_vs_dense": t_ours / t_dense,
                          "bnb_vs_qpeft": t_bnb / t_ours if t_bnb else None})
-    print_table(rows, ["dtype", "M", "K", "N", "path", "dense_ms", "qpeft_ms", "bnb_ms", "qpeft_vs_dense", "bnb_vs_qpeft"])
+    print_table(rows, ["dtype", "M", "K", "N", "path", "dense_ms", "qpeft_ms", "bnb_ms", "qpeft_vs_dense",
+                       "bnb_vs_qpeft"])
     print("wrote", write_results("linear4bit_forward", device, rows, args.out))
 
 

@@ -80,7 +80,8 @@ def main() -> None:
             for name, module in (("dense", dense), ("qpeft", ours)):
                 table, total = kernel_table(module, x, grad, backward)
                 host = enqueue_us(module, x, grad, backward)
-                print(f"== M={m} K={k} N={n} {what} {name}: kernels {total:.1f} us/step, host enqueue {host:.1f} us/step")
+                print(f"== M={m} K={k} N={n} {what} {name}: kernels {total:.1f} us/step, "
+                      f"host enqueue {host:.1f} us/step")
                 print(table)
                 if args.host and backward and name == "qpeft":
                     print(host_table(module, x, grad))

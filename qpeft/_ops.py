@@ -37,7 +37,7 @@ def _check_torch_version() -> None:
 
 _check_torch_version()
 from . import _C  # noqa: E402  (importing the extension runs its TORCH_LIBRARY registrations)
-from .reference import reciprocal_table_bytes
+from .reference import reciprocal_table_bytes  # noqa: E402
 
 ops = torch.ops.qpeft
 # The CPU kernels reproduce the GPU's approximate reciprocal from this table (see reference.approx_reciprocal).

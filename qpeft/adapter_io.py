@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from .hub import ADAPTER_FILES, resolve_folder
-from .errors import ConfigError
 from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, QPeftModel
 
@@ -69,7 +68,8 @@ def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, re
     if not config_path.is_file():
         raise FileNotFoundError(f"qpeft: no {ADAPTER_CONFIG} in {folder}")
     if not weights_path.is_file():
-        hint = " (adapter_model.bin is pickle, which qpeft never loads)" if (folder / "adapter_model.bin").exists() else ""
+        pickled = (folder / "adapter_model.bin").exists()
+        hint = " (adapter_model.bin is pickle, which qpeft never loads)" if pickled else ""
         raise FileNotFoundError(f"qpeft: no {ADAPTER_WEIGHTS} in {folder}{hint}")
     config = LoraConfig.from_peft_dict(read_json_file(config_path, "adapter_config"), str(config_path), **quant)
     return config, load_file(str(weights_path))

@@ -183,8 +183,8 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
     if not layers:
         raise ValueError("qpeft: the model has no 4-bit layers to save")
     q = layers[0].quantized_weight
-    if any(l.quantized_weight.quant_type != q.quant_type or l.quantized_weight.double_quant != q.double_quant
-           for l in layers):
+    if any(layer.quantized_weight.quant_type != q.quant_type or layer.quantized_weight.double_quant != q.double_quant
+           for layer in layers):
         raise ValueError("qpeft: a bitsandbytes checkpoint has one quant_type / double_quant for all layers")
     state = quantized_state_dict(model)
     tied = getattr(model, "_tied_weights_keys", None) or []

@@ -18,7 +18,6 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path

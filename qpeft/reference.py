@@ -333,7 +333,9 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     passes base_result=None then); without dropout this is y = (m / n) * (x W^T + s * lora) + bias.
     Gradients flow to every tensor that requires them; use torch.autograd on this function as the reference.
     """
-    f64 = (lambda t: None if t is None else t.to(torch.float64))
+    def f64(t):
+        return None if t is None else t.to(torch.float64)
+
     x, W, A, B, bias, magnitude, lora_bias = map(f64, (x, W, A, B, bias, magnitude, lora_bias))
     dropped = x if keep_mask is None else torch.where(keep_mask.to(x.device), x / (1.0 - p), torch.zeros_like(x))
     lora = dropped @ A.T @ B.T

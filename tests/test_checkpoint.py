@@ -60,7 +60,8 @@ def test_load_bitsandbytes_gpt2_checkpoint(tmp_path):
     original, theirs = bnb_checkpoint(tmp_path, make_model=tiny_gpt2)
     ours = qpeft.load_4bit_pretrained(tmp_path / "bnb")
     layer = ours.transformer.h[1].mlp.c_fc
-    assert isinstance(layer, Linear4bit) and layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (64, 256)
+    assert isinstance(layer, Linear4bit) and layer.fan_in_fan_out
+    assert (layer.in_features, layer.out_features) == (64, 256)
     for key, t in layer.state_dict().items():
         assert same_bytes(t, theirs["transformer.h.1.mlp.c_fc." + key]), key
     ids = tokens()

@@ -182,7 +182,9 @@ def test_qlora_layer_at_every_level(cpu_isa, dtype, tol, rows):
     y = layer(x, dropout_seed=seed)
     grad = torch.randn_like(y)
     y.backward(grad)
-    leaf = (lambda t: t.detach().double().requires_grad_(True))
+    def leaf(t):
+        return t.detach().double().requires_grad_(True)
+
     x_ref, A_ref, B_ref = leaf(x), leaf(layer.lora_A), leaf(layer.lora_B)
     W = layer.base.dequantized_weight(torch.float32).double()
     y_ref = R.lora_linear(x_ref, W, A_ref, B_ref, layer.scaling, bias=layer.base.bias.detach().double(),

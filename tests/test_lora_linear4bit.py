@@ -41,7 +41,9 @@ def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lor
     grad = torch.randn_like(y)
     y.backward(grad)
 
-    leaf = (lambda t: None if t is None else t.detach().double().requires_grad_(True))
+    def leaf(t):
+        return None if t is None else t.detach().double().requires_grad_(True)
+
     x_ref, A_ref, B_ref = leaf(x), leaf(layer.lora_A), leaf(layer.lora_B)
     m_ref, lb_ref = leaf(layer.lora_magnitude), leaf(layer.lora_bias)
     W = layer.base.dequantized_weight(torch.float32).double()

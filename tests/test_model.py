@@ -70,8 +70,8 @@ def test_all_linear_targets_and_freezing(capsys):
     model.print_trainable_parameters()
     out = capsys.readouterr().out
     t, total = model.get_nb_trainable_parameters()
-    assert f"trainable params: {t:,d}" in out and t == sum(4 * (l.in_features + l.out_features)
-                                                            for _, l in model.lora_layers())
+    assert f"trainable params: {t:,d}" in out and t == sum(4 * (layer.in_features + layer.out_features)
+                                                            for _, layer in model.lora_layers())
     assert total > 64 * 96 * 3 * 2  # 4-bit weights counted as elements
 
 
