@@ -41,6 +41,20 @@ def test_save_refuses_a_symlinked_adapter_folder(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+def interrupt_write(monkeypatch, n):
+    """The n-th atomic write (counted at its fsync) is interrupted, as by Ctrl-C."""
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+
+
 @pytest.mark.parametrize("interrupt_at", [1, 2])
 def test_interrupted_adapter_save_leaves_whole_files(tmp_path, monkeypatch, interrupt_at):
     model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -51,16 +65,7 @@ def test_interrupted_adapter_save_leaves_whole_files(tmp_path, monkeypatch, inte
         for _, layer in model.lora_layers():
             layer.lora_B.fill_(0.5)
     model.peft_config["default"].lora_alpha = 7
-    calls = {"n": 0}
-    real_fsync = os.fsync
-
-    def failing_fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == interrupt_at:
-            raise KeyboardInterrupt
-        real_fsync(fd)
-
-    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    interrupt_write(monkeypatch, interrupt_at)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
@@ -88,16 +93,7 @@ def test_interrupted_checkpoint_save_leaves_whole_files(tmp_path, monkeypatch, i
         model.get_submodule("model.norm").weight.add_(1.0)
     qpeft.save_4bit_pretrained(model, tmp_path / "new")
     after = {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir()}
-    calls = {"n": 0}
-    real_fsync = os.fsync
-
-    def failing_fsync(fd):
-        calls["n"] += 1
-        if calls["n"] == interrupt_at:
-            raise KeyboardInterrupt
-        real_fsync(fd)
-
-    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    interrupt_write(monkeypatch, interrupt_at)
     with pytest.raises(KeyboardInterrupt):
         qpeft.save_4bit_pretrained(model, tmp_path)
     monkeypatch.undo()
