@@ -67,7 +67,7 @@ def cuda_lora_kernels() -> str:
 set_cuda_lora_kernels(os.environ.get("QPEFT_CUDA_LORA_KERNELS", "cuda_cores"))
 
 
-CPU_ISA_LEVELS = ("baseline", "avx2", "avx512", "avx512_bf16")
+CPU_ISA_LEVELS: tuple[str, ...] = _C.CPU_ISA_LEVELS  # lowest first, as the C++ dispatch orders them
 
 
 def detected_cpu_isa() -> str:

@@ -32,6 +32,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_cuda_lora_tensor_cores", &qpeft::ops::set_cuda_lora_tensor_cores);
   m.def("_cuda_lora_tensor_cores", &qpeft::ops::cuda_lora_tensor_cores);
   m.attr("MAX_DROPOUT_P") = qpeft::kMaxDropoutP;
+  py::tuple levels(qpeft::cpu::kCpuIsaCount);
+  for (int i = 0; i < qpeft::cpu::kCpuIsaCount; ++i)
+    levels[i] = qpeft::cpu::cpu_isa_name(static_cast<qpeft::cpu::CpuIsa>(i));
+  m.attr("CPU_ISA_LEVELS") = levels;
   m.def("_cpu_isa", []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::cpu_isa())); });
   m.def("_detected_cpu_isa",
         []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::detected_cpu_isa())); });
