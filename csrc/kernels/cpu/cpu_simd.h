@@ -3,13 +3,13 @@
 // QPEFT_CPU_MULTIVERSION(ret, name, (params), (args)) defines `ret name(params)`, which runs `name##_impl(args)`
 // (a QPEFT_CPU_INLINE function written in plain C++) compiled once per level: AVX-512 (F/BW/VL/DQ), AVX2 + FMA,
 // baseline, picked by cpu_isa() (cpu_isa.h) on each call, so the auto-vectorizer produces each level's code from
-// one loop and a cap (QPEFT_CPU_ISA, set_cpu_isa) selects a lower one. Elsewhere (other architectures,
-// compilers without target attributes) only the baseline is built.
+// one loop and a cap (QPEFT_CPU_ISA, set_cpu_isa) selects a lower one. Where the SIMD levels are not built
+// (QPEFT_X86_SIMD unset: other architectures or compilers) only the baseline is.
 #pragma once
 
 #include "cpu_isa.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#if defined(QPEFT_X86_SIMD)
 #define QPEFT_CPU_MULTIVERSION(ret, name, params, args)                                             \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static ret name##_avx512 params { \
     return name##_impl args;                                                                        \

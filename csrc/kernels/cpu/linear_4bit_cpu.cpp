@@ -253,10 +253,6 @@ void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t
   for (int64_t m = 0; m < M; ++m) std::copy(acc.data() + m * ld, acc.data() + m * ld + width, dx + m * K + k_begin);
 }
 
-}  // namespace qpeft::cpu
-
-namespace qpeft::cpu {
-
 CodesKernel linear_4bit_kernel(int64_t K, bool bf16_x) {
   if (bf16_x && K % 32 == 0 && cpu_has(CpuIsa::Avx512Bf16)) return CodesKernel::Avx512Bf16;
   if (K % 16 == 0 && cpu_has(CpuIsa::Avx512)) return CodesKernel::Avx512;
