@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../float_convert.h"
+#include "avx2_lut.h"
 #include "code_books.h"
 
 // Every header the kernels use is included above, outside the target region: inline functions first defined
@@ -69,16 +70,7 @@ struct Avx2 {
   }
 
   // 8 fp32 outputs of the 8 codes in 4 packed bytes.
-  static __m256 decode8(const uint8_t* bytes4, const Table& t) {
-    uint32_t word;
-    std::memcpy(&word, bytes4, 4);
-    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)), dup));
-    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
-                                         _mm256_set1_epi32(0xF));
-    const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx), upper);
-  }
+  static __m256 decode8(const uint8_t* bytes4, const Table& t) { return avx2::decode8(bytes4, t.lo, t.hi); }
 
   // 32 16-bit outputs of the 32 codes in 16 packed bytes, stored to out.
   static void decode32(__m128i bytes, const Table& t, uint16_t* out) {

@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+
+#include "avx2_lut.h"
 #define QPEFT_X86 1
 #endif
 
@@ -47,29 +49,14 @@ inline void decode(const uint8_t* packed, const float* code_values, float scale,
 }
 
 #if defined(QPEFT_X86)
-// The 16-entry code book in two AVX registers; decode8 turns 4 packed bytes (8 codes, high nibble first) into
-// their 8 fp32 code values: bytes -> int32 lanes -> nibbles -> two 8-entry permutes + blend.
+// The 16-entry code book in two AVX registers (avx2::decode8 looks 8 codes up in it).
 struct CodeBook8 {
   __m256 lo, hi;
-  __m128i duplicate;
-  __m256i nibble_shift, low4, seven;
 
   __attribute__((target("avx2,fma"))) explicit CodeBook8(const float* code_values)
-      : lo(_mm256_loadu_ps(code_values)),
-        hi(_mm256_loadu_ps(code_values + 8)),
-        duplicate(_mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1)),
-        nibble_shift(_mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
-        low4(_mm256_set1_epi32(0xF)),
-        seven(_mm256_set1_epi32(7)) {}
+      : lo(_mm256_loadu_ps(code_values)), hi(_mm256_loadu_ps(code_values + 8)) {}
 
-  __attribute__((target("avx2,fma"))) __m256 decode8(const uint8_t* bytes4) const {
-    uint32_t word;
-    __builtin_memcpy(&word, bytes4, 4);
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(word)), duplicate));
-    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(bytes, nibble_shift), low4);
-    const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), upper);
-  }
+  QPEFT_AVX2_FN __m256 decode8(const uint8_t* bytes4) const { return avx2::decode8(bytes4, lo, hi); }
 };
 
 constexpr int64_t kRowsPerPass = 8;  // input rows sharing one decode of the weights (accumulators in registers)
