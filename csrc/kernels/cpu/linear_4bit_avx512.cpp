@@ -8,6 +8,7 @@
 
 #if defined(QPEFT_X86_SIMD)
 #include "avx512_lut.h"
+#include "linear_4bit_grad_buffer.h"
 
 // Every header the kernels use is included above, outside the target region: inline functions first defined
 // inside it would carry its target into other translation units through the linker.
@@ -32,13 +33,6 @@ struct F32 {
   static __m512 fma(__m512 acc, W w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
 };
 
-// The input gradient's accumulator row stride: width rounded up to 16 floats, plus 16 so consecutive rows start
-// in different L1 sets (never a multiple of 4 KB).
-int64_t grad_buffer_ld(int64_t width) {
-  const int64_t ld = (width + 15) / 16 * 16 + 16;
-  return ld % 1024 == 0 ? ld + 16 : ld;
-}
-
 }  // namespace
 
 void linear_4bit_avx512(const float* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
@@ -52,9 +46,10 @@ void linear_4bit_grad_input_avx512(const float* dy, int64_t M, int64_t N, const 
                                    int64_t k_begin, int64_t k_end) {
   const __m512 codes = avx512::code_book(type);
   const BlockOf block_of(blocksize);
-  const int64_t width = k_end - k_begin, ld = grad_buffer_ld(width);
-  std::vector<float> buffer(static_cast<size_t>(M * ld) + 16, 0.0f);
-  float* acc = buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) / 4 % 16) % 16;  // 64-byte aligned
+  const int64_t width = k_end - k_begin;
+  GradBuffer buffer(M, width, 16);
+  float* acc = buffer.acc();
+  const int64_t ld = buffer.ld();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t row_start = n * K + k_begin, row_end = row_start + width;
     for (int64_t e = row_start; e < row_end;) {
@@ -74,7 +69,7 @@ void linear_4bit_grad_input_avx512(const float* dy, int64_t M, int64_t N, const 
       e = seg_end;
     }
   }
-  for (int64_t m = 0; m < M; ++m) std::copy(acc + m * ld, acc + m * ld + width, dx + m * K + k_begin);
+  buffer.copy_to(dx, M, K, k_begin);
 }
 
 }  // namespace qpeft::cpu

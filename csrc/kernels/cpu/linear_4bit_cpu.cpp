@@ -7,6 +7,7 @@
 #include "code_books.h"
 #include "cpu_isa.h"
 #include "linear_4bit_avx512.h"
+#include "linear_4bit_grad_buffer.h"
 #include "cpu_simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -132,27 +133,16 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int
   }
 }
 
-// The input gradient accumulates into a local buffer [M, k_end - k_begin] whose row stride is padded off a
-// multiple of 4 KB, then is copied to dx once; W is walked row by row (sequential reads). (Accumulating straight
-// into dx's rows, K floats apart, put every row's same columns in one L1 set: beyond 8 rows (the L1's ways)
-// each step evicted the next row's line, and M = 16 ran 10x slower than M = 8. Walking W a column tile at a time
-// instead touched a new page per row of W and was TLB-bound for large K.)
-// The buffer's row stride: width rounded up to 8 floats, plus 16 (64 bytes) so consecutive rows start in
-// different L1 sets, never a multiple of 4 KB.
-inline int64_t grad_buffer_ld(int64_t width) {
-  const int64_t ld = (width + 7) / 8 * 8 + 16;
-  return ld % 1024 == 0 ? ld + 16 : ld;
-}
-
 // Columns [k_begin, k_end) of dx for all M rows, AVX2 + FMA; needs K, k_begin, k_end multiples of 8.
 __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_t M, int64_t N,
                                                          const uint8_t* packed, const BlockScales& scales,
                                                          int64_t blocksize, const float* code_values, float* dx,
                                                          int64_t K, int64_t k_begin, int64_t k_end) {
   const CodeBook8 codes(code_values);
-  const int64_t width = k_end - k_begin, ld = grad_buffer_ld(width);
-  std::vector<float> buffer(static_cast<size_t>(M * ld) + 8, 0.0f);
-  float* acc = buffer.data() + (8 - reinterpret_cast<uintptr_t>(buffer.data()) / 4 % 8) % 8;  // 32-byte aligned
+  const int64_t width = k_end - k_begin;
+  GradBuffer buffer(M, width, 8);
+  float* acc = buffer.acc();
+  const int64_t ld = buffer.ld();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t row_start = n * K + k_begin, row_end = row_start + width;
     for (int64_t e = row_start; e < row_end;) {
@@ -171,7 +161,7 @@ __attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_
       e = seg_end;
     }
   }
-  for (int64_t m = 0; m < M; ++m) std::copy(acc + m * ld, acc + m * ld + width, dx + m * K + k_begin);
+  buffer.copy_to(dx, M, K, k_begin);
 }
 
 #endif
@@ -221,8 +211,9 @@ void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t
   }
 #endif
   alignas(64) float segment[kMaxSegment];
-  const int64_t width = k_end - k_begin, ld = grad_buffer_ld(width);
-  std::vector<float> acc(static_cast<size_t>(M * ld), 0.0f);
+  const int64_t width = k_end - k_begin;
+  GradBuffer acc(M, width, 8);
+  const int64_t ld = acc.ld();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t row_start = n * K + k_begin, row_end = row_start + width;
     for (int64_t e = row_start; e < row_end;) {
@@ -231,13 +222,13 @@ void linear_4bit_grad_input(const float* dy, int64_t M, int64_t N, const uint8_t
       decode(packed, code_values, scales(block), e, seg_end, segment);
       for (int64_t m = 0; m < M; ++m) {
         const float coeff = dy[m * N + n];
-        float* out = acc.data() + m * ld + (e - row_start);
+        float* out = acc.acc() + m * ld + (e - row_start);
         for (int64_t i = 0; i < seg_end - e; ++i) out[i] += coeff * segment[i];
       }
       e = seg_end;
     }
   }
-  for (int64_t m = 0; m < M; ++m) std::copy(acc.data() + m * ld, acc.data() + m * ld + width, dx + m * K + k_begin);
+  acc.copy_to(dx, M, K, k_begin);
 }
 
 CodesKernel linear_4bit_kernel(int64_t K, bool bf16_x) {
