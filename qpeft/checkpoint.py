@@ -23,6 +23,8 @@ from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import CHECKPOINT_FILES, resolve_folder
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .nn.lora import LoraLinear4bit
+from .tuners.modules_to_save import ModulesToSave
+from .tuners.targets import set_submodule
 
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 
@@ -125,7 +127,7 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
         layer = Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
                            device="meta")
         layer.fan_in_fan_out = conv1d
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -141,17 +143,10 @@ def _is_quant_key(key: str, quantized: set[str]) -> bool:
     return any(key.startswith(name + ".weight") for name in quantized)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as a 4-bit checkpoint holds it: Linear4bit layers with bitsandbytes' keys; the base of
     a LoRA layer and the original of a modules_to_save module under the module's own name (adapters, and their
     copies of modules_to_save, are saved separately, in peft's format)."""
-    from .model import ModulesToSave
-
     # module name + "." -> the child whose entries stand for the module ("base." / "original_module."), the
     # rest of the module's entries being adapter state
     kept_child = {name + ".": "base." for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}

@@ -175,8 +175,8 @@ def test_multiple_adapters_save_load(tmp_path):
         qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "other")
     bad = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=3, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="shape"):
-        bad._load_adapter_tensors("default", bad.peft_config["default"],
-                                  qpeft.adapter_io.load_adapter_files(tmp_path)[1])
+        qpeft.adapter_io.assign_tensors(bad._file_parameters("default"),
+                                        qpeft.adapter_io.load_adapter_files(tmp_path)[1])
 
 
 def test_training_step_with_gradient_checkpointing():
@@ -264,7 +264,7 @@ def test_target_selection_matches_peft(selection):
 def test_layer_index_reads_names_as_peft_does():
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from qpeft.model import _layer_index
+    from qpeft.tuners.targets import layer_index as _layer_index
 
     names = ["model.layers.3.mlp.up_proj", "transformer.h.0.attn.c_attn", "layers.2.q", "a.b.7", "a.1.2.x",
              "model.layers.1.experts.0.w1", "encoder.block.10.layer.0.DenseReluDense.wi", "x.y.z", "model.layers.x.q"]

@@ -1,0 +1,10 @@
+"""PEFT methods, one package each (config, layers or encoders, model hooks). ``CONFIG_CLASSES`` maps peft_type to
+the config class; targeting and modules_to_save are shared."""
+
+from .config import CONFIG_CLASSES, AdapterConfig, config_from_peft_dict
+from .lora import LoraConfig
+from .prompt import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
+                     PromptTuningConfig)
+
+__all__ = ["CONFIG_CLASSES", "AdapterConfig", "LoraConfig", "MultitaskPromptTuningConfig", "PrefixTuningConfig",
+           "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig", "config_from_peft_dict"]

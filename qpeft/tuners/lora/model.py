@@ -1,0 +1,103 @@
+"""LoRA on qpeft's 4-bit layers: adapters injected into the targeted linears, and the tensors of peft's file.
+
+File keys are ``base_model.model.`` + the module path + ``.lora_A.weight`` [r, in], ``.lora_B.weight`` [out, r],
+``.lora_B.bias`` (lora_bias), ``.lora_magnitude_vector`` [out] (DoRA), ``.base_layer.bias`` (bias="lora_only"
+or "all"), and the modules_to_save' own parameter names; the adapter name never appears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ...nn.linear4bit import Linear4bit, is_conv1d
+from ...nn.lora import LoraLinear4bit
+from .. import targets
+from .config import LoraConfig
+
+PREFIX = "base_model.model."
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear4bit]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear4bit):
+            yield name, module
+
+
+def _init_name(config: LoraConfig) -> str:
+    return "gaussian" if config.init_lora_weights == "gaussian" else "kaiming"
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
+    """Quantizes every targeted nn.Linear of ``model`` in place (Linear4bit in the config's format) and adds the
+    adapter ``adapter_name`` to it (layers already quantized / already LoRA layers get the adapter only).
+    Returns the targeted module names."""
+    names = targets.find_target_modules(model, config)
+    for name in names:
+        module = model.get_submodule(name)
+        r = targets.pattern_value(name, config.rank_pattern, config.r, "rank_pattern")
+        alpha = targets.pattern_value(name, config.alpha_pattern, config.lora_alpha, "alpha_pattern")
+        kwargs = dict(r=r, alpha=alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                      use_dora=config.use_dora, lora_bias=config.lora_bias, init=_init_name(config))
+        if isinstance(module, LoraLinear4bit):
+            adapter = module.add_adapter(adapter_name, **kwargs, activate=False)
+        else:
+            if isinstance(module, nn.Linear) or is_conv1d(module):
+                module = Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant,
+                                                config.compute_dtype)
+            layer = LoraLinear4bit(module, **kwargs, adapter_name=adapter_name)
+            targets.set_submodule(model, name, layer)
+            adapter = layer.adapters[adapter_name]
+        if config.init_lora_weights is False:  # peft's "no identity" init, for tests
+            with torch.no_grad():
+                nn.init.normal_(adapter.lora_B, std=0.02)
+    # peft's rule: the adapter's fan_in_fan_out says whether its layers store weights [in, out] (Conv1D)
+    config.fan_in_fan_out = any(model.get_submodule(name).base.fan_in_fan_out for name in names)
+    return names
+
+
+def file_parameters(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+    """peft key -> the parameter of ``model`` (the wrapped model) it holds, for everything the adapter's file
+    contains."""
+    params: dict[str, nn.Parameter] = {}
+    lora_paths = {}
+    for path, layer in lora_layers(model):
+        lora_paths[path] = layer
+        if adapter_name not in layer.adapters:
+            continue
+        a, key = layer.adapters[adapter_name], PREFIX + path
+        params[key + ".lora_A.weight"] = a.lora_A
+        params[key + ".lora_B.weight"] = a.lora_B
+        if a.lora_bias is not None:
+            params[key + ".lora_B.bias"] = a.lora_bias
+        if a.lora_magnitude is not None:
+            params[key + ".lora_magnitude_vector"] = a.lora_magnitude
+        if config.bias == "lora_only" and layer.base.bias is not None:
+            params[key + ".base_layer.bias"] = layer.base.bias
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if ".original_module." in name or ".modules_to_save." in name:
+                continue  # a modules_to_save module's parameters: its adapter copy's, below
+            if name.endswith("bias") and p.is_floating_point():
+                owner = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+                if name.endswith(".base.bias") and owner in lora_paths:
+                    name = owner + ".base_layer.bias"
+                params[PREFIX + name] = p
+    for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
+        for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+            params[f"{PREFIX}{mname}.{pname}"] = p
+    return params
+
+
+def unfreeze_biases(model: nn.Module, config: LoraConfig) -> None:
+    """The biases that ``config.bias`` trains."""
+    if config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and p.is_floating_point():
+                p.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if layer.base.bias is not None:
+                layer.base.bias.requires_grad_(True)
