@@ -91,6 +91,7 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         d, width = config.token_dim, config.num_layers * 2 * config.token_dim
         self.projected = config.prefix_projection and not loaded
+        self.num_layers = config.num_layers
         if self.projected:
             self.embedding = nn.Embedding(config.num_virtual_tokens, d)
             self.transform = nn.Sequential(nn.Linear(d, config.encoder_hidden_size), nn.Tanh(),
@@ -107,6 +108,16 @@ class PrefixEncoder(nn.Module):
     def prompt(self) -> torch.Tensor:
         e = self.embedding.weight
         return self.transform(e) if self.projected else e
+
+    def layer_prompt(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s keys and values [T, 2 * token_dim], from a graph of its own: under reentrant
+        checkpointing each layer's backward runs alone and frees what it traversed."""
+        width = self.embedding.weight.shape[1] if not self.projected else self.transform[-1].out_features
+        cols = slice(layer * width // self.num_layers, (layer + 1) * width // self.num_layers)
+        if not self.projected:
+            return self.embedding.weight[:, cols]
+        last = self.transform[-1]
+        return nn.functional.linear(self.transform[:-1](self.embedding.weight), last.weight[cols], last.bias[cols])
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.prompt()}

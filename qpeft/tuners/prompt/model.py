@@ -55,9 +55,12 @@ def prefix_key_values(encoder: nn.Module, config: PrefixTuningConfig, batch: int
                       dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (keys, values) [batch, heads, T, head_dim] of the prefix (expanded over the batch, not copied)."""
     t, heads = config.num_virtual_tokens, config.num_attention_heads
-    kv = encoder.prompt().to(dtype).view(t, config.num_layers * 2, heads, config.token_dim // heads)
-    kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
-    return [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+    kv = []
+    for i in range(config.num_layers):
+        layer = encoder.layer_prompt(i).to(dtype).view(t, 2, heads, config.token_dim // heads)
+        layer = layer.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        kv.append((layer[0], layer[1]))
+    return kv
 
 
 def _read_only_layer_class():
@@ -88,20 +91,29 @@ def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], read_only: bool):
 
 @contextlib.contextmanager
 def _layers_keep_cache(model: nn.Module) -> Iterator[None]:
-    """Checkpointed transformers layers keep the (read-only) cache within the block."""
+    """Checkpointed transformers layers keep the (read-only) cache within the block: each layer is told it may
+    (``_can_checkpoint_with_cache``) and a backbone that would drop the cache for its checkpointed layers (GPT-2)
+    does not see its checkpointing flag; the layers still checkpoint."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
     changed = []
     for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) and hasattr(type(m), "_can_checkpoint_with_cache"):
-            changed.append((m, m.__dict__.get("_can_checkpoint_with_cache")))
-            m._can_checkpoint_with_cache = True
+        if not getattr(m, "gradient_checkpointing", False):
+            continue
+        name, value = (("_can_checkpoint_with_cache", True) if isinstance(m, GradientCheckpointingLayer) else
+                       ("gradient_checkpointing", False))
+        changed.append((m, name, m.__dict__.get(name, _UNSET)))
+        setattr(m, name, value)
     try:
         yield
     finally:
-        for m, old in changed:
-            if old is None:
-                del m._can_checkpoint_with_cache
+        for m, name, old in reversed(changed):
+            if old is _UNSET:
+                delattr(m, name)
             else:
-                m._can_checkpoint_with_cache = old
+                setattr(m, name, old)
+
+
+_UNSET = object()
 
 
 def _prompts(encoder: nn.Module, config: PromptLearningConfig, batch: int, task_ids, dtype) -> torch.Tensor:
