@@ -1,8 +1,10 @@
 """The ``qpeft`` command.
 
     qpeft info                 build (version, CUDA kernels and archs), torch, devices, CPU SIMD features
-    qpeft demo [--steps N]     QLoRA fine-tuning of a small Llama built from an embedded config on embedded text:
-                               progress bar, loss, time and peak memory; runs on a laptop CPU in about a minute
+    qpeft demo [--steps N] [--method M]
+                               fine-tuning of a small 4-bit Llama built from an embedded config on embedded text
+                               (QLoRA, or a soft-prompt method): progress bar, loss, time and peak memory; runs on a
+                               laptop CPU in about a minute
 """
 
 from __future__ import annotations
@@ -74,6 +76,24 @@ def demo_batches(batch: int, seq: int, steps: int, generator: torch.Generator):
         yield torch.stack([data[s:s + seq] for s in starts])
 
 
+METHODS = ("lora", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
+
+
+def demo_config(method: str, r: int, dtype: torch.dtype):
+    """The adapter config of ``qpeft demo --method``."""
+    import qpeft
+
+    if method == "lora":
+        return qpeft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear",
+                                compute_dtype=dtype)
+    common = dict(num_virtual_tokens=r, compute_dtype=dtype)
+    return {"prompt-tuning": lambda: qpeft.PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **common),
+            "p-tuning": lambda: qpeft.PromptEncoderConfig(encoder_hidden_size=128, **common),
+            "prefix-tuning": lambda: qpeft.PrefixTuningConfig(**common),
+            "multitask-prompt-tuning": lambda: qpeft.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4,
+                                                                                 **common)}[method]()
+
+
 def demo(args) -> int:
     import transformers
     from tqdm import tqdm
@@ -85,11 +105,11 @@ def demo(args) -> int:
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DEMO_MODEL)).to(device, dtype)
     qpeft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
-    model = qpeft.get_peft_model(model, qpeft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
-                                                         target_modules="all-linear", compute_dtype=dtype))
+    model = qpeft.get_peft_model(model, demo_config(args.method, args.r, dtype))
+    multitask = args.method == "multitask-prompt-tuning"
     model.print_trainable_parameters()
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr or (3e-3 if args.method == "lora" else 3e-2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, start = [], time.perf_counter()
@@ -97,7 +117,8 @@ def demo(args) -> int:
     with tqdm(batches, total=args.steps, desc="qpeft demo", file=sys.stdout, disable=args.quiet) as bar:
         for ids in bar:
             ids = ids.to(device)
-            loss = model(input_ids=ids, labels=ids).loss
+            task = {"task_ids": torch.zeros(ids.shape[0], dtype=torch.long, device=device)} if multitask else {}
+            loss = model(input_ids=ids, labels=ids, **task).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +126,7 @@ def demo(args) -> int:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - start
     tokens = args.steps * args.batch * args.seq
-    result = {"device": str(device), "steps": args.steps, "loss_first": losses[0],
+    result = {"method": args.method, "device": str(device), "steps": args.steps, "loss_first": losses[0],
               "loss_last_10_mean": sum(losses[-10:]) / len(losses[-10:]), "tokens_per_s": tokens / seconds,
               "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
@@ -123,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=96)
-    d.add_argument("--r", type=int, default=16)
-    d.add_argument("--lr", type=float, default=3e-3)
+    d.add_argument("--method", choices=METHODS, default="lora", help="PEFT method (default: lora)")
+    d.add_argument("--r", type=int, default=16, help="LoRA rank, or the number of virtual tokens")
+    d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora), 3e-2 (soft prompts)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
