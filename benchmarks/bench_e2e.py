@@ -21,15 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from harness import benchmark_args, print_table, write_results
+from harness import benchmark_args, peak_memory_mb, print_table, train_steps, write_results
 
 GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
@@ -86,30 +84,12 @@ def run_variant(variant: str, folder: str, device: torch.device, dtype: torch.dt
     model.train()
     vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    losses, times = [], []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for step, ids in enumerate(batches(vocab, batch, seq, steps + warmup)):
-        ids = ids.to(device)
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        losses.append(loss.item())
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+    losses, times = train_steps(model, batches(vocab, batch, seq, steps + warmup), optimizer, device, warmup)
     times.sort()
     result = {"variant": variant, "steps": steps, "tokens_per_s": batch * seq / times[len(times) // 2],
               "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / len(losses[-20:]),
               "loss_last_20_std": _std(losses[-20:]), "losses": losses}
-    if device.type == "cuda":
-        result["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        result["peak_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_MB"] = peak_memory_mb(device)
     return result
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-from harness import benchmark_args, print_table, write_results
+from harness import benchmark_args, peak_memory_mb, print_table, train_steps, write_results
 
 CPU_MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=2000, max_position_embeddings=512)
@@ -87,24 +85,10 @@ def run_variant(variant: str, method: str, folder: str, device: torch.device, dt
     g = torch.Generator().manual_seed(1234)
     phrases = torch.randint(0, model.config.vocab_size, (64, 16), generator=g)
     task = {"task_ids": torch.zeros(batch, dtype=torch.long, device=device)} if method.startswith("multitask") else {}
-    losses, times = [], []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(steps + warmup):
-        ids = phrases[torch.randint(0, 64, (batch, seq // 16), generator=g)].reshape(batch, seq).to(device)
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, **task).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        losses.append(loss.item())
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    batches = (phrases[torch.randint(0, 64, (batch, seq // 16), generator=g)].reshape(batch, seq)
+               for _ in range(steps + warmup))
+    losses, times = train_steps(model, batches, optimizer, device, warmup, **task)
+    peak = peak_memory_mb(device)
     return {"method": method, "variant": variant, "checkpointing": checkpointing, "steps": steps,
             "step_ms": 1e3 * statistics.median(times), "tokens_per_s": batch * seq / statistics.median(times),
             "peak_MB": peak, "trainable_params": sum(p.numel() for p in params),

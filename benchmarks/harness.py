@@ -130,3 +130,36 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "-" if v is None else str(v)
+
+
+def train_steps(model, batches, optimizer, device: torch.device, warmup: int,
+                **forward_kwargs) -> tuple[list[float], list[float]]:
+    """One causal-LM training step (labels = input_ids) per batch: (every loss, the wall time in seconds of each
+    step after ``warmup``). CUDA peak memory statistics are reset first."""
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for step, ids in enumerate(batches):
+        ids = ids.to(device)
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, **forward_kwargs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        losses.append(loss.item())
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return losses, times
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on a GPU, this process's peak RSS on the CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+

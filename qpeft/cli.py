@@ -109,7 +109,8 @@ def demo(args) -> int:
     multitask = args.method == "multitask-prompt-tuning"
     model.print_trainable_parameters()
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr or (3e-3 if args.method == "lora" else 3e-2))
+    lr = args.lr or (3e-3 if args.method == "lora" else 3e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, start = [], time.perf_counter()

@@ -64,3 +64,22 @@ def reference_float_model(original: torch.nn.Module, sd: dict) -> torch.nn.Modul
             W = reference_weight_4bit(sd, name + ".")
             layer.weight.copy_(W.T if type(layer).__name__ == "Conv1D" else W)
     return model
+
+
+def tiny_llama(seed=0):
+    """A randomly initialised transformers Llama with grouped-query attention (4 query heads, 2 key/value)."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                                      max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed=0):
+    """GPT-2's attention and MLP projections are transformers Conv1D layers (weight [in, out])."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+

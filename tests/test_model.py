@@ -9,20 +9,12 @@ import torch
 import qpeft
 from qpeft.nn import LoraLinear4bit
 
-from helpers import rel_err
+from helpers import rel_err, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                      max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def tokens(seed=1):
@@ -45,13 +37,6 @@ def dequantized_float_copy(qmodel, original):
             W = layer.base.dequantized_weight(torch.float32)
             float_model.get_submodule(name).weight.copy_(W.T if layer.base.fan_in_fan_out else W)
     return float_model
-
-
-def tiny_gpt2(seed=0):
-    """GPT-2's attention and MLP projections are transformers Conv1D layers (weight [in, out])."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
-    return transformers.GPT2LMHeadModel(config).eval()
 
 
 def peft_lora_names(model):

@@ -11,6 +11,8 @@ import torch
 import qpeft
 from qpeft.nn import Linear4bit
 
+from helpers import tiny_gpt2, tiny_llama
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -24,22 +26,6 @@ METHODS = {
     "prefix-projection": ("PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 24}),
     "multitask": ("MultitaskPromptTuningConfig", {"num_tasks": 3, "num_ranks": 2}),
 }
-
-
-def tiny_llama(seed=0):
-    """Grouped-query attention: 4 query heads, 2 key/value heads."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                      max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config).eval()
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
