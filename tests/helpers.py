@@ -83,3 +83,23 @@ def tiny_gpt2(seed=0):
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
     return transformers.GPT2LMHeadModel(config).eval()
 
+
+def trainer_losses(model, items, folder, epochs: int, learning_rate: float) -> list[float]:
+    """transformers.Trainer over the 16 examples ``items(i)`` (batch 4, checkpointing on, CPU): the logged losses."""
+    import transformers
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return items(i)
+
+    args = transformers.TrainingArguments(output_dir=str(folder), per_device_train_batch_size=4,
+                                          num_train_epochs=epochs, learning_rate=learning_rate, logging_steps=1,
+                                          save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=True,
+                                          gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+

@@ -9,7 +9,7 @@ import torch
 import qpeft
 from qpeft.nn import LoraLinear4bit
 
-from helpers import rel_err, tiny_gpt2, tiny_llama
+from helpers import rel_err, tiny_gpt2, tiny_llama, trainer_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -188,20 +188,7 @@ def test_hf_trainer_trains_the_adapter(tmp_path):
     frozen_before = model.base_model.model.embed_tokens.weight.clone()
     ids = tokens(seed=3)
 
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            return {"input_ids": ids[i % 2], "labels": ids[i % 2]}
-
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=3,
-                                          learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[],
-                                          use_cpu=True, gradient_checkpointing=True,
-                                          gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(model, lambda i: {"input_ids": ids[i % 2], "labels": ids[i % 2]}, tmp_path, 3, 5e-3)
     assert len(losses) >= 6 and losses[-1] < losses[0]
     assert torch.equal(model.base_model.model.embed_tokens.weight, frozen_before)
 

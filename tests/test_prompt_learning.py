@@ -11,7 +11,7 @@ import torch
 import qpeft
 from qpeft.nn import Linear4bit
 
-from helpers import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama, trainer_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -196,21 +196,11 @@ def test_hf_trainer_trains_each_method(method, tmp_path):
     ids, _ = batch(seed=3, padded=False)
     frozen = {n: p.clone() for n, p in model.base_model.named_parameters()}
 
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
+    def item(i):
+        example = {"input_ids": ids[i % 2], "labels": ids[i % 2]}
+        return {**example, "task_ids": torch.tensor(i % 3)} if method == "multitask" else example
 
-        def __getitem__(self, i):
-            item = {"input_ids": ids[i % 2], "labels": ids[i % 2]}
-            return {**item, "task_ids": torch.tensor(i % 3)} if method == "multitask" else item
-
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=4,
-                                          learning_rate=3e-2, logging_steps=1, save_strategy="no", report_to=[],
-                                          use_cpu=True, gradient_checkpointing=True,
-                                          gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(model, item, tmp_path, 4, 3e-2)
     assert len(losses) >= 8 and losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.base_model.named_parameters())
 
