@@ -384,3 +384,23 @@ def test_plain_linears_when_quantize_is_off():
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == NVT * 64 and total > trainable
+
+
+def test_prompt_learning_on_a_4bit_checkpoint_keeps_its_layers(tmp_path):
+    """A model read with load_4bit_pretrained keeps its 4-bit layers (the same objects, same format); the prompt
+    trains on it and its adapter moves to peft on the dequantized float model."""
+    quantized = qpeft.get_peft_model(tiny_llama(), qpeft.PromptTuningConfig(num_virtual_tokens=NVT, blocksize=128))
+    qpeft.save_4bit_pretrained(quantized.base_model, tmp_path / "ckpt")
+    base = qpeft.load_4bit_pretrained(tmp_path / "ckpt")
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, Linear4bit)}
+    assert layers and all(m.quantized_weight.blocksize == 128 for m in layers.values())
+    model = qpeft.get_peft_model(base, configs("prefix")[0])
+    assert all(model.base_model.get_submodule(n) is m for n, m in layers.items())
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert model.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(float_copy(model.base_model, tiny_llama()), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
