@@ -20,12 +20,18 @@ from .files import check_adapter_name, folder_inside
 from .nn.linear4bit import Linear4bit
 from .nn.lora import LoraLinear4bit
 from .tuners import targets
+from .tuners.adalora import model as adalora
+from .tuners.adalora.config import AdaLoraConfig
 from .tuners.config import AdapterConfig
+from .tuners.ia3 import model as ia3
 from .tuners.lora import model as lora
 from .tuners.lora.config import LoraConfig
 from .tuners.modules_to_save import ModulesToSave
 from .tuners.prompt import model as prompt
 from .tuners.prompt.config import MultitaskPromptTuningConfig
+
+# peft_type -> the package whose inject_adapter / file_parameters serve it (prompt learning: tuners/prompt)
+_LAYER_METHODS = {"LORA": lora, "ADALORA": adalora, "IA3": ia3}
 
 # Names that lived here before the tuners/ split.
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = adapter_io.ADAPTER_CONFIG, adapter_io.ADAPTER_WEIGHTS
@@ -61,7 +67,10 @@ def _forward_unbound(self, *args, **kwargs):
     config = self._prompt_config()
     if config is None:
         kwargs.pop("task_ids", None)
-        return self.base_model(*args, **kwargs)
+        outputs = self.base_model(*args, **kwargs)
+        if isinstance(self.active_peft_config, AdaLoraConfig) and not self._disabled:
+            self._add_orthogonal_penalty(outputs)
+        return outputs
     if len(args) > 2:
         raise TypeError("qpeft: with prompt learning pass input_ids and attention_mask positionally, the rest by "
                         "keyword")
@@ -75,7 +84,7 @@ class _ModelSnapshot:
     def __init__(self, root: nn.Module):
         self.children = [(m, dict(m._modules)) for m in root.modules()]
         self.flags = [(p, p.requires_grad) for p in root.parameters()]
-        self.active = [(m, list(m.active_adapters)) for m in root.modules() if isinstance(m, LoraLinear4bit)]
+        self.active = [(m, list(m.active_adapters)) for m in root.modules() if isinstance(m, targets.ADAPTER_LAYERS)]
         self.wrappers = [(m, m.active) for m in root.modules() if isinstance(m, ModulesToSave)]
 
     def restore(self) -> None:
@@ -117,6 +126,7 @@ class QPeftModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter = adapter_name
         self._disabled = False
+        self._allocators: dict[str, adalora.RankAllocator] = {}
         self.add_adapter(adapter_name, config, _loaded=_loaded)
 
     forward = _DelegatingForward()
@@ -144,7 +154,14 @@ class QPeftModel(nn.Module):
 
     # ---- adapters ---------------------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, LoraLinear4bit]]:
+        """The LoRA / AdaLoRA layers."""
         return lora.lora_layers(self.base_model)
+
+    def adapter_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every layer holding adapters around a 4-bit base (LoRA, AdaLoRA, IA3)."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, targets.ADAPTER_LAYERS):
+                yield name, module
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig, *, _loaded: bool = False) -> None:
         """Adds (and trains) adapter ``adapter_name``; other adapters stay but are inactive."""
@@ -159,7 +176,7 @@ class QPeftModel(nn.Module):
             if config.is_prompt_learning:
                 self.prompt_encoder[adapter_name] = prompt.setup(self.base_model, config, loaded=_loaded)
             else:
-                lora.inject_adapter(self.base_model, config, adapter_name)
+                _LAYER_METHODS[config.peft_type].inject_adapter(self.base_model, config, adapter_name)
                 for name, module in targets.modules_to_save_of(self.base_model, config.modules_to_save):
                     if not isinstance(module, ModulesToSave):
                         module = ModulesToSave(module)
@@ -187,13 +204,13 @@ class QPeftModel(nn.Module):
         for n in names:
             if n in self.prompt_encoder:
                 self.prompt_encoder[n].requires_grad_(True)
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             present = [n for n in names if n in layer.adapters]
             layer.set_adapter(present)
             for n in present:
                 layer.adapters[n].requires_grad_(True)
         for n in names:
-            if isinstance(self.peft_config[n], LoraConfig):
+            if isinstance(self.peft_config[n], LoraConfig):  # AdaLoRA too
                 lora.unfreeze_biases(self.base_model, self.peft_config[n])
         for wname, wrapper in self._wrappers():
             owners = [n for n in names if n in wrapper.modules_to_save]
@@ -210,7 +227,8 @@ class QPeftModel(nn.Module):
             raise KeyError(f"qpeft: no adapter named {adapter_name!r}")
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
-        for _, layer in self.lora_layers():
+        self._allocators.pop(adapter_name, None)
+        for _, layer in self.adapter_layers():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
         for name, wrapper in list(self._wrappers()):
@@ -227,7 +245,7 @@ class QPeftModel(nn.Module):
         """Within the context the model is the base model (as in peft): every LoRA layer its frozen base, every
         modules_to_save module its original, no virtual tokens or prefix."""
         with contextlib.ExitStack() as stack:
-            for _, layer in self.lora_layers():
+            for _, layer in self.adapter_layers():
                 stack.enter_context(layer.disable_adapter())
             for _, wrapper in self._wrappers():
                 wrapper.disabled = True
@@ -247,28 +265,61 @@ class QPeftModel(nn.Module):
             kwargs["input_ids"] = args[0]
         return prompt.generate(self.base_model, self.prompt_encoder[self.active_adapter], config, **kwargs)
 
+    # ---- AdaLoRA ---------------------------------------------------------------------------------------------
+    def _add_orthogonal_penalty(self, outputs) -> None:
+        """peft's AdaLoRA forward: a loss in the outputs gains orth_reg_weight x the orthogonality penalty."""
+        loss = getattr(outputs, "loss", None)
+        if not isinstance(loss, torch.Tensor):
+            return
+        penalty = adalora.orthogonal_penalty(self.base_model, self.active_adapter)
+        if penalty is not None:
+            outputs.loss = loss + self.active_peft_config.orth_reg_weight * penalty
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's rank allocation after the optimizer step of ``global_step`` (peft's
+        ``model.base_model.update_and_allocate``): importance from the gradients still held, masks per the budget
+        schedule, the final pattern fixed at total_step - tfinal and applied from then on."""
+        name = self.active_adapter
+        config = self.peft_config.get(name) if isinstance(name, str) else None
+        if not isinstance(config, AdaLoraConfig):
+            raise ValueError("qpeft: update_and_allocate is AdaLoRA's; the active adapter is not an AdaLoRA adapter")
+        allocator = self._allocators.get(name)
+        if allocator is None:
+            allocator = self._allocators[name] = adalora.RankAllocator(self.base_model, config, name)
+        final = config.total_step - config.tfinal
+        if global_step < final:
+            pattern = allocator.update_and_allocate(global_step)
+            if pattern:
+                config.rank_pattern = pattern
+        elif global_step == final:
+            config.rank_pattern = allocator.update_and_allocate(global_step, force_mask=True)
+            allocator.reset_ipt()
+        elif config.rank_pattern:
+            adalora.mask_using_rank_pattern(self.base_model, name, config.rank_pattern)
+
     # ---- merging --------------------------------------------------------------------------------------------
-    def _lora_only(self, what: str) -> None:
+    def _layers_only(self, what: str) -> None:
         if self.peft_config and self.active_peft_config.is_prompt_learning:
-            raise ValueError(f"qpeft: {what} applies to LoRA adapters; a prompt-learning adapter changes the "
-                             "input, not the weights")
+            raise ValueError(f"qpeft: {what} applies to LoRA, AdaLoRA and IA3 adapters; a prompt-learning adapter "
+                             "changes the input, not the weights")
 
     def merge_adapter(self, dtype: torch.dtype | None = None) -> None:
-        self._lora_only("merge_adapter")
-        for _, layer in self.lora_layers():
+        self._layers_only("merge_adapter")
+        for _, layer in self.adapter_layers():
             layer.merge(dtype)
 
     def unmerge_adapter(self) -> None:
-        self._lora_only("unmerge_adapter")
-        for _, layer in self.lora_layers():
+        self._layers_only("unmerge_adapter")
+        for _, layer in self.adapter_layers():
             layer.unmerge()
 
     @torch.no_grad()
     def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The model with every LoRA layer replaced by a dense nn.Linear holding W + the active adapters (merged in
-        16/32-bit from one dequantization: no 4-bit requantization loss). ``dtype``: default the weights' own."""
-        self._lora_only("merge_and_unload")
-        for name, layer in list(self.lora_layers()):
+        """The model with every adapter layer replaced by a dense nn.Linear holding W with the active adapters
+        (merged in 16/32-bit from one dequantization: no 4-bit requantization loss). ``dtype``: default the
+        weights' own."""
+        self._layers_only("merge_and_unload")
+        for name, layer in list(self.adapter_layers()):
             targets.set_submodule(self.base_model, name, layer.to_linear(dtype))
         self._unwrap_modules_to_save()
         return self.base_model
@@ -281,8 +332,8 @@ class QPeftModel(nn.Module):
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
-        """The model without its adapters: every LoRA layer its frozen 4-bit base (prompt encoders dropped)."""
-        for name, layer in list(self.lora_layers()):
+        """The model without its adapters: every adapter layer its frozen 4-bit base (prompt encoders dropped)."""
+        for name, layer in list(self.adapter_layers()):
             targets.set_submodule(self.base_model, name, layer.base)
         self._unwrap_modules_to_save()
         return self.base_model
@@ -312,7 +363,7 @@ class QPeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         if config.is_prompt_learning:
             return self.prompt_encoder[adapter_name].file_tensors()
-        return lora.file_parameters(self.base_model, config, adapter_name)
+        return _LAYER_METHODS[config.peft_type].file_parameters(self.base_model, config, adapter_name)
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,

@@ -349,3 +349,23 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
         ratio = magnitude / norm
         y = y + (ratio - 1) * (dropped @ W.T) + ratio * scaling * lora
     return y if bias is None else y + bias
+
+
+def ia3_linear(x: torch.Tensor, W: torch.Tensor, scale: torch.Tensor, feedforward: bool,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """IA3 on a frozen linear layer in float64, as peft computes it: (x * l) W^T + b for a feed-forward target
+    (scale [K]), (x W^T + b) * l otherwise (scale [N])."""
+    x, W, scale = x.double(), W.double(), scale.double().reshape(-1)
+    bias = None if bias is None else bias.double()
+    if feedforward:
+        y = (x * scale) @ W.T
+        return y if bias is None else y + bias
+    y = x @ W.T if bias is None else x @ W.T + bias
+    return y * scale
+
+
+def adalora_delta(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, alpha: float, ranknum: float) -> torch.Tensor:
+    """AdaLoRA's update P diag(E) Q as peft scales it, in float64: B (A * E) * s / (ranknum + 1e-5), with s = alpha
+    (r when alpha is 0); A [r, K], E [r, 1], B [N, r]."""
+    s = alpha if alpha > 0 else float(ranknum)
+    return B.double() @ (A.double() * E.double()) * s / (ranknum + 1e-5)

@@ -1,6 +1,7 @@
 """Drop-in modules (``qpeft.nn``)."""
 
+from .ia3 import IA3Linear4bit
 from .linear4bit import Linear4bit
 from .lora import LoraLinear4bit
 
-__all__ = ["Linear4bit", "LoraLinear4bit"]
+__all__ = ["IA3Linear4bit", "Linear4bit", "LoraLinear4bit"]

@@ -142,7 +142,14 @@ class Linear4bit(nn.Module):
                 return self.dequantized_weight(torch.float32).double().pow(2).sum(1)
         return self._derived_from_weight("_row_norms_squared", compute)
 
-    _WEIGHT_CACHES = ("_op_weight_args", "_row_norms_squared")
+    def block_scales(self) -> torch.Tensor:
+        """The fp32 scale of every quantization block (the double quantization decoded), cached like the others."""
+        def compute():
+            with torch.no_grad():
+                return self.quantized_weight.fp32_scales().float().reshape(-1)
+        return self._derived_from_weight("_block_scales", compute)
+
+    _WEIGHT_CACHES = ("_op_weight_args", "_row_norms_squared", "_block_scales")
 
     def __getstate__(self):
         """Pickling and deepcopy leave the weight-derived caches out (rebuilt on use): they hold other-typed views

@@ -53,13 +53,64 @@ class LoraAdapter(nn.Module):
     def use_dora(self) -> bool:
         return self.lora_magnitude is not None
 
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) of the low-rank term s * drop(x) A^T B^T (None: no rank to compute)."""
+        return self.lora_A, self.lora_B, self.scaling
+
     def delta_weight(self) -> torch.Tensor:
         """s B A in fp32 [out, in]."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        branch = self.branch()
+        if branch is None:
+            return torch.zeros(self.lora_B.shape[0], self.lora_A.shape[1], device=self.lora_A.device)
+        A, B, s = branch
+        return s * (B.float() @ A.float())
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
                 f"dora={self.use_dora}, lora_bias={self.lora_bias is not None}")
+
+
+class AdaLoraAdapter(nn.Module):
+    """One AdaLoRA adapter (peft's SVD form): ``lora_A`` [r, in] (Q), ``lora_E`` [r, 1] (the singular values),
+    ``lora_B`` [out, r] (P); the term is drop(x) (A * E)^T B^T * s / (ranknum + 1e-5), s = alpha (r if alpha is 0),
+    ranknum the initial rank. ``rank_mask`` (bool [r]) is the rank allocator's: masked ranks are not computed, so
+    their A, B and E get no gradient. Init as peft: E = 0, A and B ~ N(0, 0.02)."""
+
+    lora_bias = None
+    lora_magnitude = None
+    use_dora = False
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 ranknum: int | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        if not isinstance(r, int) or r < 0:
+            raise ValueError(f"qpeft: AdaLoRA rank must be a non-negative integer, got {r!r}")
+        F.check_dropout_p(dropout, "LoRA dropout")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.ranknum = float(r if ranknum is None else ranknum)
+        self.scaling = (alpha if alpha > 0 else self.ranknum) / (self.ranknum + 1e-5)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device).normal_(0.0, 0.02))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device).normal_(0.0, 0.02))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device), persistent=False)
+
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        keep = self.rank_mask
+        A, B = self.lora_A * self.lora_E, self.lora_B
+        if not bool(keep.all()):
+            index = keep.nonzero().reshape(-1)
+            if index.numel() == 0:
+                return None
+            A, B = A.index_select(0, index), B.index_select(1, index)
+        if A.shape[0] == 0:
+            return None
+        return A, B, self.scaling
+
+    delta_weight = LoraAdapter.delta_weight
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, active ranks={int(self.rank_mask.sum())}, alpha={self.alpha}, ranknum={self.ranknum}, "
+                f"dropout={self.dropout}")
 
 
 class LoraLinear4bit(nn.Module):
@@ -71,9 +122,11 @@ class LoraLinear4bit(nn.Module):
     ``scaling``, ``r``, ``alpha`` and ``dropout`` are its attributes.
     """
 
-    def __init__(self, base: Linear4bit, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
+    def __init__(self, base: Linear4bit, r: int | None = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False,
                  use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
                  adapter_dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
+        """``r`` None: no adapter yet (``attach`` adds one built elsewhere)."""
         super().__init__()
         self.base = base
         for p in self.base.parameters():
@@ -83,7 +136,8 @@ class LoraLinear4bit(nn.Module):
         self.disable_adapters = False
         self.merged_weight: torch.Tensor | None = None  # set by merge(): W + active deltas, dense
         self.merged_bias: torch.Tensor | None = None
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_dtype)
+        if r is not None:
+            self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -112,6 +166,16 @@ class LoraLinear4bit(nn.Module):
             self.set_adapter(name)
         return adapter
 
+    def attach(self, name: str, adapter: "AdaLoraAdapter", activate: bool = True) -> None:
+        """Adds an adapter module built elsewhere (AdaLoRA's)."""
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"qpeft: adapter {name!r} already exists")
+        self._require_unmerged("add an adapter")
+        self.adapters[name] = adapter
+        if activate:
+            self.set_adapter(name)
+
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Makes ``names`` (one or several, summed) the active adapters."""
         names = [names] if isinstance(names, str) else list(names)
@@ -137,7 +201,7 @@ class LoraLinear4bit(nn.Module):
         finally:
             self.disable_adapters = previous
 
-    def _active(self) -> list[LoraAdapter]:
+    def _active(self) -> list[LoraAdapter | AdaLoraAdapter]:
         return [] if self.disable_adapters else [self.adapters[n] for n in self.active_adapters]
 
     def _single(self) -> LoraAdapter:
@@ -188,15 +252,15 @@ class LoraLinear4bit(nn.Module):
             return torch.nn.functional.linear(xc, self.merged_weight.to(dtype), bias).to(x.dtype)
         adapters = self._active()
         base_bias = self.base.bias
-        if len(adapters) == 1 and not adapters[0].use_dora:  # the common case: one fused op, minimal Python
-            a = adapters[0]
+        branches = [a.branch() for a in adapters]
+        if len(adapters) == 1 and not adapters[0].use_dora and branches[0] is not None:  # one fused op
+            a, (A, B, scaling) = adapters[0], branches[0]
             p = a.dropout if self.training else 0.0
             seed = self._seed(0, a, dropout_seed, x.device)
-            y = qlora_linear(xc, self.base.op_weight_args(), a.lora_A, a.lora_B, self._total_bias(a, dtype),
-                             a.scaling, p, seed)
+            y = qlora_linear(xc, self.base.op_weight_args(), A, B, self._total_bias(a, dtype), scaling, p, seed)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         weight = self.base.quantized_weight
-        if not adapters:
+        if all(b is None for b in branches):
             y = frozen_4bit_linear(xc, weight)
             return (y if base_bias is None else y + base_bias.to(dtype)).to(x.dtype)
         seeds = [self._seed(i, a, dropout_seed, x.device) for i, a in enumerate(adapters)]
@@ -209,8 +273,9 @@ class LoraLinear4bit(nn.Module):
         if any(a.use_dora for a in adapters):
             raise NotImplementedError("qpeft: a DoRA adapter cannot be active together with other adapters")
         y = frozen_4bit_linear(xc, weight)
-        for a, p, seed in zip(adapters, ps, seeds):
-            y = y + lora_branch(xc, a.lora_A, a.lora_B, a.scaling, p, seed)
+        for a, branch, p, seed in zip(adapters, branches, ps, seeds):
+            if branch is not None:
+                y = y + lora_branch(xc, *branch, p, seed)
             if a.lora_bias is not None:
                 y = y + a.scaling * a.lora_bias.to(dtype)
         if base_bias is not None:

@@ -1,10 +1,13 @@
 """PEFT methods, one package each (config, layers or encoders, model hooks). ``CONFIG_CLASSES`` maps peft_type to
 the config class; targeting and modules_to_save are shared."""
 
+from .adalora import AdaLoraConfig
 from .config import CONFIG_CLASSES, AdapterConfig, config_from_peft_dict
+from .ia3 import IA3Config
 from .lora import LoraConfig
 from .prompt import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
                      PromptTuningConfig)
 
-__all__ = ["CONFIG_CLASSES", "AdapterConfig", "LoraConfig", "MultitaskPromptTuningConfig", "PrefixTuningConfig",
-           "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig", "config_from_peft_dict"]
+__all__ = ["CONFIG_CLASSES", "AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig", "MultitaskPromptTuningConfig",
+           "PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig",
+           "config_from_peft_dict"]

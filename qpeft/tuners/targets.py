@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from .. import patterns
+from ..nn.ia3 import IA3Linear4bit
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear4bit
 from .modules_to_save import ModulesToSave
+
+ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit)  # layers that hold adapters around a 4-bit base
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -93,7 +96,7 @@ def within(name: str, module_names: Sequence[str]) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Linear4bit, LoraLinear4bit)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or is_conv1d(module)
 
 
 def find_target_modules(model: nn.Module, config) -> list[str]:
@@ -130,11 +133,11 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
 
 
 def inside_wrapper(name: str, model: nn.Module) -> bool:
-    """True for the submodules of a LoraLinear4bit (its base) or of a ModulesToSave wrapper (the original module
+    """True for the submodules of an adapter layer (its base) or of a ModulesToSave wrapper (the original module
     and the adapters' copies), which are never targets themselves."""
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (LoraLinear4bit, ModulesToSave)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (*ADAPTER_LAYERS, ModulesToSave)):
             return True
     return False
 

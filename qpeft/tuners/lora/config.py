@@ -82,12 +82,15 @@ class LoraConfig(AdapterConfig):
         layers = self.layers_to_transform
         if layers is not None and not (is_int(layers) or (isinstance(layers, list) and all(map(is_int, layers)))):
             fail("layers_to_transform", "must be a layer index or a list of them")
-        if not isinstance(self.rank_pattern, dict) or not all(
-                isinstance(k, str) and is_int(v) and v > 0 for k, v in self.rank_pattern.items()):
-            fail("rank_pattern", "must map names or regexes to positive integers")
+        self.check_rank_pattern(source)
         if not isinstance(self.alpha_pattern, dict) or not all(
                 isinstance(k, str) and is_number(v) for k, v in self.alpha_pattern.items()):
             fail("alpha_pattern", "must map names or regexes to numbers")
+
+    def check_rank_pattern(self, source: str | None) -> None:
+        if not isinstance(self.rank_pattern, dict) or not all(
+                isinstance(k, str) and is_int(v) and v > 0 for k, v in self.rank_pattern.items()):
+            self.fail("rank_pattern", "must map names or regexes to positive integers", source)
 
     def to_peft_dict(self) -> dict:
         d = super().to_peft_dict()
@@ -98,8 +101,8 @@ class LoraConfig(AdapterConfig):
     def from_peft_dict(cls, d: dict, source: str | None = None, **quant) -> "LoraConfig":
         if not isinstance(d, dict):
             raise ConfigError(source, "adapter_config", f"must be a JSON object, got {type(d).__name__}")
-        if d.get("peft_type", "LORA") != "LORA":
-            raise ConfigError(source, "peft_type", f"is {d.get('peft_type')!r}, not a LoRA adapter")
+        if d.get("peft_type", cls.peft_type) != cls.peft_type:
+            raise ConfigError(source, "peft_type", f"is {d.get('peft_type')!r}, not {cls.peft_type}")
         if d.get("use_qalora") or d.get("target_parameters"):
             raise ValueError("qpeft: this adapter_config.json uses QALoRA or target_parameters, which qpeft does not "
                              "support")

@@ -1,0 +1,57 @@
+"""IA3 on qpeft's 4-bit layers: IA3Linear4bit in the targeted linears, and peft's file keys
+(``base_model.model.<module>.ia3_l``: [out, 1], or [1, in] for a feed-forward module)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ... import patterns
+from ...nn.ia3 import IA3Linear4bit
+from .. import targets
+from ..lora.model import PREFIX
+from .config import IA3Config
+
+
+def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear4bit]]:
+    for name, module in model.named_modules():
+        if isinstance(module, IA3Linear4bit):
+            yield name, module
+
+
+def is_feedforward(name: str, config: IA3Config) -> bool:
+    ff = config.feedforward_modules
+    if ff is None:
+        return False
+    if isinstance(ff, str):
+        return patterns.fullmatch(ff, name, "feedforward_modules") is not None
+    return any(name == f or name.endswith("." + f) for f in ff)
+
+
+def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
+    names = targets.find_target_modules(model, config)
+    for name in names:
+        module = model.get_submodule(name)
+        feedforward = is_feedforward(name, config)
+        if isinstance(module, IA3Linear4bit):
+            if module.feedforward != feedforward:
+                raise ValueError(f"qpeft: {name!r} is a {'feed-forward' if module.feedforward else 'output'}-scaled "
+                                 "IA3 layer already; adapters of one layer scale the same side")
+            module.add_adapter(adapter_name, config.init_ia3_weights, activate=False)
+        else:
+            layer = IA3Linear4bit(targets.quantized(module, config), feedforward, adapter_name,
+                                  config.init_ia3_weights)
+            targets.set_submodule(model, name, layer)
+    config.fan_in_fan_out = any(model.get_submodule(n).base.fan_in_fan_out for n in names)
+    return names
+
+
+def file_parameters(model: nn.Module, config: IA3Config, adapter_name: str) -> dict[str, torch.Tensor]:
+    params = {PREFIX + name + ".ia3_l": layer.adapters[adapter_name] for name, layer in ia3_layers(model)
+              if adapter_name in layer.adapters}
+    for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
+        for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
+            params[f"{PREFIX}{mname}.{pname}"] = p
+    return params
