@@ -26,8 +26,9 @@ GPU_CASES = [(m, 4096, 4096) for m in (1, 16, 4096, 16384)] + [(4096, 4096, 1433
 R, ALPHA, DROPOUT = 16, 32, 0.05
 
 
-def peft_on_bnb(dense: torch.nn.Linear, dtype: torch.dtype):
-    """bitsandbytes Linear4bit (NF4, double quant) wrapped by peft LoRA, or None with the reason printed."""
+def peft_on_bnb(dense: torch.nn.Linear, dtype: torch.dtype, config=None):
+    """bitsandbytes Linear4bit (NF4, double quant) of the module "proj" wrapped by peft (``config``, default this
+    benchmark's LoRA), or None with the reason printed."""
     try:
         import bitsandbytes as bnb
         import peft
@@ -44,7 +45,8 @@ def peft_on_bnb(dense: torch.nn.Linear, dtype: torch.dtype):
                 return self.proj(x)
 
         holder = Holder().to(dense.weight.device)
-        config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"])
+        if config is None:
+            config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"])
         return peft.get_peft_model(holder, config).train()
     except Exception as e:  # a missing or broken baseline is reported, never invented
         print(f"bitsandbytes + peft baseline unavailable: {type(e).__name__}: {e}")

@@ -1,9 +1,10 @@
 """Autograd of the IA3 layer: a learned vector scales the frozen 4-bit matmul's output rows or its input columns.
 
 * Output scaling (attention targets): y = (x W^T + b) * l. When no quantization block straddles two rows (in_features
-  a multiple of the blocksize) l goes into W's block scales: x (diag(l) W)^T from the unchanged codes, and the input
-  gradient dy diag(l) W the same way; otherwise y * l after the matmul. Saves x; the backward recomputes x W^T for
-  dl (one more 4-bit matmul) instead of keeping the M x N base output that peft keeps.
+  a multiple of the blocksize) l goes into W's block scales: the input gradient dy diag(l) W, and the forward
+  where l needs no gradient, run from the unchanged codes; otherwise the scaling is an elementwise pass. Where l
+  needs a gradient the forward keeps the base output x W^T + b [M, N] for dl = sum_rows(dy * (x W^T + b)), as
+  peft does (recomputing it would cost one more 4-bit matmul), and not x.
 * Input scaling (feed-forward targets): y = (x * l) W^T + b. Saves x (as peft does); dx = g * l and
   dl = sum_rows(x * g) both come from g = dy W, the one input-gradient matmul.
 """
@@ -27,29 +28,36 @@ def scaled_rows_args(wargs: tuple, shape: tuple[int, int], scale: torch.Tensor, 
     return (wargs[0], absmax, None, None, None, blocksize, wargs[6])
 
 
+def _forward(x2, scale, bias, wargs, scaled_args, n, feedforward, keep_base):
+    """(y [M, n], the base output x W^T + b where ``keep_base`` asks for it and output scaling needs it)."""
+    s = scale.reshape(-1).to(x2.dtype)
+    if feedforward:
+        y = _base_forward(x2 * s, wargs, n)
+        return (y if bias is None else y + bias.to(y.dtype)), None
+    if keep_base or scaled_args is None:
+        base = _base_forward(x2, wargs, n)
+        if bias is not None:
+            base = base + bias.to(base.dtype)
+        return base * s, base if keep_base else None
+    y = _base_forward(x2, scaled_args, n)
+    return (y if bias is None else y + bias.to(y.dtype) * s), None
+
+
 class _IA3Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, bias, wargs, scaled_args, n, feedforward):
-        x2 = F.as_rows(x)
-        s = scale.reshape(-1).to(x2.dtype)
-        if feedforward:
-            y = _base_forward(x2 * s, wargs, n)
-            if bias is not None:
-                y = y + bias.to(y.dtype)
-        else:
-            y = _base_forward(x2, scaled_args, n) if scaled_args is not None else _base_forward(x2, wargs, n) * s
-            if bias is not None:
-                y = y + bias.to(y.dtype) * s
-        ctx.save_for_backward(x, scale, bias)
-        ctx.meta = (wargs, scaled_args, n, feedforward)
+        y, base = _forward(F.as_rows(x), scale, bias, wargs, scaled_args, n, feedforward,
+                           keep_base=ctx.needs_input_grad[1])
+        ctx.save_for_backward(x if feedforward else base, scale, bias)
+        ctx.meta = (wargs, scaled_args, n, feedforward, x.shape)
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, bias = ctx.saved_tensors
-        wargs, scaled_args, n, feedforward = ctx.meta
-        x2, dy2 = F.as_rows(x), F.as_rows(dy).contiguous()
-        k = x2.shape[1]
+        kept, scale, bias = ctx.saved_tensors
+        wargs, scaled_args, n, feedforward, x_shape = ctx.meta
+        dy2 = F.as_rows(dy).contiguous()
+        k = x_shape[-1]
         s = scale.reshape(-1).to(dy2.dtype)
         dx = dscale = dbias = None
         if feedforward:
@@ -57,7 +65,7 @@ class _IA3Linear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dx = g * s
             if ctx.needs_input_grad[1]:
-                dscale = (g.float() * x2.float()).sum(0)
+                dscale = (g.float() * F.as_rows(kept).float()).sum(0)
             if bias is not None and ctx.needs_input_grad[2]:
                 dbias = dy2.float().sum(0).to(bias.dtype)
         else:
@@ -65,14 +73,11 @@ class _IA3Linear(torch.autograd.Function):
                 dx = (_base_grad_input(dy2, scaled_args, k) if scaled_args is not None else
                       _base_grad_input((dy2 * s).contiguous(), wargs, k))
             if ctx.needs_input_grad[1]:
-                base = _base_forward(x2, wargs, n).float()
-                if bias is not None:
-                    base = base + bias.float()
-                dscale = (dy2.float() * base).sum(0)
+                dscale = (dy2.float() * kept.float()).sum(0)
             if bias is not None and ctx.needs_input_grad[2]:
                 dbias = (dy2.float() * s.float()).sum(0).to(bias.dtype)
         if dx is not None:
-            dx = dx.reshape(x.shape)
+            dx = dx.reshape(x_shape)
         if dscale is not None:
             dscale = dscale.reshape(scale.shape).to(scale.dtype)
         return dx, dscale, dbias, None, None, None, None
@@ -86,4 +91,8 @@ def ia3_linear(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, 
     scaled = None
     if not feedforward and scales is not None:
         scaled = scaled_rows_args(wargs, (n, x.shape[-1]), scale, scales)
+    tracked = x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
+    if not (tracked and torch.is_grad_enabled()):  # no autograd node: output scaling inside the matmul
+        y, _ = _forward(F.as_rows(x), scale, bias, wargs, scaled, n, feedforward, keep_base=False)
+        return y.reshape(*x.shape[:-1], n)
     return _IA3Linear.apply(x, scale, bias, wargs, scaled, n, feedforward)

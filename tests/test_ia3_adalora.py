@@ -64,13 +64,16 @@ def models(kind, original=None, seed=5):
 @pytest.mark.parametrize("shape", [(1, 128), (7, 100), (3, 64), (0, 128)])
 @pytest.mark.parametrize("feedforward", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_ia3_layer_matches_the_float64_reference(feedforward, shape, dtype, bias):
+@pytest.mark.parametrize("train_vector", [True, False])
+def test_ia3_layer_matches_the_float64_reference(feedforward, shape, dtype, bias, train_vector):
     """Output and gradients (x, the vector) vs reference.ia3_linear; in_features a multiple of the blocksize
-    (scaling inside the block scales) or not (after the matmul), M = 0 / 1, non-contiguous x."""
+    (scaling inside the block scales) or not (after the matmul), M = 0 / 1, non-contiguous x, the vector trained
+    or frozen."""
     m, k = shape
     torch.manual_seed(0)
     base = Linear4bit.from_linear(torch.nn.Linear(k, 48, bias=bias))
     layer = IA3Linear4bit(base, feedforward, init_ones=False)
+    layer.adapters["default"].requires_grad_(train_vector)
     x = torch.randn(k, m, 2).permute(1, 2, 0).to(dtype).requires_grad_()  # [m, 2, k], non-contiguous
     y = layer(x)
     W = base.dequantized_weight(torch.float32)
@@ -82,10 +85,14 @@ def test_ia3_layer_matches_the_float64_reference(feedforward, shape, dtype, bias
     y.backward(g.to(dtype))
     ref.backward(g)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    if m:
-        assert rel_err(y, ref) < tol and rel_err(x.grad, x64.grad) < tol and rel_err(scale.grad, s64.grad) < tol
+    if not train_vector:
+        assert scale.grad is None
+    elif m:
+        assert rel_err(scale.grad, s64.grad) < tol
     else:
         assert not scale.grad.any()
+    if m:
+        assert rel_err(y, ref) < tol and rel_err(x.grad, x64.grad) < tol
 
 
 def test_ia3_adapters_multiply_merge_exactly_and_disable():
@@ -109,8 +116,8 @@ def test_ia3_adapters_multiply_merge_exactly_and_disable():
             assert torch.equal(layer(x), base(x))
 
 
-def test_ia3_saves_only_the_input_for_backward():
-    """Output scaling keeps x (and recomputes x W^T for the vector's gradient); input scaling keeps x."""
+def test_ia3_keeps_for_backward_what_peft_keeps():
+    """Output scaling keeps the base output x W^T + b [M, N] (not x); input scaling keeps x (the input itself)."""
     for feedforward in (False, True):
         base = Linear4bit.from_linear(torch.nn.Linear(128, 64))
         layer = IA3Linear4bit(base, feedforward, init_ones=False)
@@ -121,9 +128,18 @@ def test_ia3_saves_only_the_input_for_backward():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = layer(x)
         activations = [t for t in saved if t.untyped_storage().data_ptr() not in own]
-        assert [t.untyped_storage().data_ptr() for t in activations] == [x.untyped_storage().data_ptr()]
+        if feedforward:
+            assert [t.untyped_storage().data_ptr() for t in activations] == [x.untyped_storage().data_ptr()]
+        else:
+            assert [tuple(t.shape) for t in activations] == [(8, 64)]
         y.sum().backward()
-        assert x.grad is not None
+        assert x.grad is not None and layer.adapters["default"].grad is not None
+    with torch.no_grad():  # no gradient for the vector: the scaling runs inside the matmul, nothing kept
+        layer = IA3Linear4bit(Linear4bit.from_linear(torch.nn.Linear(128, 64)), False, init_ones=False)
+        x = torch.randn(8, 128)
+        ref = R.ia3_linear(x, layer.base.dequantized_weight(torch.float32), layer.adapters["default"], False,
+                           layer.base.bias)
+        assert rel_err(layer(x), ref) < 1e-5
 
 
 # ---- models against peft ---------------------------------------------------------------------------------------
