@@ -27,7 +27,8 @@ CPU_MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, n
                  num_key_value_heads=2, vocab_size=2000, max_position_embeddings=512)
 GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
-METHODS = ["lora", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning"]
+METHODS = ["lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning"]
+STEPS_FOR_ADALORA = 40  # AdaLoRA's total_step: its budget phase spans the measured steps
 VARIANTS = ["qpeft", "bnb_peft", "dense_peft", "qpeft_checkpointed"]
 NVT = 20
 
@@ -36,9 +37,15 @@ def config(library, method: str, dtype: torch.dtype):
     """The same method and sizes in qpeft or peft (``library``); LoRA r=16 on all 7 projections."""
     peft_side = library.__name__ == "peft"
     task = {"task_type": "CAUSAL_LM"} if peft_side else {"compute_dtype": dtype}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if method == "lora":
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         return library.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, **task)
+    if method == "adalora":
+        return library.AdaLoraConfig(init_r=16, target_r=4, lora_alpha=32, target_modules=targets, tinit=2, tfinal=4,
+                                     total_step=STEPS_FOR_ADALORA, **task)
+    if method == "ia3":
+        return library.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                 **task)
     common = dict(num_virtual_tokens=NVT, **task)
     return {"prompt-tuning": lambda: library.PromptTuningConfig(**common),
             "p-tuning": lambda: library.PromptEncoderConfig(encoder_hidden_size=256, **common),
@@ -81,13 +88,16 @@ def run_variant(variant: str, method: str, folder: str, device: torch.device, dt
     model, checkpointing = build(variant, method, folder, device, dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4 if method == "lora" else 3e-2)
+    optimizer = torch.optim.AdamW(params, lr=2e-4 if method in ("lora", "adalora") else 3e-2)
     g = torch.Generator().manual_seed(1234)
     phrases = torch.randint(0, model.config.vocab_size, (64, 16), generator=g)
     task = {"task_ids": torch.zeros(batch, dtype=torch.long, device=device)} if method.startswith("multitask") else {}
     batches = (phrases[torch.randint(0, 64, (batch, seq // 16), generator=g)].reshape(batch, seq)
                for _ in range(steps + warmup))
-    losses, times = train_steps(model, batches, optimizer, device, warmup, **task)
+    after_step = None
+    if method == "adalora":  # the rank allocator, as each library is driven
+        after_step = model.update_and_allocate if variant.startswith("qpeft") else model.base_model.update_and_allocate
+    losses, times = train_steps(model, batches, optimizer, device, warmup, after_step, **task)
     peak = peak_memory_mb(device)
     return {"method": method, "variant": variant, "checkpointing": checkpointing, "steps": steps,
             "step_ms": 1e3 * statistics.median(times), "tokens_per_s": batch * seq / statistics.median(times),

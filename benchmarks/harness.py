@@ -132,10 +132,11 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-def train_steps(model, batches, optimizer, device: torch.device, warmup: int,
+def train_steps(model, batches, optimizer, device: torch.device, warmup: int, after_step=None,
                 **forward_kwargs) -> tuple[list[float], list[float]]:
-    """One causal-LM training step (labels = input_ids) per batch: (every loss, the wall time in seconds of each
-    step after ``warmup``). CUDA peak memory statistics are reset first."""
+    """One causal-LM training step (labels = input_ids) per batch, ``after_step(step)`` (if given) between the
+    optimizer step and zero_grad: (every loss, the wall time in seconds of each step after ``warmup``). CUDA peak
+    memory statistics are reset first."""
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,6 +147,8 @@ def train_steps(model, batches, optimizer, device: torch.device, warmup: int,
         loss = model(input_ids=ids, labels=ids, **forward_kwargs).loss
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()

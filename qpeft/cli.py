@@ -76,16 +76,22 @@ def demo_batches(batch: int, seq: int, steps: int, generator: torch.Generator):
         yield torch.stack([data[s:s + seq] for s in starts])
 
 
-METHODS = ("lora", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
+METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
 
 
-def demo_config(method: str, r: int, dtype: torch.dtype):
+def demo_config(method: str, r: int, dtype: torch.dtype, steps: int):
     """The adapter config of ``qpeft demo --method``."""
     import qpeft
 
     if method == "lora":
         return qpeft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear",
                                 compute_dtype=dtype)
+    if method == "adalora":
+        return qpeft.AdaLoraConfig(init_r=r, target_r=max(r // 4, 1), lora_alpha=2 * r, target_modules="all-linear",
+                                   tinit=steps // 5, tfinal=steps // 5, total_step=steps, compute_dtype=dtype)
+    if method == "ia3":
+        return qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                               compute_dtype=dtype)
     common = dict(num_virtual_tokens=r, compute_dtype=dtype)
     return {"prompt-tuning": lambda: qpeft.PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **common),
             "p-tuning": lambda: qpeft.PromptEncoderConfig(encoder_hidden_size=128, **common),
@@ -105,11 +111,11 @@ def demo(args) -> int:
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DEMO_MODEL)).to(device, dtype)
     qpeft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
-    model = qpeft.get_peft_model(model, demo_config(args.method, args.r, dtype))
+    model = qpeft.get_peft_model(model, demo_config(args.method, args.r, dtype, args.steps))
     multitask = args.method == "multitask-prompt-tuning"
     model.print_trainable_parameters()
     model.train()
-    lr = args.lr or (3e-3 if args.method == "lora" else 3e-2)
+    lr = args.lr or (3e-3 if args.method in ("lora", "adalora") else 3e-2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -122,6 +128,8 @@ def demo(args) -> int:
             loss = model(input_ids=ids, labels=ids, **task).loss
             loss.backward()
             optimizer.step()
+            if args.method == "adalora":
+                model.update_and_allocate(len(losses))
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -146,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=96)
     d.add_argument("--method", choices=METHODS, default="lora", help="PEFT method (default: lora)")
-    d.add_argument("--r", type=int, default=16, help="LoRA rank, or the number of virtual tokens")
-    d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora), 3e-2 (soft prompts)")
+    d.add_argument("--r", type=int, default=16, help="LoRA / AdaLoRA initial rank, or the number of virtual tokens")
+    d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora, adalora), 3e-2 (ia3, soft prompts)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
