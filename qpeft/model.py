@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from .nn.lora import LoraLinear4bit
 from .tuners import targets
 from .tuners.adalora import model as adalora
 from .tuners.adalora.config import AdaLoraConfig
+from .tuners.bottleneck import model as bottleneck
 from .tuners.config import AdapterConfig
 from .tuners.ia3 import model as ia3
 from .tuners.lora import model as lora
@@ -29,9 +31,29 @@ from .tuners.lora.config import LoraConfig
 from .tuners.modules_to_save import ModulesToSave
 from .tuners.prompt import model as prompt
 from .tuners.prompt.config import MultitaskPromptTuningConfig
+from .tuners.selective import model as selective
 
-# peft_type -> the package whose inject_adapter / file_parameters serve it (prompt learning: tuners/prompt)
-_LAYER_METHODS = {"LORA": lora, "ADALORA": adalora, "IA3": ia3}
+
+class _Method(NamedTuple):
+    """How QPeftModel serves a method whose adapter lives in the model's modules (prompt learning: tuners/prompt).
+    ``inject(model, config, name)``, ``file_parameters(model, config, name)`` (peft file key -> tensor);
+    ``own_parameters``: the method trains parameters of the model itself (exactly those of its file), so a model
+    holds one such adapter; ``mergeable``: its adapters merge into the weights."""
+
+    inject: Callable
+    file_parameters: Callable
+    own_parameters: bool = False
+    mergeable: bool = True
+
+
+_METHODS = {
+    "LORA": _Method(lora.inject_adapter, lora.file_parameters),
+    "ADALORA": _Method(adalora.inject_adapter, adalora.file_parameters),
+    "IA3": _Method(ia3.inject_adapter, ia3.file_parameters),
+    "QPEFT_BITFIT": _Method(selective.inject_bitfit, selective.bitfit_parameters, own_parameters=True),
+    "QPEFT_LAYERWISE": _Method(selective.inject_layerwise, selective.layerwise_parameters, own_parameters=True),
+    "QPEFT_BOTTLENECK": _Method(bottleneck.inject_adapter, bottleneck.file_parameters, mergeable=False),
+}
 
 # Names that lived here before the tuners/ split.
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = adapter_io.ADAPTER_CONFIG, adapter_io.ADAPTER_WEIGHTS
@@ -163,6 +185,12 @@ class QPeftModel(nn.Module):
             if isinstance(module, targets.ADAPTER_LAYERS):
                 yield name, module
 
+    def _adapter_holders(self) -> Iterator[tuple[str, nn.Module]]:
+        """The adapter layers and the bottleneck adapter sets: every module with named adapters."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, targets.ADAPTER_HOLDERS):
+                yield name, module
+
     def add_adapter(self, adapter_name: str, config: AdapterConfig, *, _loaded: bool = False) -> None:
         """Adds (and trains) adapter ``adapter_name``; other adapters stay but are inactive."""
         check_adapter_name(adapter_name)
@@ -172,12 +200,16 @@ class QPeftModel(nn.Module):
         if kinds and kinds != {config.peft_type}:
             raise ValueError(f"qpeft: this model's adapters are {sorted(kinds)}; one model holds adapters of one "
                              f"peft_type (as in peft), so a {config.peft_type} adapter cannot join them")
+        method = _METHODS.get(config.peft_type)
+        if kinds and method is not None and method.own_parameters:
+            raise ValueError(f"qpeft: {config.peft_type} trains the model's own parameters: one adapter per model")
         with _all_or_nothing(self.base_model, self):
             if config.is_prompt_learning:
                 self.prompt_encoder[adapter_name] = prompt.setup(self.base_model, config, loaded=_loaded)
             else:
-                _LAYER_METHODS[config.peft_type].inject_adapter(self.base_model, config, adapter_name)
-                for name, module in targets.modules_to_save_of(self.base_model, config.modules_to_save):
+                method.inject(self.base_model, config, adapter_name)
+                saved = getattr(config, "modules_to_save", None)
+                for name, module in targets.modules_to_save_of(self.base_model, saved):
                     if not isinstance(module, ModulesToSave):
                         module = ModulesToSave(module)
                         targets.set_submodule(self.base_model, name, module)
@@ -204,14 +236,19 @@ class QPeftModel(nn.Module):
         for n in names:
             if n in self.prompt_encoder:
                 self.prompt_encoder[n].requires_grad_(True)
-        for _, layer in self.adapter_layers():
+        for _, layer in self._adapter_holders():
             present = [n for n in names if n in layer.adapters]
             layer.set_adapter(present)
             for n in present:
                 layer.adapters[n].requires_grad_(True)
         for n in names:
-            if isinstance(self.peft_config[n], LoraConfig):  # AdaLoRA too
-                lora.unfreeze_biases(self.base_model, self.peft_config[n])
+            config = self.peft_config[n]
+            if isinstance(config, LoraConfig):  # AdaLoRA too
+                lora.unfreeze_biases(self.base_model, config)
+            method = _METHODS.get(config.peft_type)
+            if method is not None and method.own_parameters:
+                for p in method.file_parameters(self.base_model, config, n).values():
+                    p.requires_grad_(True)
         for wname, wrapper in self._wrappers():
             owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:
@@ -228,7 +265,7 @@ class QPeftModel(nn.Module):
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
         self._allocators.pop(adapter_name, None)
-        for _, layer in self.adapter_layers():
+        for _, layer in self._adapter_holders():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
         for name, wrapper in list(self._wrappers()):
@@ -245,7 +282,7 @@ class QPeftModel(nn.Module):
         """Within the context the model is the base model (as in peft): every LoRA layer its frozen base, every
         modules_to_save module its original, no virtual tokens or prefix."""
         with contextlib.ExitStack() as stack:
-            for _, layer in self.adapter_layers():
+            for _, layer in self._adapter_holders():
                 stack.enter_context(layer.disable_adapter())
             for _, wrapper in self._wrappers():
                 wrapper.disabled = True
@@ -299,9 +336,13 @@ class QPeftModel(nn.Module):
 
     # ---- merging --------------------------------------------------------------------------------------------
     def _layers_only(self, what: str) -> None:
-        if self.peft_config and self.active_peft_config.is_prompt_learning:
+        config = self.active_peft_config if self.peft_config else None
+        if config is not None and config.is_prompt_learning:
             raise ValueError(f"qpeft: {what} applies to LoRA, AdaLoRA and IA3 adapters; a prompt-learning adapter "
                              "changes the input, not the weights")
+        if config is not None and not _METHODS[config.peft_type].mergeable:
+            raise ValueError(f"qpeft: {what}: {config.peft_type} adapters are nonlinear and do not merge into "
+                             "weights")
 
     def merge_adapter(self, dtype: torch.dtype | None = None) -> None:
         self._layers_only("merge_adapter")
@@ -332,9 +373,11 @@ class QPeftModel(nn.Module):
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
-        """The model without its adapters: every adapter layer its frozen 4-bit base (prompt encoders dropped)."""
+        """The model without its adapters: every adapter layer its frozen 4-bit base (prompt encoders and
+        bottleneck adapters dropped)."""
         for name, layer in list(self.adapter_layers()):
             targets.set_submodule(self.base_model, name, layer.base)
+        bottleneck.remove(self.base_model)
         self._unwrap_modules_to_save()
         return self.base_model
 
@@ -351,10 +394,24 @@ class QPeftModel(nn.Module):
                 trainable += n if p.requires_grad else 0
         return trainable, total
 
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes of the 4-bit layers (codes and scales, with their biases), of the trainable tensors, and of the
+        rest of the model's parameters and buffers."""
+        four_bit = {id(t): t.untyped_storage().nbytes() for m in self.modules() if isinstance(m, Linear4bit)
+                    for t in (*m.parameters(), *m.buffers())}
+        trainable = {id(p): p.untyped_storage().nbytes() for p in self.parameters() if p.requires_grad}
+        rest = {id(t): t.untyped_storage().nbytes() for t in (*self.parameters(), *self.buffers())
+                if id(t) not in four_bit and id(t) not in trainable}
+        return {"4bit_layers": sum(four_bit.values()), "trainable": sum(trainable.values()),
+                "other": sum(rest.values())}
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        mib = {k: v / 2**20 for k, v in self.memory_footprint().items()}
+        print(f"weights: 4-bit layers {mib['4bit_layers']:.2f} MiB || trainable {mib['trainable']:.2f} MiB || "
+              f"other {mib['other']:.2f} MiB")
 
     # ---- peft's file format -----------------------------------------------------------------------------------
     def _file_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -363,7 +420,7 @@ class QPeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         if config.is_prompt_learning:
             return self.prompt_encoder[adapter_name].file_tensors()
-        return _LAYER_METHODS[config.peft_type].file_parameters(self.base_model, config, adapter_name)
+        return _METHODS[config.peft_type].file_parameters(self.base_model, config, adapter_name)
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,

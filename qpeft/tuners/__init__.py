@@ -5,9 +5,11 @@ from .adalora import AdaLoraConfig
 from .config import CONFIG_CLASSES, AdapterConfig, config_from_peft_dict
 from .ia3 import IA3Config
 from .lora import LoraConfig
+from .bottleneck import BottleneckConfig
+from .selective import BitFitConfig, LayerwiseConfig
 from .prompt import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
                      PromptTuningConfig)
 
-__all__ = ["CONFIG_CLASSES", "AdaLoraConfig", "AdapterConfig", "IA3Config", "LoraConfig", "MultitaskPromptTuningConfig",
-           "PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig",
-           "config_from_peft_dict"]
+__all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CONFIG_CLASSES",
+           "config_from_peft_dict", "IA3Config", "LayerwiseConfig", "LoraConfig", "MultitaskPromptTuningConfig",
+           "PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig"]

@@ -110,6 +110,21 @@ class AdapterConfig:
         return fields
 
 
+@dataclasses.dataclass(kw_only=True)
+class WholeModelConfig(AdapterConfig):
+    """A method that works on the whole model: ``quantize`` (qpeft's) makes every linear layer but the output head
+    a 4-bit layer in the config's format when the adapter is added (False: the model's layers as they are)."""
+
+    QPEFT_ONLY: ClassVar[tuple[str, ...]] = AdapterConfig.QPEFT_ONLY + ("quantize",)
+
+    quantize: bool = True
+
+    def validate(self, source: str | None = None) -> None:
+        super().validate(source)
+        if not isinstance(self.quantize, bool):
+            self.fail("quantize", "must be true or false", source)
+
+
 def config_from_peft_dict(d, source: str | None = None, **quant) -> AdapterConfig:
     """The config of any adapter_config.json that qpeft knows, chosen by its ``peft_type`` (LORA when absent)."""
     if not isinstance(d, dict):

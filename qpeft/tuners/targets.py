@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from .. import patterns
+from ..nn.bottleneck import Bottlenecks
 from ..nn.ia3 import IA3Linear4bit
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear4bit
 from .modules_to_save import ModulesToSave
 
-ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit)  # layers that hold adapters around a 4-bit base
+ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit)  # linear layers that hold adapters around a 4-bit base
+ADAPTER_HOLDERS = (*ADAPTER_LAYERS, Bottlenecks)  # modules holding named adapters (set / delete / disable)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -137,7 +139,7 @@ def inside_wrapper(name: str, model: nn.Module) -> bool:
     and the adapters' copies), which are never targets themselves."""
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (*ADAPTER_LAYERS, ModulesToSave)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (*ADAPTER_HOLDERS, ModulesToSave)):
             return True
     return False
 
@@ -154,3 +156,13 @@ def quantized(module: nn.Module, config) -> Linear4bit:
         return module
     return Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant,
                                   config.compute_dtype)
+
+
+def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
+    """Every linear layer but the output head (and the names ``skip`` accepts) made a 4-bit layer in ``config``'s
+    format; layers already 4-bit stay as they are."""
+    for name in linear_modules(model):
+        module = model.get_submodule(name)
+        if not isinstance(module, Linear4bit) and not skip(name):
+            set_submodule(model, name, quantized(module, config))
+

@@ -12,7 +12,7 @@ import enum
 from typing import ClassVar
 
 from ...errors import ConfigError
-from ..config import AdapterConfig, is_int, is_number
+from ..config import WholeModelConfig, is_int, is_number
 
 
 def _name(v):
@@ -20,12 +20,10 @@ def _name(v):
 
 
 @dataclasses.dataclass
-class PromptLearningConfig(AdapterConfig):
-    """Fields of every prompt-learning method. qpeft's own ``quantize``: every linear layer but the output head is
-    made a 4-bit layer in the config's format when the adapter is added (False: the model's layers as they are)."""
+class PromptLearningConfig(WholeModelConfig):
+    """Fields of every prompt-learning method (and qpeft's ``quantize``)."""
 
     is_prompt_learning: ClassVar[bool] = True
-    QPEFT_ONLY: ClassVar[tuple[str, ...]] = AdapterConfig.QPEFT_ONLY + ("quantize",)
 
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
@@ -33,7 +31,6 @@ class PromptLearningConfig(AdapterConfig):
     num_attention_heads: int | None = None
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
-    quantize: bool = True
 
     def validate(self, source: str | None = None) -> None:
         super().validate(source)
@@ -50,8 +47,6 @@ class PromptLearningConfig(AdapterConfig):
             self.fail("task_type", "must be 'CAUSAL_LM' or null (qpeft's prompt learning is for causal LMs)", source)
         if self.modules_to_save:
             self.fail("modules_to_save", "is not supported with prompt learning in qpeft", source)
-        if not isinstance(self.quantize, bool):
-            self.fail("quantize", "must be true or false", source)
 
     @property
     def total_virtual_tokens(self) -> int:

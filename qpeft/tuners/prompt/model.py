@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ...nn.linear4bit import Linear4bit
 from .. import targets
 from .config import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptLearningConfig
 from .encoders import make_encoder
@@ -31,10 +30,7 @@ def setup(model: nn.Module, config: PromptLearningConfig, loaded: bool) -> nn.Mo
         raise ValueError("qpeft: prompt learning needs a transformers model (one with a .config)")
     config.fill_from_model(model_config)
     if config.quantize:
-        for name in targets.linear_modules(model):
-            module = model.get_submodule(name)
-            if not isinstance(module, Linear4bit):
-                targets.set_submodule(model, name, targets.quantized(module, config))
+        targets.quantize_linears(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
