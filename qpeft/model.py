@@ -31,19 +31,26 @@ from .tuners.lora.config import LoraConfig
 from .tuners.modules_to_save import ModulesToSave
 from .tuners.prompt import model as prompt
 from .tuners.prompt.config import MultitaskPromptTuningConfig
+from .tuners.piggyback import model as piggyback
 from .tuners.selective import model as selective
+from .tuners.sparse import model as sparse
+from .tuners.sparse.config import SparseConfig
 
 
 class _Method(NamedTuple):
     """How QPeftModel serves a method whose adapter lives in the model's modules (prompt learning: tuners/prompt).
     ``inject(model, config, name)``, ``file_parameters(model, config, name)`` (peft file key -> tensor);
     ``own_parameters``: the method trains parameters of the model itself (exactly those of its file), so a model
-    holds one such adapter; ``mergeable``: its adapters merge into the weights."""
+    holds one such adapter; ``mergeable``: its adapters merge into the weights; ``prepare_load(model, config,
+    name, tensors)`` shapes the adapter to a file before its tensors are copied; ``load`` replaces the copy (a
+    file holding derived tensors)."""
 
     inject: Callable
     file_parameters: Callable
     own_parameters: bool = False
     mergeable: bool = True
+    prepare_load: Callable | None = None
+    load: Callable | None = None
 
 
 _METHODS = {
@@ -53,6 +60,8 @@ _METHODS = {
     "QPEFT_BITFIT": _Method(selective.inject_bitfit, selective.bitfit_parameters, own_parameters=True),
     "QPEFT_LAYERWISE": _Method(selective.inject_layerwise, selective.layerwise_parameters, own_parameters=True),
     "QPEFT_BOTTLENECK": _Method(bottleneck.inject_adapter, bottleneck.file_parameters, mergeable=False),
+    "QPEFT_SPARSE": _Method(sparse.inject_adapter, sparse.file_parameters, prepare_load=sparse.prepare_load),
+    "QPEFT_PIGGYBACK": _Method(piggyback.inject_adapter, piggyback.file_parameters, load=piggyback.load),
 }
 
 # Names that lived here before the tuners/ split.
@@ -334,6 +343,16 @@ class QPeftModel(nn.Module):
         elif config.rank_pattern:
             adalora.mask_using_rank_pattern(self.base_model, name, config.rank_pattern)
 
+    # ---- sparse fine-tuning ----------------------------------------------------------------------------------
+    def select_sparse_entries(self, batches) -> None:
+        """Sparse fine-tuning's warm-up: the entries of largest accumulated |dL/dW| over ``batches`` (dicts of
+        model inputs with labels, or token tensors) become each layer's trained entries (values zero)."""
+        config = self.active_peft_config
+        if not isinstance(config, SparseConfig):
+            raise ValueError("qpeft: select_sparse_entries is sparse fine-tuning's; the active adapter is not one")
+        sparse.select_by_gradient(self, config, self.active_adapter, batches)
+        self.set_adapter(self.active_adapter)
+
     # ---- merging --------------------------------------------------------------------------------------------
     def _layers_only(self, what: str) -> None:
         config = self.active_peft_config if self.peft_config else None
@@ -422,6 +441,17 @@ class QPeftModel(nn.Module):
             return self.prompt_encoder[adapter_name].file_tensors()
         return _METHODS[config.peft_type].file_parameters(self.base_model, config, adapter_name)
 
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A file's tensors into adapter ``adapter_name`` (every key must match, with its shape)."""
+        config = self.peft_config[adapter_name]
+        method = _METHODS.get(config.peft_type)
+        if method is not None and method.prepare_load is not None:
+            method.prepare_load(self.base_model, config, adapter_name, tensors)
+        if method is not None and method.load is not None:
+            method.load(self.base_model, config, adapter_name, tensors)
+        else:
+            adapter_io.assign_tensors(self._file_parameters(adapter_name), tensors)
+
     def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
         others in a subfolder of their name)."""
@@ -439,7 +469,7 @@ class QPeftModel(nn.Module):
         config, tensors = adapter_io.load_adapter_files(model_id, **kwargs)
         with _all_or_nothing(self.base_model, self):  # a failed load leaves no adapter behind
             self.add_adapter(adapter_name, config, _loaded=True)
-            adapter_io.assign_tensors(self._file_parameters(adapter_name), tensors)
+            self._load_tensors(adapter_name, tensors)
         if not is_trainable:
             for p in self.parameters():
                 p.requires_grad_(False)
@@ -455,7 +485,7 @@ class QPeftModel(nn.Module):
         config, tensors = adapter_io.load_adapter_files(model_id, **kwargs)
         with _all_or_nothing(model):  # a failed load leaves the caller's model unquantized
             wrapper = cls(model, config, adapter_name, _loaded=True)
-            adapter_io.assign_tensors(wrapper._file_parameters(adapter_name), tensors)
+            wrapper._load_tensors(adapter_name, tensors)
         if not is_trainable:
             for p in wrapper.parameters():
                 p.requires_grad_(False)

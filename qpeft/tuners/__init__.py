@@ -6,10 +6,13 @@ from .config import CONFIG_CLASSES, AdapterConfig, config_from_peft_dict
 from .ia3 import IA3Config
 from .lora import LoraConfig
 from .bottleneck import BottleneckConfig
+from .piggyback import PiggybackConfig
 from .selective import BitFitConfig, LayerwiseConfig
+from .sparse import SparseConfig
 from .prompt import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
                      PromptTuningConfig)
 
 __all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CONFIG_CLASSES",
            "config_from_peft_dict", "IA3Config", "LayerwiseConfig", "LoraConfig", "MultitaskPromptTuningConfig",
-           "PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig", "PromptTuningConfig"]
+           "PiggybackConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig",
+           "PromptTuningConfig", "SparseConfig"]

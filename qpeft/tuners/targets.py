@@ -18,9 +18,11 @@ from ..nn.bottleneck import Bottlenecks
 from ..nn.ia3 import IA3Linear4bit
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear4bit
+from ..nn.single_adapter import SingleAdapterLinear4bit
 from .modules_to_save import ModulesToSave
 
-ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit)  # linear layers that hold adapters around a 4-bit base
+# linear layers that hold adapters around a 4-bit base (sparse deltas and masks: SingleAdapterLinear4bit)
+ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit, SingleAdapterLinear4bit)
 ADAPTER_HOLDERS = (*ADAPTER_LAYERS, Bottlenecks)  # modules holding named adapters (set / delete / disable)
 
 

@@ -1,0 +1,99 @@
+"""``MaskedLinear4bit``: Piggyback (Mallya et al. 2018) on a frozen 4-bit W: real-valued scores S [out, in], the
+binary mask m = 1[S > threshold] in the forward, y = x (W * m)^T + b, and the straight-through gradient
+dS = dL/d(W * m) * W. The mask multiplies the dequantized weight in a transient buffer (never kept); backward keeps
+x. Saved as packed bits (1 bit per weight)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .single_adapter import SingleAdapterLinear4bit
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 [ceil(n / 8)], most significant bit first (numpy.packbits' order)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    n = shape[0] * shape[1]
+    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (n + 7) // 8:
+        raise ValueError(f"qpeft: a packed mask of {list(shape)} is {(n + 7) // 8} uint8 bytes, got "
+                         f"{bits.dtype} {list(bits.shape)}")
+    unpacked = (bits.reshape(-1, 1) & _BIT_WEIGHTS.to(bits.device)) != 0
+    return unpacked.reshape(-1)[:n].reshape(shape)
+
+
+class MaskScores(nn.Module):
+    """The trainable scores of one mask (``scores`` [out, in], starting at ``init_score`` everywhere: all kept)."""
+
+    def __init__(self, out_features: int, in_features: int, threshold: float, init_score: float,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.threshold = threshold
+        self.scores = nn.Parameter(torch.full((out_features, in_features), init_score, dtype=dtype, device=device))
+
+    def mask(self) -> torch.Tensor:
+        return self.scores > self.threshold
+
+
+class _MaskedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, scores, threshold, dequantize):
+        W = dequantize(x2.dtype)
+        mask = scores > threshold
+        Wm = W.mul_(mask)
+        ctx.save_for_backward(x2, scores)
+        ctx.meta = (threshold, dequantize)
+        return x2 @ Wm.T
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, scores = ctx.saved_tensors
+        threshold, dequantize = ctx.meta
+        W = dequantize(dy.dtype)
+        dx = dscores = None
+        if ctx.needs_input_grad[1]:  # straight through the threshold: dS = dL/d(W m) * W
+            dscores = ((dy.float().T @ x2.float()) * W.float()).to(scores.dtype)
+        if ctx.needs_input_grad[0]:
+            dx = dy @ W.mul_(scores > threshold)
+        return dx, dscores, None, None
+
+
+class MaskedLinear4bit(SingleAdapterLinear4bit):
+    def add_mask(self, name: str, threshold: float, init_score: float, dtype: torch.dtype = torch.float32,
+                 activate: bool = True) -> MaskScores:
+        scores = MaskScores(self.out_features, self.in_features, threshold, init_score, dtype, self.base.weight.device)
+        self.add_adapter(name, scores, activate)
+        return scores
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        F.check_layer_input(x, self.in_features, "MaskedLinear4bit")
+        merged = self._merged_forward(x)
+        if merged is not None:
+            return merged
+        adapter = self.active()
+        if adapter is None:
+            return self.base(x)
+        dtype = self.base.compute_dtype or x.dtype
+        x2 = F.as_rows(x.to(dtype))
+        y = _MaskedLinear.apply(x2, adapter.scores, adapter.threshold, self.base.dequantized_weight)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if self.base.bias is not None:
+            y = y + self.base.bias.to(dtype)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merged_dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        W = self.base.dequantized_weight(torch.float32)
+        adapter = self.active()
+        if adapter is not None:
+            W = W * adapter.mask()
+        bias = self.base.bias
+        return W.to(dtype), None if bias is None else bias.to(dtype)

@@ -1,0 +1,100 @@
+"""``SparseDeltaLinear4bit``: a frozen 4-bit W plus a trainable sparse difference S (a fixed set of entries, as in
+diff pruning / SpIEL): y = x (W + S)^T + b. S holds ``index`` (flat positions in [out, in], int64, sorted) and
+``values``; memory scales with the number of entries, not the layer. The backward gives the values' gradient at the
+chosen entries only; it keeps x (the input)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..lora_autograd import frozen_4bit_linear
+from .single_adapter import SingleAdapterLinear4bit
+
+
+class SparseDelta(nn.Module):
+    """The entries ``index`` (buffer, flat in [out, in]) and their trainable ``values`` (fp32, zero at first)."""
+
+    def __init__(self, index: torch.Tensor, out_features: int, in_features: int):
+        super().__init__()
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= out_features * in_features):
+            raise ValueError(f"qpeft: sparse entries must lie in [0, {out_features * in_features})")
+        if index.unique().numel() != index.numel():
+            raise ValueError("qpeft: sparse entries must be distinct")
+        index = index.sort().values
+        self.register_buffer("index", index)
+        self.values = nn.Parameter(torch.zeros(index.numel(), device=index.device))
+        self.in_features = in_features
+
+    def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index // self.in_features, self.index % self.in_features
+
+    def dense(self, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        S = torch.zeros(shape[0] * shape[1], dtype=dtype, device=self.values.device)
+        S[self.index] = self.values.to(dtype)
+        return S.reshape(shape)
+
+
+class _SparseTerm(torch.autograd.Function):
+    """x S^T for S given by (rows, cols, values): [M, out]."""
+
+    @staticmethod
+    def forward(ctx, x2, values, rows, cols, out_features):
+        y = x2.new_zeros(x2.shape[0], out_features)
+        y.index_add_(1, rows, x2.index_select(1, cols) * values.to(x2.dtype))
+        ctx.save_for_backward(x2, values, rows, cols)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, values, rows, cols = ctx.saved_tensors
+        dy_at = dy.index_select(1, rows)  # [M, nnz]
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x2).index_add_(1, cols, dy_at * values.to(dy.dtype))
+        if ctx.needs_input_grad[1]:
+            dvalues = (dy_at.float() * x2.index_select(1, cols).float()).sum(0).to(values.dtype)
+        return dx, dvalues, None, None, None
+
+
+class SparseDeltaLinear4bit(SingleAdapterLinear4bit):
+    def add_entries(self, name: str, index: torch.Tensor, activate: bool = True) -> SparseDelta:
+        delta = SparseDelta(index.to(self.base.weight.device), self.out_features, self.in_features)
+        self.add_adapter(name, delta, activate)
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        F.check_layer_input(x, self.in_features, "SparseDeltaLinear4bit")
+        merged = self._merged_forward(x)
+        if merged is not None:
+            return merged
+        delta = self.active()
+        if delta is None or delta.index.numel() == 0:
+            return self.base(x)
+        dtype = self.base.compute_dtype or x.dtype
+        xc = x.to(dtype)
+        y = frozen_4bit_linear(xc, self.base.op_weight_args(), self.out_features)
+        rows, cols = delta.rows_cols()
+        y = y + _SparseTerm.apply(F.as_rows(xc), delta.values, rows, cols, self.out_features).reshape(y.shape)
+        if self.base.bias is not None:
+            y = y + self.base.bias.to(dtype)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merged_dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        W = self.base.dequantized_weight(torch.float32)
+        delta = self.active()
+        if delta is not None:
+            W = W + delta.dense(tuple(W.shape))
+        bias = self.base.bias
+        return W.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def gradient_magnitude_entries(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """The flat indices of the ``budget`` largest entries of ``scores`` [out, in] (ties: the lower index)."""
+    flat = scores.reshape(-1)
+    budget = min(budget, flat.numel())
+    return flat.topk(budget, sorted=False).indices.sort().values
+
