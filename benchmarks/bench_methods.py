@@ -1,6 +1,7 @@
 """A training step of every PEFT method on a 4-bit base: qpeft vs peft on a bitsandbytes 4-bit model vs peft on a
 16/32-bit model, the same Llama-architecture model (random init, no downloads) and data: tokens/s, peak memory,
-trainable parameters, loss first and last.
+trainable parameters, loss first and last. Methods peft does not have (BitFit, layer-wise, sparse, bottleneck,
+Piggyback) run in qpeft alone.
 
 Each (method, variant) runs in its own process (so the CPU peak RSS is its own); the processes of a method run in
 rounds, variants interleaved, and each reports the median step time of its steps. Gradient checkpointing
@@ -27,7 +28,9 @@ CPU_MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, n
                  num_key_value_heads=2, vocab_size=2000, max_position_embeddings=512)
 GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
-METHODS = ["lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning"]
+METHODS = ["lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning",
+           "bitfit", "layerwise", "sparse", "bottleneck", "piggyback"]
+QPEFT_ONLY = {"bitfit", "layerwise", "sparse", "bottleneck", "piggyback"}  # methods peft does not have
 STEPS_FOR_ADALORA = 40  # AdaLoRA's total_step: its budget phase spans the measured steps
 VARIANTS = ["qpeft", "bnb_peft", "dense_peft", "qpeft_checkpointed"]
 NVT = 20
@@ -46,6 +49,13 @@ def config(library, method: str, dtype: torch.dtype):
     if method == "ia3":
         return library.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                                  **task)
+    own = {"bitfit": lambda: library.BitFitConfig(bias_modules=targets, add_missing_bias=True, **task),
+           "layerwise": lambda: library.LayerwiseConfig(last_k=1, **task),
+           "sparse": lambda: library.SparseConfig(target_modules=targets, budget=0.002, **task),
+           "bottleneck": lambda: library.BottleneckConfig(style="houlsby", reduction_factor=16, **task),
+           "piggyback": lambda: library.PiggybackConfig(target_modules=targets, **task)}
+    if method in own:
+        return own[method]()
     common = dict(num_virtual_tokens=NVT, **task)
     return {"prompt-tuning": lambda: library.PromptTuningConfig(**common),
             "p-tuning": lambda: library.PromptEncoderConfig(encoder_hidden_size=256, **common),
@@ -87,6 +97,10 @@ def run_variant(variant: str, method: str, folder: str, device: torch.device, dt
                 seq: int, steps: int, warmup: int) -> dict:
     model, checkpointing = build(variant, method, folder, device, dtype)
     model.train()
+    if method == "sparse":  # the gradient-magnitude warm-up, not timed
+        g = torch.Generator().manual_seed(99)
+        model.select_sparse_entries([torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+                                     for _ in range(2)])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4 if method in ("lora", "adalora") else 3e-2)
     g = torch.Generator().manual_seed(1234)
@@ -133,7 +147,8 @@ def main() -> None:
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_config)).to(dtype).save_pretrained(folder)
         for method in args.methods.split(","):
             for _ in range(args.rounds):
-                for variant in VARIANTS if method == "prefix-tuning" else VARIANTS[:-1]:
+                variants = VARIANTS if method == "prefix-tuning" else VARIANTS[:-1]
+                for variant in ["qpeft"] if method in QPEFT_ONLY else variants:
                     cmd = [sys.executable, __file__, "--device", str(device), "--steps", str(args.steps),
                            "--variant", variant, "--method", method, "--folder", folder]
                     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
