@@ -103,3 +103,25 @@ def trainer_losses(model, items, folder, epochs: int, learning_rate: float) -> l
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
+
+def float_model_of(qmodel: torch.nn.Module, original: torch.nn.Module, dtype: torch.dtype | None = None,
+                   with_biases: bool = False) -> torch.nn.Module:
+    """``original`` (in ``dtype``) with the weight of every qpeft 4-bit layer of ``qmodel`` (a layer's ``base``
+    included) replaced by its dequantization, transposed back for a Conv1D; ``with_biases``: the 4-bit layers'
+    biases too (added where the original has none)."""
+    from qpeft.nn import Linear4bit
+    model = copy.deepcopy(original)
+    if dtype is not None:
+        model = model.to(dtype)
+    with torch.no_grad():
+        for name, m in qmodel.named_modules():
+            if isinstance(m, Linear4bit):
+                target = model.get_submodule(name.removesuffix(".base"))
+                W = m.dequantized_weight(torch.float32)
+                target.weight.copy_(W.T if m.fan_in_fan_out else W)
+                if with_biases and m.bias is not None:
+                    if target.bias is None:
+                        target.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=target.weight.dtype))
+                    target.bias.copy_(m.bias)
+    return model
+

@@ -12,7 +12,7 @@ import qpeft
 from qpeft import reference as R
 from qpeft.nn import IA3Linear4bit, Linear4bit, LoraLinear4bit
 
-from helpers import rel_err, tiny_gpt2, tiny_llama
+from helpers import float_model_of as float_copy, rel_err, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -23,17 +23,6 @@ ADALORA_KW = dict(init_r=6, target_r=2, target_modules=["q_proj", "v_proj", "up_
 
 def tokens(seed=1, n=2):
     return torch.randint(0, 101, (n, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def float_copy(qbase, original):
-    """``original`` with every quantized layer's weight replaced by its dequantization."""
-    model = copy.deepcopy(original)
-    with torch.no_grad():
-        for name, m in qbase.named_modules():
-            if isinstance(m, Linear4bit):
-                W = m.dequantized_weight(torch.float32)
-                model.get_submodule(name.removesuffix(".base")).weight.copy_(W.T if m.fan_in_fan_out else W)
-    return model
 
 
 def models(kind, original=None, seed=5):

@@ -11,7 +11,7 @@ import torch
 import qpeft
 from qpeft.nn import Linear4bit
 
-from helpers import tiny_gpt2, tiny_llama, trainer_losses
+from helpers import float_model_of as float_copy, tiny_gpt2, tiny_llama, trainer_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -47,17 +47,6 @@ def batch(seed=1, padded=True):
 
 def extra(method, n=2):
     return {"task_ids": torch.tensor([2, 0][:n])} if method == "multitask" else {}
-
-
-def float_copy(qbase, original):
-    """``original`` with every qpeft 4-bit layer's weight replaced by its dequantization."""
-    model = copy.deepcopy(original)
-    with torch.no_grad():
-        for name, m in qbase.named_modules():
-            if isinstance(m, Linear4bit):
-                W = m.dequantized_weight(torch.float32)
-                model.get_submodule(name).weight.copy_(W.T if m.fan_in_fan_out else W)
-    return model
 
 
 def qpeft_model(method, make=tiny_llama, seed=7):

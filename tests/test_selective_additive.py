@@ -13,7 +13,7 @@ from qpeft.nn import Linear4bit
 from qpeft.nn.piggyback import MaskedLinear4bit, pack_bits, unpack_bits
 from qpeft.nn.sparse_delta import SparseDeltaLinear4bit
 
-from helpers import rel_err, tiny_gpt2, tiny_llama
+from helpers import float_model_of, rel_err, tiny_gpt2, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -23,20 +23,8 @@ def tokens(seed=1):
 
 
 def float_reference(model, original):
-    """``original`` in float64 with each 4-bit layer's weight replaced by its dequantization (and the model's
-    current biases), for outputs and gradients of methods that leave the weights' definition alone."""
-    ref = copy.deepcopy(original).double()
-    with torch.no_grad():
-        for name, m in model.base_model.named_modules():
-            if isinstance(m, Linear4bit):
-                target = ref.get_submodule(name.removesuffix(".base"))
-                W = m.dequantized_weight(torch.float32).double()
-                target.weight.copy_(W.T if m.fan_in_fan_out else W)
-                if m.bias is not None:
-                    if target.bias is None:
-                        target.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=torch.float64))
-                    target.bias.copy_(m.bias.double())
-    return ref
+    """``original`` in float64 holding each 4-bit layer's dequantized weight and current bias."""
+    return float_model_of(model.base_model, original, torch.float64, with_biases=True)
 
 
 def train(model, steps=6, lr=2e-2):
