@@ -5,13 +5,10 @@ module and is applied by a forward hook, so the module and its parameter names s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-
 import torch
 from torch import nn
 
-from ..files import check_adapter_name
+from .adapter_holder import AdapterHolder
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -36,46 +33,18 @@ class BottleneckAdapter(nn.Module):
         return self.up(self.act(self.down(z))).to(h.dtype)
 
 
-class Bottlenecks(nn.Module):
+class Bottlenecks(AdapterHolder):
     """The adapters of one module (``adapters``: name -> BottleneckAdapter; active ones summed)."""
 
     def __init__(self):
         super().__init__()
         self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
 
     def add_adapter(self, name: str, adapter: BottleneckAdapter, activate: bool = True) -> None:
-        check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"qpeft: adapter {name!r} already exists")
-        self.adapters[name] = adapter
-        if activate:
-            self.set_adapter(name)
-
-    def set_adapter(self, names: str | Sequence[str]) -> None:
-        names = [names] if isinstance(names, str) else list(names)
-        for name in names:
-            if name not in self.adapters:
-                raise KeyError(f"qpeft: no adapter named {name!r} (have {list(self.adapters)})")
-        self.active_adapters = names
-
-    def delete_adapter(self, name: str) -> None:
-        del self.adapters[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        previous, self.disable_adapters = self.disable_adapters, True
-        try:
-            yield
-        finally:
-            self.disable_adapters = previous
+        self.register_adapter(name, adapter, activate)
 
     def adapt(self, h: torch.Tensor) -> torch.Tensor:
-        if self.disable_adapters:
-            return h
-        for name in self.active_adapters:
+        for name in self.active_names():
             h = h + self.adapters[name](h)
         return h
 

@@ -10,18 +10,16 @@ magnitude ratio. No dequantized weight and no dropout mask survive a call.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .. import functional as F
 from .. import reference
-from ..files import check_adapter_name
 from ..lora_autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
-from .linear4bit import Linear4bit, dense_layer
+from .adapter_holder import AdapterHolder
+from .linear4bit import Linear4bit
 
 
 class LoraAdapter(nn.Module):
@@ -113,7 +111,7 @@ class AdaLoraAdapter(nn.Module):
                 f"dropout={self.dropout}")
 
 
-class LoraLinear4bit(nn.Module):
+class LoraLinear4bit(AdapterHolder):
     """y = x W^T + sum over active adapters of s * (drop(x) A^T B^T + lora_bias) + bias, W frozen 4-bit; DoRA
     adapters as in reference.lora_linear.
 
@@ -132,10 +130,6 @@ class LoraLinear4bit(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disable_adapters = False
-        self.merged_weight: torch.Tensor | None = None  # set by merge(): W + active deltas, dense
-        self.merged_bias: torch.Tensor | None = None
         if r is not None:
             self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_dtype)
 
@@ -152,57 +146,17 @@ class LoraLinear4bit(nn.Module):
                     use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
                     adapter_dtype: torch.dtype = torch.float32, activate: bool = True) -> LoraAdapter:
         """Adds a fresh adapter (B = 0: the layer's output is unchanged) and, by default, makes it the active one."""
-        check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"qpeft: adapter {name!r} already exists")
-        self._require_unmerged("add an adapter")
+        self.check_new_adapter(name)
         adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, use_dora, lora_bias,
                               init, adapter_dtype, self.base.weight.device)
         if use_dora:  # m starts as the row norms of W, in fp32
             with torch.no_grad():
                 adapter.lora_magnitude.copy_(self.base.row_norms_squared().sqrt())
-        self.adapters[name] = adapter
-        if activate:
-            self.set_adapter(name)
+        self.register_adapter(name, adapter, activate)
         return adapter
 
-    def attach(self, name: str, adapter: "AdaLoraAdapter", activate: bool = True) -> None:
-        """Adds an adapter module built elsewhere (AdaLoRA's)."""
-        check_adapter_name(name)
-        if name in self.adapters:
-            raise ValueError(f"qpeft: adapter {name!r} already exists")
-        self._require_unmerged("add an adapter")
-        self.adapters[name] = adapter
-        if activate:
-            self.set_adapter(name)
-
-    def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Makes ``names`` (one or several, summed) the active adapters."""
-        names = [names] if isinstance(names, str) else list(names)
-        for name in names:
-            if name not in self.adapters:
-                raise KeyError(f"qpeft: no adapter named {name!r} (have {list(self.adapters)})")
-        self._require_unmerged("change the active adapters")
-        self.active_adapters = names
-
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(f"qpeft: no adapter named {name!r} (have {list(self.adapters)})")
-        self._require_unmerged("delete an adapter")
-        del self.adapters[name]
-        self.active_adapters = [n for n in self.active_adapters if n != name]
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Within the context the layer is the frozen base alone (also while merged: the merge is kept for after)."""
-        previous, self.disable_adapters = self.disable_adapters, True
-        try:
-            yield
-        finally:
-            self.disable_adapters = previous
-
     def _active(self) -> list[LoraAdapter | AdaLoraAdapter]:
-        return [] if self.disable_adapters else [self.adapters[n] for n in self.active_adapters]
+        return [self.adapters[n] for n in self.active_names()]
 
     def _single(self) -> LoraAdapter:
         if len(self.active_adapters) != 1:
@@ -227,14 +181,6 @@ class LoraLinear4bit(nn.Module):
         F.check_dropout_p(p, "LoRA dropout")
         self._single().dropout = p
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, dropout_seed: int | torch.Tensor | None = None) -> torch.Tensor:
         """``dropout_seed`` fixes the dropout stream (tests; adapter i uses seed + i); by default each training call
@@ -245,11 +191,9 @@ class LoraLinear4bit(nn.Module):
             raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
         dtype = self.base.compute_dtype or x.dtype
         xc = x if x.dtype == dtype else x.to(dtype)
-        if self.merged_weight is not None and not self.disable_adapters:  # disabled: the base alone, below
-            if self.training and torch.is_grad_enabled():
-                raise RuntimeError("qpeft: the adapters are merged; call unmerge() before training")
-            bias = self.merged_bias.to(dtype) if self.merged_bias is not None else None
-            return torch.nn.functional.linear(xc, self.merged_weight.to(dtype), bias).to(x.dtype)
+        merged = self.merged_forward(xc, dtype)  # (disabled: the base alone, below)
+        if merged is not None:
+            return merged.to(x.dtype)
         adapters = self._active()
         base_bias = self.base.bias
         branches = [a.branch() for a in adapters]
@@ -330,29 +274,3 @@ class LoraLinear4bit(nn.Module):
             if lora_bias is not None:
                 bias = lora_bias if bias is None else bias + lora_bias
         return weight.to(dtype), None if bias is None else bias.to(dtype)
-
-    def merge(self, dtype: torch.dtype | None = None) -> None:
-        """Serve from one dense merged weight (inference); ``dtype`` defaults to the base weight's dtype."""
-        self.merged_weight, self.merged_bias = self.merged_dense(dtype or self.base.weight_dtype)
-
-    def unmerge(self) -> None:
-        """Back to 4-bit base + adapters (exactly the unmerged layer: the base was never modified)."""
-        self.merged_weight = self.merged_bias = None
-
-    @property
-    def merged(self) -> bool:
-        return self.merged_weight is not None
-
-    def _require_unmerged(self, what: str) -> None:
-        if self.merged_weight is not None:
-            raise RuntimeError(f"qpeft: unmerge() before you {what}")
-
-    @torch.no_grad()
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """An nn.Linear with the merged weight and bias (peft's merge_and_unload for this layer); a Conv1D when the
-        base was quantized from one."""
-        W, bias = self.merged_dense(dtype or self.base.weight_dtype)
-        return dense_layer(W, bias, self.base.fan_in_fan_out)
-
-    def extra_repr(self) -> str:
-        return f"active_adapters={self.active_adapters}, disable_adapters={self.disable_adapters}"

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
-from .single_adapter import SingleAdapterLinear4bit
+from .adapter_holder import SingleAdapterLinear4bit
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -70,30 +69,11 @@ class MaskedLinear4bit(SingleAdapterLinear4bit):
     def add_mask(self, name: str, threshold: float, init_score: float, dtype: torch.dtype = torch.float32,
                  activate: bool = True) -> MaskScores:
         scores = MaskScores(self.out_features, self.in_features, threshold, init_score, dtype, self.base.weight.device)
-        self.add_adapter(name, scores, activate)
+        self.register_adapter(name, scores, activate)
         return scores
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        F.check_layer_input(x, self.in_features, "MaskedLinear4bit")
-        merged = self._merged_forward(x)
-        if merged is not None:
-            return merged
-        adapter = self.active()
-        if adapter is None:
-            return self.base(x)
-        dtype = self.base.compute_dtype or x.dtype
-        x2 = F.as_rows(x.to(dtype))
-        y = _MaskedLinear.apply(x2, adapter.scores, adapter.threshold, self.base.dequantized_weight)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        if self.base.bias is not None:
-            y = y + self.base.bias.to(dtype)
-        return y.to(x.dtype)
+    def adapted(self, x2: torch.Tensor, adapter: MaskScores) -> torch.Tensor:
+        return _MaskedLinear.apply(x2, adapter.scores, adapter.threshold, self.base.dequantized_weight)
 
-    @torch.no_grad()
-    def merged_dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
-        W = self.base.dequantized_weight(torch.float32)
-        adapter = self.active()
-        if adapter is not None:
-            W = W * adapter.mask()
-        bias = self.base.bias
-        return W.to(dtype), None if bias is None else bias.to(dtype)
+    def adapted_weight(self, W: torch.Tensor, adapter: MaskScores) -> torch.Tensor:
+        return W * adapter.mask()

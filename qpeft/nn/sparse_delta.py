@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
 from ..lora_autograd import frozen_4bit_linear
-from .single_adapter import SingleAdapterLinear4bit
+from .adapter_holder import SingleAdapterLinear4bit
 
 
 class SparseDelta(nn.Module):
@@ -62,34 +61,19 @@ class _SparseTerm(torch.autograd.Function):
 class SparseDeltaLinear4bit(SingleAdapterLinear4bit):
     def add_entries(self, name: str, index: torch.Tensor, activate: bool = True) -> SparseDelta:
         delta = SparseDelta(index.to(self.base.weight.device), self.out_features, self.in_features)
-        self.add_adapter(name, delta, activate)
+        self.register_adapter(name, delta, activate)
         return delta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        F.check_layer_input(x, self.in_features, "SparseDeltaLinear4bit")
-        merged = self._merged_forward(x)
-        if merged is not None:
-            return merged
-        delta = self.active()
-        if delta is None or delta.index.numel() == 0:
-            return self.base(x)
-        dtype = self.base.compute_dtype or x.dtype
-        xc = x.to(dtype)
-        y = frozen_4bit_linear(xc, self.base.op_weight_args(), self.out_features)
-        rows, cols = delta.rows_cols()
-        y = y + _SparseTerm.apply(F.as_rows(xc), delta.values, rows, cols, self.out_features).reshape(y.shape)
-        if self.base.bias is not None:
-            y = y + self.base.bias.to(dtype)
-        return y.to(x.dtype)
+    def idle(self, delta: SparseDelta) -> bool:
+        return delta.index.numel() == 0
 
-    @torch.no_grad()
-    def merged_dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
-        W = self.base.dequantized_weight(torch.float32)
-        delta = self.active()
-        if delta is not None:
-            W = W + delta.dense(tuple(W.shape))
-        bias = self.base.bias
-        return W.to(dtype), None if bias is None else bias.to(dtype)
+    def adapted(self, x2: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
+        y = frozen_4bit_linear(x2, self.base.op_weight_args(), self.out_features)
+        rows, cols = delta.rows_cols()
+        return y + _SparseTerm.apply(x2, delta.values, rows, cols, self.out_features)
+
+    def adapted_weight(self, W: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
+        return W + delta.dense(tuple(W.shape))
 
 
 def gradient_magnitude_entries(scores: torch.Tensor, budget: int) -> torch.Tensor:

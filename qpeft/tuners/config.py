@@ -125,6 +125,27 @@ class WholeModelConfig(AdapterConfig):
             self.fail("quantize", "must be true or false", source)
 
 
+@dataclasses.dataclass(kw_only=True)
+class TargetedConfig(AdapterConfig):
+    """A method on chosen linear layers (qpeft's own): ``target_modules`` and ``exclude_modules`` as in LoRA; no
+    layer selection or modules_to_save."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: None = None
+    layers_to_transform: None = None
+    layers_pattern: None = None
+
+    def validate(self, source: str | None = None) -> None:
+        super().validate(source)
+        for key in ("target_modules", "exclude_modules"):
+            if getattr(self, key) is not None and not is_names(getattr(self, key)):
+                self.fail(key, "must be a name, a regex or a list of names", source)
+        for key in ("modules_to_save", "layers_to_transform", "layers_pattern"):
+            if getattr(self, key) is not None:
+                self.fail(key, f"is not a {self.peft_type} option", source)
+
+
 def config_from_peft_dict(d, source: str | None = None, **quant) -> AdapterConfig:
     """The config of any adapter_config.json that qpeft knows, chosen by its ``peft_type`` (LORA when absent)."""
     if not isinstance(d, dict):

@@ -9,7 +9,7 @@ keeps the layers of those indices (the first numbered segment of the name, or th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
@@ -18,12 +18,19 @@ from ..nn.bottleneck import Bottlenecks
 from ..nn.ia3 import IA3Linear4bit
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.lora import LoraLinear4bit
-from ..nn.single_adapter import SingleAdapterLinear4bit
+from ..nn.adapter_holder import SingleAdapterLinear4bit
 from .modules_to_save import ModulesToSave
 
 # linear layers that hold adapters around a 4-bit base (sparse deltas and masks: SingleAdapterLinear4bit)
 ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit, SingleAdapterLinear4bit)
 ADAPTER_HOLDERS = (*ADAPTER_LAYERS, Bottlenecks)  # modules holding named adapters (set / delete / disable)
+
+
+def modules_of(model: nn.Module, cls) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every submodule of ``model`` that is a ``cls``."""
+    for name, module in model.named_modules():
+        if isinstance(module, cls):
+            yield name, module
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

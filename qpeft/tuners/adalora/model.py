@@ -41,7 +41,7 @@ def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -
         if config.init_lora_weights is False:
             with torch.no_grad():
                 adapter.lora_E.normal_(0.0, 0.5)
-        module.attach(adapter_name, adapter, activate=False)
+        module.register_adapter(adapter_name, adapter, activate=False)
     config.fan_in_fan_out = any(model.get_submodule(n).base.fan_in_fan_out for n in names)
     return names
 

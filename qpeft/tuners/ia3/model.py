@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -15,10 +14,8 @@ from ..lora.model import PREFIX
 from .config import IA3Config
 
 
-def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear4bit]]:
-    for name, module in model.named_modules():
-        if isinstance(module, IA3Linear4bit):
-            yield name, module
+def ia3_layers(model: nn.Module):
+    return targets.modules_of(model, IA3Linear4bit)
 
 
 def is_feedforward(name: str, config: IA3Config) -> bool:

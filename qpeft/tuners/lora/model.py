@@ -7,7 +7,6 @@ or "all"), and the modules_to_save' own parameter names; the adapter name never 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -20,10 +19,8 @@ from .config import LoraConfig
 PREFIX = "base_model.model."
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear4bit]]:
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear4bit):
-            yield name, module
+def lora_layers(model: nn.Module):
+    return targets.modules_of(model, LoraLinear4bit)
 
 
 def _init_name(config: LoraConfig) -> str:

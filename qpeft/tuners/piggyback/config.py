@@ -5,31 +5,23 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import AdapterConfig, is_names, is_number
+from ..config import TargetedConfig, is_number
 
 
 @dataclasses.dataclass
-class PiggybackConfig(AdapterConfig):
+class PiggybackConfig(TargetedConfig):
     """Learned binary masks over the targeted 4-bit weights (``target_modules`` as in LoRA): scores start at
     ``init_score`` (every weight kept), the mask keeps the weights whose score exceeds ``threshold``.
     ``score_dtype``: "float32" or "bfloat16" (scores take 4 or 2 bytes per weight while training)."""
 
     peft_type: ClassVar[str] = "QPEFT_PIGGYBACK"
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
     threshold: float = 5e-3
     init_score: float = 1e-2
     score_dtype: str = "float32"
-    modules_to_save: None = None
-    layers_to_transform: None = None
-    layers_pattern: None = None
 
     def validate(self, source: str | None = None) -> None:
         super().validate(source)
-        for key in ("target_modules", "exclude_modules"):
-            if getattr(self, key) is not None and not is_names(getattr(self, key)):
-                self.fail(key, "must be a name, a regex or a list of names", source)
         for key in ("threshold", "init_score"):
             if not is_number(getattr(self, key)):
                 self.fail(key, "must be a finite number", source)
@@ -38,6 +30,3 @@ class PiggybackConfig(AdapterConfig):
                       source)
         if self.score_dtype not in ("float32", "bfloat16"):
             self.fail("score_dtype", "must be 'float32' or 'bfloat16'", source)
-        for key in ("modules_to_save", "layers_to_transform", "layers_pattern"):
-            if getattr(self, key) is not None:
-                self.fail(key, "is not a Piggyback option", source)

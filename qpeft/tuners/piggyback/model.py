@@ -13,9 +13,7 @@ from .config import PiggybackConfig
 
 
 def masked_layers(model: nn.Module):
-    for name, module in model.named_modules():
-        if isinstance(module, MaskedLinear4bit):
-            yield name, module
+    return targets.modules_of(model, MaskedLinear4bit)
 
 
 def inject_adapter(model: nn.Module, config: PiggybackConfig, adapter_name: str) -> list[str]:

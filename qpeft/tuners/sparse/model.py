@@ -15,9 +15,7 @@ from .config import SparseConfig
 
 
 def sparse_layers(model: nn.Module):
-    for name, module in model.named_modules():
-        if isinstance(module, SparseDeltaLinear4bit):
-            yield name, module
+    return targets.modules_of(model, SparseDeltaLinear4bit)
 
 
 def inject_adapter(model: nn.Module, config: SparseConfig, adapter_name: str) -> list[str]:
