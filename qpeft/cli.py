@@ -3,8 +3,8 @@
     qpeft info                 build (version, CUDA kernels and archs), torch, devices, CPU SIMD features
     qpeft demo [--steps N] [--method M]
                                fine-tuning of a small 4-bit Llama built from an embedded config on embedded text
-                               (QLoRA, or a soft-prompt method): progress bar, loss, time and peak memory; runs on a
-                               laptop CPU in about a minute
+                               (QLoRA by default, or any method qpeft has: see --help): progress bar, loss, time and
+                               peak memory; runs on a laptop CPU in about a minute
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def demo_batches(batch: int, seq: int, steps: int, generator: torch.Generator):
         yield torch.stack([data[s:s + seq] for s in starts])
 
 
-METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
+METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning",
+           "bitfit", "layerwise", "sparse", "bottleneck", "piggyback")
 
 
 def demo_config(method: str, r: int, dtype: torch.dtype, steps: int):
@@ -92,6 +93,16 @@ def demo_config(method: str, r: int, dtype: torch.dtype, steps: int):
     if method == "ia3":
         return qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                                compute_dtype=dtype)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    own = {"bitfit": lambda: qpeft.BitFitConfig(bias_modules=projections, add_missing_bias=True),
+           "layerwise": lambda: qpeft.LayerwiseConfig(last_k=1),
+           "sparse": lambda: qpeft.SparseConfig(target_modules=projections, budget=0.01),
+           "bottleneck": lambda: qpeft.BottleneckConfig(style="houlsby", bottleneck_size=r),
+           "piggyback": lambda: qpeft.PiggybackConfig(target_modules=projections)}
+    if method in own:
+        config = own[method]()
+        config.compute_dtype = dtype
+        return config
     common = dict(num_virtual_tokens=r, compute_dtype=dtype)
     return {"prompt-tuning": lambda: qpeft.PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **common),
             "p-tuning": lambda: qpeft.PromptEncoderConfig(encoder_hidden_size=128, **common),
@@ -113,9 +124,12 @@ def demo(args) -> int:
     qpeft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
     model = qpeft.get_peft_model(model, demo_config(args.method, args.r, dtype, args.steps))
     multitask = args.method == "multitask-prompt-tuning"
+    if args.method == "sparse":  # the entries: gradient magnitude over two warm-up batches
+        warmup = demo_batches(args.batch, args.seq, 2, torch.Generator().manual_seed(args.seed + 1))
+        model.select_sparse_entries([ids.to(device) for ids in warmup])
     model.print_trainable_parameters()
     model.train()
-    lr = args.lr or (3e-3 if args.method in ("lora", "adalora") else 3e-2)
+    lr = args.lr or (3e-3 if args.method in ("lora", "adalora", "layerwise") else 3e-2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -154,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=96)
     d.add_argument("--method", choices=METHODS, default="lora", help="PEFT method (default: lora)")
-    d.add_argument("--r", type=int, default=16, help="LoRA / AdaLoRA initial rank, or the number of virtual tokens")
-    d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora, adalora), 3e-2 (ia3, soft prompts)")
+    d.add_argument("--r", type=int, default=16, help="LoRA / AdaLoRA initial rank, the number of virtual tokens, or "
+                   "the bottleneck width")
+    d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora, adalora, layerwise), else 3e-2")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
