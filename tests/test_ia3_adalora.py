@@ -131,6 +131,46 @@ def test_ia3_keeps_for_backward_what_peft_keeps():
         assert rel_err(layer(x), ref) < 1e-5
 
 
+# ---- the AdaLoRA layer -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, k", [(1, 128), (9, 100), (0, 64)])
+@pytest.mark.parametrize("kept", [[True] * 6, [True, False, True, False, False, True], [False] * 6])
+def test_adalora_layer_matches_the_float64_reference(m, k, dtype, kept):
+    """x W^T + drop(x) (A*E)^T B^T s / (ranknum + 1e-5) + b on the fused path, masked ranks left out; the
+    gradients of x, A, E, B vs float64 autograd of reference.adalora_delta (masked ranks: zero)."""
+    from qpeft.nn.lora import AdaLoraAdapter
+    torch.manual_seed(3)
+    base = Linear4bit.from_linear(torch.nn.Linear(k, 40))
+    layer = LoraLinear4bit(base, r=None)
+    adapter = AdaLoraAdapter(k, 40, r=6, alpha=16, ranknum=12)
+    with torch.no_grad():
+        adapter.lora_E.normal_()
+    layer.register_adapter("default", adapter)
+    from qpeft.tuners.adalora.model import apply_mask
+    keep = torch.tensor(kept)
+    apply_mask(adapter, keep)
+    x = torch.randn(k, m).T.to(dtype).requires_grad_()  # non-contiguous
+    y = layer(x)
+    A, E, B = (t.detach().double().requires_grad_() for t in (adapter.lora_A, adapter.lora_E, adapter.lora_B))
+    x64 = x.detach().double().requires_grad_()
+    W = base.dequantized_weight(torch.float32).double()
+    keep64 = keep.double().reshape(-1, 1)
+    ref = x64 @ W.T + x64 @ R.adalora_delta(A, E * keep64, B, 16, 12).T + base.bias.double()
+    g = torch.randn_like(ref)
+    y.backward(g.to(dtype))
+    ref.backward(g)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    if m:
+        assert rel_err(y, ref) < tol and rel_err(x.grad, x64.grad) < tol
+        for ours, theirs in ((adapter.lora_A, A), (adapter.lora_E, E), (adapter.lora_B, B)):
+            if keep.any():
+                assert rel_err(ours.grad, theirs.grad * (keep64 if ours is not adapter.lora_B else keep64.T)) < tol
+            else:
+                assert ours.grad is None or not ours.grad.any()
+    assert y.shape == (m, 40)
+
+
 # ---- models against peft ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["ia3", "adalora"])
