@@ -452,9 +452,16 @@ class QPeftModel(nn.Module):
         else:
             adapter_io.assign_tensors(self._file_parameters(adapter_name), tensors)
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None,
+                        is_main_process: bool | None = None) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
-        others in a subfolder of their name)."""
+        others in a subfolder of their name). Under torch.distributed only rank 0 writes (``is_main_process``
+        decides otherwise, as in peft); the adapters are the same on every data-parallel rank."""
+        if is_main_process is None:
+            is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+                torch.distributed.get_rank() == 0
+        if not is_main_process:
+            return
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
                 raise KeyError(f"qpeft: no adapter named {name!r}")
