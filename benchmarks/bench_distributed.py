@@ -1,0 +1,98 @@
+"""Training on several CPU processes (gloo): per-rank bytes of the frozen 4-bit base and the step time of a
+QPeftModel (LoRA r=16, all projections) on 1 and 2 ranks, under DDP (the base replicated) and FSDP2
+(qpeft.distributed.fully_shard_model: the base's codes and scales sharded), the same global batch per step.
+
+    python benchmarks/bench_distributed.py [--steps N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from harness import benchmark_args, print_table, write_results
+
+MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=2000, max_position_embeddings=512)
+GLOBAL_BATCH, SEQ = 4, 128
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def worker(rank, world, sharding, port, steps, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+        import transformers
+
+        import qpeft
+        from qpeft.nn import Linear4bit
+
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL)).to(torch.bfloat16)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = qpeft.get_peft_model(model, qpeft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                                             compute_dtype=torch.bfloat16))
+        if sharding == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            qpeft.distributed.fully_shard_model(model, init_device_mesh("cpu", (world,)))
+            trained = model
+        else:
+            trained = torch.nn.parallel.DistributedDataParallel(model)
+        base = sum(local_bytes(t) for m in model.modules() if isinstance(m, Linear4bit)
+                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        g = torch.Generator().manual_seed(1)
+        times = []
+        for step in range(steps + 2):
+            ids = torch.randint(0, MODEL["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g).chunk(world)[rank]
+            start = time.perf_counter()
+            trained(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            dist.barrier()
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(f"{base} {statistics.median(times)}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    args = benchmark_args(__doc__, lambda p: p.add_argument("--steps", type=int, default=8))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for sharding in ("ddp", "fsdp2"):
+            for world in (1, 2):
+                out = os.path.join(folder, f"{sharding}{world}")
+                mp.spawn(worker, args=(world, sharding, free_port(), args.steps, out), nprocs=world)
+                base, step = open(out).read().split()
+                rows.append({"sharding": sharding, "ranks": world, "base_MB_per_rank": int(base) / 2**20,
+                             "step_ms": 1e3 * float(step), "tokens_per_s": GLOBAL_BATCH * SEQ / float(step)})
+    print_table(rows, ["sharding", "ranks", "base_MB_per_rank", "step_ms", "tokens_per_s"])
+    for row in rows:
+        row.update({"model": MODEL, "global_batch": GLOBAL_BATCH, "seq": SEQ, "dtype": "bfloat16"})
+    print("wrote", write_results("distributed", torch.device("cpu"), rows, args.out))
+
+
+if __name__ == "__main__":
+    main()
