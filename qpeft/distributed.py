@@ -4,11 +4,14 @@ parameters; ``save_pretrained`` writes from rank 0). Sharding the frozen 4-bit b
 parameters, so FSDP2 shards them along dim 0 with the packed codes and all-gathers them together for the forward
 and the backward; ``fully_shard_model`` applies the usual recipe (each decoder layer, then the whole model).
 FSDP2 casts floating parameters only, so a mixed-precision policy leaves the packed bytes and the int32-held
-scales as they are. Not yet supported: sharded state dicts (torch.distributed.checkpoint) and loading a 4-bit
-checkpoint shard by shard."""
+scales as they are. ``save_sharded`` / ``load_sharded``: every rank writes and reads its own shards through
+torch.distributed.checkpoint. Not yet supported: loading a 4-bit checkpoint shard by shard."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from .nn.linear4bit import Linear4bit
@@ -49,3 +52,27 @@ def fully_shard_model(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
     return model
+
+
+def sharded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` under its own name, sharded tensors (DTensors) as they are: what
+    torch.distributed.checkpoint writes, and reads back in place (the 4-bit layers' raw tensors, not bitsandbytes'
+    keys)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def save_sharded(model: nn.Module, folder: str | Path) -> None:
+    """Each rank writes its shards of ``model`` (and the replicated tensors once) into ``folder``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(sharded_state_dict(model), checkpoint_id=str(folder))
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, folder: str | Path) -> None:
+    """Reads ``save_sharded``'s ``folder`` into ``model`` in place (sharded the same way, on the same ranks or
+    another number of them); a missing or mis-shaped tensor raises."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(sharded_state_dict(model), checkpoint_id=str(folder))
+
