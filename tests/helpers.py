@@ -84,8 +84,9 @@ def tiny_gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def trainer_losses(model, items, folder, epochs: int, learning_rate: float) -> list[float]:
-    """transformers.Trainer over the 16 examples ``items(i)`` (batch 4, checkpointing on, CPU): the logged losses."""
+def trainer_losses(model, items, folder, epochs: int, learning_rate: float, **arguments) -> list[float]:
+    """transformers.Trainer over the 16 examples ``items(i)`` (batch 4, checkpointing on, CPU; ``arguments``
+    override TrainingArguments): the logged losses."""
     import transformers
 
     class Data(torch.utils.data.Dataset):
@@ -95,10 +96,10 @@ def trainer_losses(model, items, folder, epochs: int, learning_rate: float) -> l
         def __getitem__(self, i):
             return items(i)
 
-    args = transformers.TrainingArguments(output_dir=str(folder), per_device_train_batch_size=4,
-                                          num_train_epochs=epochs, learning_rate=learning_rate, logging_steps=1,
-                                          save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=True,
-                                          gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings = dict(output_dir=str(folder), per_device_train_batch_size=4, num_train_epochs=epochs,
+                    learning_rate=learning_rate, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                    gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    args = transformers.TrainingArguments(**{**settings, **arguments})
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

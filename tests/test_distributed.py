@@ -102,6 +102,7 @@ def worker(rank, method, port, folder, out, sharding="ddp"):
                    for n, p in model.named_parameters() if p.requires_grad}
         save_file({**trained, "losses": stacked / WORLD, "reduced": torch.tensor(sum(reduced))},
                   f"{out}/rank{rank}.safetensors")
+        dist.barrier()  # no collective left in flight when the group goes
     finally:
         dist.destroy_process_group()
 
@@ -193,6 +194,7 @@ def checkpoint_worker(rank, port, out):
         ids = global_batches()[0].chunk(WORLD)[rank]
         with torch.no_grad():
             assert torch.equal(trained(input_ids=ids).logits, fresh(input_ids=ids).logits)
+        dist.barrier()  # no collective left in flight when the group goes
     finally:
         dist.destroy_process_group()
 
@@ -230,21 +232,61 @@ for _ in range(2):
     opt.zero_grad()
 model.save_pretrained(sys.argv[1])
 print("rank", dist.get_rank(), "world", dist.get_world_size(), "done")
+dist.barrier()
 dist.destroy_process_group()
 """
 
 
-def test_torchrun_launch(tmp_path):
-    """The launch users expect: torchrun --nproc-per-node 2 a_script.py with qpeft's API."""
+def torchrun(script_text: str, tmp_path, *args):
+    """Runs ``script_text`` under torchrun --standalone --nproc-per-node 2; its stdout."""
     import subprocess
     import sys
     script = tmp_path / "train.py"
-    script.write_text(TORCHRUN_SCRIPT)
+    script.write_text(script_text)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path / "adapter")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           str(script), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 world 2 done" in done.stdout and "rank 1 world 2 done" in done.stdout
+    return done.stdout
+
+
+def test_torchrun_launch(tmp_path):
+    """The launch users expect: torchrun --nproc-per-node 2 a_script.py with qpeft's API."""
+    stdout = torchrun(TORCHRUN_SCRIPT, tmp_path, tmp_path / "adapter")
+    assert "rank 0 world 2 done" in stdout and "rank 1 world 2 done" in stdout
     model = qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     assert any(layer.adapters["default"].lora_B.abs().sum() > 0 for _, layer in model.lora_layers())
+
+
+TRAINER_SCRIPT = """
+import sys
+import torch, transformers, qpeft
+from helpers import tiny_llama, trainer_losses
+fsdp = sys.argv[2] == "fsdp"
+model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules="all-linear"))
+if fsdp:
+    qpeft.distributed.prepare_fsdp(model)  # the scales shard with the codes
+ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(3))
+extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+             use_cpu=False) if fsdp else {}
+losses = trainer_losses(model, lambda i: {"input_ids": ids[i % 2], "labels": ids[i % 2]}, sys.argv[1], 4, 5e-3,
+                        **extra)
+weight = model.base_model.model.layers[0].self_attn.q_proj.base.weight
+print("losses", losses[0], losses[-1], "sharded", hasattr(weight, "to_local"))
+"""
+
+
+def test_trainer_under_torchrun_trains_with_ddp(tmp_path):
+    """transformers.Trainer launched by torchrun on 2 CPU processes (accelerate's MULTI_CPU: DDP): the loss falls."""
+    out = torchrun(TRAINER_SCRIPT, tmp_path, tmp_path / "out", "ddp")
+    first, last = (float(v) for v in out.split("losses")[1].split()[:2])
+    assert last < first and out.count("sharded False") == 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: accelerate runs FSDP on accelerators only "
+                    "(on CPUs its FSDP plugin is ignored); not run here, and not a pass")
+def test_trainer_with_an_fsdp2_config_shards_the_4bit_base(tmp_path):
+    out = torchrun(TRAINER_SCRIPT, tmp_path, tmp_path / "out", "fsdp")
+    first, last = (float(v) for v in out.split("losses")[1].split()[:2])
+    assert last < first and out.count("sharded True") == 2
 
