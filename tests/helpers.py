@@ -126,3 +126,15 @@ def float_model_of(qmodel: torch.nn.Module, original: torch.nn.Module, dtype: to
                     target.bias.copy_(m.bias)
     return model
 
+
+def fit(model, batches, optimizer) -> list[torch.Tensor]:
+    """One causal-LM step (labels = the tokens) per batch of token ids: the losses, detached."""
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses
+

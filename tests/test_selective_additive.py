@@ -13,7 +13,7 @@ from qpeft.nn import Linear4bit
 from qpeft.nn.piggyback import MaskedLinear4bit, pack_bits, unpack_bits
 from qpeft.nn.sparse_delta import SparseDeltaLinear4bit
 
-from helpers import float_model_of, rel_err, tiny_gpt2, tiny_llama
+from helpers import fit, float_model_of, rel_err, tiny_gpt2, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -29,14 +29,7 @@ def float_reference(model, original):
 
 def train(model, steps=6, lr=2e-2):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids, losses = tokens(seed=4), []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return [loss.item() for loss in fit(model, [tokens(seed=4)] * steps, opt)]
 
 
 # ---- BitFit ----------------------------------------------------------------------------------------------------
