@@ -48,8 +48,7 @@ def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -
 
 def adapters_of(model: nn.Module, adapter_name: str) -> list[tuple[str, AdaLoraAdapter]]:
     return sorted((name, layer.adapters[adapter_name]) for name, layer in lora_layers(model)
-                  if isinstance(layer.adapters[adapter_name] if adapter_name in layer.adapters else None,
-                                AdaLoraAdapter))
+                  if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraAdapter))
 
 
 def file_parameters(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:

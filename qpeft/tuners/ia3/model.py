@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ... import patterns
 from ...nn.ia3 import IA3Linear4bit
 from .. import targets
 from ..lora.model import PREFIX
@@ -20,11 +19,7 @@ def ia3_layers(model: nn.Module):
 
 def is_feedforward(name: str, config: IA3Config) -> bool:
     ff = config.feedforward_modules
-    if ff is None:
-        return False
-    if isinstance(ff, str):
-        return patterns.fullmatch(ff, name, "feedforward_modules") is not None
-    return any(name == f or name.endswith("." + f) for f in ff)
+    return ff is not None and targets.is_target(name, ff, "feedforward_modules")
 
 
 def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...nn.linear4bit import Linear4bit, is_conv1d
 from ...nn.lora import LoraLinear4bit
 from .. import targets
 from .config import LoraConfig
@@ -41,10 +40,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         if isinstance(module, LoraLinear4bit):
             adapter = module.add_adapter(adapter_name, **kwargs, activate=False)
         else:
-            if isinstance(module, nn.Linear) or is_conv1d(module):
-                module = Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant,
-                                                config.compute_dtype)
-            layer = LoraLinear4bit(module, **kwargs, adapter_name=adapter_name)
+            layer = LoraLinear4bit(targets.quantized(module, config), **kwargs, adapter_name=adapter_name)
             targets.set_submodule(model, name, layer)
             adapter = layer.adapters[adapter_name]
         if config.init_lora_weights is False:  # peft's "no identity" init, for tests

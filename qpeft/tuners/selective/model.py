@@ -22,9 +22,8 @@ def _bias_owners(model: nn.Module, config: BitFitConfig) -> list[tuple[str, nn.M
         if not name or (config.bias_modules is not None and
                         not targets.is_target(name, config.bias_modules, "bias_modules")):
             continue
-        has_bias = isinstance(getattr(module, "bias", None), nn.Parameter) and \
-            "bias" in dict(module.named_parameters(recurse=False))
-        if has_bias or (config.add_missing_bias and isinstance(module, Linear4bit) and module.bias is None):
+        missing = config.add_missing_bias and isinstance(module, Linear4bit) and module.bias is None
+        if module._parameters.get("bias") is not None or missing:
             owners.append((name, module))
     return owners
 
