@@ -55,10 +55,10 @@ def prune(model, method: str) -> None:
         if "lora_E" in name:
             p[KEPT:] = 0
     for m in model.modules():
-        if hasattr(m, "rank_mask"):  # qpeft's AdaLoraAdapter
+        if hasattr(m, "set_rank_mask"):  # qpeft's AdaLoraAdapter
             keep = torch.zeros_like(m.rank_mask)
             keep[:KEPT] = True
-            m.rank_mask.copy_(keep)
+            m.set_rank_mask(keep)
 
 
 def build(method: str, dense: torch.nn.Linear, dtype: torch.dtype) -> dict:

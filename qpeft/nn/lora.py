@@ -71,8 +71,8 @@ class LoraAdapter(nn.Module):
 class AdaLoraAdapter(nn.Module):
     """One AdaLoRA adapter (peft's SVD form): ``lora_A`` [r, in] (Q), ``lora_E`` [r, 1] (the singular values),
     ``lora_B`` [out, r] (P); the term is drop(x) (A * E)^T B^T * s / (ranknum + 1e-5), s = alpha (r if alpha is 0),
-    ranknum the initial rank. ``rank_mask`` (bool [r]) is the rank allocator's: masked ranks are not computed, so
-    their A, B and E get no gradient. Init as peft: E = 0, A and B ~ N(0, 0.02)."""
+    ranknum the initial rank. ``rank_mask`` (bool [r], set by ``set_rank_mask``) is the rank allocator's: masked ranks
+    are not computed, so their A, B and E get no gradient. Init as peft: E = 0, A and B ~ N(0, 0.02)."""
 
     lora_bias = None
     lora_magnitude = None
@@ -91,17 +91,24 @@ class AdaLoraAdapter(nn.Module):
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device).normal_(0.0, 0.02))
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device), persistent=False)
+        # the kept ranks' indices, read once when the mask is set (no device sync per forward); None: all kept
+        self.register_buffer("rank_index", None, persistent=False)
+
+    @torch.no_grad()
+    def set_rank_mask(self, keep: torch.Tensor) -> None:
+        """Ranks outside ``keep`` (bool [r]) are not computed and their E is 0."""
+        keep = keep.to(self.rank_mask.device, torch.bool).reshape(-1)
+        self.rank_mask.copy_(keep)
+        self.lora_E.masked_fill_(~keep.reshape(-1, 1), 0.0)
+        self.rank_index = None if bool(keep.all()) else keep.nonzero().reshape(-1)
 
     def branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        keep = self.rank_mask
-        A, B = self.lora_A * self.lora_E, self.lora_B
-        if not bool(keep.all()):
-            index = keep.nonzero().reshape(-1)
-            if index.numel() == 0:
-                return None
-            A, B = A.index_select(0, index), B.index_select(1, index)
-        if A.shape[0] == 0:
+        index = self.rank_index
+        if self.r == 0 or (index is not None and index.numel() == 0):
             return None
+        A, B = self.lora_A * self.lora_E, self.lora_B
+        if index is not None:
+            A, B = A.index_select(0, index), B.index_select(1, index)
         return A, B, self.scaling
 
     delta_weight = LoraAdapter.delta_weight

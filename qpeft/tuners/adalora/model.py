@@ -135,7 +135,7 @@ class RankAllocator:
         pattern = {}
         for name, a in adapters_of(self.model, self.adapter_name):
             keep = scores[name] > threshold
-            apply_mask(a, keep)
+            a.set_rank_mask(keep)
             pattern[f"{name}.lora_E"] = keep.tolist()
         return pattern
 
@@ -146,16 +146,8 @@ class RankAllocator:
         return self.mask_to_budget(budget) if mask_now or force_mask else None
 
 
-@torch.no_grad()
-def apply_mask(adapter: AdaLoraAdapter, keep: torch.Tensor) -> None:
-    """Ranks outside ``keep`` are not computed and their E is 0."""
-    keep = keep.to(adapter.rank_mask.device, torch.bool).reshape(-1)
-    adapter.rank_mask.copy_(keep)
-    adapter.lora_E.masked_fill_(~keep.reshape(-1, 1), 0.0)
-
-
 def mask_using_rank_pattern(model: nn.Module, adapter_name: str, pattern: dict[str, list[bool]]) -> None:
     for name, a in adapters_of(model, adapter_name):
         keep = pattern.get(f"{name}.lora_E")
         if keep is not None and len(keep) == a.r:
-            apply_mask(a, torch.tensor(keep))
+            a.set_rank_mask(torch.tensor(keep))

@@ -10,6 +10,7 @@ here); decoder layers keep that cache under checkpointing. ``generate`` starts f
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -37,9 +38,11 @@ def setup(model: nn.Module, config: PromptLearningConfig, loaded: bool) -> nn.Mo
     return make_encoder(config, model.get_input_embeddings(), loaded).to(device)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """The name under which ``model.forward`` takes a Cache (transformers 5.x renamed past_key_values to cache)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    """The name under which ``model_class.forward`` takes a Cache (transformers 5.x renamed past_key_values to
+    cache)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -59,6 +62,7 @@ def prefix_key_values(encoder: nn.Module, config: PrefixTuningConfig, batch: int
     return kv
 
 
+@functools.cache
 def _read_only_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -166,7 +170,7 @@ def forward(model: nn.Module, encoder: nn.Module, config: PromptLearningConfig, 
     _drop_unsupported(config, kwargs)
     if isinstance(config, PrefixTuningConfig):
         kv = prefix_key_values(encoder, config, batch, _model_dtype(model))
-        kwargs[_cache_kwarg(model)] = prefix_cache(kv, read_only=True)
+        kwargs[_cache_kwarg(type(model))] = prefix_cache(kv, read_only=True)
         kwargs["attention_mask"] = _prefixed_mask(attention_mask, batch, n, length, device)
         with _layers_keep_cache(model):
             return model(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
