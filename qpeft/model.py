@@ -109,11 +109,12 @@ def _forward_unbound(self, *args, **kwargs):
 
 
 class _ModelSnapshot:
-    """The module tree, trainable flags and adapter selections of ``root``, to put back when adding or loading an
-    adapter fails part-way: a failed load leaves the model as it was (restore())."""
+    """The module tree, forward hooks, trainable flags and adapter selections of ``root``, to put back when adding or
+    loading an adapter fails part-way: a failed load leaves the model as it was (restore())."""
 
     def __init__(self, root: nn.Module):
         self.children = [(m, dict(m._modules)) for m in root.modules()]
+        self.hooks = [(m, dict(m._forward_hooks)) for m in root.modules()]
         self.flags = [(p, p.requires_grad) for p in root.parameters()]
         self.active = [(m, list(m.active_adapters)) for m in root.modules() if isinstance(m, targets.ADAPTER_LAYERS)]
         self.wrappers = [(m, m.active) for m in root.modules() if isinstance(m, ModulesToSave)]
@@ -122,6 +123,9 @@ class _ModelSnapshot:
         for module, children in self.children:
             module._modules.clear()
             module._modules.update(children)
+        for module, hooks in self.hooks:
+            module._forward_hooks.clear()
+            module._forward_hooks.update(hooks)
         for layer, active in self.active:
             layer.active_adapters = active
         for wrapper, active in self.wrappers:

@@ -358,3 +358,22 @@ def test_files_of_unknown_methods_or_keys_are_refused(tmp_path):
     bitfit = qpeft.get_peft_model(tiny_gpt2(), qpeft.BitFitConfig())
     with pytest.raises(ValueError, match="one adapter per model"):
         bitfit.add_adapter("second", qpeft.BitFitConfig())
+
+
+def test_a_failed_bottleneck_load_leaves_the_model_as_it_was(tmp_path):
+    """A file whose tensor does not fit: the error names it, and the model has no adapter, no hook left behind."""
+    from safetensors.torch import load_file, save_file
+    qpeft.get_peft_model(tiny_llama(), qpeft.BottleneckConfig(bottleneck_size=4)).save_pretrained(tmp_path)
+    path = str(tmp_path / "adapter_model.safetensors")
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("down.weight"))
+    save_file({**tensors, key: tensors[key][:2]}, path)
+    base = tiny_llama()
+    ids = tokens()
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    with pytest.raises(ValueError, match="down.weight has shape"):
+        qpeft.QPeftModel.from_pretrained(base, tmp_path)
+    assert not any(m._forward_hooks or hasattr(m, "qpeft_bottlenecks") for m in base.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, before)

@@ -48,7 +48,7 @@ def inject_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str
         module = model.get_submodule(name)
         if not hasattr(module, "qpeft_bottlenecks"):
             module.qpeft_bottlenecks = Bottlenecks()
-            module.qpeft_bottleneck_hook = module.register_forward_hook(apply_bottlenecks)
+            module.register_forward_hook(apply_bottlenecks)
         adapter = BottleneckAdapter(hidden, width, config.non_linearity, config.init_std, device)
         module.qpeft_bottlenecks.add_adapter(adapter_name, adapter, activate=False)
     return names
@@ -73,6 +73,6 @@ def remove(model: nn.Module) -> None:
     """Every bottleneck adapter and hook taken off the model."""
     for name, _ in list(bottleneck_sets(model)):
         module = model.get_submodule(name) if name else model
-        module.qpeft_bottleneck_hook.remove()
+        for key in [k for k, hook in module._forward_hooks.items() if hook is apply_bottlenecks]:
+            del module._forward_hooks[key]
         del module.qpeft_bottlenecks
-        del module.qpeft_bottleneck_hook
