@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ConfigError
@@ -29,40 +28,85 @@ from .tuners.targets import set_submodule
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 
 
+_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                       "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
+                       "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class SafetensorsFolder:
+    """The tensors of a folder's model.safetensors, or of the shards its model.safetensors.index.json lists: read
+    whole, by rows (only those bytes leave the file), or as meta tensors (shape and dtype, nothing read).
+    ``bytes_read`` counts what was read."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            source = str(index)
+            raw = read_json_file(index, "weight_map")
+            weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError(source, "weight_map", "must map tensor names to shard file names")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:  # shard names come from the file: they must name files in this folder
+                if Path(shard).name != shard or shard in (".", ".."):
+                    raise ConfigError(source, "weight_map", f"names a shard outside the folder: {shard!r}")
+        else:
+            if not (folder / "model.safetensors").is_file():
+                raise FileNotFoundError(f"qpeft: no model.safetensors (or index) in {folder}; pickle checkpoints are "
+                                        f"not read")
+            shards = ["model.safetensors"]
+        self._files, self._where = {}, {}
+        for shard in shards:
+            handle = self._files[shard] = safe_open(str(folder / shard), framework="pt")
+            self._where.update(dict.fromkeys(handle.keys(), shard))
+        self.bytes_read = 0
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, key: str):
+        return self._files[self._where[key]].get_slice(key)
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor of ``key``'s shape and dtype."""
+        view = self._slice(key)
+        dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+        if dtype is None:
+            raise ValueError(f"qpeft: '{key}' has dtype {view.get_dtype()}, which qpeft does not read")
+        return torch.empty(view.get_shape(), dtype=dtype, device="meta")
+
+    def read(self, key: str) -> torch.Tensor:
+        t = self._files[self._where[key]].get_tensor(key)
+        self.bytes_read += t.nbytes
+        return t
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of ``key`` (dim 0)."""
+        t = self._slice(key)[start:stop]
+        self.bytes_read += t.nbytes
+        return t
+
+
 def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors or of the shards its index lists."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        source = str(index)
-        raw = read_json_file(index, "weight_map")
-        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ConfigError(source, "weight_map", "must map tensor names to shard file names")
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:  # shard names come from the file: they must name files in this folder
-            if Path(shard).name != shard or shard in (".", ".."):
-                raise ConfigError(source, "weight_map", f"names a shard outside the folder: {shard!r}")
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
-        return tensors
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"qpeft: no model.safetensors (or index) in {folder}; pickle checkpoints are not read")
-    return load_file(str(single))
+    files = SafetensorsFolder(folder)
+    return {key: files.read(key) for key in files.keys()}
 
 
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no init) while buffers (rotary
-    frequencies and the like, not in checkpoints) are real."""
+    """Modules built inside get their parameters on the meta device (no memory, no init), marked unloaded, while
+    buffers (rotary frequencies and the like, not in checkpoints) are real."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
         register(module, name, param)
         if param is not None:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name]._qpeft_unloaded = True
 
     nn.Module.register_parameter = register_on_meta
     try:
@@ -90,11 +134,30 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
 
     model_class: default transformers.AutoModelForCausalLM. compute_dtype: default the checkpoint's
     bnb_4bit_compute_dtype. dtype: of the unquantized tensors (default: as stored)."""
-    import transformers
-
     folder = resolve_folder(folder, CHECKPOINT_FILES, subfolder=subfolder, revision=revision, token=token)
+    require_config(folder)
+    return build_4bit_model(folder, read_safetensors_folder(folder), model_class, compute_dtype, dtype)
+
+
+def require_config(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"qpeft: no config.json in {folder}")
+
+
+def is_quant_metadata(key: str) -> bool:
+    """A 4-bit weight's small fixed-size entries (code books, the quant state's JSON), as opposed to its codes and
+    scales."""
+    return key.endswith((".quant_map", ".nested_quant_map")) or _QUANT_STATE in key
+
+
+def build_4bit_model(folder: Path, tensors: dict[str, torch.Tensor], model_class=None,
+                     compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of ``folder``'s config.json holding ``tensors`` (the checkpoint's, by its keys), its 4-bit layers as
+    Linear4bit. Meta tensors give a model on the meta device of the checkpoint's shapes and dtypes (the quant state
+    entries must be real)."""
+    import transformers
+
+    require_config(folder)
     read_json_file(folder / "config.json", "config")  # size and syntax checked before transformers reads it
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never code from a folder
     qconfig = getattr(config, "quantization_config", None) or {}
@@ -103,7 +166,6 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
     if qconfig and not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit", False)):
         raise ValueError(f"qpeft: {folder} is not a 4-bit bitsandbytes checkpoint (quantization_config {qconfig})")
     compute_dtype = compute_dtype or _dtype(qconfig.get("bnb_4bit_compute_dtype"), str(folder / "config.json"))
-    tensors = read_safetensors_folder(folder)
     quantized = {k[: k.index(_QUANT_STATE)] for k in tensors if _QUANT_STATE in k}
     if not quantized:
         raise ValueError(f"qpeft: {folder} holds no 4-bit layers (no '*{_QUANT_STATE}*' entries)")
@@ -127,13 +189,15 @@ def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: to
         layer = Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
                            device="meta")
         layer.fan_in_fan_out = conv1d
+        if layer.bias is not None:
+            layer.bias._qpeft_unloaded = True
         set_submodule(model, name, layer)
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if still_meta or result.unexpected_keys:
-        raise ValueError(f"qpeft: checkpoint {folder} does not fit the model: missing {still_meta[:5]}, "
+    unloaded = [n for n, p in model.named_parameters() if getattr(p, "_qpeft_unloaded", False)]
+    if unloaded or result.unexpected_keys:
+        raise ValueError(f"qpeft: checkpoint {folder} does not fit the model: missing {unloaded[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
     model.config.quantization_config = qconfig
     return model.eval()

@@ -5,16 +5,21 @@ parameters, so FSDP2 shards them along dim 0 with the packed codes and all-gathe
 and the backward; ``fully_shard_model`` applies the usual recipe (each decoder layer, then the whole model).
 FSDP2 casts floating parameters only, so a mixed-precision policy leaves the packed bytes and the int32-held
 scales as they are. ``save_sharded`` / ``load_sharded``: every rank writes and reads its own shards through
-torch.distributed.checkpoint. Not yet supported: loading a 4-bit checkpoint shard by shard."""
+torch.distributed.checkpoint. ``load_4bit_sharded``: a bitsandbytes 4-bit checkpoint read straight into a sharded
+model, each rank reading only its rows of every tensor."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .nn.ia3 import IA3Linear4bit
 from .nn.linear4bit import Linear4bit
+from .nn.lora import LoraAdapter
 
 SHARDED_SCALES = ("weight_absmax", "weight_nested_absmax")
 
@@ -24,9 +29,8 @@ def prepare_fsdp(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             for name in SHARDED_SCALES:
-                tensor = module._buffers.pop(name, None)
-                if tensor is not None:
-                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+                if module._buffers.get(name) is not None:  # (no nested absmax without double quantization)
+                    module.register_parameter(name, nn.Parameter(module._buffers.pop(name), requires_grad=False))
             module._drop_weight_caches()
     return model
 
@@ -76,3 +80,187 @@ def load_sharded(model: nn.Module, folder: str | Path) -> None:
 
     dcp.load(sharded_state_dict(model), checkpoint_id=str(folder))
 
+
+
+# A tensor's source: (rows [start, stop) of dim 0, or None for all; the local tensor to fill) -> the values.
+Source = Callable[[tuple[int, int] | None, torch.Tensor], torch.Tensor]
+# Linear4bit tensor -> its checkpoint entry's suffix after "<layer>.weight" (None: the quant state's JSON)
+_4BIT_ENTRIES = {"weight": "", "weight_absmax": ".absmax", "weight_nested_absmax": ".nested_absmax",
+                 "weight_nested_code": ".nested_quant_map", "weight_nested_offset": None}
+
+
+def load_4bit_sharded(folder: str | Path, peft_config=None, *, mesh=None, model_class=None,
+                      compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+                      **fsdp_kwargs) -> nn.Module:
+    """``load_4bit_pretrained`` for FSDP2: the model is built on the meta device, given ``peft_config``'s adapters
+    (LoRA without DoRA, or IA3), sharded by ``fully_shard_model(model, mesh, **fsdp_kwargs)``, then each rank reads
+    from the checkpoint only its rows of every sharded tensor (and the replicated ones whole). The adapters draw
+    their initial values from torch's generator in the order ``get_peft_model`` does: seed every rank alike.
+    Returns the sharded QPeftModel (the sharded base model without ``peft_config``)."""
+    from .checkpoint import SafetensorsFolder, build_4bit_model, is_quant_metadata, require_config
+    from .hub import CHECKPOINT_FILES, resolve_folder
+    from .model import get_peft_model
+
+    if peft_config is not None:
+        _check_shardable(peft_config)
+    folder = resolve_folder(folder, CHECKPOINT_FILES)
+    require_config(folder)
+    files = SafetensorsFolder(folder)
+    entries = {key: files.read(key) if is_quant_metadata(key) else files.meta(key) for key in files.keys()}
+    model = build_4bit_model(folder, entries, model_class, compute_dtype, dtype)
+    sources = _checkpoint_sources(model, files, entries)
+    if mesh is not None:
+        device = torch.device(mesh.device_type)
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+        _materialize_adapters(model, device)
+    sources.update(_in_memory_sources(model))
+    _check_covered(model, sources)
+    fully_shard_model(model, mesh, **fsdp_kwargs)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for (module, name), source in sources.items():
+            tensor = module._parameters.get(name)
+            tensor = module._buffers[name] if tensor is None else tensor
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            local.copy_(source(_local_rows(tensor, name), local))
+    return model
+
+
+def _check_shardable(config) -> None:
+    """Adapters whose initial values need nothing of the base: LoRA (not DoRA) and IA3, no modules_to_save."""
+    from .tuners.ia3 import IA3Config
+    from .tuners.lora import LoraConfig
+
+    if type(config) not in (LoraConfig, IA3Config):
+        raise NotImplementedError(f"qpeft: load_4bit_sharded adds LoRA or IA3 adapters, not {type(config).__name__}; "
+                                  f"load with load_4bit_pretrained, then get_peft_model and fully_shard_model")
+    if getattr(config, "use_dora", False) or getattr(config, "init_lora_weights", True) is False:
+        raise NotImplementedError("qpeft: load_4bit_sharded cannot start DoRA (its magnitude is the base's row "
+                                  "norms) or init_lora_weights=False adapters on a sharded base")
+    if config.modules_to_save:
+        raise NotImplementedError("qpeft: load_4bit_sharded does not copy modules_to_save")
+
+
+def _checkpoint_sources(model: nn.Module, files, entries: dict[str, torch.Tensor]) -> dict[tuple[nn.Module, str],
+                                                                                             Source]:
+    """(module, tensor name) -> its source in the checkpoint, for every tensor of ``model`` (built from the
+    checkpoint's ``entries``: meta tensors, and the quant state entries already read) that the checkpoint holds."""
+    from .quantized import read_quant_state
+
+    sources = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
+            if isinstance(module, Linear4bit) and name in _4BIT_ENTRIES:
+                entry = f"{prefix}weight"
+                suffix = _4BIT_ENTRIES[name]
+                if suffix is None:
+                    state_key = next(k for k in entries if k.startswith(f"{entry}.quant_state."))
+                    sources[module, name] = _offset_source(read_quant_state(entries[state_key]), state_key)
+                elif entry + suffix in entries:
+                    sources[module, name] = _byte_source(files, entries, entry + suffix)
+            elif prefix + name in entries:
+                key = prefix + name
+                sources[module, name] = lambda rows, local, key=key: (files.read(key) if rows is None else
+                                                                      files.read_rows(key, *rows))
+    return sources
+
+
+def _byte_source(files, entries: dict[str, torch.Tensor], key: str) -> Source:
+    """A 4-bit state tensor: the entry's bytes taken as the local tensor's dtype (codes in quant_storage, fp32
+    scales as int32), rows counted in the local tensor's."""
+    stored = entries[key]
+
+    def read(rows, local):
+        row_bytes, stored_row_bytes = _row_bytes(local), _row_bytes(stored)
+        if rows is None:
+            raw = files.read(key) if stored.is_meta else stored
+            first = 0
+        else:
+            first, last = rows[0] * row_bytes // stored_row_bytes, -(-rows[1] * row_bytes // stored_row_bytes)
+            raw = files.read_rows(key, first, last)
+        start = (rows[0] * row_bytes if rows else 0) - first * stored_row_bytes
+        flat = raw.contiguous().reshape(-1).view(torch.uint8)[start:start + local.nbytes]
+        return flat.view(local.dtype).reshape(local.shape)
+    return read
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return t.element_size() * math.prod(t.shape[1:])
+
+
+def _offset_source(state: dict, key: str) -> Source:
+    offset = state.get("nested_offset")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise ValueError(f"qpeft: '{key}' holds no numeric nested_offset")
+
+    def read(rows, local):
+        return torch.tensor(float(offset), dtype=torch.float32).view(local.dtype)
+    return read
+
+
+def _materialize_adapters(model: nn.Module, device: torch.device) -> None:
+    """The meta-device adapters ``get_peft_model`` added to a meta model, given their initial values on ``device``
+    (in module order, as get_peft_model draws them)."""
+    for module in model.modules():
+        if isinstance(module, LoraAdapter):
+            module.to_empty(device=device)
+            module.reset_parameters()
+        elif isinstance(module, IA3Linear4bit):
+            module.adapters.to_empty(device=device)
+            for name in module.adapters:
+                module.reset_adapter(name)
+
+
+def _in_memory_sources(model: nn.Module) -> dict[tuple[nn.Module, str], Source]:
+    """Every real (not meta) tensor of ``model`` -- adapters, buffers the checkpoint does not hold -- served from a
+    copy, as sharding and ``to_empty`` replace them."""
+    sources = {}
+    for module in model.modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None and not tensor.is_meta:
+                kept = tensor.detach().clone()
+                sources[module, name] = lambda rows, local, kept=kept: kept if rows is None else kept[rows[0]:rows[1]]
+    return sources
+
+
+def _check_covered(model: nn.Module, sources: dict) -> None:
+    """Every tensor has a source and none is shared between modules (to_empty would untie it)."""
+    owners, missing = {}, []
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
+            if (module, name) not in sources:
+                missing.append(f"{path}.{name}".lstrip("."))
+            first = owners.setdefault(id(tensor), (module, name, f"{path}.{name}"))
+            if first[:2] != (module, name):
+                raise NotImplementedError(f"qpeft: load_4bit_sharded does not load tied tensors ({first[2]} is "
+                                          f"{path}.{name}, e.g. tie_word_embeddings)")
+    if missing:
+        raise ValueError(f"qpeft: the checkpoint holds no values for {missing[:5]}")
+
+
+def _local_rows(tensor: torch.Tensor, name: str) -> tuple[int, int] | None:
+    """The rows [start, stop) of a tensor sharded along dim 0 that this rank holds; None for a whole tensor."""
+    placements = getattr(tensor, "placements", None)
+    if placements is None or all(p.is_replicate() for p in placements):
+        return None
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise NotImplementedError(f"qpeft: load_4bit_sharded reads tensors sharded along dim 0 of a 1-D mesh; "
+                                  f"'{name}' is placed {placements}")
+    mesh = tensor.device_mesh
+    rows = tensor.shape[0]
+    chunk = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    if tensor.to_local().shape[0] != stop - start:
+        raise RuntimeError(f"qpeft: '{name}' holds {tensor.to_local().shape[0]} rows here, expected {stop - start}")
+    return start, stop

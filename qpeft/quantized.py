@@ -35,7 +35,8 @@ def _pack_json(meta: dict) -> torch.Tensor:
 _MAX_QUANT_STATE_BYTES = 1 << 16  # bitsandbytes' quant_state JSON is ~150 bytes
 
 
-def _unpack_json(t: torch.Tensor) -> dict:
+def read_quant_state(t: torch.Tensor) -> dict:
+    """The JSON object of a ``<weight>.quant_state.bitsandbytes__<type>`` entry."""
     if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > _MAX_QUANT_STATE_BYTES:
         raise ConfigError("4-bit state dict", "quant_state", f"must be a 1-D uint8 tensor of at most "
                           f"{_MAX_QUANT_STATE_BYTES} bytes, got {t.dtype} {list(t.shape)}")
@@ -149,7 +150,7 @@ class Quantized4bitWeight:
         if prefix not in sd or len(state_keys) != 1:
             raise ValueError(f"qpeft: expected '{prefix}' and exactly one '{prefix}.quant_state.bitsandbytes__<type>' "
                              f"key, found {sorted(k for k in sd if k.startswith(prefix))}")
-        meta = _unpack_json(sd[state_keys[0]])
+        meta = read_quant_state(sd[state_keys[0]])
         if not isinstance(meta, dict):
             raise ConfigError(state_keys[0], "quant_state", f"must be a JSON object, got {type(meta).__name__}")
         quant_type, blocksize = meta.get("quant_type"), meta.get("blocksize")

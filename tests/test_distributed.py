@@ -193,6 +193,90 @@ def test_fsdp2_sharded_checkpoint_round_trip_is_exact(tmp_path):
     assert (tmp_path / "ckpt" / ".metadata").is_file()
 
 
+def write_4bit_checkpoint(folder, fmt):
+    """tiny_llama's linear layers (not the head) in 4 bits, saved as a bitsandbytes checkpoint: NF4 with double
+    quantization in uint8, or FP4 without it in bf16 storage (codes counted in 2-byte elements)."""
+    from qpeft.nn import Linear4bit
+    from qpeft.tuners.targets import linear_modules, set_submodule
+    model = tiny_llama(seed=4)
+    for name in linear_modules(model):
+        layer = model.get_submodule(name)
+        set_submodule(model, name, Linear4bit.from_linear(layer, "nf4", 64, True) if fmt == "nf4" else
+                      Linear4bit.from_linear(layer, "fp4", 64, False, quant_storage=torch.bfloat16))
+    qpeft.save_4bit_pretrained(model, folder)
+
+
+SHARDED_LOADS = {
+    "lora_nf4": ("nf4", lambda: qpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), None),
+    "ia3_fp4_bf16": ("fp4", lambda: qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                     feedforward_modules=["down_proj"]), torch.bfloat16),
+}
+
+
+def sharded_load_worker(rank, port, case, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        from torch.distributed.device_mesh import init_device_mesh
+        from qpeft.checkpoint import SafetensorsFolder
+        readers = []
+        opened = SafetensorsFolder.__init__
+        SafetensorsFolder.__init__ = lambda self, *a: (opened(self, *a), readers.append(self))[0]
+        _, config, dtype = SHARDED_LOADS[case]
+        torch.manual_seed(7)
+        model = qpeft.distributed.load_4bit_sharded(folder, config(), mesh=init_device_mesh("cpu", (WORLD,)),
+                                                    dtype=dtype)
+        torch.manual_seed(7)
+        reference = qpeft.get_peft_model(qpeft.load_4bit_pretrained(folder, dtype=dtype), config())
+        from qpeft.checkpoint import is_quant_metadata
+        small = sum(t.nbytes for k, t in qpeft.checkpoint.read_safetensors_folder(folder).items()
+                    if is_quant_metadata(k))
+        whole_read, sharded_read = readers[1].bytes_read - small, readers[0].bytes_read - small
+        # besides the small quant state entries, this rank read about half of the checkpoint: its rows of each tensor
+        assert 0.4 * whole_read < sharded_read < 0.6 * whole_read, (sharded_read, whole_read)
+        mine = qpeft.distributed.sharded_state_dict(model)
+        theirs = qpeft.distributed.sharded_state_dict(reference)
+        assert mine.keys() == theirs.keys()
+        for name, t in mine.items():  # codes, scales, the rest of the base and the adapters' initial values
+            if hasattr(t, "to_local"):
+                assert t.to_local().shape[0] < t.shape[0] or t.shape[0] < WORLD, name
+                t = t.full_tensor()
+            assert t.dtype == theirs[name].dtype and torch.equal(t, theirs[name]), name
+        ids = global_batches()[0]
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids.chunk(WORLD)[rank]).logits,
+                               reference(input_ids=ids.chunk(WORLD)[rank]).logits)
+        losses = torch.stack(train(model, global_batches(), rank, WORLD))
+        dist.all_reduce(losses)
+        torch.testing.assert_close(losses / WORLD, torch.stack(train(reference, global_batches())), rtol=1e-4,
+                                   atol=1e-5)
+        dist.barrier()  # no collective left in flight when the group goes
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", list(SHARDED_LOADS))
+def test_4bit_checkpoint_loads_shard_by_shard(case, tmp_path):
+    """load_4bit_sharded: each rank reads only its rows of the checkpoint (about half its bytes) into an FSDP2
+    model equal, tensor for tensor, to load_4bit_pretrained + get_peft_model under the same seed; the two train
+    alike."""
+    write_4bit_checkpoint(tmp_path / "ckpt", SHARDED_LOADS[case][0])
+    run_ranks(sharded_load_worker, case, str(tmp_path / "ckpt"))
+
+
+def test_sharded_load_refuses_what_it_cannot_start(tmp_path):
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.LoraConfig(use_dora=True))
+    with pytest.raises(NotImplementedError, match="AdaLoraConfig"):
+        qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.AdaLoraConfig(total_step=10))
+    from helpers import tiny_gpt2
+    gpt2 = qpeft.get_peft_model(tiny_gpt2(), qpeft.LoraConfig(r=2, target_modules="all-linear"))
+    qpeft.save_4bit_pretrained(gpt2, tmp_path / "gpt2")
+    with pytest.raises(NotImplementedError, match="tied tensors"):  # its head is its token embedding
+        qpeft.distributed.load_4bit_sharded(tmp_path / "gpt2")
+
+
 TORCHRUN_SCRIPT = """
 import sys
 import torch, torch.distributed as dist, transformers, qpeft

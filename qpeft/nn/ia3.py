@@ -26,15 +26,22 @@ class IA3Linear4bit(AdapterHolder):
             p.requires_grad_(False)
         self.feedforward = feedforward
         self.adapters = nn.ParameterDict()
+        self.init_ones: dict[str, bool] = {}
         self.add_adapter(adapter_name, init_ones)
 
     def add_adapter(self, name: str, init_ones: bool = True, activate: bool = True) -> nn.Parameter:
         """A vector of ones (the layer unchanged; ``init_ones`` False: N(0, 1), peft's test init)."""
         shape = (1, self.in_features) if self.feedforward else (self.out_features, 1)
-        device = self.base.weight.device
-        init = torch.ones(shape, device=device) if init_ones else torch.randn(shape, device=device)
-        self.register_adapter(name, nn.Parameter(init), activate)
+        self.register_adapter(name, nn.Parameter(torch.empty(shape, device=self.base.weight.device)), activate)
+        self.init_ones[name] = init_ones
+        self.reset_adapter(name)
         return self.adapters[name]
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str) -> None:
+        """Adapter ``name``'s initial vector, as ``add_adapter`` made it."""
+        vector = self.adapters[name]
+        vector.fill_(1.0) if self.init_ones[name] else vector.normal_()
 
     def scale(self) -> torch.Tensor | None:
         """The product of the active adapters' vectors, flat, or None (no active adapter, or disabled)."""

@@ -37,15 +37,26 @@ class LoraAdapter(nn.Module):
             raise ValueError(f"qpeft: init must be 'kaiming' or 'gaussian', got {init!r}")
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = reference.lora_scaling(r, alpha, use_rslora)
+        self.init = init
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
-        if init == "kaiming":  # nn.Linear's default, as peft's "kaiming" init
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
+        self.lora_bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if lora_bias else None
+        # DoRA's magnitude; the owner sets it to the base's row norms (B = 0 makes that the identity).
+        self.lora_magnitude = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if use_dora else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The initial values: A by ``init`` (the only draw from torch's generator), B and the bias 0, m 1."""
+        if self.init == "kaiming":  # nn.Linear's default, as peft's "kaiming" init
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
-            nn.init.normal_(self.lora_A, std=1.0 / r)
-        self.lora_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if lora_bias else None
-        # DoRA's magnitude; the owner sets it to the base's row norms (B = 0 makes that the identity).
-        self.lora_magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) if use_dora else None
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        self.lora_B.zero_()
+        if self.lora_bias is not None:
+            self.lora_bias.zero_()
+        if self.lora_magnitude is not None:
+            self.lora_magnitude.fill_(1.0)
 
     @property
     def use_dora(self) -> bool:
