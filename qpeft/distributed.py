@@ -55,6 +55,8 @@ def fully_shard_model(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
+    # transformers.Trainer's mark of a model that owns its sharding: trained as it is, not wrapped or sharded again
+    model.is_distributed_loading_by_transformers = True
     return model
 
 

@@ -325,13 +325,18 @@ TRAINER_SCRIPT = """
 import sys
 import torch, transformers, qpeft
 from helpers import fit, tiny_llama, trainer_losses
-fsdp = sys.argv[2] == "fsdp"
+mode = sys.argv[2]
+torch.distributed.init_process_group("gloo" if mode != "accelerate_fsdp" else "nccl")
 model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules="all-linear"))
-if fsdp:
-    qpeft.distributed.prepare_fsdp(model)  # the scales shard with the codes
 ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(3))
-extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
-             use_cpu=False) if fsdp else {}
+extra = {}
+if mode == "qpeft_fsdp":  # sharded by qpeft: Trainer trains it as it is
+    qpeft.distributed.fully_shard_model(model)
+    extra = dict(per_device_train_batch_size=2)
+elif mode == "accelerate_fsdp":  # sharded by accelerate's FSDP2 plugin (accelerators only)
+    qpeft.distributed.prepare_fsdp(model)  # the scales shard with the codes
+    extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+                 use_cpu=False)
 losses = trainer_losses(model, lambda i: {"input_ids": ids[i % 2], "labels": ids[i % 2]}, sys.argv[1], 4, 5e-3,
                         **extra)
 weight = model.base_model.model.layers[0].self_attn.q_proj.base.weight
@@ -357,9 +362,17 @@ def test_trainer_under_torchrun_trains_with_ddp(tmp_path):
     assert all(last < first and not sharded for first, last, sharded in trainer_results(tmp_path / "out"))
 
 
+def test_trainer_trains_a_model_fsdp2_sharded_by_qpeft(tmp_path):
+    """A model sharded by fully_shard_model is one Trainer takes as sharded at load time: no DDP wrap, no second
+    sharding; on 2 CPU processes the loss falls and the 4-bit base stays sharded."""
+    torchrun(TRAINER_SCRIPT, tmp_path, tmp_path / "out", "qpeft_fsdp")
+    results = trainer_results(tmp_path / "out")
+    assert all(last < first and sharded for first, last, sharded in results)
+    assert results[0][:2] == results[1][:2]  # the logged loss is the global batch's
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: accelerate runs FSDP on accelerators only "
                     "(on CPUs its FSDP plugin is ignored); not run here, and not a pass")
 def test_trainer_with_an_fsdp2_config_shards_the_4bit_base(tmp_path):
-    torchrun(TRAINER_SCRIPT, tmp_path, tmp_path / "out", "fsdp")
+    torchrun(TRAINER_SCRIPT, tmp_path, tmp_path / "out", "accelerate_fsdp")
     assert all(last < first and sharded for first, last, sharded in trainer_results(tmp_path / "out"))
-
