@@ -180,23 +180,43 @@ at::Tensor lora_down_grad_input_new_cuda(const at::Tensor& g, const at::Tensor& 
   return a.dx;
 }
 
+// W [rows, cols] dequantized in the activation's dtype into a transient tensor (freed when the op returns).
+at::Tensor dequantized_weight_cuda(Dequantize4bitArgs w, const at::Tensor& activation, int64_t rows, int64_t cols) {
+  w.out = at::empty({rows, cols}, activation.options());
+  w.fmt = float_format(activation.scalar_type(), "the activation of a 4-bit linear");
+  return run_dequantize_4bit_cuda(w);
+}
+
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                             const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                             const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                             c10::string_view quant_type, int64_t out_features) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(0) <= cuda::kLinear4bitMaxM, "qpeft: linear_4bit on CUDA takes at most ",
-                    cuda::kLinear4bitMaxM, " rows (the small-M path), got ", x.size(0));
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
                                                      blocksize, quant_type, N, K);
+  if (M == 0) return at::empty({0, N}, x.options());
+  if (M > cuda::kLinear4bitMaxM) return at::mm(x, dequantized_weight_cuda(w, x, N, K).t());
   const at::Tensor x2 = x.contiguous();
   at::Tensor y = at::empty({M, N}, x2.options());
   check_launch(cuda::linear_4bit(x2.data_ptr(), float_format(x2.scalar_type(), "x"), M, K, w.packed.data_ptr<uint8_t>(),
                                  w.scales(), blocksize, w.type, y.data_ptr(), N, c10::cuda::getCurrentCUDAStream()),
                "linear_4bit");
   return y;
+}
+
+at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
+                                       const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                       c10::string_view quant_type, int64_t in_features) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  TORCH_CHECK_VALUE(dy.dim() == 2, "qpeft: linear_4bit_grad_input takes dy of shape [M, N], got ", dy.sizes());
+  const int64_t N = dy.size(1), K = in_features;
+  const Dequantize4bitArgs w = prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                     blocksize, quant_type, N, K);
+  return at::mm(dy, dequantized_weight_cuda(w, dy, N, K));
 }
 
 }  // namespace
@@ -257,6 +277,7 @@ TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
   m.impl("lora_down_grad_input_", &lora_down_grad_input_cuda);
   m.impl("lora_down_grad_input", &lora_down_grad_input_new_cuda);
   m.impl("linear_4bit", &linear_4bit_cuda);
+  m.impl("linear_4bit_grad_input", &linear_4bit_grad_input_cuda);
 }
 
 }  // namespace qpeft::ops

@@ -28,9 +28,8 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Rows up to which the base matmul reads the 4-bit codes directly (CPU: measured crossover; CUDA: the GEMV
-// kernel's limit, kLinear4bitMaxM).
-int64_t small_m(const at::Device& device) { return device.is_cuda() ? 16 : kCpuSmallM; }
+// Rows up to which the base matmul reads the 4-bit codes directly.
+int64_t small_m(const at::Device& device) { return device.is_cuda() ? kCudaLinear4bitMaxM : kCpuSmallM; }
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {

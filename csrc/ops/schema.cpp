@@ -17,9 +17,10 @@ TORCH_LIBRARY(qpeft, m) {
       "Tensor nested_offset, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
-  // y = x W^T for x [M, K] and the 4-bit weight W [out_features, K] (plain or nested scales), in x's dtype, never
-  // a dense copy of W. Small M (<= 16 rows): W read once from its codes, fp32 accumulation. CPU,
-  // more rows: W dequantized in x's dtype a slab at a time into a small buffer, one GEMM per slab.
+  // y = x W^T for x [M, K] and the 4-bit weight W [out_features, K] (plain or nested scales), in x's dtype: the
+  // frozen base's matmul on every backend, which picks the path (kernels/linear_4bit_rows.h). Small M: W read once
+  // from its codes, fp32 accumulation. More rows: CPU, W dequantized in x's dtype a slab at a time into a small
+  // buffer, one GEMM per slab; CUDA, W dequantized into a transient tensor for one GEMM.
   m.def(
       "linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? nested_offset, int blocksize, str quant_type, int out_features) -> Tensor");

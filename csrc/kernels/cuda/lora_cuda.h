@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "../linear_4bit_rows.h"
 #include "../quant_rules.h"
 
 namespace qpeft::cuda {
@@ -77,7 +78,7 @@ cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, c
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
 // x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] contiguous in
 // x's format fmt (fp32 sums rounded once).
-constexpr int64_t kLinear4bitMaxM = 16;
+constexpr int64_t kLinear4bitMaxM = kCudaLinear4bitMaxM;
 cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
                         BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
                         cudaStream_t stream);
