@@ -37,10 +37,10 @@ def _check_torch_version() -> None:
 
 _check_torch_version()
 from . import _C  # noqa: E402  (importing the extension runs its TORCH_LIBRARY registrations)
-from .reference import reciprocal_table_bytes  # noqa: E402
+from .formats import reciprocal_table_bytes  # noqa: E402
 
 ops = torch.ops.qpeft
-# The CPU kernels reproduce the GPU's approximate reciprocal from this table (see reference.approx_reciprocal).
+# The CPU kernels reproduce the GPU's approximate reciprocal from this table (reference.approx_reciprocal).
 _C._set_reciprocal_table(reciprocal_table_bytes())
 
 CUDA_LORA_KERNELS = ("cuda_cores", "tensor_cores")

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _C, reference
+from . import _C, formats
 from ._ops import (CPU_ISA_LEVELS, CUDA_LORA_KERNELS, cpu_isa, cpu_isa_levels, cpu_linear_4bit_path,  # noqa: F401
                    cuda_lora_kernels, detected_cpu_isa, ops, set_cpu_isa, set_cuda_lora_kernels)  # (re-exported)
-from .reference import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
+from .formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
 
@@ -24,7 +24,7 @@ def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
     """The signed 8-bit dynamic map (256 sorted fp32) used for double quantization, cached per device."""
     device = torch.device(device)
     if device not in _DYNAMIC_MAPS:
-        _DYNAMIC_MAPS[device] = reference.dynamic_map_8bit(device)
+        _DYNAMIC_MAPS[device] = formats.dynamic_map_8bit(device)
     return _DYNAMIC_MAPS[device]
 
 
@@ -67,6 +67,13 @@ def _packed_bytes(packed: torch.Tensor) -> torch.Tensor:
 def _offset_arg(nested_offset: torch.Tensor | None) -> torch.Tensor | None:
     """The double-quantization offset as the ops take it: one fp32 element."""
     return None if nested_offset is None else nested_offset.reshape(1).to(torch.float32)
+
+
+def weight_args(weight) -> tuple:
+    """(packed uint8, absmax, nested_absmax, nested_code, nested_offset [1] fp32, blocksize, quant_type): a
+    Quantized4bitWeight as the ops take it."""
+    return (_packed_bytes(weight.packed), weight.absmax, weight.nested_absmax, weight.nested_code,
+            _offset_arg(weight.nested_offset), weight.blocksize, weight.quant_type)
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,23 +163,13 @@ def unused_seed() -> torch.Tensor:
     return _UNUSED_SEED
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
 def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
     """A fresh seed from torch's generator of ``device``, so torch.manual_seed makes runs reproducible and
     torch.utils.checkpoint's restored RNG state gives the recomputed forward the same seed.
 
     CUDA, eager: computed on the host from the CUDA generator's (seed, offset), whose offset is then advanced as
-    by a kernel drawing 4 numbers; a CPU tensor (the kernels take it by value): no random_ kernel, no host sync
-    (the draw kernel cost ~0.1 ms of host time per layer call on the H100 machine). While a CUDA graph is being
+    by a kernel drawing 4 numbers; a CPU tensor (the kernels take it by value): no random_ kernel, no host sync.
+    While a CUDA graph is being
     captured or torch.compile traces, and on other devices: drawn by torch.randint on the device, so each graph
     replay draws anew."""
     device = torch.device(device)
@@ -181,7 +178,7 @@ def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
                                                   else torch.cuda.current_device()]
         offset = generator.get_offset()
         generator.set_offset(offset + 4)
-        value = _splitmix64(_splitmix64(generator.initial_seed() & _MASK64) ^ offset)
+        value = formats.splitmix64(formats.splitmix64(generator.initial_seed() & formats.MASK64) ^ offset)
         return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
     return torch.randint(-2**62, 2**62, (1,), dtype=torch.int64, device=device)
 

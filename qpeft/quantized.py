@@ -22,7 +22,7 @@ import torch
 
 from . import functional as F
 from .errors import ConfigError
-from .reference import NESTED_BLOCKSIZE, code_book
+from .formats import NESTED_BLOCKSIZE, code_book
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}

@@ -34,26 +34,16 @@ from __future__ import annotations
 import functools
 import math
 import struct
-import zlib
 from collections.abc import Sequence
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
 
-VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NESTED_BLOCKSIZE = 256
+from .formats import (FLOAT_DTYPES, FP4_CODE_TIMES_12, GOLDEN_GAMMA, NESTED_BLOCKSIZE, NF4_CODE,  # noqa: F401
+                      QUANT_TYPES, RCP_TABLE_PATH, VALID_BLOCKSIZES, code_book, dynamic_map_8bit, lora_scaling,
+                      mix64, reciprocal_table_bytes)
 
-# NF4 code book (index -> value), fp32. Quantiles of N(0, 1) normalised to [-1, 1] (QLoRA paper).
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
 # The 15 decision thresholds between consecutive NF4 codes, as decimal literals: their fp32 values are the
 # C literals' (see fp32_from_decimal).
 NF4_THRESHOLDS = (
@@ -62,9 +52,6 @@ NF4_THRESHOLDS = (
     0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
     0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
 )
-# FP4 (1 sign bit, 2 exponent bits, 1 mantissa bit, bias 2) code book in bit-pattern order, / 12.
-FP4_CODE_TIMES_12 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                     -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 # Thresholds on |x| between consecutive FP4 magnitudes, and the 3-bit code of each magnitude rank.
 FP4_MAGNITUDE_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 FP4_CODE_OF_MAGNITUDE_RANK = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
@@ -86,48 +73,6 @@ def thresholds(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
     """The decision thresholds of ``quant_type`` as fp32 (NF4: on x; FP4: on |x|), rounded as C literals."""
     values = NF4_THRESHOLDS if quant_type == "nf4" else FP4_MAGNITUDE_THRESHOLDS
     return torch.tensor([fp32_from_decimal(repr(v)) for v in values], dtype=torch.float32, device=device)
-
-
-def code_book(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-entry fp32 code book of ``quant_type`` (what bitsandbytes stores as ``weight.quant_map``)."""
-    if quant_type == "nf4":
-        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
-    if quant_type == "fp4":
-        values = torch.tensor(FP4_CODE_TIMES_12, dtype=torch.float32, device=device)
-        return values / values.abs().max()
-    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-
-
-def dynamic_map_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The signed 8-bit "dynamic" map used for double quantization: 256 sorted fp32 values in [-0.993, 1].
-
-    Layout (Dettmers, "8-bit approximations for parallelism"): for exponent e = 0..6, 2^e linearly spaced
-    fraction values (bin means of linspace(0.1, 1, 2^e + 1)) scaled by 10^(e - 6), both signs; plus 0 and 1.
-    Computed in fp32 exactly as bitsandbytes' ``create_dynamic_map(signed=True)``.
-    """
-    values: list[float] = []
-    for exponent in range(7):
-        edges = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
-        bin_means = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (exponent - 6)
-        values += (scale * bin_means).tolist()
-        values += (-scale * bin_means).tolist()
-    values += [0.0, 1.0]
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-RCP_TABLE_PATH = Path(__file__).resolve().parent / "_data" / "rcp_approx_f32.bin"
-
-
-@functools.cache
-def reciprocal_table_bytes() -> bytes:
-    """The packed reciprocal correction table: zlib of 2^21 bytes, 4 entries per byte (entry i of byte j is
-    bits 2i..2i+1, for mantissa 4j + i), each entry ``delta + 1`` with delta in {-1, 0, +1} ulps."""
-    raw = zlib.decompress(RCP_TABLE_PATH.read_bytes())
-    if len(raw) != 2**21:
-        raise RuntimeError(f"qpeft: corrupt reciprocal table {RCP_TABLE_PATH} ({len(raw)} bytes)")
-    return raw
 
 
 @functools.cache
@@ -280,10 +225,7 @@ def dropout_bits(n: int, seed: int, offset: int) -> np.ndarray:
     SplitMix64(seed + (c // 4) * golden), one hash per group of four consecutive counters."""
     with np.errstate(over="ignore"):
         c = np.arange(n, dtype=np.uint64) + np.uint64(offset % 2**64)
-        z = np.uint64(seed % 2**64) + (c >> np.uint64(2)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+        z = mix64(np.uint64(seed % 2**64) + (c >> np.uint64(2)) * np.uint64(GOLDEN_GAMMA))
         lanes = (z >> (np.uint64(16) * (c & np.uint64(3)))) & np.uint64(0xFFFF)
     return lanes.astype(np.uint32)
 
@@ -308,11 +250,6 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch
 
 
 # ---- The LoRA layer on a frozen base (float64 reference of peft's semantics) ---------------------------------
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """peft's scaling of the LoRA branch: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
 
 def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
                 bias: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None, p: float = 0.0,

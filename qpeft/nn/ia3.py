@@ -1,6 +1,6 @@
 """``IA3Linear4bit``: a frozen 4-bit linear layer whose output rows (attention targets) or input columns
 (feed-forward targets) are scaled by learned vectors, peft's IA3 (``ia3_l``: [out, 1] or [1, in]); the active
-adapters' vectors multiply, as in peft. Runs inside the 4-bit matmul (qpeft.ia3_autograd); merges into an exact
+adapters' vectors multiply, as in peft. Runs inside the 4-bit matmul (qpeft.autograd.ia3); merges into an exact
 dense weight."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..ia3_autograd import ia3_linear
+from ..autograd import ia3_linear
 from .adapter_holder import AdapterHolder
 from .linear4bit import Linear4bit
 

@@ -3,7 +3,7 @@
 y = x W^T + b with W never kept dense: on the CPU a kernel reading the 4-bit codes for few rows (16 forward, 8 for
 the input gradient), and above that W dequantized a ~2 MB slab at a time for one GEMM per slab; on CUDA the codes
 kernel up to 16 rows of a forward, otherwise a transient dequantization + matmul
-(qpeft.lora_autograd.frozen_4bit_linear). Its state dict uses bitsandbytes'
+(qpeft.autograd.frozen_4bit_linear). Its state dict uses bitsandbytes'
 Linear4bit keys, so it loads bitsandbytes / HF 4-bit checkpoints and bitsandbytes loads what it saves; unlike
 bitsandbytes, ``load_state_dict`` works on it.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..lora_autograd import frozen_4bit_linear, weight_args
+from ..autograd import frozen_4bit_linear, weight_args
 from ..quantized import Quantized4bitWeight
 
 # Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.

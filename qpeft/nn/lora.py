@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .. import reference
-from ..lora_autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
+from .. import formats
+from ..autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
 from .adapter_holder import AdapterHolder
 from .linear4bit import Linear4bit
 
@@ -36,7 +36,7 @@ class LoraAdapter(nn.Module):
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"qpeft: init must be 'kaiming' or 'gaussian', got {init!r}")
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = reference.lora_scaling(r, alpha, use_rslora)
+        self.scaling = formats.lora_scaling(r, alpha, use_rslora)
         self.init = init
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..lora_autograd import frozen_4bit_linear
+from ..autograd import frozen_4bit_linear
 from .adapter_holder import SingleAdapterLinear4bit
 
 
