@@ -125,24 +125,24 @@ def _order_cases():
         emu.dequantize_4bit(packed, scales, 64, "nf4", out)
         return [out]
 
-    def down(x, tc):
+    def down(x, mma):
         def run(emu):
-            partial = torch.empty(emu.lora_down_splits(70, 264, 24, tc) + 1, 70, 24)
-            emu.lora_down(x, A, partial, seed, threshold, keep, tc)
+            partial = torch.empty(emu.lora_down_splits(70, 264, 24, mma) + 1, 70, 24)
+            emu.lora_down(x, A, partial, seed, threshold, keep, mma)
             return [partial]
         return run
 
-    def grad_weight(x, tc):
+    def grad_weight(x, mma):
         def run(emu):
             partial = torch.empty(2, 24, 264)
-            emu.lora_down_grad_weight(g, x, partial, seed, threshold, keep, tc)
+            emu.lora_down_grad_weight(g, x, partial, seed, threshold, keep, mma)
             return [partial]
         return run
 
-    def grad_input(dtype, tc):
+    def grad_input(dtype, mma):
         def run(emu):
             dx = torch.ones(70, 264, dtype=dtype)
-            emu.lora_down_grad_input(dx, g, A, seed, threshold, keep, True, tc)
+            emu.lora_down_grad_input(dx, g, A, seed, threshold, keep, True, mma)
             return [dx]
         return run
 
@@ -156,15 +156,15 @@ def _order_cases():
         emu.linear_4bit_lora(xs, packed, scales, 64, "nf4", y, partial_xa, B, B[:, 0].contiguous(), 0.5, xa)
         return [y, xa]
 
-    return {"dequantize_4bit": dequantize, "lora_down": down(x32, False), "lora_down_tc": down(x16, True),
-            "lora_down_grad_weight": grad_weight(x32, False), "lora_down_grad_weight_tc": grad_weight(x16, True),
+    return {"dequantize_4bit": dequantize, "lora_down": down(x32, False), "lora_down_mma": down(x16, True),
+            "lora_down_grad_weight": grad_weight(x32, False), "lora_down_grad_weight_mma": grad_weight(x16, True),
             "lora_down_grad_input": grad_input(torch.float32, False),
-            "lora_down_grad_input_tc": grad_input(torch.bfloat16, True),
+            "lora_down_grad_input_mma": grad_input(torch.bfloat16, True),
             "linear_4bit": linear, "linear_4bit_lora": fused}
 
 
-@pytest.mark.parametrize("name", ["dequantize_4bit", "lora_down", "lora_down_tc", "lora_down_grad_weight",
-                                  "lora_down_grad_weight_tc", "lora_down_grad_input", "lora_down_grad_input_tc",
+@pytest.mark.parametrize("name", ["dequantize_4bit", "lora_down", "lora_down_mma", "lora_down_grad_weight",
+                                  "lora_down_grad_weight_mma", "lora_down_grad_input", "lora_down_grad_input_mma",
                                   "linear_4bit", "linear_4bit_lora"])
 def test_results_do_not_depend_on_thread_order(emu, name):
     """A race between two barriers (a thread reading shared memory another thread of the interval writes) gives
@@ -218,8 +218,8 @@ KIND_CASES = ([(False, dt, s) for dt in [torch.float32, torch.bfloat16, torch.fl
 
 
 def kind_id(case):
-    tc, dtype, (m, k, r) = case
-    return f"{'tc' if tc else 'core'}-{str(dtype)[6:]}-{m}x{k}x{r}"
+    mma, dtype, (m, k, r) = case
+    return f"{'mma' if mma else 'core'}-{str(dtype)[6:]}-{m}x{k}x{r}"
 
 
 def lora_branch_cases(name, values):

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <climits>
 
-#include "../kernels/cuda/lora_cuda.h"
+#include "../kernels/cuda/layer_cuda.h"
 #include "../kernels/cuda/quant_cuda.h"
 #include "op_args.h"
 #include "qlora_cuda.h"
@@ -115,10 +115,10 @@ at::Tensor sum_partials(const at::Tensor& partial, at::ScalarType dtype, const c
 // column splits; returns its fp32 partial sums [splits, M, r].
 at::Tensor lora_down_partials(const LoraDownArgs& a, FloatFormat fmt, int max_splits) {
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.A.size(0);
-  const bool tc = use_tensor_cores(fmt, K, {a.x.data_ptr(), a.A.data_ptr()});
-  const int splits = std::min(max_splits, tc ? cuda::lora_down_tc_splits(M, K, r) : cuda::lora_down_splits(M, K, r));
+  const bool mma = use_tensor_cores(fmt, K, {a.x.data_ptr(), a.A.data_ptr()});
+  const int splits = std::min(max_splits, mma ? cuda::lora_down_mma_splits(M, K, r) : cuda::lora_down_splits(M, K, r));
   at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
-  const auto launch = tc ? &cuda::lora_down_tc : &cuda::lora_down;
+  const auto launch = mma ? &cuda::lora_down_mma : &cuda::lora_down;
   check_launch(launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
                       seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
@@ -140,10 +140,10 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
   const LoraDownGradWeightArgs a = prepare_lora_down_grad_weight(g, x, p, seed);
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.g.size(1);
   const FloatFormat fmt = float_format(a.x.scalar_type(), "x");
-  const bool tc = use_tensor_cores(fmt, K, {a.x.data_ptr()});
-  const int splits = tc ? cuda::lora_down_grad_weight_tc_splits(M, K, r) : cuda::lora_down_grad_weight_splits(M, K, r);
+  const bool mma = use_tensor_cores(fmt, K, {a.x.data_ptr()});
+  const int splits = mma ? cuda::lora_down_grad_weight_mma_splits(M, K, r) : cuda::lora_down_grad_weight_splits(M, K, r);
   at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
-  const auto launch = tc ? &cuda::lora_down_grad_weight_tc : &cuda::lora_down_grad_weight;
+  const auto launch = mma ? &cuda::lora_down_grad_weight_mma : &cuda::lora_down_grad_weight;
   check_launch(launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
                       seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
                       c10::cuda::getCurrentCUDAStream()),
@@ -156,8 +156,8 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
 void launch_lora_down_grad_input(const at::Tensor& dx, const LoraDownGradInputArgs& a, bool accumulate) {
   TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input: too many features (",
                     dx.size(1), ")");
-  const bool tc = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
-  const auto launch = tc ? &cuda::lora_down_grad_input_tc : &cuda::lora_down_grad_input;
+  const bool mma = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
+  const auto launch = mma ? &cuda::lora_down_grad_input_mma : &cuda::lora_down_grad_input;
   check_launch(launch(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(), dx.size(0), dx.size(1),
                       a.A.size(0), seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, accumulate,
                       c10::cuda::getCurrentCUDAStream()),

@@ -8,9 +8,8 @@
 // LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
 // x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (16-bit x,
 // K % 128 == 0, r <= 64) lora_down + one linear_4bit launch that adds the LoRA term and bias (qlora_cuda.h).
-// Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key: a call costs a
-// few microseconds of host time (the Python register_autograd path cost ~200 us per layer call, which is the
-// whole step at decode sizes). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
+// Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key (a few
+// microseconds of host time per call). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
 // Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x),
 // dx = dy W + drop(g A): small M on the CPU, linear_4bit_grad_input then drop(g A) accumulated in place; else
 // drop(g A) written first and the base GEMM(s) adding dy W onto it.
@@ -277,9 +276,41 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward_autograd(
   return {outs[0], outs[1]};
 }
 
+// lora_dropout's gradient is the same seeded dropout of dy: nothing but the seed is saved.
+struct LoraDropoutFunction : public torch::autograd::Function<LoraDropoutFunction> {
+  static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
+    static auto op_ = op<at::Tensor(const at::Tensor&, double, const at::Tensor&, int64_t)>("qpeft::lora_dropout");
+    return op_.call(x, p, seed, offset);
+  }
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, const at::Tensor& seed,
+                            int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({seed});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["offset"] = offset;
+    return dropout(x, p, seed, offset);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);
+    if (grads[0].defined())
+      out[0] = dropout(grads[0], ctx->saved_data["p"].toDouble(), ctx->get_saved_variables()[0],
+                       ctx->saved_data["offset"].toInt());
+    return out;
+  }
+};
+
+at::Tensor lora_dropout_autograd(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
+  return LoraDropoutFunction::apply(x, p, seed, offset);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qpeft, Autograd, m) { m.impl("qlora_forward", &qlora_forward_autograd); }
+TORCH_LIBRARY_IMPL(qpeft, Autograd, m) {
+  m.impl("qlora_forward", &qlora_forward_autograd);
+  m.impl("lora_dropout", &lora_dropout_autograd);
+}
 
 TORCH_LIBRARY_IMPL(qpeft, CPU, m) {
   m.impl("qlora_forward", &qlora_forward);

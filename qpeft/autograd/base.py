@@ -10,23 +10,6 @@ from .._ops import ops
 from ..functional import weight_args
 from ..quantized import Quantized4bitWeight
 
-# ---- lora_dropout: backward is the same seeded dropout, so it saves nothing -----------------------------------
-
-def _dropout_setup_context(ctx, inputs, output):
-    _, ctx.p, _, ctx.offset = inputs
-    ctx.save_for_backward(inputs[2])
-
-
-def _dropout_backward(ctx, grad):
-    (seed,) = ctx.saved_tensors
-    return ops.lora_dropout(grad, ctx.p, seed, ctx.offset), None, None, None
-
-
-torch.library.register_autograd("qpeft::lora_dropout", _dropout_backward, setup_context=_dropout_setup_context)
-
-
-# ---- the frozen 4-bit base ------------------------------------------------------------------------------------
-
 def base_matmul(x2: torch.Tensor, wargs: tuple, n: int) -> torch.Tensor:
     """x2 [M, K] @ W^T -> [M, n] in x2's dtype (the linear_4bit op picks the path)."""
     return ops.linear_4bit(x2, *wargs, n)

@@ -8,7 +8,7 @@
 #include <optional>
 #include <string>
 
-#include "../../csrc/kernels/cuda/lora_cuda.h"
+#include "../../csrc/kernels/cuda/layer_cuda.h"
 #include "../../csrc/kernels/cuda/quant_cuda.h"
 
 namespace qpeft_emu {
@@ -98,11 +98,11 @@ void lora_dropout(const at::Tensor& x, at::Tensor out, int64_t seed, const std::
 }
 
 int64_t lora_down_splits(int64_t M, int64_t K, int64_t r, bool tensor_cores) {
-  return tensor_cores ? qpeft::cuda::lora_down_tc_splits(M, K, r) : qpeft::cuda::lora_down_splits(M, K, r);
+  return tensor_cores ? qpeft::cuda::lora_down_mma_splits(M, K, r) : qpeft::cuda::lora_down_splits(M, K, r);
 }
 
 int64_t lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r, bool tensor_cores) {
-  return tensor_cores ? qpeft::cuda::lora_down_grad_weight_tc_splits(M, K, r)
+  return tensor_cores ? qpeft::cuda::lora_down_grad_weight_mma_splits(M, K, r)
                       : qpeft::cuda::lora_down_grad_weight_splits(M, K, r);
 }
 
@@ -112,7 +112,7 @@ void lora_down(const at::Tensor& x, const at::Tensor& A, at::Tensor partial, int
   require(x, "x");
   require(A, "A");
   require(partial, "partial");
-  const auto launch = tensor_cores ? &qpeft::cuda::lora_down_tc : &qpeft::cuda::lora_down;
+  const auto launch = tensor_cores ? &qpeft::cuda::lora_down_mma : &qpeft::cuda::lora_down;
   check(launch(x.data_ptr(), format_of(x), A.data_ptr<float>(), partial.data_ptr<float>(), x.size(0), x.size(1),
                A.size(0), static_cast<int>(partial.size(0)), seed_of(seed, std::nullopt),
                static_cast<uint32_t>(threshold), static_cast<float>(keep_scale), nullptr),
@@ -125,7 +125,7 @@ void lora_down_grad_weight(const at::Tensor& g, const at::Tensor& x, at::Tensor 
   require(g, "g");
   require(x, "x");
   require(partial, "partial");
-  const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_weight_tc : &qpeft::cuda::lora_down_grad_weight;
+  const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_weight_mma : &qpeft::cuda::lora_down_grad_weight;
   check(launch(g.data_ptr<float>(), x.data_ptr(), format_of(x), partial.data_ptr<float>(), x.size(0), x.size(1),
                g.size(1), static_cast<int>(partial.size(0)), seed_of(seed, std::nullopt),
                static_cast<uint32_t>(threshold), static_cast<float>(keep_scale), nullptr),
@@ -137,7 +137,7 @@ void lora_down_grad_input(at::Tensor dx, const at::Tensor& g, const at::Tensor& 
   require(dx, "dx");
   require(g, "g");
   require(A, "A");
-  const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_input_tc : &qpeft::cuda::lora_down_grad_input;
+  const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_input_mma : &qpeft::cuda::lora_down_grad_input;
   check(launch(dx.data_ptr(), format_of(dx), g.data_ptr<float>(), A.data_ptr<float>(), dx.size(0), dx.size(1),
                A.size(0), seed_of(seed, std::nullopt), static_cast<uint32_t>(threshold),
                static_cast<float>(keep_scale), accumulate, nullptr),

@@ -34,8 +34,8 @@
 #define QPEFT_CPU_INLINE inline
 #endif
 
-// Keeps GCC from "vectorizing" a table-lookup loop: with no gather instruction in the baseline ISA it builds the
-// vectors lane by lane through the stack, measured 2.5x slower than the scalar loop (dequantize_4bit_tile).
+// Keeps GCC from "vectorizing" a table-lookup loop: with no gather instruction in the baseline ISA it would build
+// the vectors lane by lane through the stack, slower than the scalar loop (dequantize_4bit_tile).
 #if defined(__GNUC__) && !defined(__clang__)
 #define QPEFT_NO_AUTOVEC __attribute__((optimize("no-tree-vectorize")))
 #else

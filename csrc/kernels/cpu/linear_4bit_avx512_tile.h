@@ -78,8 +78,7 @@ void pass(QuantType type, const typename Traits::X* x, int64_t K, const uint8_t*
   for (; n < n_end; ++n) tile<Traits, R, 1>(type, x, K, packed, scales, block_of, y, N, n);
 }
 
-// All M rows of x, in passes of up to kRowsPerPass rows. (Splitting K into chunks whose x stays in L1 measured
-// slower: W is then read in short strided runs.)
+// All M rows of x, in passes of up to kRowsPerPass rows (K is not split: W is read in long contiguous runs).
 template <class Traits>
 void linear_rows(const typename Traits::X* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
                  int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {

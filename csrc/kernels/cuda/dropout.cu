@@ -1,7 +1,7 @@
 // Counter-based LoRA dropout on CUDA (see ../dropout_rng.h): elementwise, grid-stride.
 #include "../dropout_rng.h"
 #include "device_utils.cuh"
-#include "lora_cuda.h"
+#include "layer_cuda.h"
 
 namespace qpeft::cuda {
 namespace {

@@ -16,7 +16,7 @@
 #include <type_traits>
 
 #include "device_utils.cuh"
-#include "lora_cuda.h"
+#include "layer_cuda.h"
 
 namespace qpeft::cuda {
 namespace {
@@ -124,9 +124,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 
 // The raw operands of one 128-column block of a warp: x rows g, g + 8 (8 elements per uint4), the codes of
 // its n-tiles and what their scales are made of (plain: the fp32 scale; nested: the 8-bit scale code and the
-// fp32 absmax of its group of 256). Loaded one block ahead of the MMAs (software pipeline): with ~4 blocks per
-// warp at K = 4096, waiting for each block's loads (and, nested, for the scale code before the table lookup)
-// left the kernel latency-bound at ~13 us for a 4096^2 weight whose codes take ~3 us to read.
+// fp32 absmax of its group of 256). Loaded one block ahead of the MMAs (software pipeline), so a warp's few blocks
+// do not each wait for their loads (and, nested, for the scale code before the table lookup).
 struct GemvStep {
   uint4 x[2][4];
   uint4 codes[kTilesPerWarp];

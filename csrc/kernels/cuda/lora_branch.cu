@@ -10,7 +10,7 @@
 #include <type_traits>
 
 #include "lora_common.cuh"
-#include "lora_cuda.h"
+#include "layer_cuda.h"
 
 namespace qpeft::cuda {
 namespace {

@@ -1,10 +1,9 @@
-// Tensor-core versions of the three LoRA-branch kernels (same contracts as lora_branch.cu, see lora_cuda.h) for
+// Tensor-core versions of the three LoRA-branch kernels (same contracts as lora_branch.cu, see layer_cuda.h) for
 // 16-bit activations with K % 8 == 0 and 16-byte aligned rows: the training case.
 //
-// Why: the CUDA-core kernels issue one FFMA and ~1/3 shared-memory load per multiply-add plus the dropout hash
-// and address arithmetic; at r = 16 that instruction stream, not DRAM, sets their time (SASS: ~1100
-// instructions per 256 FFMAs per tile). mma.sync.m16n8k8 (tf32) does 1024 multiply-adds per instruction, so
-// what is left is the 16-byte loads, the dropout hash (one per four elements) and the stores: memory-bound.
+// Why: the CUDA-core kernels are bound by their instruction stream (one FFMA per multiply-add plus loads, the
+// dropout hash and addressing); mma.sync.m16n8k8 (tf32) does 1024 multiply-adds per instruction, leaving the
+// 16-byte loads, the dropout hash and the stores (benchmarks/NOTES.md).
 //
 // Precision: x (bf16/fp16) is exact in tf32; A and g (fp32) enter as hi + lo tf32 pairs (lora_common.cuh), so
 // every product is fp32-accurate and sums are fp32, as on the CUDA-core path. Dropout: the mask is applied to x
@@ -16,7 +15,7 @@
 // the k order inside a chunk is free and is chosen so that a lane's slots are 8 contiguous columns of x. Lanes
 // are (g, t) = (lane / 4, lane % 4) throughout.
 #include "lora_common.cuh"
-#include "lora_cuda.h"
+#include "layer_cuda.h"
 
 namespace qpeft::cuda {
 namespace {
@@ -346,7 +345,7 @@ bool lora_tensor_cores_ok(FloatFormat fmt, int64_t K, std::initializer_list<cons
   return true;
 }
 
-int lora_down_tc_splits(int64_t M, int64_t K, int64_t r) {
+int lora_down_mma_splits(int64_t M, int64_t K, int64_t r) {
   // ~512 blocks of 4 warps; a split covers at least 64 columns (two steps) and there are at most 64 splits.
   const int64_t row_blocks = (M + kDownMmaRows - 1) / kDownMmaRows;
   const int64_t rank_groups = r <= 16 ? 1 : (r + 31) / 32;
@@ -354,7 +353,7 @@ int lora_down_tc_splits(int64_t M, int64_t K, int64_t r) {
   return static_cast<int>(clamp64((512 + blocks - 1) / blocks, 1, clamp64((K + 63) / 64, 1, 64)));
 }
 
-int lora_down_grad_weight_tc_splits(int64_t M, int64_t K, int64_t r) {
+int lora_down_grad_weight_mma_splits(int64_t M, int64_t K, int64_t r) {
   // ~256 blocks of 4 warps; each split at least 256 rows (the fp32 partials stay a few MB), at most 64 splits.
   const int64_t col_blocks = (K + kGwMmaCols - 1) / kGwMmaCols;
   const int64_t rank_groups = r <= 16 ? 1 : (r + 31) / 32;
@@ -362,7 +361,7 @@ int lora_down_grad_weight_tc_splits(int64_t M, int64_t K, int64_t r) {
   return static_cast<int>(clamp64((256 + blocks - 1) / blocks, 1, clamp64((M + 255) / 256, 1, 64)));
 }
 
-cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
+cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
                          int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
                          cudaStream_t stream) {
   if (M == 0 || r == 0) return cudaSuccess;
@@ -384,7 +383,7 @@ cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* 
   });
 }
 
-cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
+cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
                                      int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
                                      float keep_scale, cudaStream_t stream) {
   if (K == 0 || r == 0) return cudaSuccess;
@@ -408,7 +407,7 @@ cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat 
   });
 }
 
-cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
+cudaError_t lora_down_grad_input_mma(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
                                     int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
                                     bool accumulate, cudaStream_t stream) {
   if (M == 0 || K == 0) return cudaSuccess;

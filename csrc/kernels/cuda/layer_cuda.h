@@ -1,4 +1,5 @@
-// Torch-free CUDA launchers of the LoRA-branch kernels. Device pointers; work enqueued on `stream`. The dropout
+// Torch-free CUDA launchers of the linear layer's kernels: the LoRA branch (its dropout included) and the 4-bit
+// base matmul with its fused LoRA epilogue. Device pointers; work enqueued on `stream`. The dropout
 // seed is a SeedRef: read inside the kernel from device memory (a seed drawn on the GPU needs no host sync and
 // CUDA graph replays see new seeds) or passed by value (a seed the host already knows: no draw kernel).
 // Dropout decisions follow ../dropout_rng.h with counter = row-major element index of the logical [M, K] input
@@ -63,15 +64,15 @@ cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, cons
 // (lora_tensor_cores_ok); any other call returns cudaErrorInvalidValue without launching. Split counts are their
 // own (the partial-sum layouts are the same as above).
 bool lora_tensor_cores_ok(FloatFormat fmt, int64_t K, std::initializer_list<const void*> pointers);
-int lora_down_tc_splits(int64_t M, int64_t K, int64_t r);
-int lora_down_grad_weight_tc_splits(int64_t M, int64_t K, int64_t r);
-cudaError_t lora_down_tc(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
+int lora_down_mma_splits(int64_t M, int64_t K, int64_t r);
+int lora_down_grad_weight_mma_splits(int64_t M, int64_t K, int64_t r);
+cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
                          int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
                          cudaStream_t stream);
-cudaError_t lora_down_grad_weight_tc(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
+cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
                                      int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
                                      float keep_scale, cudaStream_t stream);
-cudaError_t lora_down_grad_input_tc(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
+cudaError_t lora_down_grad_input_mma(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
                                     int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
                                     bool accumulate, cudaStream_t stream);
 
