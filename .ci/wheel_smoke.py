@@ -28,8 +28,10 @@ assert "site-packages" in qpeft.__file__, qpeft.__file__
 assert qpeft._ops._required_torch() == ".".join(torch.__version__.split(".")[:2]), "the wheel's torch pin"
 W = torch.randn(70, 130)
 q = qpeft.Quantized4bitWeight.from_float(W, "nf4", 64, double_quant=True)
-assert torch.equal(q.dequantize(torch.float32),
-                   R.dequantize_4bit(q.packed.reshape(-1), q.fp32_scales(), 64, "nf4", W.shape, torch.float32))
+assert torch.equal(
+    q.dequantize(torch.float32),
+    R.dequantize_4bit(q.packed.reshape(-1), q.fp32_scales(), 64, "nf4", W.shape, torch.float32),
+)
 layer = LoraLinear4bit.from_linear(torch.nn.Linear(128, 64), r=8, alpha=16, dropout=0.1).train()
 opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
 x, target = torch.randn(32, 128), torch.randn(32, 64)
@@ -45,5 +47,7 @@ info = json.loads(subprocess.run(["qpeft", "info"], capture_output=True, text=Tr
 assert info["build"]["torch"].split("+")[0] == torch.__version__.split("+")[0], info["build"]
 demo = subprocess.run(["qpeft", "demo", "--steps", "4", "--quiet"], capture_output=True, text=True, timeout=600)
 assert demo.returncode == 0, demo.stderr[-2000:]
-print(f"wheel ok: {wheel.name}, {size_kb} KB, {len(names)} files, torch {torch.__version__}, "
-      f"CPU level {qpeft.functional.cpu_isa()}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+print(
+    f"wheel ok: {wheel.name}, {size_kb} KB, {len(names)} files, torch {torch.__version__}, "
+    f"CPU level {qpeft.functional.cpu_isa()}, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+)

@@ -96,8 +96,9 @@ def main() -> None:
             results = measure({name: (module, None) for name, module in variants.items()}, x, device, reps)
             row = {"method": method, "M": m, "K": k, "N": n, "dtype": str(dtype).removeprefix("torch.")}
             for name, (fwd, fb, saved, peak) in results.items():
-                row.update({f"{name}_fwd_ms": fwd, f"{name}_fb_ms": fb, f"{name}_saved_MB": saved,
-                            f"{name}_peak_MB": peak})
+                row.update(
+                    {f"{name}_fwd_ms": fwd, f"{name}_fb_ms": fb, f"{name}_saved_MB": saved, f"{name}_peak_MB": peak}
+                )
             for name in ("qpeft", "bnb_peft", "dense_peft"):
                 if name in results:
                     row[f"{name}_fb_vs_dense"] = row[f"{name}_fb_ms"] / row["dense_fb_ms"]
@@ -105,9 +106,28 @@ def main() -> None:
                 row["bnb_peft_fb_vs_qpeft"] = row["bnb_peft_fb_ms"] / row["qpeft_fb_ms"]
                 row["bnb_peft_fwd_vs_qpeft"] = row["bnb_peft_fwd_ms"] / row["qpeft_fwd_ms"]
             rows.append(row)
-    print_table(rows, ["method", "M", "K", "N", "dense_fwd_ms", "qpeft_fwd_ms", "bnb_peft_fwd_ms", "dense_peft_fwd_ms",
-                       "dense_fb_ms", "qpeft_fb_ms", "bnb_peft_fb_ms", "dense_peft_fb_ms", "qpeft_fb_vs_dense",
-                       "bnb_peft_fb_vs_qpeft", "qpeft_saved_MB", "bnb_peft_saved_MB", "dense_peft_saved_MB"])
+    print_table(
+        rows,
+        [
+            "method",
+            "M",
+            "K",
+            "N",
+            "dense_fwd_ms",
+            "qpeft_fwd_ms",
+            "bnb_peft_fwd_ms",
+            "dense_peft_fwd_ms",
+            "dense_fb_ms",
+            "qpeft_fb_ms",
+            "bnb_peft_fb_ms",
+            "dense_peft_fb_ms",
+            "qpeft_fb_vs_dense",
+            "bnb_peft_fb_vs_qpeft",
+            "qpeft_saved_MB",
+            "bnb_peft_saved_MB",
+            "dense_peft_saved_MB",
+        ],
+    )
     print("wrote", write_results(f"adapter_layers_{str(dtype).removeprefix('torch.')}", device, rows, args.out))
 
 

@@ -57,16 +57,37 @@ def main() -> None:
             times = median_times_ms(fns, device, warmup=5, reps=reps)
             t_qpeft, t_bnb = times["qpeft"], times.get("bnb")
             copy_bytes = 2 * W.numel() * W.element_size()
-            row = {"shape": f"{shape[0]}x{shape[1]}", "double_quant": double_quant, "bytes": nbytes,
-                   "qpeft_ms": t_qpeft, "qpeft_GBps": nbytes / t_qpeft / 1e6,
-                   "bnb_ms": t_bnb, "bnb_GBps": nbytes / t_bnb / 1e6 if t_bnb else None,
-                   "speedup_vs_bnb": t_bnb / t_qpeft if t_bnb else None,
-                   "clone_GBps": copy_bytes / times["clone"] / 1e6, "copy_GBps": copy_bytes / times["copy"] / 1e6}
+            row = {
+                "shape": f"{shape[0]}x{shape[1]}",
+                "double_quant": double_quant,
+                "bytes": nbytes,
+                "qpeft_ms": t_qpeft,
+                "qpeft_GBps": nbytes / t_qpeft / 1e6,
+                "bnb_ms": t_bnb,
+                "bnb_GBps": nbytes / t_bnb / 1e6 if t_bnb else None,
+                "speedup_vs_bnb": t_bnb / t_qpeft if t_bnb else None,
+                "clone_GBps": copy_bytes / times["clone"] / 1e6,
+                "copy_GBps": copy_bytes / times["copy"] / 1e6,
+            }
             row["qpeft_of_clone_bw"] = row["qpeft_GBps"] / row["clone_GBps"]
             row["qpeft_of_copy_bw"] = row["qpeft_GBps"] / row["copy_GBps"]
             rows.append(row)
-    print_table(rows, ["shape", "double_quant", "qpeft_ms", "qpeft_GBps", "bnb_ms", "bnb_GBps", "speedup_vs_bnb",
-                       "clone_GBps", "copy_GBps", "qpeft_of_clone_bw", "qpeft_of_copy_bw"])
+    print_table(
+        rows,
+        [
+            "shape",
+            "double_quant",
+            "qpeft_ms",
+            "qpeft_GBps",
+            "bnb_ms",
+            "bnb_GBps",
+            "speedup_vs_bnb",
+            "clone_GBps",
+            "copy_GBps",
+            "qpeft_of_clone_bw",
+            "qpeft_of_copy_bw",
+        ],
+    )
     print("wrote", write_results("dequantize_nf4", device, rows, args.out))
 
 

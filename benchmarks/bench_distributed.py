@@ -21,8 +21,15 @@ import torch.multiprocessing as mp
 
 from harness import benchmark_args, print_table, write_results
 
-MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=2000, max_position_embeddings=512)
+MODEL = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=2000,
+    max_position_embeddings=512,
+)
 GLOBAL_BATCH, SEQ = 4, 128
 
 
@@ -33,6 +40,7 @@ def local_bytes(t: torch.Tensor) -> int:
 
 def lora_config():
     import qpeft
+
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return qpeft.LoraConfig(r=16, lora_alpha=32, target_modules=targets)
 
@@ -61,11 +69,13 @@ def worker(rank, world, sharding, port, steps, checkpoint, out):
         from qpeft.nn import Linear4bit
 
         from qpeft.checkpoint import SafetensorsFolder
+
         readers = []
         opened = SafetensorsFolder.__init__
         SafetensorsFolder.__init__ = lambda self, *a: (opened(self, *a), readers.append(self))[0]
 
         from torch.distributed.device_mesh import init_device_mesh
+
         torch.manual_seed(0)
         start = time.perf_counter()
         if sharding == "fsdp2_sharded_load":
@@ -78,8 +88,12 @@ def worker(rank, world, sharding, port, steps, checkpoint, out):
         load_s = time.perf_counter() - start
         read = sum(reader.bytes_read for reader in readers)
         trained = torch.nn.parallel.DistributedDataParallel(model) if sharding == "ddp" else model
-        base = sum(local_bytes(t) for m in model.modules() if isinstance(m, Linear4bit)
-                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+        base = sum(
+            local_bytes(t)
+            for m in model.modules()
+            if isinstance(m, Linear4bit)
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         g = torch.Generator().manual_seed(1)
         times = []
@@ -116,11 +130,21 @@ def main() -> None:
                 out = os.path.join(folder, f"{sharding}{world}")
                 mp.spawn(worker, args=(world, sharding, free_port(), args.steps, checkpoint, out), nprocs=world)
                 base, step, read, load_s = open(out).read().split()
-                rows.append({"sharding": sharding, "ranks": world, "base_MB_per_rank": int(base) / 2**20,
-                             "step_ms": 1e3 * float(step), "tokens_per_s": GLOBAL_BATCH * SEQ / float(step),
-                             "checkpoint_MB_read_per_rank": int(read) / 2**20, "load_s": float(load_s)})
-    print_table(rows, ["sharding", "ranks", "base_MB_per_rank", "step_ms", "tokens_per_s",
-                       "checkpoint_MB_read_per_rank", "load_s"])
+                rows.append(
+                    {
+                        "sharding": sharding,
+                        "ranks": world,
+                        "base_MB_per_rank": int(base) / 2**20,
+                        "step_ms": 1e3 * float(step),
+                        "tokens_per_s": GLOBAL_BATCH * SEQ / float(step),
+                        "checkpoint_MB_read_per_rank": int(read) / 2**20,
+                        "load_s": float(load_s),
+                    }
+                )
+    print_table(
+        rows,
+        ["sharding", "ranks", "base_MB_per_rank", "step_ms", "tokens_per_s", "checkpoint_MB_read_per_rank", "load_s"],
+    )
     for row in rows:
         row.update({"model": MODEL, "global_batch": GLOBAL_BATCH, "seq": SEQ, "dtype": "bfloat16"})
     print("wrote", write_results("distributed", torch.device("cpu"), rows, args.out))

@@ -29,12 +29,33 @@ import torch
 
 from harness import benchmark_args, peak_memory_mb, print_table, train_steps, write_results
 
-GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
-CPU_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2000, max_position_embeddings=256)
-CPU_KERNELS_MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                         num_key_value_heads=4, vocab_size=2000, max_position_embeddings=256)
+GPU_MODEL = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=8,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+CPU_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2000,
+    max_position_embeddings=256,
+)
+CPU_KERNELS_MODEL = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=2000,
+    max_position_embeddings=256,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["qpeft", "bnb_peft", "bnb_peft_kbit", "dense_peft"]
 
@@ -57,17 +78,20 @@ def build(variant: str, folder: str, device: torch.device, dtype: torch.dtype):
 
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         qpeft.prepare_model_for_kbit_training(model)
-        return qpeft.get_peft_model(model, qpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                            target_modules=TARGETS, compute_dtype=dtype))
+        return qpeft.get_peft_model(
+            model, qpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, compute_dtype=dtype)
+        )
     import peft
 
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
     checkpointing = {"use_reentrant": False}
     if variant.startswith("bnb_peft"):
-        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
-                                                                  device_map={"": str(device)})
+        quant = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quant, dtype=dtype, device_map={"": str(device)}
+        )
         if variant == "bnb_peft_kbit":
             model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=checkpointing)
         else:  # frozen by get_peft_model; nothing upcast
@@ -78,17 +102,24 @@ def build(variant: str, folder: str, device: torch.device, dtype: torch.dtype):
     return peft.get_peft_model(model, config)
 
 
-def run_variant(variant: str, folder: str, device: torch.device, dtype: torch.dtype, batch: int, seq: int,
-                steps: int, warmup: int) -> dict:
+def run_variant(
+    variant: str, folder: str, device: torch.device, dtype: torch.dtype, batch: int, seq: int, steps: int, warmup: int
+) -> dict:
     model = build(variant, folder, device, dtype)
     model.train()
     vocab = model.config.vocab_size
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     losses, times = train_steps(model, batches(vocab, batch, seq, steps + warmup), optimizer, device, warmup)
     times.sort()
-    result = {"variant": variant, "steps": steps, "tokens_per_s": batch * seq / times[len(times) // 2],
-              "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / len(losses[-20:]),
-              "loss_last_20_std": _std(losses[-20:]), "losses": losses}
+    result = {
+        "variant": variant,
+        "steps": steps,
+        "tokens_per_s": batch * seq / times[len(times) // 2],
+        "loss_first": losses[0],
+        "loss_last_20_mean": sum(losses[-20:]) / len(losses[-20:]),
+        "loss_last_20_std": _std(losses[-20:]),
+        "losses": losses,
+    }
     result["peak_MB"] = peak_memory_mb(device)
     return result
 
@@ -99,10 +130,15 @@ def _std(values: list[float]) -> float:
 
 
 def main() -> None:
-    args = benchmark_args(__doc__, lambda p: (p.add_argument("--steps", type=int, default=None),
-                                              p.add_argument("--size", default="small", choices=["small", "kernels"]),
-                                              p.add_argument("--variant", default=None, help=argparse_hidden()),
-                                              p.add_argument("--folder", default=None, help=argparse_hidden())))
+    args = benchmark_args(
+        __doc__,
+        lambda p: (
+            p.add_argument("--steps", type=int, default=None),
+            p.add_argument("--size", default="small", choices=["small", "kernels"]),
+            p.add_argument("--variant", default=None, help=argparse_hidden()),
+            p.add_argument("--folder", default=None, help=argparse_hidden()),
+        ),
+    )
     device = args.device
     gpu = device.type == "cuda"
     kernels = not gpu and args.size == "kernels"
@@ -126,8 +162,20 @@ def main() -> None:
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**model_config)).to(dtype).save_pretrained(folder)
         rows = []
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--device", str(device), "--steps", str(steps), "--variant", variant,
-                   "--folder", folder, "--size", args.size]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--device",
+                str(device),
+                "--steps",
+                str(steps),
+                "--variant",
+                variant,
+                "--folder",
+                folder,
+                "--size",
+                args.size,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             if done.returncode != 0:
                 print(f"{variant} failed (reported, not invented):\n{done.stderr[-2000:]}")
@@ -143,8 +191,20 @@ def main() -> None:
         if "bnb_peft" in by_name:
             row["tokens_per_s_vs_bnb_peft"] = row["tokens_per_s"] / by_name["bnb_peft"]["tokens_per_s"]
             row["peak_vs_bnb_peft"] = row["peak_MB"] / by_name["bnb_peft"]["peak_MB"]
-    print_table(rows, ["variant", "tokens_per_s", "peak_MB", "loss_first", "loss_last_20_mean", "loss_last_20_std",
-                       "tokens_per_s_vs_bnb_peft", "peak_vs_bnb_peft", "loss_within_noise"])
+    print_table(
+        rows,
+        [
+            "variant",
+            "tokens_per_s",
+            "peak_MB",
+            "loss_first",
+            "loss_last_20_mean",
+            "loss_last_20_std",
+            "tokens_per_s_vs_bnb_peft",
+            "peak_vs_bnb_peft",
+            "loss_within_noise",
+        ],
+    )
     for row in rows:
         row.update({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq": seq, "model": model_config})
     print("wrote", write_results("e2e_kernels" if kernels else "e2e", device, rows, args.out))

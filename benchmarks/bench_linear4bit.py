@@ -19,19 +19,31 @@ from harness import benchmark_args, median_times_ms, print_table, write_results
 from qpeft.nn import Linear4bit
 
 CPU_CASES = [(torch.bfloat16, m, k, k) for k in (2048, 4096) for m in (1, 16, 256)] + [
-    (torch.bfloat16, 1024, 2048, 2048), (torch.float32, 1, 2048, 2048), (torch.float32, 16, 2048, 2048)]
+    (torch.bfloat16, 1024, 2048, 2048),
+    (torch.float32, 1, 2048, 2048),
+    (torch.float32, 16, 2048, 2048),
+]
 GPU_CASES = [(torch.bfloat16, m, 4096, 4096) for m in (1, 16, 512, 4096)] + [
-    (torch.bfloat16, 4096, 4096, 14336), (torch.bfloat16, 4096, 14336, 4096)]
+    (torch.bfloat16, 4096, 4096, 14336),
+    (torch.bfloat16, 4096, 14336, 4096),
+]
 
 
 def bitsandbytes_layer(dense: torch.nn.Linear, dtype: torch.dtype):
     try:
         import bitsandbytes as bnb
 
-        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dtype,
-                                  quant_type="nf4", compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
+        layer = bnb.nn.Linear4bit(
+            dense.in_features,
+            dense.out_features,
+            bias=False,
+            compute_dtype=dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
         return layer.to(dense.weight.device)
     except Exception as e:  # no bitsandbytes here: the row says so instead of inventing a baseline
         print(f"bitsandbytes baseline unavailable: {e}")
@@ -56,12 +68,23 @@ def main() -> None:
             times = median_times_ms(fns, device, warmup=10 if device.type == "cuda" else 3, reps=reps)
             t_dense, t_ours, t_bnb = times["dense"], times["qpeft"], times.get("bnb")
             path = F.cpu_linear_4bit_path(m, k, dtype) if device.type == "cpu" else None
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "M": m, "K": k, "N": n, "path": path,
-                         "dense_ms": t_dense,
-                         "qpeft_ms": t_ours, "bnb_ms": t_bnb, "qpeft_vs_dense": t_ours / t_dense,
-                         "bnb_vs_qpeft": t_bnb / t_ours if t_bnb else None})
-    print_table(rows, ["dtype", "M", "K", "N", "path", "dense_ms", "qpeft_ms", "bnb_ms", "qpeft_vs_dense",
-                       "bnb_vs_qpeft"])
+            rows.append(
+                {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "path": path,
+                    "dense_ms": t_dense,
+                    "qpeft_ms": t_ours,
+                    "bnb_ms": t_bnb,
+                    "qpeft_vs_dense": t_ours / t_dense,
+                    "bnb_vs_qpeft": t_bnb / t_ours if t_bnb else None,
+                }
+            )
+    print_table(
+        rows, ["dtype", "M", "K", "N", "path", "dense_ms", "qpeft_ms", "bnb_ms", "qpeft_vs_dense", "bnb_vs_qpeft"]
+    )
     print("wrote", write_results("linear4bit_forward", device, rows, args.out))
 
 

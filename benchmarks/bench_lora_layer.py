@@ -21,8 +21,12 @@ from qpeft import functional as F
 from qpeft.nn import LoraLinear4bit
 
 CPU_CASES = [(1, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048), (1024, 4096, 4096)]  # TARGETS.md's + issue 15
-GPU_CASES = [(m, 4096, 4096) for m in (1, 16, 4096, 16384)] + [(4096, 4096, 14336), (4096, 14336, 4096),
-                                                                 (16384, 4096, 14336), (16384, 14336, 4096)]
+GPU_CASES = [(m, 4096, 4096) for m in (1, 16, 4096, 16384)] + [
+    (4096, 4096, 14336),
+    (4096, 14336, 4096),
+    (16384, 4096, 14336),
+    (16384, 14336, 4096),
+]
 R, ALPHA, DROPOUT = 16, 32, 0.05
 
 
@@ -36,10 +40,17 @@ def peft_on_bnb(dense: torch.nn.Linear, dtype: torch.dtype, config=None):
         class Holder(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.proj = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=dtype,
-                                              quant_type="nf4", compress_statistics=True)
-                self.proj.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False,
-                                                     quant_type="nf4", compress_statistics=True)
+                self.proj = bnb.nn.Linear4bit(
+                    dense.in_features,
+                    dense.out_features,
+                    bias=False,
+                    compute_dtype=dtype,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                self.proj.weight = bnb.nn.Params4bit(
+                    dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                )
 
             def forward(self, x):
                 return self.proj(x)
@@ -135,6 +146,7 @@ def measure(variants: dict, x, device, reps) -> dict[str, tuple]:
             y = module(x)
             if backward:
                 y.backward(grad)
+
         return run
 
     fns = {}
@@ -146,18 +158,28 @@ def measure(variants: dict, x, device, reps) -> dict[str, tuple]:
     for name, (module, kernels) in variants.items():
         if kernels is not None:
             F.set_cuda_lora_kernels(kernels)
-        results[name] = (times[f"{name}_fwd"], times[f"{name}_fb"], saved_bytes(module, x) / 2**20,
-                         peak_memory_MB(module, x, grad, device))
+        results[name] = (
+            times[f"{name}_fwd"],
+            times[f"{name}_fb"],
+            saved_bytes(module, x) / 2**20,
+            peak_memory_MB(module, x, grad, device),
+        )
     if device.type == "cuda":
         F.set_cuda_lora_kernels("cuda_cores")
     return results
 
 
 def main() -> None:
-    args = benchmark_args(__doc__, lambda parser: parser.add_argument(
-        "--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-        help="default: bfloat16 on a GPU and on CPUs with AVX512_BF16, else float32 (CPUs without it run bf16 "
-             "GEMMs tens of times slower, which would swamp every column)"))
+    args = benchmark_args(
+        __doc__,
+        lambda parser: parser.add_argument(
+            "--dtype",
+            default=None,
+            choices=["bfloat16", "float16", "float32"],
+            help="default: bfloat16 on a GPU and on CPUs with AVX512_BF16, else float32 (CPUs without it run bf16 "
+            "GEMMs tens of times slower, which would swamp every column)",
+        ),
+    )
     device = args.device
     cases, reps = (GPU_CASES, 50) if device.type == "cuda" else (CPU_CASES, 15)
     bf16_cpu = F.detected_cpu_isa() == "avx512_bf16"
@@ -203,21 +225,63 @@ def main() -> None:
         row["bnb_peft_fwd_vs_qpeft"] = row["bnb_peft_fwd_ms"] / row["qpeft_fwd_ms"] if "bnb_peft" in results else None
         row["bnb_peft_fb_vs_qpeft"] = row["bnb_peft_fb_ms"] / row["qpeft_fb_ms"] if "bnb_peft" in results else None
         rows.append(row)
-    print_table(rows, ["M", "K", "N", "dtype", "dense_fwd_ms", "qpeft_fwd_ms", "bnb_peft_fwd_ms", "dense_fb_ms",
-                       "qpeft_fb_ms", "bnb_peft_fb_ms", "qpeft_tc_fwd_ms", "qpeft_tc_fb_ms", "qpeft_fwd_vs_dense",
-                       "bnb_peft_fwd_vs_qpeft", "qpeft_fb_vs_dense", "qpeft_tc_fb_vs_dense", "bnb_peft_fb_vs_qpeft",
-                       "qpeft_saved_MB", "bnb_peft_saved_MB",
-                       "qpeft_peak_MB", "bnb_peft_peak_MB"])
+    print_table(
+        rows,
+        [
+            "M",
+            "K",
+            "N",
+            "dtype",
+            "dense_fwd_ms",
+            "qpeft_fwd_ms",
+            "bnb_peft_fwd_ms",
+            "dense_fb_ms",
+            "qpeft_fb_ms",
+            "bnb_peft_fb_ms",
+            "qpeft_tc_fwd_ms",
+            "qpeft_tc_fb_ms",
+            "qpeft_fwd_vs_dense",
+            "bnb_peft_fwd_vs_qpeft",
+            "qpeft_fb_vs_dense",
+            "qpeft_tc_fb_vs_dense",
+            "bnb_peft_fb_vs_qpeft",
+            "qpeft_saved_MB",
+            "bnb_peft_saved_MB",
+            "qpeft_peak_MB",
+            "bnb_peft_peak_MB",
+        ],
+    )
     graphed = [r for r in rows if "dense_fb_graph_ms" in r]
     if graphed:
         print("training step (forward + backward) replayed from CUDA graphs (ms):")
-        print_table(graphed, ["M", "K", "N", "dense_fb_graph_ms", "qpeft_fb_graph_ms", "qpeft_tc_fb_graph_ms",
-                              "qpeft_fb_graph_vs_dense", "qpeft_tc_fb_graph_vs_dense"])
+        print_table(
+            graphed,
+            [
+                "M",
+                "K",
+                "N",
+                "dense_fb_graph_ms",
+                "qpeft_fb_graph_ms",
+                "qpeft_tc_fb_graph_ms",
+                "qpeft_fb_graph_vs_dense",
+                "qpeft_tc_fb_graph_vs_dense",
+            ],
+        )
     small = [r for r in rows if "qpeft_fwd_graph_ms" in r]
     if small:
         print("inference forward replayed from a CUDA graph (ms):")
-        print_table(small, ["M", "K", "N", "dense_fwd_graph_ms", "qpeft_fwd_graph_ms", "bnb_peft_fwd_graph_ms",
-                            "qpeft_fwd_graph_vs_dense"])
+        print_table(
+            small,
+            [
+                "M",
+                "K",
+                "N",
+                "dense_fwd_graph_ms",
+                "qpeft_fwd_graph_ms",
+                "bnb_peft_fwd_graph_ms",
+                "qpeft_fwd_graph_vs_dense",
+            ],
+        )
     print("wrote", write_results(f"lora_layer_{str(dtype).removeprefix('torch.')}", device, rows, args.out))
 
 

@@ -37,16 +37,21 @@ def main() -> None:
         A = torch.randn(R, k, device=device) / k**0.5
         g = torch.randn(m, R, device=device)
         dx = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-        ops = {"lora_down": (lambda: F.lora_down(x, A, P, SEED), x.numel() * 2),
-               "grad_weight": (lambda: F.lora_down_grad_weight(g, x, P, SEED), x.numel() * 2),
-               "grad_input_": (lambda: F.lora_down_grad_input_(dx, g, A, P, SEED), 2 * dx.numel() * 2),
-               "grad_input": (lambda: F.lora_down_grad_input(g, A, P, SEED, dx.dtype), dx.numel() * 2)}
+        ops = {
+            "lora_down": (lambda: F.lora_down(x, A, P, SEED), x.numel() * 2),
+            "grad_weight": (lambda: F.lora_down_grad_weight(g, x, P, SEED), x.numel() * 2),
+            "grad_input_": (lambda: F.lora_down_grad_input_(dx, g, A, P, SEED), 2 * dx.numel() * 2),
+            "grad_input": (lambda: F.lora_down_grad_input(g, A, P, SEED, dx.dtype), dx.numel() * 2),
+        }
         outputs = {}
         for kind in F.CUDA_LORA_KERNELS:
             F.set_cuda_lora_kernels(kind)
-            outputs[kind] = (F.lora_down(x, A, P, SEED), F.lora_down_grad_weight(g, x, P, SEED),
-                             F.lora_down_grad_input_(torch.zeros_like(dx), g, A, P, SEED),
-                             F.lora_down_grad_input(g, A, P, SEED, dx.dtype))
+            outputs[kind] = (
+                F.lora_down(x, A, P, SEED),
+                F.lora_down_grad_weight(g, x, P, SEED),
+                F.lora_down_grad_input_(torch.zeros_like(dx), g, A, P, SEED),
+                F.lora_down_grad_input(g, A, P, SEED, dx.dtype),
+            )
         agree = [rel_err(a, b) for a, b in zip(outputs["tensor_cores"], outputs["cuda_cores"])]
         t_copy = median_time_ms(lambda: dx.clone(), device, reps=100)
         for (op, (fn, nbytes)), rel_diff in zip(ops.items(), agree):
@@ -60,8 +65,21 @@ def main() -> None:
             row["copy_TBps"] = 2 * dx.numel() * 2 / t_copy / 1e9
             rows.append(row)
     F.set_cuda_lora_kernels("cuda_cores")
-    print_table(rows, ["M", "K", "op", "cuda_cores_us", "tensor_cores_us", "tensor_vs_cuda_cores", "cuda_cores_TBps",
-                       "tensor_cores_TBps", "copy_TBps", "kinds_rel_diff"])
+    print_table(
+        rows,
+        [
+            "M",
+            "K",
+            "op",
+            "cuda_cores_us",
+            "tensor_cores_us",
+            "tensor_vs_cuda_cores",
+            "cuda_cores_TBps",
+            "tensor_cores_TBps",
+            "copy_TBps",
+            "kinds_rel_diff",
+        ],
+    )
     print("wrote", write_results("lora_ops_bfloat16", device, rows, args.out))
 
 

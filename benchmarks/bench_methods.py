@@ -24,12 +24,38 @@ import torch
 
 from harness import benchmark_args, peak_memory_mb, print_table, train_steps, write_results
 
-CPU_MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=2000, max_position_embeddings=512)
-GPU_MODEL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
-METHODS = ["lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning",
-           "bitfit", "layerwise", "sparse", "bottleneck", "piggyback"]
+CPU_MODEL = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=2000,
+    max_position_embeddings=512,
+)
+GPU_MODEL = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=8,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+METHODS = [
+    "lora",
+    "adalora",
+    "ia3",
+    "prompt-tuning",
+    "p-tuning",
+    "prefix-tuning",
+    "multitask-prompt-tuning",
+    "bitfit",
+    "layerwise",
+    "sparse",
+    "bottleneck",
+    "piggyback",
+]
 QPEFT_ONLY = {"bitfit", "layerwise", "sparse", "bottleneck", "piggyback"}  # methods peft does not have
 STEPS_FOR_ADALORA = 40  # AdaLoRA's total_step: its budget phase spans the measured steps
 VARIANTS = ["qpeft", "bnb_peft", "dense_peft", "qpeft_checkpointed"]
@@ -44,24 +70,36 @@ def config(library, method: str, dtype: torch.dtype):
     if method == "lora":
         return library.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, **task)
     if method == "adalora":
-        return library.AdaLoraConfig(init_r=16, target_r=4, lora_alpha=32, target_modules=targets, tinit=2, tfinal=4,
-                                     total_step=STEPS_FOR_ADALORA, **task)
+        return library.AdaLoraConfig(
+            init_r=16,
+            target_r=4,
+            lora_alpha=32,
+            target_modules=targets,
+            tinit=2,
+            tfinal=4,
+            total_step=STEPS_FOR_ADALORA,
+            **task,
+        )
     if method == "ia3":
-        return library.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                                 **task)
-    own = {"bitfit": lambda: library.BitFitConfig(bias_modules=targets, add_missing_bias=True, **task),
-           "layerwise": lambda: library.LayerwiseConfig(last_k=1, **task),
-           "sparse": lambda: library.SparseConfig(target_modules=targets, budget=0.002, **task),
-           "bottleneck": lambda: library.BottleneckConfig(style="houlsby", reduction_factor=16, **task),
-           "piggyback": lambda: library.PiggybackConfig(target_modules=targets, **task)}
+        return library.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], **task
+        )
+    own = {
+        "bitfit": lambda: library.BitFitConfig(bias_modules=targets, add_missing_bias=True, **task),
+        "layerwise": lambda: library.LayerwiseConfig(last_k=1, **task),
+        "sparse": lambda: library.SparseConfig(target_modules=targets, budget=0.002, **task),
+        "bottleneck": lambda: library.BottleneckConfig(style="houlsby", reduction_factor=16, **task),
+        "piggyback": lambda: library.PiggybackConfig(target_modules=targets, **task),
+    }
     if method in own:
         return own[method]()
     common = dict(num_virtual_tokens=NVT, **task)
-    return {"prompt-tuning": lambda: library.PromptTuningConfig(**common),
-            "p-tuning": lambda: library.PromptEncoderConfig(encoder_hidden_size=256, **common),
-            "prefix-tuning": lambda: library.PrefixTuningConfig(**common),
-            "multitask-prompt-tuning": lambda: library.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4,
-                                                                                  **common)}[method]()
+    return {
+        "prompt-tuning": lambda: library.PromptTuningConfig(**common),
+        "p-tuning": lambda: library.PromptEncoderConfig(encoder_hidden_size=256, **common),
+        "prefix-tuning": lambda: library.PrefixTuningConfig(**common),
+        "multitask-prompt-tuning": lambda: library.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4, **common),
+    }[method]()
 
 
 def build(variant: str, method: str, folder: str, device: torch.device, dtype: torch.dtype):
@@ -81,10 +119,12 @@ def build(variant: str, method: str, folder: str, device: torch.device, dtype: t
     import peft
 
     if variant == "bnb_peft":
-        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
-                                                                  device_map={"": str(device)})
+        quant = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quant, dtype=dtype, device_map={"": str(device)}
+        )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     if use_checkpointing:
@@ -93,39 +133,64 @@ def build(variant: str, method: str, folder: str, device: torch.device, dtype: t
     return peft.get_peft_model(model, config(peft, method, dtype)), use_checkpointing
 
 
-def run_variant(variant: str, method: str, folder: str, device: torch.device, dtype: torch.dtype, batch: int,
-                seq: int, steps: int, warmup: int) -> dict:
+def run_variant(
+    variant: str,
+    method: str,
+    folder: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+) -> dict:
     model, checkpointing = build(variant, method, folder, device, dtype)
     model.train()
     if method == "sparse":  # the gradient-magnitude warm-up, not timed
         g = torch.Generator().manual_seed(99)
-        model.select_sparse_entries([torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
-                                     for _ in range(2)])
+        model.select_sparse_entries(
+            [torch.randint(0, model.config.vocab_size, (batch, seq), generator=g) for _ in range(2)]
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4 if method in ("lora", "adalora") else 3e-2)
     g = torch.Generator().manual_seed(1234)
     phrases = torch.randint(0, model.config.vocab_size, (64, 16), generator=g)
     task = {"task_ids": torch.zeros(batch, dtype=torch.long, device=device)} if method.startswith("multitask") else {}
-    batches = (phrases[torch.randint(0, 64, (batch, seq // 16), generator=g)].reshape(batch, seq)
-               for _ in range(steps + warmup))
+    batches = (
+        phrases[torch.randint(0, 64, (batch, seq // 16), generator=g)].reshape(batch, seq)
+        for _ in range(steps + warmup)
+    )
     after_step = None
     if method == "adalora":  # the rank allocator, as each library is driven
         after_step = model.update_and_allocate if variant.startswith("qpeft") else model.base_model.update_and_allocate
     losses, times = train_steps(model, batches, optimizer, device, warmup, after_step, **task)
     peak = peak_memory_mb(device)
-    return {"method": method, "variant": variant, "checkpointing": checkpointing, "steps": steps,
-            "step_ms": 1e3 * statistics.median(times), "tokens_per_s": batch * seq / statistics.median(times),
-            "peak_MB": peak, "trainable_params": sum(p.numel() for p in params),
-            "loss_first": losses[0], "loss_last_5_mean": sum(losses[-5:]) / 5}
+    return {
+        "method": method,
+        "variant": variant,
+        "checkpointing": checkpointing,
+        "steps": steps,
+        "step_ms": 1e3 * statistics.median(times),
+        "tokens_per_s": batch * seq / statistics.median(times),
+        "peak_MB": peak,
+        "trainable_params": sum(p.numel() for p in params),
+        "loss_first": losses[0],
+        "loss_last_5_mean": sum(losses[-5:]) / 5,
+    }
 
 
 def main() -> None:
-    args = benchmark_args(__doc__, lambda p: (p.add_argument("--steps", type=int, default=12),
-                                              p.add_argument("--rounds", type=int, default=2),
-                                              p.add_argument("--methods", default=",".join(METHODS)),
-                                              p.add_argument("--variant", default=None),
-                                              p.add_argument("--method", default=None),
-                                              p.add_argument("--folder", default=None)))
+    args = benchmark_args(
+        __doc__,
+        lambda p: (
+            p.add_argument("--steps", type=int, default=12),
+            p.add_argument("--rounds", type=int, default=2),
+            p.add_argument("--methods", default=",".join(METHODS)),
+            p.add_argument("--variant", default=None),
+            p.add_argument("--method", default=None),
+            p.add_argument("--folder", default=None),
+        ),
+    )
     device = args.device
     if device.type == "cuda":
         model_config, dtype, batch, seq = GPU_MODEL, torch.bfloat16, 4, 1024
@@ -135,8 +200,11 @@ def main() -> None:
         dtype = torch.bfloat16 if F.detected_cpu_isa() == "avx512_bf16" else torch.float32
         model_config, batch, seq = CPU_MODEL, 2, 128
     if args.variant:  # child process: one run, JSON on the last line of stdout
-        print(json.dumps(run_variant(args.variant, args.method, args.folder, device, dtype, batch, seq, args.steps,
-                                     warmup=2)))
+        print(
+            json.dumps(
+                run_variant(args.variant, args.method, args.folder, device, dtype, batch, seq, args.steps, warmup=2)
+            )
+        )
         return
     import transformers
 
@@ -149,8 +217,20 @@ def main() -> None:
             for _ in range(args.rounds):
                 variants = VARIANTS if method == "prefix-tuning" else VARIANTS[:-1]
                 for variant in ["qpeft"] if method in QPEFT_ONLY else variants:
-                    cmd = [sys.executable, __file__, "--device", str(device), "--steps", str(args.steps),
-                           "--variant", variant, "--method", method, "--folder", folder]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--device",
+                        str(device),
+                        "--steps",
+                        str(args.steps),
+                        "--variant",
+                        variant,
+                        "--method",
+                        method,
+                        "--folder",
+                        folder,
+                    ]
                     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
                     if done.returncode != 0:
                         failures[f"{method}/{variant}"] = done.stderr[-1500:]
@@ -173,9 +253,22 @@ def main() -> None:
                 row[f"tokens_per_s_vs_{base}"] = row["tokens_per_s"] / other["tokens_per_s"]
                 row[f"peak_vs_{base}"] = row["peak_MB"] / other["peak_MB"]
         row.update({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "seq": seq, "model": model_config})
-    print_table(rows, ["method", "variant", "checkpointing", "trainable_params", "tokens_per_s", "peak_MB",
-                       "tokens_per_s_vs_bnb_peft", "tokens_per_s_vs_dense_peft", "peak_vs_bnb_peft", "loss_first",
-                       "loss_last_5_mean"])
+    print_table(
+        rows,
+        [
+            "method",
+            "variant",
+            "checkpointing",
+            "trainable_params",
+            "tokens_per_s",
+            "peak_MB",
+            "tokens_per_s_vs_bnb_peft",
+            "tokens_per_s_vs_dense_peft",
+            "peak_vs_bnb_peft",
+            "loss_first",
+            "loss_last_5_mean",
+        ],
+    )
     if failures:
         rows.append({"failures": failures})
     print("wrote", write_results("methods", device, rows, args.out))

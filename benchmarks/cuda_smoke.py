@@ -21,25 +21,51 @@ for quant_type in ("nf4", "fp4"):
                 assert torch.equal(q_gpu_plain.dequantize(out_dtype).cpu(), q_cpu.dequantize(out_dtype))
                 q_gpu.dequantize(out_dtype)
 packed, absmax = F.quantize_4bit(torch.randn(64 * 10, device="cuda"), 64, "nf4")
-F.dequantize_4bit(packed[17:17 + 64], absmax[:2].contiguous(), 64, "nf4", (128,), torch.bfloat16)
+F.dequantize_4bit(packed[17 : 17 + 64], absmax[:2].contiguous(), 64, "nf4", (128,), torch.bfloat16)
 for m, k, r in ((1, 77, 3), (33, 200, 17), (300, 64, 40)):
     x, A, g = torch.randn(m, k).bfloat16(), torch.randn(r, k), torch.randn(m, r)
-    assert torch.allclose(F.lora_down(x.cuda(), A.cuda(), 0.3, 5).cpu().float(), F.lora_down(x, A, 0.3, 5).float(),
-                          rtol=2e-2, atol=2e-2)
-    assert torch.allclose(F.lora_down_grad_weight(g.cuda(), x.cuda(), 0.3, 5).cpu(),
-                          F.lora_down_grad_weight(g, x, 0.3, 5), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        F.lora_down(x.cuda(), A.cuda(), 0.3, 5).cpu().float(), F.lora_down(x, A, 0.3, 5).float(), rtol=2e-2, atol=2e-2
+    )
+    assert torch.allclose(
+        F.lora_down_grad_weight(g.cuda(), x.cuda(), 0.3, 5).cpu(),
+        F.lora_down_grad_weight(g, x, 0.3, 5),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     dx = torch.randn(m, k)
-    assert torch.allclose(F.lora_down_grad_input_(dx.cuda(), g.cuda(), A.cuda(), 0.3, 5).cpu(),
-                          F.lora_down_grad_input_(dx.clone(), g, A, 0.3, 5), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        F.lora_down_grad_input_(dx.cuda(), g.cuda(), A.cuda(), 0.3, 5).cpu(),
+        F.lora_down_grad_input_(dx.clone(), g, A, 0.3, 5),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     dx16 = dx.bfloat16()  # 16-bit dx: the tensor-core kernel where chosen (QPEFT_CUDA_LORA_KERNELS) and K % 8 == 0
-    assert torch.allclose(F.lora_down_grad_input_(dx16.cuda(), g.cuda(), A.cuda(), 0.3, 5).cpu().float(),
-                          F.lora_down_grad_input_(dx16.clone(), g, A, 0.3, 5).float(), rtol=2e-2, atol=2e-2)
-    assert torch.allclose(F.lora_down_grad_input(g.cuda(), A.cuda(), 0.3, 5, torch.bfloat16).cpu().float(),
-                          F.lora_down_grad_input(g, A, 0.3, 5, torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(
+        F.lora_down_grad_input_(dx16.cuda(), g.cuda(), A.cuda(), 0.3, 5).cpu().float(),
+        F.lora_down_grad_input_(dx16.clone(), g, A, 0.3, 5).float(),
+        rtol=2e-2,
+        atol=2e-2,
+    )
+    assert torch.allclose(
+        F.lora_down_grad_input(g.cuda(), A.cuda(), 0.3, 5, torch.bfloat16).cpu().float(),
+        F.lora_down_grad_input(g, A, 0.3, 5, torch.bfloat16).float(),
+        rtol=2e-2,
+        atol=2e-2,
+    )
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(45, k, device="cuda"))
     if m <= 16:
-        y = F.linear_4bit(x.cuda(), q.packed, q.absmax, q.blocksize, q.quant_type, 45, nested_absmax=q.nested_absmax,
-                          nested_code=q.nested_code, nested_offset=q.nested_offset)
+        y = F.linear_4bit(
+            x.cuda(),
+            q.packed,
+            q.absmax,
+            q.blocksize,
+            q.quant_type,
+            45,
+            nested_absmax=q.nested_absmax,
+            nested_code=q.nested_code,
+            nested_offset=q.nested_offset,
+        )
         assert torch.allclose(y.float(), x.cuda().float() @ q.dequantize(torch.float32).T, rtol=2e-2, atol=2e-2)
     layer = qpeft.nn.LoraLinear4bit.from_linear(torch.nn.Linear(k, 45, device="cuda"), r=r, dropout=0.1).train()
     xc = x.cuda().requires_grad_(True)

@@ -53,8 +53,9 @@ def median_time_ms(fn: Callable[[], object], device: torch.device, warmup: int =
     return median_times_ms({"fn": fn}, device, warmup, reps)["fn"]
 
 
-def median_times_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 10,
-                    reps: int = 50) -> dict[str, float]:
+def median_times_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 10, reps: int = 50
+) -> dict[str, float]:
     """Median time in ms of each of several functions compared side by side, timed in interleaved rounds (one
     call of each per round, after ``warmup`` rounds): a slow spell of a shared machine then hits every variant
     alike instead of whichever happened to run during it (on the 2-core CI kind, back-to-back blocks of the same
@@ -105,9 +106,13 @@ def cpu_description() -> dict:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
         pass
-    return {"model": model or platform.processor(), "flags": cpu_features(), "qpeft_cpu_isa": F.cpu_isa(),
-            "qpeft_cpu_isa_detected": F.detected_cpu_isa(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "model": model or platform.processor(),
+        "flags": cpu_features(),
+        "qpeft_cpu_isa": F.cpu_isa(),
+        "qpeft_cpu_isa_detected": F.detected_cpu_isa(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Path | None = None) -> Path:
@@ -132,8 +137,9 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-def train_steps(model, batches, optimizer, device: torch.device, warmup: int, after_step=None,
-                **forward_kwargs) -> tuple[list[float], list[float]]:
+def train_steps(
+    model, batches, optimizer, device: torch.device, warmup: int, after_step=None, **forward_kwargs
+) -> tuple[list[float], list[float]]:
     """One causal-LM training step (labels = input_ids) per batch, ``after_step(step)`` (if given) between the
     optimizer step and zero_grad: (every loss, the wall time in seconds of each step after ``warmup``). CUDA peak
     memory statistics are reset first."""
@@ -165,4 +171,3 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

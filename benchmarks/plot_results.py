@@ -20,8 +20,12 @@ def plot_layer(path: Path) -> Path:
     data = json.loads(path.read_text())
     rows, env = data["rows"], data["environment"]
     labels = [f"M={r['M']}\n{r['K']}->{r['N']}" for r in rows]
-    series = [("qpeft fwd", "qpeft_fwd_ms", "dense_fwd_ms"), ("bnb+peft fwd", "bnb_peft_fwd_ms", "dense_fwd_ms"),
-              ("qpeft fwd+bwd", "qpeft_fb_ms", "dense_fb_ms"), ("bnb+peft fwd+bwd", "bnb_peft_fb_ms", "dense_fb_ms")]
+    series = [
+        ("qpeft fwd", "qpeft_fwd_ms", "dense_fwd_ms"),
+        ("bnb+peft fwd", "bnb_peft_fwd_ms", "dense_fwd_ms"),
+        ("qpeft fwd+bwd", "qpeft_fb_ms", "dense_fb_ms"),
+        ("bnb+peft fwd+bwd", "bnb_peft_fb_ms", "dense_fb_ms"),
+    ]
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
     width = 0.8 / len(series)
     for i, (name, num, den) in enumerate(series):
@@ -30,8 +34,11 @@ def plot_layer(path: Path) -> Path:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("time / dense frozen linear (lower is better)")
-    ax.set_title(f"QLoRA layer, NF4 double quant, r=16, dropout 0.05, {rows[0]['dtype']} — {env['device']}\n"
-                 f"{env['date']}, torch {env['torch']}, bitsandbytes {env.get('bitsandbytes')}", fontsize=9)
+    ax.set_title(
+        f"QLoRA layer, NF4 double quant, r=16, dropout 0.05, {rows[0]['dtype']} — {env['device']}\n"
+        f"{env['date']}, torch {env['torch']}, bitsandbytes {env.get('bitsandbytes')}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = path.with_suffix(".png")

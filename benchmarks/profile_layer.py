@@ -45,8 +45,9 @@ def host_table(module, x, grad, iters: int = 5) -> str:
             step(module, x, grad, True)
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return "\n".join(f"  host {e.self_cpu_time_total / iters:9.1f} us  x{e.count // iters:<3d} {e.key[:100]}"
-                     for e in events[:18])
+    return "\n".join(
+        f"  host {e.self_cpu_time_total / iters:9.1f} us  x{e.count // iters:<3d} {e.key[:100]}" for e in events[:18]
+    )
 
 
 def enqueue_us(module, x, grad, backward: bool, reps: int = 50) -> float:
@@ -80,8 +81,9 @@ def main() -> None:
             for name, module in (("dense", dense), ("qpeft", ours)):
                 table, total = kernel_table(module, x, grad, backward)
                 host = enqueue_us(module, x, grad, backward)
-                print(f"== M={m} K={k} N={n} {what} {name}: kernels {total:.1f} us/step, "
-                      f"host enqueue {host:.1f} us/step")
+                print(
+                    f"== M={m} K={k} N={n} {what} {name}: kernels {total:.1f} us/step, host enqueue {host:.1f} us/step"
+                )
                 print(table)
                 if args.host and backward and name == "qpeft":
                     print(host_table(module, x, grad))

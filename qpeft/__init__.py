@@ -6,13 +6,45 @@ from .checkpoint import load_4bit_pretrained, save_4bit_pretrained
 from .errors import ConfigError
 from .model import QPeftModel, get_peft_model, prepare_model_for_kbit_training
 from .quantized import Quantized4bitWeight
-from .tuners import (AdaLoraConfig, BitFitConfig, BottleneckConfig, IA3Config, LayerwiseConfig, LoraConfig,
-                     MultitaskPromptTuningConfig, PiggybackConfig, PrefixTuningConfig, PromptEncoderConfig,
-                     PromptTuningConfig, SparseConfig)
+from .tuners import (
+    AdaLoraConfig,
+    BitFitConfig,
+    BottleneckConfig,
+    IA3Config,
+    LayerwiseConfig,
+    LoraConfig,
+    MultitaskPromptTuningConfig,
+    PiggybackConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    SparseConfig,
+)
 
 __version__ = build_info()["version"]
-__all__ = ["AdaLoraConfig", "BitFitConfig", "BottleneckConfig", "build_info", "ConfigError", "distributed",
-           "functional", "get_peft_model", "IA3Config", "LayerwiseConfig", "load_4bit_pretrained", "LoraConfig",
-           "MultitaskPromptTuningConfig", "nn", "PiggybackConfig", "PrefixTuningConfig",
-           "prepare_model_for_kbit_training", "PromptEncoderConfig", "PromptTuningConfig", "QPeftModel",
-           "Quantized4bitWeight", "reference", "save_4bit_pretrained", "SparseConfig"]
+__all__ = [
+    "AdaLoraConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "build_info",
+    "ConfigError",
+    "distributed",
+    "functional",
+    "get_peft_model",
+    "IA3Config",
+    "LayerwiseConfig",
+    "load_4bit_pretrained",
+    "LoraConfig",
+    "MultitaskPromptTuningConfig",
+    "nn",
+    "PiggybackConfig",
+    "PrefixTuningConfig",
+    "prepare_model_for_kbit_training",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "QPeftModel",
+    "Quantized4bitWeight",
+    "reference",
+    "save_4bit_pretrained",
+    "SparseConfig",
+]

@@ -20,8 +20,14 @@ def _required_torch() -> str | None:
         requires = importlib.metadata.requires("qpeft") or []
     except importlib.metadata.PackageNotFoundError:  # run from a source tree: nothing installed to check
         return None
-    pin = next((re.fullmatch(r"torch\s*==\s*(\d+\.\d+)\.\*", r.split(";")[0].strip()) for r in requires
-                if r.startswith("torch")), None)
+    pin = next(
+        (
+            re.fullmatch(r"torch\s*==\s*(\d+\.\d+)\.\*", r.split(";")[0].strip())
+            for r in requires
+            if r.startswith("torch")
+        ),
+        None,
+    )
     return pin.group(1) if pin else None
 
 
@@ -30,9 +36,11 @@ def _check_torch_version() -> None:
     required = _required_torch()
     installed = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     if required is not None and installed != required:
-        raise ImportError(f"qpeft: this qpeft was built against torch {required}.x, but torch {torch.__version__} "
-                          f"is installed; install torch=={required}.* or rebuild qpeft against this torch "
-                          "(pip install --no-build-isolation .)")
+        raise ImportError(
+            f"qpeft: this qpeft was built against torch {required}.x, but torch {torch.__version__} "
+            f"is installed; install torch=={required}.* or rebuild qpeft against this torch "
+            "(pip install --no-build-isolation .)"
+        )
 
 
 _check_torch_version()
@@ -53,8 +61,10 @@ def set_cuda_lora_kernels(kind: str) -> None:
     activations with K % 8 == 0 and 16-byte aligned rows; other calls keep the CUDA-core kernels. Process-wide;
     the environment variable QPEFT_CUDA_LORA_KERNELS sets the value at import."""
     if kind not in CUDA_LORA_KERNELS:
-        raise ValueError(f"qpeft: CUDA LoRA kernels (set_cuda_lora_kernels, QPEFT_CUDA_LORA_KERNELS) must be one of "
-                         f"{CUDA_LORA_KERNELS}, got {kind!r}")
+        raise ValueError(
+            f"qpeft: CUDA LoRA kernels (set_cuda_lora_kernels, QPEFT_CUDA_LORA_KERNELS) must be one of "
+            f"{CUDA_LORA_KERNELS}, got {kind!r}"
+        )
     _C._set_cuda_lora_tensor_cores(kind == "tensor_cores")
 
 
@@ -86,8 +96,9 @@ def set_cpu_isa(level: str) -> str:
     detected one) and returns the previous cap. Process-wide; QPEFT_CPU_ISA sets it at import. Every level gives
     results within the tested tolerances of the reference, and dequantization gives the same bits at each."""
     if level not in CPU_ISA_LEVELS:
-        raise ValueError(f"qpeft: CPU kernel level (set_cpu_isa, QPEFT_CPU_ISA) must be one of {CPU_ISA_LEVELS}, "
-                         f"got {level!r}")
+        raise ValueError(
+            f"qpeft: CPU kernel level (set_cpu_isa, QPEFT_CPU_ISA) must be one of {CPU_ISA_LEVELS}, got {level!r}"
+        )
     return _C._set_cpu_isa_cap(level)
 
 
@@ -173,14 +184,43 @@ def _(g, lora_A, p, seed, dtype):
 
 
 @torch.library.register_fake("qpeft::qlora_forward")
-def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, lora_A, lora_B, bias,
-      scaling, p, seed):
+def _(
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    nested_offset,
+    blocksize,
+    quant_type,
+    lora_A,
+    lora_B,
+    bias,
+    scaling,
+    p,
+    seed,
+):
     return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.register_fake("qpeft::qlora_backward")
-def _(dy, x, xa, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, lora_A, lora_B,
-      scaling, p, seed):
+def _(
+    dy,
+    x,
+    xa,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    nested_offset,
+    blocksize,
+    quant_type,
+    lora_A,
+    lora_B,
+    scaling,
+    p,
+    seed,
+):
     return dy.new_empty(x.shape), torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 

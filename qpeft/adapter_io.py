@@ -24,8 +24,14 @@ def save_adapter(tensors: dict[str, torch.Tensor], config: AdapterConfig, folder
     write_json_atomic(folder / ADAPTER_CONFIG, config.to_peft_dict())
 
 
-def load_adapter_files(model_id: str | Path, *, subfolder: str | None = None, revision: str | None = None,
-                       token: str | bool | None = None, **quant) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+def load_adapter_files(
+    model_id: str | Path,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    **quant,
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The config and tensors of an adapter: a local folder, or a Hugging Face Hub repository id (its
     adapter_config.json and adapter_model.safetensors fetched into the Hub cache; safetensors only: no pickle)."""
     folder = resolve_folder(model_id, ADAPTER_FILES, subfolder=subfolder, revision=revision, token=token)
@@ -46,12 +52,16 @@ def assign_tensors(params: dict[str, torch.nn.Parameter], tensors: dict[str, tor
     missing = sorted(k for k in params if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in params)
     if missing or unexpected:
-        raise ValueError(f"qpeft: the adapter file does not fit the model: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"qpeft: the adapter file does not fit the model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     for key, t in tensors.items():
         p = params[key]
         if p.shape != t.shape:
-            raise ValueError(f"qpeft: {key} has shape {list(t.shape)} in the file but {list(p.shape)} in the model "
-                             "(check r / rank_pattern / num_virtual_tokens)")
+            raise ValueError(
+                f"qpeft: {key} has shape {list(t.shape)} in the file but {list(p.shape)} in the model "
+                "(check r / rank_pattern / num_virtual_tokens)"
+            )
         p.copy_(t)

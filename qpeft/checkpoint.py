@@ -28,9 +28,20 @@ from .tuners.targets import set_submodule
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 
 
-_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-                       "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
-                       "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 class SafetensorsFolder:
@@ -55,8 +66,9 @@ class SafetensorsFolder:
                     raise ConfigError(source, "weight_map", f"names a shard outside the folder: {shard!r}")
         else:
             if not (folder / "model.safetensors").is_file():
-                raise FileNotFoundError(f"qpeft: no model.safetensors (or index) in {folder}; pickle checkpoints are "
-                                        f"not read")
+                raise FileNotFoundError(
+                    f"qpeft: no model.safetensors (or index) in {folder}; pickle checkpoints are not read"
+                )
             shards = ["model.safetensors"]
         self._files, self._where = {}, {}
         for shard in shards:
@@ -125,9 +137,16 @@ def _dtype(name, source: str) -> torch.dtype | None:
     return dtype
 
 
-def load_4bit_pretrained(folder: str | Path, model_class=None, compute_dtype: torch.dtype | None = None,
-                         dtype: torch.dtype | None = None, *, subfolder: str | None = None,
-                         revision: str | None = None, token: str | bool | None = None) -> nn.Module:
+def load_4bit_pretrained(
+    folder: str | Path,
+    model_class=None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> nn.Module:
     """A transformers model from a bitsandbytes 4-bit checkpoint (a local folder or a Hub repository id: its
     config and safetensors fetched into the Hub cache), its 4-bit linear layers as qpeft.nn.Linear4bit holding
     the checkpoint's exact bytes (nothing is dequantized or requantized).
@@ -150,8 +169,13 @@ def is_quant_metadata(key: str) -> bool:
     return key.endswith((".quant_map", ".nested_quant_map")) or _QUANT_STATE in key
 
 
-def build_4bit_model(folder: Path, tensors: dict[str, torch.Tensor], model_class=None,
-                     compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def build_4bit_model(
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    model_class=None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The model of ``folder``'s config.json holding ``tensors`` (the checkpoint's, by its keys), its 4-bit layers as
     Linear4bit. Meta tensors give a model on the meta device of the checkpoint's shapes and dtypes (the quant state
     entries must be real)."""
@@ -170,8 +194,10 @@ def build_4bit_model(folder: Path, tensors: dict[str, torch.Tensor], model_class
     if not quantized:
         raise ValueError(f"qpeft: {folder} holds no 4-bit layers (no '*{_QUANT_STATE}*' entries)")
     if dtype is not None:
-        tensors = {k: (t.to(dtype) if t.is_floating_point() and not _is_quant_key(k, quantized) else t)
-                   for k, t in tensors.items()}
+        tensors = {
+            k: (t.to(dtype) if t.is_floating_point() and not _is_quant_key(k, quantized) else t)
+            for k, t in tensors.items()
+        }
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build the plain architecture; qpeft provides the 4-bit layers
     model_class = model_class or transformers.AutoModelForCausalLM
@@ -186,8 +212,9 @@ def build_4bit_model(folder: Path, tensors: dict[str, torch.Tensor], model_class
             in_features, out_features = linear.weight.shape
         else:
             raise ValueError(f"qpeft: the checkpoint quantizes {name!r}, a {type(linear).__name__} in the model")
-        layer = Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-                           device="meta")
+        layer = Linear4bit(
+            in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype, device="meta"
+        )
         layer.fan_in_fan_out = conv1d
         if layer.bias is not None:
             layer.bias._qpeft_unloaded = True
@@ -197,8 +224,10 @@ def build_4bit_model(folder: Path, tensors: dict[str, torch.Tensor], model_class
         model.tie_weights()
     unloaded = [n for n, p in model.named_parameters() if getattr(p, "_qpeft_unloaded", False)]
     if unloaded or result.unexpected_keys:
-        raise ValueError(f"qpeft: checkpoint {folder} does not fit the model: missing {unloaded[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"qpeft: checkpoint {folder} does not fit the model: missing {unloaded[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     model.config.quantization_config = qconfig
     return model.eval()
 
@@ -214,14 +243,15 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # module name + "." -> the child whose entries stand for the module ("base." / "original_module."), the
     # rest of the module's entries being adapter state
     kept_child = {name + ".": "base." for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
-    kept_child.update({name + ".": "original_module." for name, m in model.named_modules()
-                       if isinstance(m, ModulesToSave)})
+    kept_child.update(
+        {name + ".": "original_module." for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    )
     out = {}
     for key, t in model.state_dict().items():
         for prefix, child in kept_child.items():
             if key.startswith(prefix):
-                rest = key[len(prefix):]
-                key = prefix + rest[len(child):] if rest.startswith(child) else None
+                rest = key[len(prefix) :]
+                key = prefix + rest[len(child) :] if rest.startswith(child) else None
                 break
         if key is not None:
             out[key] = t
@@ -242,13 +272,15 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
     if not layers:
         raise ValueError("qpeft: the model has no 4-bit layers to save")
     q = layers[0].quantized_weight
-    if any(layer.quantized_weight.quant_type != q.quant_type or layer.quantized_weight.double_quant != q.double_quant
-           for layer in layers):
+    if any(
+        layer.quantized_weight.quant_type != q.quant_type or layer.quantized_weight.double_quant != q.double_quant
+        for layer in layers
+    ):
         raise ValueError("qpeft: a bitsandbytes checkpoint has one quant_type / double_quant for all layers")
     state = quantized_state_dict(model)
     tied = getattr(model, "_tied_weights_keys", None) or []
     if getattr(model.config, "tie_word_embeddings", False):
-        for key in (tied if isinstance(tied, (list, tuple)) else list(tied)):
+        for key in tied if isinstance(tied, (list, tuple)) else list(tied):
             state.pop(key, None)
     seen, tensors = {}, {}
     for key, t in state.items():  # safetensors stores no shared storage: keep the first of aliases
@@ -259,12 +291,19 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
         tensors[key] = t.detach().cpu().contiguous()
     write_safetensors_atomic(folder / "model.safetensors", tensors)
     compute = layers[0].compute_dtype
-    qconfig = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-               "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
-               "bnb_4bit_compute_dtype": str(compute or torch.float32).removeprefix("torch."),
-               "bnb_4bit_quant_storage": str(layers[0].quant_storage).removeprefix("torch."),
-               "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
-               "llm_int8_enable_fp32_cpu_offload": False}
+    qconfig = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": q.quant_type,
+        "bnb_4bit_use_double_quant": q.double_quant,
+        "bnb_4bit_compute_dtype": str(compute or torch.float32).removeprefix("torch."),
+        "bnb_4bit_quant_storage": str(layers[0].quant_storage).removeprefix("torch."),
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     write_json_atomic(folder / "config.json", config)

@@ -1,10 +1,10 @@
 """The ``qpeft`` command.
 
-    qpeft info                 build (version, CUDA kernels and archs), torch, devices, CPU SIMD features
-    qpeft demo [--steps N] [--method M]
-                               fine-tuning of a small 4-bit Llama built from an embedded config on embedded text
-                               (QLoRA by default, or any method qpeft has: see --help): progress bar, loss, time and
-                               peak memory; runs on a laptop CPU in about a minute
+qpeft info                 build (version, CUDA kernels and archs), torch, devices, CPU SIMD features
+qpeft demo [--steps N] [--method M]
+                           fine-tuning of a small 4-bit Llama built from an embedded config on embedded text
+                           (QLoRA by default, or any method qpeft has: see --help): progress bar, loss, time and
+                           peak memory; runs on a laptop CPU in about a minute
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ import time
 import torch
 
 # The demo's model (Llama architecture, random init, byte-level vocabulary) and data: no downloads.
-DEMO_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+DEMO_MODEL = dict(
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
 DEMO_TEXT = (
     "QLoRA fine-tunes a large model by freezing its weights in four bits and training small low-rank adapters. "
     "The frozen weights are stored as NF4 codes with one scale per block of sixty-four values; the scales are "
@@ -40,8 +47,22 @@ def cpu_features() -> list[str]:
                     break
     except OSError:
         pass
-    wanted = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi",
-              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"]
+    wanted = [
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512vbmi",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+    ]
     return [f for f in wanted if f in flags]
 
 
@@ -73,11 +94,23 @@ def demo_batches(batch: int, seq: int, steps: int, generator: torch.Generator):
     data = torch.tensor(list(DEMO_TEXT.encode()), dtype=torch.long)
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=generator)
-        yield torch.stack([data[s:s + seq] for s in starts])
+        yield torch.stack([data[s : s + seq] for s in starts])
 
 
-METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning",
-           "bitfit", "layerwise", "sparse", "bottleneck", "piggyback")
+METHODS = (
+    "lora",
+    "adalora",
+    "ia3",
+    "prompt-tuning",
+    "p-tuning",
+    "prefix-tuning",
+    "multitask-prompt-tuning",
+    "bitfit",
+    "layerwise",
+    "sparse",
+    "bottleneck",
+    "piggyback",
+)
 
 
 def demo_config(method: str, r: int, dtype: torch.dtype, steps: int):
@@ -85,30 +118,43 @@ def demo_config(method: str, r: int, dtype: torch.dtype, steps: int):
     import qpeft
 
     if method == "lora":
-        return qpeft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear",
-                                compute_dtype=dtype)
+        return qpeft.LoraConfig(
+            r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear", compute_dtype=dtype
+        )
     if method == "adalora":
-        return qpeft.AdaLoraConfig(init_r=r, target_r=max(r // 4, 1), lora_alpha=2 * r, target_modules="all-linear",
-                                   tinit=steps // 5, tfinal=steps // 5, total_step=steps, compute_dtype=dtype)
+        return qpeft.AdaLoraConfig(
+            init_r=r,
+            target_r=max(r // 4, 1),
+            lora_alpha=2 * r,
+            target_modules="all-linear",
+            tinit=steps // 5,
+            tfinal=steps // 5,
+            total_step=steps,
+            compute_dtype=dtype,
+        )
     if method == "ia3":
-        return qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                               compute_dtype=dtype)
+        return qpeft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], compute_dtype=dtype
+        )
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    own = {"bitfit": lambda: qpeft.BitFitConfig(bias_modules=projections, add_missing_bias=True),
-           "layerwise": lambda: qpeft.LayerwiseConfig(last_k=1),
-           "sparse": lambda: qpeft.SparseConfig(target_modules=projections, budget=0.01),
-           "bottleneck": lambda: qpeft.BottleneckConfig(style="houlsby", bottleneck_size=r),
-           "piggyback": lambda: qpeft.PiggybackConfig(target_modules=projections)}
+    own = {
+        "bitfit": lambda: qpeft.BitFitConfig(bias_modules=projections, add_missing_bias=True),
+        "layerwise": lambda: qpeft.LayerwiseConfig(last_k=1),
+        "sparse": lambda: qpeft.SparseConfig(target_modules=projections, budget=0.01),
+        "bottleneck": lambda: qpeft.BottleneckConfig(style="houlsby", bottleneck_size=r),
+        "piggyback": lambda: qpeft.PiggybackConfig(target_modules=projections),
+    }
     if method in own:
         config = own[method]()
         config.compute_dtype = dtype
         return config
     common = dict(num_virtual_tokens=r, compute_dtype=dtype)
-    return {"prompt-tuning": lambda: qpeft.PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **common),
-            "p-tuning": lambda: qpeft.PromptEncoderConfig(encoder_hidden_size=128, **common),
-            "prefix-tuning": lambda: qpeft.PrefixTuningConfig(**common),
-            "multitask-prompt-tuning": lambda: qpeft.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4,
-                                                                                 **common)}[method]()
+    return {
+        "prompt-tuning": lambda: qpeft.PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **common),
+        "p-tuning": lambda: qpeft.PromptEncoderConfig(encoder_hidden_size=128, **common),
+        "prefix-tuning": lambda: qpeft.PrefixTuningConfig(**common),
+        "multitask-prompt-tuning": lambda: qpeft.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4, **common),
+    }[method]()
 
 
 def demo(args) -> int:
@@ -149,9 +195,15 @@ def demo(args) -> int:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - start
     tokens = args.steps * args.batch * args.seq
-    result = {"method": args.method, "device": str(device), "steps": args.steps, "loss_first": losses[0],
-              "loss_last_10_mean": sum(losses[-10:]) / len(losses[-10:]), "tokens_per_s": tokens / seconds,
-              "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {
+        "method": args.method,
+        "device": str(device),
+        "steps": args.steps,
+        "loss_first": losses[0],
+        "loss_last_10_mean": sum(losses[-10:]) / len(losses[-10:]),
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if device.type == "cuda":
         result["cuda_peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result, indent=2))
@@ -159,8 +211,9 @@ def demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qpeft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="qpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="build, CUDA and CPU facts").set_defaults(run=info)
     d = commands.add_parser("demo", help="fine-tune a small model end to end on built-in data")
@@ -168,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=96)
     d.add_argument("--method", choices=METHODS, default="lora", help="PEFT method (default: lora)")
-    d.add_argument("--r", type=int, default=16, help="LoRA / AdaLoRA initial rank, the number of virtual tokens, or "
-                   "the bottleneck width")
+    d.add_argument(
+        "--r",
+        type=int,
+        default=16,
+        help="LoRA / AdaLoRA initial rank, the number of virtual tokens, or the bottleneck width",
+    )
     d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora, adalora, layerwise), else 3e-2")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    d.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                   help="turn gradient checkpointing off")
+    d.add_argument(
+        "--no-checkpointing", dest="checkpointing", action="store_false", help="turn gradient checkpointing off"
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(run=demo)
     args = parser.parse_args(argv)

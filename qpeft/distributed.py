@@ -83,17 +83,28 @@ def load_sharded(model: nn.Module, folder: str | Path) -> None:
     dcp.load(sharded_state_dict(model), checkpoint_id=str(folder))
 
 
-
 # A tensor's source: (rows [start, stop) of dim 0, or None for all; the local tensor to fill) -> the values.
 Source = Callable[[tuple[int, int] | None, torch.Tensor], torch.Tensor]
 # Linear4bit tensor -> its checkpoint entry's suffix after "<layer>.weight" (None: the quant state's JSON)
-_4BIT_ENTRIES = {"weight": "", "weight_absmax": ".absmax", "weight_nested_absmax": ".nested_absmax",
-                 "weight_nested_code": ".nested_quant_map", "weight_nested_offset": None}
+_4BIT_ENTRIES = {
+    "weight": "",
+    "weight_absmax": ".absmax",
+    "weight_nested_absmax": ".nested_absmax",
+    "weight_nested_code": ".nested_quant_map",
+    "weight_nested_offset": None,
+}
 
 
-def load_4bit_sharded(folder: str | Path, peft_config=None, *, mesh=None, model_class=None,
-                      compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                      **fsdp_kwargs) -> nn.Module:
+def load_4bit_sharded(
+    folder: str | Path,
+    peft_config=None,
+    *,
+    mesh=None,
+    model_class=None,
+    compute_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    **fsdp_kwargs,
+) -> nn.Module:
     """``load_4bit_pretrained`` for FSDP2: the model is built on the meta device, given ``peft_config``'s adapters
     (LoRA without DoRA, or IA3), sharded by ``fully_shard_model(model, mesh, **fsdp_kwargs)``, then each rank reads
     from the checkpoint only its rows of every sharded tensor (and the replicated ones whole). The adapters draw
@@ -139,17 +150,22 @@ def _check_shardable(config) -> None:
     from .tuners.lora import LoraConfig
 
     if type(config) not in (LoraConfig, IA3Config):
-        raise NotImplementedError(f"qpeft: load_4bit_sharded adds LoRA or IA3 adapters, not {type(config).__name__}; "
-                                  f"load with load_4bit_pretrained, then get_peft_model and fully_shard_model")
+        raise NotImplementedError(
+            f"qpeft: load_4bit_sharded adds LoRA or IA3 adapters, not {type(config).__name__}; "
+            f"load with load_4bit_pretrained, then get_peft_model and fully_shard_model"
+        )
     if getattr(config, "use_dora", False) or getattr(config, "init_lora_weights", True) is False:
-        raise NotImplementedError("qpeft: load_4bit_sharded cannot start DoRA (its magnitude is the base's row "
-                                  "norms) or init_lora_weights=False adapters on a sharded base")
+        raise NotImplementedError(
+            "qpeft: load_4bit_sharded cannot start DoRA (its magnitude is the base's row "
+            "norms) or init_lora_weights=False adapters on a sharded base"
+        )
     if config.modules_to_save:
         raise NotImplementedError("qpeft: load_4bit_sharded does not copy modules_to_save")
 
 
-def _checkpoint_sources(model: nn.Module, files, entries: dict[str, torch.Tensor]) -> dict[tuple[nn.Module, str],
-                                                                                             Source]:
+def _checkpoint_sources(
+    model: nn.Module, files, entries: dict[str, torch.Tensor]
+) -> dict[tuple[nn.Module, str], Source]:
     """(module, tensor name) -> its source in the checkpoint, for every tensor of ``model`` (built from the
     checkpoint's ``entries``: meta tensors, and the quant state entries already read) that the checkpoint holds."""
     from .quantized import read_quant_state
@@ -170,8 +186,9 @@ def _checkpoint_sources(model: nn.Module, files, entries: dict[str, torch.Tensor
                     sources[module, name] = _byte_source(files, entries, entry + suffix)
             elif prefix + name in entries:
                 key = prefix + name
-                sources[module, name] = lambda rows, local, key=key: (files.read(key) if rows is None else
-                                                                      files.read_rows(key, *rows))
+                sources[module, name] = lambda rows, local, key=key: (
+                    files.read(key) if rows is None else files.read_rows(key, *rows)
+                )
     return sources
 
 
@@ -189,8 +206,9 @@ def _byte_source(files, entries: dict[str, torch.Tensor], key: str) -> Source:
             first, last = rows[0] * row_bytes // stored_row_bytes, -(-rows[1] * row_bytes // stored_row_bytes)
             raw = files.read_rows(key, first, last)
         start = (rows[0] * row_bytes if rows else 0) - first * stored_row_bytes
-        flat = raw.contiguous().reshape(-1).view(torch.uint8)[start:start + local.nbytes]
+        flat = raw.contiguous().reshape(-1).view(torch.uint8)[start : start + local.nbytes]
         return flat.view(local.dtype).reshape(local.shape)
+
     return read
 
 
@@ -205,6 +223,7 @@ def _offset_source(state: dict, key: str) -> Source:
 
     def read(rows, local):
         return torch.tensor(float(offset), dtype=torch.float32).view(local.dtype)
+
     return read
 
 
@@ -229,7 +248,7 @@ def _in_memory_sources(model: nn.Module) -> dict[tuple[nn.Module, str], Source]:
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is not None and not tensor.is_meta:
                 kept = tensor.detach().clone()
-                sources[module, name] = lambda rows, local, kept=kept: kept if rows is None else kept[rows[0]:rows[1]]
+                sources[module, name] = lambda rows, local, kept=kept: kept if rows is None else kept[rows[0] : rows[1]]
     return sources
 
 
@@ -244,8 +263,10 @@ def _check_covered(model: nn.Module, sources: dict) -> None:
                 missing.append(f"{path}.{name}".lstrip("."))
             first = owners.setdefault(id(tensor), (module, name, f"{path}.{name}"))
             if first[:2] != (module, name):
-                raise NotImplementedError(f"qpeft: load_4bit_sharded does not load tied tensors ({first[2]} is "
-                                          f"{path}.{name}, e.g. tie_word_embeddings)")
+                raise NotImplementedError(
+                    f"qpeft: load_4bit_sharded does not load tied tensors ({first[2]} is "
+                    f"{path}.{name}, e.g. tie_word_embeddings)"
+                )
     if missing:
         raise ValueError(f"qpeft: the checkpoint holds no values for {missing[:5]}")
 
@@ -256,8 +277,9 @@ def _local_rows(tensor: torch.Tensor, name: str) -> tuple[int, int] | None:
     if placements is None or all(p.is_replicate() for p in placements):
         return None
     if len(placements) != 1 or not placements[0].is_shard(0):
-        raise NotImplementedError(f"qpeft: load_4bit_sharded reads tensors sharded along dim 0 of a 1-D mesh; "
-                                  f"'{name}' is placed {placements}")
+        raise NotImplementedError(
+            f"qpeft: load_4bit_sharded reads tensors sharded along dim 0 of a 1-D mesh; '{name}' is placed {placements}"
+        )
     mesh = tensor.device_mesh
     rows = tensor.shape[0]
     chunk = -(-rows // mesh.size())

@@ -13,8 +13,18 @@ from collections.abc import Sequence
 import torch
 
 from . import _C, formats
-from ._ops import (CPU_ISA_LEVELS, CUDA_LORA_KERNELS, cpu_isa, cpu_isa_levels, cpu_linear_4bit_path,  # noqa: F401
-                   cuda_lora_kernels, detected_cpu_isa, ops, set_cpu_isa, set_cuda_lora_kernels)  # (re-exported)
+from ._ops import (
+    CPU_ISA_LEVELS as CPU_ISA_LEVELS,
+    CUDA_LORA_KERNELS as CUDA_LORA_KERNELS,
+    cpu_isa as cpu_isa,
+    cpu_isa_levels as cpu_isa_levels,
+    cpu_linear_4bit_path as cpu_linear_4bit_path,
+    cuda_lora_kernels as cuda_lora_kernels,
+    detected_cpu_isa as detected_cpu_isa,
+    ops,
+    set_cpu_isa as set_cpu_isa,
+    set_cuda_lora_kernels as set_cuda_lora_kernels,
+)
 from .formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
@@ -40,8 +50,7 @@ def check_layer_input(x: torch.Tensor, in_features: int, layer: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"qpeft: {layer} takes a tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"qpeft: {layer} expects inputs with last dimension {in_features}, got shape "
-                         f"{list(x.shape)}")
+        raise ValueError(f"qpeft: {layer} expects inputs with last dimension {in_features}, got shape {list(x.shape)}")
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -72,8 +81,15 @@ def _offset_arg(nested_offset: torch.Tensor | None) -> torch.Tensor | None:
 def weight_args(weight) -> tuple:
     """(packed uint8, absmax, nested_absmax, nested_code, nested_offset [1] fp32, blocksize, quant_type): a
     Quantized4bitWeight as the ops take it."""
-    return (_packed_bytes(weight.packed), weight.absmax, weight.nested_absmax, weight.nested_code,
-            _offset_arg(weight.nested_offset), weight.blocksize, weight.quant_type)
+    return (
+        _packed_bytes(weight.packed),
+        weight.absmax,
+        weight.nested_absmax,
+        weight.nested_code,
+        _offset_arg(weight.nested_offset),
+        weight.blocksize,
+        weight.quant_type,
+    )
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +106,18 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     return ops.quantize_4bit(A, blocksize, quant_type)  # the op refuses inf / NaN (one pass over A)
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                    shape: Sequence[int], dtype: torch.dtype, *, nested_absmax: torch.Tensor | None = None,
-                    nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    *,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Inverse of quantize_4bit, into a new tensor of ``shape`` and ``dtype``.
 
     ``absmax`` is the fp32 per-block scale, or (double quantization) the uint8 codes of the scales together
@@ -104,21 +129,29 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     check_float_dtype(dtype, "the dequantized dtype")
     shape = [int(s) for s in shape]
     packed = _packed_bytes(packed)
-    for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("nested_code", nested_code),
-                    ("nested_offset", nested_offset)):
+    for name, t in (
+        ("absmax", absmax),
+        ("nested_absmax", nested_absmax),
+        ("nested_code", nested_code),
+        ("nested_offset", nested_offset),
+    ):
         if t is not None and t.device != packed.device:
             raise ValueError(f"qpeft: {name} is on {t.device} but the packed weight is on {packed.device}")
     if absmax.dtype == torch.uint8:
         if nested_absmax is None or nested_code is None or nested_offset is None:
-            raise ValueError("qpeft: uint8 absmax means double quantization; nested_absmax, nested_code and "
-                             "nested_offset are required")
-        return ops.dequantize_4bit_nested(packed, absmax, nested_absmax, nested_code, _offset_arg(nested_offset),
-                                          blocksize, quant_type, shape, dtype)
+            raise ValueError(
+                "qpeft: uint8 absmax means double quantization; nested_absmax, nested_code and "
+                "nested_offset are required"
+            )
+        return ops.dequantize_4bit_nested(
+            packed, absmax, nested_absmax, nested_code, _offset_arg(nested_offset), blocksize, quant_type, shape, dtype
+        )
     return ops.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
 
 
-def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor | None = None,
-                            blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(
+    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 8-bit quantization of fp32 ``A`` with a sorted 256-entry ``code`` (default: dynamic map)."""
     check_blocksize(blocksize)
     if A.dtype != torch.float32:
@@ -127,8 +160,9 @@ def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor | None = None,
     return ops.quantize_blockwise_8bit(A, code, blocksize)
 
 
-def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
-                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
     """fp32 ``code[q] * absmax[block]``, shaped like ``q``."""
     check_blocksize(blocksize)
     code = dynamic_map_8bit(q.device) if code is None else code
@@ -142,14 +176,15 @@ def dropout_seed(seed: int | torch.Tensor, device: torch.device | str) -> torch.
     another accelerator moves to ``device``."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"qpeft: a dropout seed tensor must be one int64 element, got {seed.dtype} "
-                            f"{list(seed.shape)}")
+            raise TypeError(
+                f"qpeft: a dropout seed tensor must be one int64 element, got {seed.dtype} {list(seed.shape)}"
+            )
         seed = seed.reshape(1)
         return seed if seed.device.type == "cpu" else seed.to(device)
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):  # "7", 1.5, True are not seeds
         raise TypeError(f"qpeft: a dropout seed must be an integer or a one-element int64 tensor, got {seed!r}")
     value = operator.index(seed)
-    if not -2**63 <= value < 2**63:
+    if not -(2**63) <= value < 2**63:
         raise ValueError(f"qpeft: a dropout seed must fit in int64, got {value}")
     return torch.tensor([value], dtype=torch.int64)
 
@@ -174,13 +209,14 @@ def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
     replay draws anew."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
-        generator = torch.cuda.default_generators[device.index if device.index is not None
-                                                  else torch.cuda.current_device()]
+        generator = torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
         offset = generator.get_offset()
         generator.set_offset(offset + 4)
         value = formats.splitmix64(formats.splitmix64(generator.initial_seed() & formats.MASK64) ^ offset)
         return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
-    return torch.randint(-2**62, 2**62, (1,), dtype=torch.int64, device=device)
+    return torch.randint(-(2**62), 2**62, (1,), dtype=torch.int64, device=device)
 
 
 # The largest dropout probability: the 16-bit mask keeps with probability within 1% of 1 - p up to it.
@@ -190,8 +226,7 @@ MAX_DROPOUT_P: float = _C.MAX_DROPOUT_P
 def check_dropout_p(p: float, what: str = "dropout probability") -> None:
     """p must be a number in [0, MAX_DROPOUT_P]; ValueError naming ``what`` otherwise."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= MAX_DROPOUT_P:
-        raise ValueError(f"qpeft: {what} must be a number in [0, {MAX_DROPOUT_P}] (the 16-bit dropout mask), "
-                         f"got {p!r}")
+        raise ValueError(f"qpeft: {what} must be a number in [0, {MAX_DROPOUT_P}] (the 16-bit dropout mask), got {p!r}")
 
 
 def lora_dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -221,8 +256,9 @@ def lora_down_grad_weight(g: torch.Tensor, x: torch.Tensor, p: float, seed: int 
     return ops.lora_down_grad_weight(g, x, float(p), dropout_seed(seed, x.device))
 
 
-def lora_down_grad_input_(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, p: float,
-                          seed: int | torch.Tensor) -> torch.Tensor:
+def lora_down_grad_input_(
+    dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch.Tensor
+) -> torch.Tensor:
     """In place dx += drop(g A) for contiguous dx [M, K], g [M, r], A [r, K] (the input gradient of drop(x) A^T
     added to an existing one); returns dx."""
     check_dropout_p(p)
@@ -230,35 +266,71 @@ def lora_down_grad_input_(dx: torch.Tensor, g: torch.Tensor, lora_A: torch.Tenso
     return dx
 
 
-def lora_down_grad_input(g: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch.Tensor,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def lora_down_grad_input(
+    g: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int | torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """dx = drop(g A) for g [M, r], A [r, K], a new [M, K] tensor of ``dtype`` (the input gradient of
     drop(x) A^T; written without reading anything, so a GEMM can then add another gradient onto it)."""
     check_dropout_p(p)
     return ops.lora_down_grad_input(g, lora_A, float(p), dropout_seed(seed, g.device), dtype)
 
 
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                out_features: int, *, nested_absmax: torch.Tensor | None = None,
-                nested_code: torch.Tensor | None = None, nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    out_features: int,
+    *,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [..., K] @ W^T for the 4-bit weight W [out_features, K], never a dense copy of W, in x's dtype. Up to 16
     rows W is read once from its codes with fp32 accumulation (CPU and CUDA); more rows (CPU): W is dequantized in
     x's dtype a slab of ~2 MB at a time, one GEMM per slab."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    y = ops.linear_4bit(as_rows(x), _packed_bytes(packed), absmax, nested_absmax, nested_code,
-                        _offset_arg(nested_offset), blocksize, quant_type, out_features)
+    y = ops.linear_4bit(
+        as_rows(x),
+        _packed_bytes(packed),
+        absmax,
+        nested_absmax,
+        nested_code,
+        _offset_arg(nested_offset),
+        blocksize,
+        quant_type,
+        out_features,
+    )
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                           quant_type: str, in_features: int, *, nested_absmax: torch.Tensor | None = None,
-                           nested_code: torch.Tensor | None = None,
-                           nested_offset: torch.Tensor | None = None) -> torch.Tensor:
+def linear_4bit_grad_input(
+    dy: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    in_features: int,
+    *,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
     """dy [..., N] @ W for the 4-bit weight W [N, in_features]: the input gradient of linear_4bit, by the same two
     paths (W read from its codes with fp32 accumulation up to 8 rows, then slab-wise GEMMs in dy's dtype). CPU."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    dx = ops.linear_4bit_grad_input(as_rows(dy), _packed_bytes(packed), absmax, nested_absmax,
-                                    nested_code, _offset_arg(nested_offset), blocksize, quant_type, in_features)
+    dx = ops.linear_4bit_grad_input(
+        as_rows(dy),
+        _packed_bytes(packed),
+        absmax,
+        nested_absmax,
+        nested_code,
+        _offset_arg(nested_offset),
+        blocksize,
+        quant_type,
+        in_features,
+    )
     return dx.reshape(*dy.shape[:-1], in_features)

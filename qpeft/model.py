@@ -83,8 +83,13 @@ class _DelegatingForward:
             return _forward_unbound(obj, *args, **kwargs)
 
         signature = inspect.signature(obj.base_model.forward)
-        if isinstance(obj.peft_config.get(obj.active_adapter if isinstance(obj.active_adapter, str) else ""),
-                      MultitaskPromptTuningConfig) and "task_ids" not in signature.parameters:
+        if (
+            isinstance(
+                obj.peft_config.get(obj.active_adapter if isinstance(obj.active_adapter, str) else ""),
+                MultitaskPromptTuningConfig,
+            )
+            and "task_ids" not in signature.parameters
+        ):
             params = list(signature.parameters.values())
             at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
             params.insert(at, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
@@ -103,8 +108,9 @@ def _forward_unbound(self, *args, **kwargs):
             self._add_orthogonal_penalty(outputs)
         return outputs
     if len(args) > 2:
-        raise TypeError("qpeft: with prompt learning pass input_ids and attention_mask positionally, the rest by "
-                        "keyword")
+        raise TypeError(
+            "qpeft: with prompt learning pass input_ids and attention_mask positionally, the rest by keyword"
+        )
     return prompt.forward(self.base_model, self.prompt_encoder[self.active_adapter], config, *args, **kwargs)
 
 
@@ -153,8 +159,9 @@ class QPeftModel(nn.Module):
     prompt-learning adapter); attributes the wrapper lacks are looked up on the model (config,
     gradient_checkpointing_enable, ...)."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *,
-                 _loaded: bool = False):
+    def __init__(
+        self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, _loaded: bool = False
+    ):
         super().__init__()
         self.base_model = model
         self.prompt_encoder = nn.ModuleDict()  # prompt learning: one encoder per adapter
@@ -179,8 +186,7 @@ class QPeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> AdapterConfig:
-        return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else
-                                self.active_adapter[0]]
+        return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
 
     def _prompt_config(self):
         """The active prompt-learning config, or None (LoRA, or adapters disabled)."""
@@ -211,8 +217,10 @@ class QPeftModel(nn.Module):
             raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
         kinds = {c.peft_type for c in self.peft_config.values()}
         if kinds and kinds != {config.peft_type}:
-            raise ValueError(f"qpeft: this model's adapters are {sorted(kinds)}; one model holds adapters of one "
-                             f"peft_type (as in peft), so a {config.peft_type} adapter cannot join them")
+            raise ValueError(
+                f"qpeft: this model's adapters are {sorted(kinds)}; one model holds adapters of one "
+                f"peft_type (as in peft), so a {config.peft_type} adapter cannot join them"
+            )
         method = _METHODS.get(config.peft_type)
         if kinds and method is not None and method.own_parameters:
             raise ValueError(f"qpeft: {config.peft_type} trains the model's own parameters: one adapter per model")
@@ -265,8 +273,10 @@ class QPeftModel(nn.Module):
         for wname, wrapper in self._wrappers():
             owners = [n for n in names if n in wrapper.modules_to_save]
             if len(owners) > 1:
-                raise ValueError(f"qpeft: adapters {owners} each have their own copy of {wname!r} "
-                                 "(modules_to_save); only one of them can be active at a time, as in peft")
+                raise ValueError(
+                    f"qpeft: adapters {owners} each have their own copy of {wname!r} "
+                    "(modules_to_save); only one of them can be active at a time, as in peft"
+                )
             wrapper.active = owners[0] if owners else None
             if owners:
                 wrapper.modules_to_save[owners[0]].requires_grad_(True)
@@ -361,11 +371,12 @@ class QPeftModel(nn.Module):
     def _layers_only(self, what: str) -> None:
         config = self.active_peft_config if self.peft_config else None
         if config is not None and config.is_prompt_learning:
-            raise ValueError(f"qpeft: {what} applies to LoRA, AdaLoRA and IA3 adapters; a prompt-learning adapter "
-                             "changes the input, not the weights")
+            raise ValueError(
+                f"qpeft: {what} applies to LoRA, AdaLoRA and IA3 adapters; a prompt-learning adapter "
+                "changes the input, not the weights"
+            )
         if config is not None and not _METHODS[config.peft_type].mergeable:
-            raise ValueError(f"qpeft: {what}: {config.peft_type} adapters are nonlinear and do not merge into "
-                             "weights")
+            raise ValueError(f"qpeft: {what}: {config.peft_type} adapters are nonlinear and do not merge into weights")
 
     def merge_adapter(self, dtype: torch.dtype | None = None) -> None:
         self._layers_only("merge_adapter")
@@ -420,21 +431,35 @@ class QPeftModel(nn.Module):
     def memory_footprint(self) -> dict[str, int]:
         """Bytes of the 4-bit layers (codes and scales, with their biases), of the trainable tensors, and of the
         rest of the model's parameters and buffers."""
-        four_bit = {id(t): t.untyped_storage().nbytes() for m in self.modules() if isinstance(m, Linear4bit)
-                    for t in (*m.parameters(), *m.buffers())}
+        four_bit = {
+            id(t): t.untyped_storage().nbytes()
+            for m in self.modules()
+            if isinstance(m, Linear4bit)
+            for t in (*m.parameters(), *m.buffers())
+        }
         trainable = {id(p): p.untyped_storage().nbytes() for p in self.parameters() if p.requires_grad}
-        rest = {id(t): t.untyped_storage().nbytes() for t in (*self.parameters(), *self.buffers())
-                if id(t) not in four_bit and id(t) not in trainable}
-        return {"4bit_layers": sum(four_bit.values()), "trainable": sum(trainable.values()),
-                "other": sum(rest.values())}
+        rest = {
+            id(t): t.untyped_storage().nbytes()
+            for t in (*self.parameters(), *self.buffers())
+            if id(t) not in four_bit and id(t) not in trainable
+        }
+        return {
+            "4bit_layers": sum(four_bit.values()),
+            "trainable": sum(trainable.values()),
+            "other": sum(rest.values()),
+        }
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
         mib = {k: v / 2**20 for k, v in self.memory_footprint().items()}
-        print(f"weights: 4-bit layers {mib['4bit_layers']:.2f} MiB || trainable {mib['trainable']:.2f} MiB || "
-              f"other {mib['other']:.2f} MiB")
+        print(
+            f"weights: 4-bit layers {mib['4bit_layers']:.2f} MiB || trainable {mib['trainable']:.2f} MiB || "
+            f"other {mib['other']:.2f} MiB"
+        )
 
     # ---- peft's file format -----------------------------------------------------------------------------------
     def _file_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -456,14 +481,20 @@ class QPeftModel(nn.Module):
         else:
             adapter_io.assign_tensors(self._file_parameters(adapter_name), tensors)
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None,
-                        is_main_process: bool | None = None) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: Sequence[str] | None = None,
+        is_main_process: bool | None = None,
+    ) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
         others in a subfolder of their name). Under torch.distributed only rank 0 writes (``is_main_process``
         decides otherwise, as in peft); the adapters are the same on every data-parallel rank."""
         if is_main_process is None:
-            is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-                torch.distributed.get_rank() == 0
+            is_main_process = (
+                not (torch.distributed.is_available() and torch.distributed.is_initialized())
+                or torch.distributed.get_rank() == 0
+            )
         if not is_main_process:
             return
         for name in selected_adapters or list(self.peft_config):
@@ -473,8 +504,9 @@ class QPeftModel(nn.Module):
             with torch.no_grad():
                 adapter_io.save_adapter(self._file_parameters(name), self.peft_config[name], folder)
 
-    def load_adapter(self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False,
-                     **kwargs) -> None:
+    def load_adapter(
+        self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    ) -> None:
         """Loads a peft adapter (from peft or qpeft: a local folder or a Hub repository id; ``subfolder``,
         ``revision``, ``token`` as in peft) as ``adapter_name`` and activates it."""
         config, tensors = adapter_io.load_adapter_files(model_id, **kwargs)
@@ -486,8 +518,9 @@ class QPeftModel(nn.Module):
                 p.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs) -> "QPeftModel":
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    ) -> "QPeftModel":
         """peft's PeftModel.from_pretrained: quantize ``model`` (LoRA: its targets; prompt learning: its linear
         layers) and load the adapter (a local folder or a Hub repository id; ``subfolder``, ``revision``, ``token``
         as in peft). The other keywords override the 4-bit format (quant_type, blocksize, double_quant,
@@ -510,8 +543,9 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     return QPeftModel(model, config, adapter_name)
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
     """Freezes the model and turns on gradient checkpointing (non-reentrant by default). Unlike peft's helper it
     does not upcast the non-quantized 16-bit parameters to fp32 (norms, embeddings, the head: about 1 GB on a 7B
     model); the LoRA layers compute in the activations' dtype with fp32 adapters anyway."""

@@ -19,8 +19,12 @@ def _run(how, pattern: str, name: str, key: str):
     except regex.error as e:
         raise ConfigError(None, key, f"is not a valid regular expression: {pattern!r} ({e})") from None
     except TimeoutError:
-        raise ConfigError(None, key, f"pattern {pattern!r} took over {MATCH_SECONDS} s on the module name "
-                          f"{name!r} (catastrophic backtracking); refused") from None
+        raise ConfigError(
+            None,
+            key,
+            f"pattern {pattern!r} took over {MATCH_SECONDS} s on the module name "
+            f"{name!r} (catastrophic backtracking); refused",
+        ) from None
 
 
 def fullmatch(pattern: str, name: str, key: str):

@@ -38,8 +38,11 @@ _MAX_QUANT_STATE_BYTES = 1 << 16  # bitsandbytes' quant_state JSON is ~150 bytes
 def read_quant_state(t: torch.Tensor) -> dict:
     """The JSON object of a ``<weight>.quant_state.bitsandbytes__<type>`` entry."""
     if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > _MAX_QUANT_STATE_BYTES:
-        raise ConfigError("4-bit state dict", "quant_state", f"must be a 1-D uint8 tensor of at most "
-                          f"{_MAX_QUANT_STATE_BYTES} bytes, got {t.dtype} {list(t.shape)}")
+        raise ConfigError(
+            "4-bit state dict",
+            "quant_state",
+            f"must be a 1-D uint8 tensor of at most {_MAX_QUANT_STATE_BYTES} bytes, got {t.dtype} {list(t.shape)}",
+        )
     try:
         return json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -69,8 +72,14 @@ class Quantized4bitWeight:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_float(cls, W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                   quant_storage: torch.dtype = torch.uint8) -> "Quantized4bitWeight":
+    def from_float(
+        cls,
+        W: torch.Tensor,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> "Quantized4bitWeight":
         """Quantize ``W`` (fp32/fp16/bf16, on CPU or CUDA) byte-identically to bitsandbytes' quantize_4bit."""
         packed, absmax = F.quantize_4bit(W, blocksize, quant_type)
         nested_absmax = nested_code = nested_offset = None
@@ -78,8 +87,17 @@ class Quantized4bitWeight:
             nested_offset = absmax.mean()  # the same torch reduction bitsandbytes uses: same bits, same device
             nested_code = F.dynamic_map_8bit(W.device).clone()
             absmax, nested_absmax = F.quantize_blockwise_8bit(absmax - nested_offset, nested_code, NESTED_BLOCKSIZE)
-        return cls(_as_storage(packed, quant_storage), absmax, torch.Size(W.shape), W.dtype, blocksize, quant_type,
-                   nested_absmax, nested_code, nested_offset)
+        return cls(
+            _as_storage(packed, quant_storage),
+            absmax,
+            torch.Size(W.shape),
+            W.dtype,
+            blocksize,
+            quant_type,
+            nested_absmax,
+            nested_code,
+            nested_offset,
+        )
 
     # ---- properties ---------------------------------------------------------------------------------------
     @property
@@ -109,9 +127,17 @@ class Quantized4bitWeight:
     # ---- compute ------------------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a dense tensor of ``shape`` (in ``dtype``, default the original dtype)."""
-        return F.dequantize_4bit(self.packed, self.absmax, self.blocksize, self.quant_type, self.shape,
-                                 dtype or self.dtype, nested_absmax=self.nested_absmax, nested_code=self.nested_code,
-                                 nested_offset=self.nested_offset)
+        return F.dequantize_4bit(
+            self.packed,
+            self.absmax,
+            self.blocksize,
+            self.quant_type,
+            self.shape,
+            dtype or self.dtype,
+            nested_absmax=self.nested_absmax,
+            nested_code=self.nested_code,
+            nested_offset=self.nested_offset,
+        )
 
     def fp32_scales(self) -> torch.Tensor:
         """The per-block fp32 scales (decoding the double quantization if present)."""
@@ -125,22 +151,34 @@ class Quantized4bitWeight:
     # ---- bitsandbytes state dict --------------------------------------------------------------------------
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """This weight under bitsandbytes' keys (see the module docstring); tensors are not copied."""
-        meta = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
-                "shape": list(self.shape)}
-        sd = {prefix: self.packed, f"{prefix}.absmax": self.absmax,
-              f"{prefix}.quant_map": code_book(self.quant_type, self.device)}
+        meta = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _DTYPE_NAMES[self.dtype],
+            "shape": list(self.shape),
+        }
+        sd = {
+            prefix: self.packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": code_book(self.quant_type, self.device),
+        }
         if self.double_quant:
             sd[f"{prefix}.nested_absmax"] = self.nested_absmax
             sd[f"{prefix}.nested_quant_map"] = self.nested_code
-            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
-                        nested_offset=float(self.nested_offset.item()))
+            meta.update(
+                nested_blocksize=NESTED_BLOCKSIZE,
+                nested_dtype="float32",
+                nested_offset=float(self.nested_offset.item()),
+            )
         sd[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = _pack_json(meta)
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "weight",
-                        device: torch.device | str | None = None) -> "Quantized4bitWeight":
+    def from_state_dict(
+        cls, sd: Mapping[str, torch.Tensor], prefix: str = "weight", device: torch.device | str | None = None
+    ) -> "Quantized4bitWeight":
         """Read a weight saved by bitsandbytes (or by ``state_dict``). Raises ValueError naming what is wrong."""
+
         def get(key: str) -> torch.Tensor:
             if f"{prefix}.{key}" not in sd:
                 raise ValueError(f"qpeft: 4-bit state dict has no '{prefix}.{key}'")
@@ -148,8 +186,10 @@ class Quantized4bitWeight:
 
         state_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
         if prefix not in sd or len(state_keys) != 1:
-            raise ValueError(f"qpeft: expected '{prefix}' and exactly one '{prefix}.quant_state.bitsandbytes__<type>' "
-                             f"key, found {sorted(k for k in sd if k.startswith(prefix))}")
+            raise ValueError(
+                f"qpeft: expected '{prefix}' and exactly one '{prefix}.quant_state.bitsandbytes__<type>' "
+                f"key, found {sorted(k for k in sd if k.startswith(prefix))}"
+            )
         meta = read_quant_state(sd[state_keys[0]])
         if not isinstance(meta, dict):
             raise ConfigError(state_keys[0], "quant_state", f"must be a JSON object, got {type(meta).__name__}")
@@ -159,8 +199,9 @@ class Quantized4bitWeight:
         if meta.get("dtype") not in _DTYPES_BY_NAME:
             raise ValueError(f"qpeft: unsupported weight dtype {meta.get('dtype')!r} in {state_keys[0]}")
         raw_shape = meta.get("shape")
-        if not isinstance(raw_shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                      for d in raw_shape):
+        if not isinstance(raw_shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw_shape
+        ):
             raise ConfigError(state_keys[0], "shape", f"must be a list of non-negative integers, got {raw_shape!r}")
         shape = torch.Size(raw_shape)
         device = torch.device(device) if device is not None else sd[prefix].device
@@ -172,33 +213,44 @@ class Quantized4bitWeight:
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
         if packed.numel() * packed.element_size() != (n + 1) // 2:
-            raise ValueError(f"qpeft: '{prefix}' holds {packed.numel() * packed.element_size()} bytes, but shape "
-                             f"{list(shape)} needs {(n + 1) // 2}")
+            raise ValueError(
+                f"qpeft: '{prefix}' holds {packed.numel() * packed.element_size()} bytes, but shape "
+                f"{list(shape)} needs {(n + 1) // 2}"
+            )
         if absmax.numel() != nblocks:
-            raise ValueError(f"qpeft: '{prefix}.absmax' has {absmax.numel()} elements, expected {nblocks} "
-                             f"(shape {list(shape)}, blocksize {blocksize})")
+            raise ValueError(
+                f"qpeft: '{prefix}.absmax' has {absmax.numel()} elements, expected {nblocks} "
+                f"(shape {list(shape)}, blocksize {blocksize})"
+            )
         nested = {}
         if f"{prefix}.nested_absmax" in sd:
             if meta.get("nested_blocksize") != NESTED_BLOCKSIZE or meta.get("nested_dtype") != "float32":
-                raise ValueError(f"qpeft: unsupported nested quantization {meta.get('nested_blocksize')!r}/"
-                                 f"{meta.get('nested_dtype')!r} (only blocksize 256, float32)")
+                raise ValueError(
+                    f"qpeft: unsupported nested quantization {meta.get('nested_blocksize')!r}/"
+                    f"{meta.get('nested_dtype')!r} (only blocksize 256, float32)"
+                )
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"qpeft: double-quantized '{prefix}.absmax' must be uint8, got {absmax.dtype}")
             nested_absmax, nested_code = get("nested_absmax"), get("nested_quant_map")
             offset = meta.get("nested_offset")
             if nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
-                raise ValueError(f"qpeft: '{prefix}.nested_absmax' has {nested_absmax.numel()} elements, expected "
-                                 f"{-(-nblocks // NESTED_BLOCKSIZE)} (one per {NESTED_BLOCKSIZE} blocks)")
+                raise ValueError(
+                    f"qpeft: '{prefix}.nested_absmax' has {nested_absmax.numel()} elements, expected "
+                    f"{-(-nblocks // NESTED_BLOCKSIZE)} (one per {NESTED_BLOCKSIZE} blocks)"
+                )
             if nested_code.numel() != 256:
                 raise ValueError(f"qpeft: '{prefix}.nested_quant_map' has {nested_code.numel()} elements, expected 256")
             if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
                 raise ConfigError(state_keys[0], "nested_offset", f"must be a finite number, got {offset!r}")
-            nested = dict(nested_absmax=nested_absmax.to(device, torch.float32),
-                          nested_code=nested_code.to(device, torch.float32),
-                          nested_offset=torch.tensor(float(offset), dtype=torch.float32, device=device))
+            nested = dict(
+                nested_absmax=nested_absmax.to(device, torch.float32),
+                nested_code=nested_code.to(device, torch.float32),
+                nested_offset=torch.tensor(float(offset), dtype=torch.float32, device=device),
+            )
         elif absmax.dtype != torch.float32:
-            raise ValueError(f"qpeft: '{prefix}.absmax' must be float32 without double quantization, "
-                             f"got {absmax.dtype}")
+            raise ValueError(
+                f"qpeft: '{prefix}.absmax' must be float32 without double quantization, got {absmax.dtype}"
+            )
         return cls(packed, absmax, shape, _DTYPES_BY_NAME[meta["dtype"]], blocksize, quant_type, **nested)
 
 
@@ -208,6 +260,8 @@ def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tenso
         return packed.unsqueeze(1)
     itemsize = torch.empty((), dtype=quant_storage).element_size()
     if packed.numel() % itemsize:
-        raise ValueError(f"qpeft: {packed.numel()} packed bytes cannot be stored as {quant_storage} "
-                         f"(not a multiple of {itemsize} bytes)")
+        raise ValueError(
+            f"qpeft: {packed.numel()} packed bytes cannot be stored as {quant_storage} "
+            f"(not a multiple of {itemsize} bytes)"
+        )
     return packed.view(quant_storage).unsqueeze(1)

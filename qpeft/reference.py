@@ -40,17 +40,40 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .formats import (FLOAT_DTYPES, FP4_CODE_TIMES_12, GOLDEN_GAMMA, NESTED_BLOCKSIZE, NF4_CODE,  # noqa: F401
-                      QUANT_TYPES, RCP_TABLE_PATH, VALID_BLOCKSIZES, code_book, dynamic_map_8bit, lora_scaling,
-                      mix64, reciprocal_table_bytes)
+from .formats import (
+    FLOAT_DTYPES as FLOAT_DTYPES,
+    FP4_CODE_TIMES_12 as FP4_CODE_TIMES_12,
+    GOLDEN_GAMMA,
+    NESTED_BLOCKSIZE,
+    NF4_CODE as NF4_CODE,
+    QUANT_TYPES,
+    RCP_TABLE_PATH as RCP_TABLE_PATH,
+    VALID_BLOCKSIZES as VALID_BLOCKSIZES,
+    code_book,
+    dynamic_map_8bit as dynamic_map_8bit,
+    lora_scaling as lora_scaling,
+    mix64,
+    reciprocal_table_bytes,
+)
 
 # The 15 decision thresholds between consecutive NF4 codes, as decimal literals: their fp32 values are the
 # C literals' (see fp32_from_decimal).
 NF4_THRESHOLDS = (
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+    -0.8480964004993439,
+    -0.6106329262256622,
+    -0.4599952697753906,
+    -0.33967943489551544,
+    -0.23460740596055984,
+    -0.13791173323988914,
+    -0.045525018125772476,
+    0.03979014977812767,
+    0.1202552504837513,
+    0.2035212516784668,
+    0.2920137718319893,
+    0.3893125355243683,
+    0.5016634166240692,
+    0.6427869200706482,
+    0.8614784181118011,
 )
 # Thresholds on |x| between consecutive FP4 magnitudes, and the 3-bit code of each magnitude rank.
 FP4_MAGNITUDE_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
@@ -152,8 +175,14 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     return pack_nibbles(codes, zero_code(quant_type)), absmax
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                    shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Reference 4-bit dequantization: out = dtype(code[q] * absmax[block]) computed in fp32."""
     n = math.prod(shape)
     codes = unpack_nibbles(packed, n)
@@ -190,29 +219,33 @@ def nearest_code_8bit(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.where(pick_upper, upper, torch.where(pick_lower, lower, pivot))
 
 
-def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference 8-bit blockwise quantization. Returns (codes uint8 [n], absmax fp32 [ceil(n / blocksize)])."""
     scaled, absmax, n = _scale_blocks(A, blocksize)
     return nearest_code_8bit(scaled.reshape(-1)[:n], code).to(torch.uint8), absmax
 
 
-def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
     """Reference 8-bit blockwise dequantization to fp32: code[q] * absmax[block]."""
     n = q.numel()
     scales = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
     return code.to(torch.float32)[q.reshape(-1).long()] * scales
 
 
-def dequantize_nested_absmax(q: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
-                             offset: torch.Tensor | float) -> torch.Tensor:
+def dequantize_nested_absmax(
+    q: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor | float
+) -> torch.Tensor:
     """The fp32 4-bit scales of a double-quantized state: fp32(code8[q] * absmax2) + offset, two roundings."""
     offset = torch.as_tensor(offset, dtype=torch.float32, device=q.device)
     return dequantize_blockwise_8bit(q, nested_absmax, nested_code) + offset
 
 
 # ---- LoRA dropout regenerated from (seed, offset) ----------------------------------------------------------
+
 
 def dropout_threshold(p: float) -> int:
     """Keep iff bits >= round(p * 2^16) (bits uniform in [0, 2^16)): drop probability p to within 2^-17."""
@@ -251,9 +284,20 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch
 
 # ---- The LoRA layer on a frozen base (float64 reference of peft's semantics) ---------------------------------
 
-def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
-                bias: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None, p: float = 0.0,
-                magnitude: torch.Tensor | None = None, lora_bias: torch.Tensor | None = None) -> torch.Tensor:
+
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+    p: float = 0.0,
+    magnitude: torch.Tensor | None = None,
+    lora_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One LoRA adapter on a frozen linear layer, in float64, as peft computes it in training mode.
 
     x [..., K], W [N, K] (the dequantized base weight), A [r, K], B [N, r], bias [N] (base bias), lora_bias [N]
@@ -270,6 +314,7 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     passes base_result=None then); without dropout this is y = (m / n) * (x W^T + s * lora) + bias.
     Gradients flow to every tensor that requires them; use torch.autograd on this function as the reference.
     """
+
     def f64(t):
         return None if t is None else t.to(torch.float64)
 
@@ -288,8 +333,9 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     return y if bias is None else y + bias
 
 
-def ia3_linear(x: torch.Tensor, W: torch.Tensor, scale: torch.Tensor, feedforward: bool,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+def ia3_linear(
+    x: torch.Tensor, W: torch.Tensor, scale: torch.Tensor, feedforward: bool, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """IA3 on a frozen linear layer in float64, as peft computes it: (x * l) W^T + b for a feed-forward target
     (scale [K]), (x W^T + b) * l otherwise (scale [N])."""
     x, W, scale = x.double(), W.double(), scale.double().reshape(-1)

@@ -33,8 +33,11 @@ def poison_allocator(device: torch.device, nbytes: int) -> None:
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """dtype, shape and every byte equal (unlike torch.equal, packed bytes that read as NaN compare equal)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    )
 
 
 def reference_weight_4bit(sd: dict, prefix: str = "", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -45,8 +48,9 @@ def reference_weight_4bit(sd: dict, prefix: str = "", dtype: torch.dtype = torch
     state = json.loads(bytes(sd[key].tolist()))
     absmax = sd[prefix + "weight.absmax"]
     if "nested_offset" in state:
-        absmax = R.dequantize_nested_absmax(absmax, sd[prefix + "weight.nested_absmax"],
-                                            sd[prefix + "weight.nested_quant_map"], state["nested_offset"])
+        absmax = R.dequantize_nested_absmax(
+            absmax, sd[prefix + "weight.nested_absmax"], sd[prefix + "weight.nested_quant_map"], state["nested_offset"]
+        )
     packed = sd[prefix + "weight"].contiguous().reshape(-1).view(torch.uint8)
     assert torch.equal(sd[prefix + "weight.quant_map"], R.code_book(state["quant_type"]))  # -0.0 == +0.0
     return R.dequantize_4bit(packed, absmax, state["blocksize"], state["quant_type"], state["shape"], dtype)
@@ -69,16 +73,24 @@ def reference_float_model(original: torch.nn.Module, sd: dict) -> torch.nn.Modul
 def tiny_llama(seed=0):
     """A randomly initialised transformers Llama with grouped-query attention (4 query heads, 2 key/value)."""
     import transformers
+
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2(seed=0):
     """GPT-2's attention and MLP projections are transformers Conv1D layers (weight [in, out])."""
     import transformers
+
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
     return transformers.GPT2LMHeadModel(config).eval()
@@ -96,21 +108,32 @@ def trainer_losses(model, items, folder, epochs: int, learning_rate: float, **ar
         def __getitem__(self, i):
             return items(i)
 
-    settings = dict(output_dir=str(folder), per_device_train_batch_size=4, num_train_epochs=epochs,
-                    learning_rate=learning_rate, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                    gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings = dict(
+        output_dir=str(folder),
+        per_device_train_batch_size=4,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     args = transformers.TrainingArguments(**{**settings, **arguments})
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def float_model_of(qmodel: torch.nn.Module, original: torch.nn.Module, dtype: torch.dtype | None = None,
-                   with_biases: bool = False) -> torch.nn.Module:
+def float_model_of(
+    qmodel: torch.nn.Module, original: torch.nn.Module, dtype: torch.dtype | None = None, with_biases: bool = False
+) -> torch.nn.Module:
     """``original`` (in ``dtype``) with the weight of every qpeft 4-bit layer of ``qmodel`` (a layer's ``base``
     included) replaced by its dequantization, transposed back for a Conv1D; ``with_biases``: the 4-bit layers'
     biases too (added where the original has none)."""
     from qpeft.nn import Linear4bit
+
     model = copy.deepcopy(original)
     if dtype is not None:
         model = model.to(dtype)
@@ -137,4 +160,3 @@ def fit(model, batches, optimizer) -> list[torch.Tensor]:
         optimizer.zero_grad()
         losses.append(loss.detach())
     return losses
-

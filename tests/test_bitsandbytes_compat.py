@@ -31,8 +31,7 @@ from bitsandbytes.nn import Linear4bit as BnbLinear4bit  # noqa: E402
 from bitsandbytes.nn import Params4bit  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DIFFERENT_ROUNDING_NF4 = R.thresholds("nf4")[
-    R.thresholds("nf4") != torch.tensor(R.NF4_THRESHOLDS, dtype=torch.float32)]
+DIFFERENT_ROUNDING_NF4 = R.thresholds("nf4")[R.thresholds("nf4") != torch.tensor(R.NF4_THRESHOLDS, dtype=torch.float32)]
 
 
 def bnb_quantize(A, blocksize, quant_type, double_quant=False):
@@ -55,8 +54,15 @@ def decision_pairs(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.minimum(ours, theirs), torch.maximum(ours, theirs)
 
 
-def assert_codes_match_bnb(ours: torch.Tensor, theirs: torch.Tensor, quant_type: str, values: torch.Tensor,
-                           absmax: torch.Tensor, blocksize: int, max_fraction: float | None = 0.02):
+def assert_codes_match_bnb(
+    ours: torch.Tensor,
+    theirs: torch.Tensor,
+    quant_type: str,
+    values: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    max_fraction: float | None = 0.02,
+):
     """Codes equal, except where a difference is explained by a documented bitsandbytes-CPU deviation: the span
     of the two scaled values (qpeft: x * approximate reciprocal; bitsandbytes CPU: x * (1 / absmax), or x / absmax
     in the last partial block) touches the span of a pair of corresponding decision points (this covers the
@@ -121,8 +127,14 @@ def test_tie_heavy_16bit_weights_against_bitsandbytes_cpu(quant_type, dtype):
 def test_adversarial_values_against_bitsandbytes_cpu(quant_type):
     t = R.thresholds(quant_type)
     t = torch.cat([t, -t])
-    values = torch.cat([t, torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0)),
-                        torch.tensor([0.0, -0.0, 0.5, -0.5, 1e-30])])
+    values = torch.cat(
+        [
+            t,
+            torch.nextafter(t, torch.tensor(2.0)),
+            torch.nextafter(t, torch.tensor(-2.0)),
+            torch.tensor([0.0, -0.0, 0.5, -0.5, 1e-30]),
+        ]
+    )
     blocks = [torch.cat([torch.ones(1), chunk, torch.zeros(63 - chunk.numel())]) for chunk in values.split(32)]
     blocks += [torch.zeros(64), torch.randn(64) * 1e30, torch.randn(64) * 1e-30, torch.full((64,), 7.0)]
     A = torch.cat(blocks + [torch.randn(33)])  # odd count, partial last block
@@ -135,8 +147,14 @@ def test_adversarial_values_against_bitsandbytes_cpu(quant_type):
         assert (packed != bnb_packed.reshape(-1)).sum() == DIFFERENT_ROUNDING_NF4.numel()  # one value each
 
 
-def assert_nested_codes_match_bnb_cpu(W: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, offset: torch.Tensor,
-                                      nested_absmax: torch.Tensor, code: torch.Tensor):
+def assert_nested_codes_match_bnb_cpu(
+    W: torch.Tensor,
+    ours: torch.Tensor,
+    theirs: torch.Tensor,
+    offset: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    code: torch.Tensor,
+):
     """bitsandbytes' CPU 8-bit path looks codes up in a 65536-bin table (and scales by the correctly rounded
     reciprocal), so it can miss the nearest code (by several steps near 0, where the dynamic map is dense).
     qpeft implements the GPU rule: at every difference its code must be at least as near to the exact value."""
@@ -159,8 +177,9 @@ def test_double_quantization_against_bitsandbytes_cpu():
         assert torch.equal(ours.nested_offset, state.offset)
         assert torch.equal(ours.nested_code, state.state2.code)
         assert torch.equal(ours.nested_absmax, state.state2.absmax)
-        assert_nested_codes_match_bnb_cpu(W, ours.absmax, state.absmax, state.offset, state.state2.absmax,
-                                          state.state2.code)
+        assert_nested_codes_match_bnb_cpu(
+            W, ours.absmax, state.absmax, state.offset, state.state2.absmax, state.state2.code
+        )
 
 
 def sd_theirs_offset(sd: dict) -> torch.Tensor:
@@ -180,12 +199,26 @@ def test_dynamic_map_equals_bitsandbytes():
 def test_state_dict_bytes_equal_bitsandbytes_linear4bit(quant_type, double_quant, quant_storage):
     torch.manual_seed(torch.randint(0, 2**31 - 1, ()).item())
     dense = torch.nn.Linear(256, 96, bias=True, dtype=torch.bfloat16)
-    ours = Linear4bit.from_linear(dense, quant_type=quant_type, blocksize=64, double_quant=double_quant,
-                                  quant_storage=quant_storage)
-    theirs = BnbLinear4bit(256, 96, bias=True, compute_dtype=torch.bfloat16, compress_statistics=double_quant,
-                           quant_type=quant_type, quant_storage=quant_storage)
-    theirs.weight = Params4bit(dense.weight.data.clone(), requires_grad=False, blocksize=64,
-                               compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage)
+    ours = Linear4bit.from_linear(
+        dense, quant_type=quant_type, blocksize=64, double_quant=double_quant, quant_storage=quant_storage
+    )
+    theirs = BnbLinear4bit(
+        256,
+        96,
+        bias=True,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+    )
+    theirs.weight = Params4bit(
+        dense.weight.data.clone(),
+        requires_grad=False,
+        blocksize=64,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+    )
     theirs.bias = torch.nn.Parameter(dense.bias.data.clone())
     theirs.weight._quantize("cpu")
     sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
@@ -197,8 +230,14 @@ def test_state_dict_bytes_equal_bitsandbytes_linear4bit(quant_type, double_quant
             absmax = qpeft.functional.quantize_4bit(dense.weight.detach(), 64, quant_type)[1]
             assert_codes_match_bnb(a, b, quant_type, dense.weight.detach(), absmax, 64)
         elif key == "weight.absmax" and double_quant:
-            assert_nested_codes_match_bnb_cpu(dense.weight.detach(), a, b, sd_theirs_offset(sd_theirs),
-                                              sd_theirs["weight.nested_absmax"], sd_theirs["weight.nested_quant_map"])
+            assert_nested_codes_match_bnb_cpu(
+                dense.weight.detach(),
+                a,
+                b,
+                sd_theirs_offset(sd_theirs),
+                sd_theirs["weight.nested_absmax"],
+                sd_theirs["weight.nested_quant_map"],
+            )
         else:
             assert torch.equal(a, b), key  # includes the JSON bytes of quant_state
 
@@ -225,15 +264,18 @@ def test_qpeft_state_dict_loads_into_bitsandbytes():
     ours = Linear4bit.from_linear(dense, "nf4", 64, double_quant=True, compute_dtype=torch.bfloat16)
     sd = ours.state_dict()
     theirs = BnbLinear4bit(320, 48, compute_dtype=torch.bfloat16)
-    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
-    theirs.weight = Params4bit.from_prequantized(data=sd["weight"], quantized_stats=stats, device="cpu",
-                                                 module=theirs)
+    stats = {k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}
+    theirs.weight = Params4bit.from_prequantized(data=sd["weight"], quantized_stats=stats, device="cpu", module=theirs)
     theirs.bias = torch.nn.Parameter(sd["bias"])
     # bitsandbytes parsed the same state (its CPU forward and dequantize are not compared: they differ by
     # instruction set), and the bytes it holds define qpeft's weight
     state, q = theirs.weight.quant_state, ours.quantized_weight
-    assert (state.quant_type, state.blocksize, tuple(state.shape), state.dtype) == \
-        (q.quant_type, q.blocksize, tuple(q.shape), q.dtype)
+    assert (state.quant_type, state.blocksize, tuple(state.shape), state.dtype) == (
+        q.quant_type,
+        q.blocksize,
+        tuple(q.shape),
+        q.dtype,
+    )
     assert state.nested and torch.equal(state.absmax, q.absmax) and torch.equal(state.offset, q.nested_offset)
     assert torch.equal(state.state2.absmax, q.nested_absmax) and torch.equal(state.state2.code, q.nested_code)
     assert same_bytes(theirs.weight.data, sd["weight"])
@@ -254,8 +296,9 @@ def test_cuda_bytes_equal_bitsandbytes_cuda(quant_type, dtype, blocksize):
     t = R.thresholds(quant_type)
     t = torch.cat([t, -t])
     edge = torch.cat([t, torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))])
-    edge_block = torch.cat([torch.ones(1), edge, torch.zeros(blocksize * ((edge.numel() + 1) // blocksize + 1)
-                                                             - edge.numel() - 1)])
+    edge_block = torch.cat(
+        [torch.ones(1), edge, torch.zeros(blocksize * ((edge.numel() + 1) // blocksize + 1) - edge.numel() - 1)]
+    )
     for W in (torch.randn(1024, 1000) * 3, torch.cat([edge_block, torch.randn(777)])):
         W = W.to(dtype).cuda()
         ours = qpeft.Quantized4bitWeight.from_float(W, quant_type, blocksize, double_quant=True)

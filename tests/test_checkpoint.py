@@ -25,13 +25,17 @@ def bnb_checkpoint(tmp_path, double_quant=True, quant_type="nf4", make_model=tin
     of the blocksize), so outputs are checked against reference_float_model, the format's definition."""
     original = make_model()
     original.save_pretrained(tmp_path / "fp")
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                             bnb_4bit_use_double_quant=double_quant,
-                                             bnb_4bit_compute_dtype=torch.float32)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config,
-                                                                  device_map="cpu")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "fp", quantization_config=config, device_map="cpu"
+        )
     model.save_pretrained(tmp_path / "bnb")
     return original, read_safetensors_folder(tmp_path / "bnb")
 
@@ -92,8 +96,12 @@ def test_save_loads_in_transformers_bitsandbytes(tmp_path):
     assert same_bytes(theirs_layer.weight.data.reshape(-1).view(torch.uint8), q.packed.reshape(-1).view(torch.uint8))
     assert state.nested and torch.equal(state.absmax, q.absmax) and torch.equal(state.offset, q.nested_offset)
     assert torch.equal(state.state2.absmax, q.nested_absmax) and torch.equal(state.state2.code, q.nested_code)
-    theirs_sd = {name + "." + k: v for name, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)
-                 for k, v in m.state_dict().items()}
+    theirs_sd = {
+        name + "." + k: v
+        for name, m in theirs.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+        for k, v in m.state_dict().items()
+    }
     assert len(theirs_sd) // 6 == 14
     ids = tokens()
     with torch.no_grad(), model.disable_adapter():

@@ -20,7 +20,7 @@ def test_demo_runs_and_learns(capsys, method):
     pytest.importorskip("transformers")
     assert cli.main(["demo", "--steps", "12", "--seq", "48", "--quiet", "--device", "cpu", "--method", method]) == 0
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     assert result["steps"] == 12 and result["method"] == method
     assert result["loss_last_10_mean"] < result["loss_first"]
     assert "trainable params" in out

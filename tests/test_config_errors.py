@@ -23,11 +23,26 @@ def write_adapter(tmp_path, **overrides):
 
 
 BAD_FIELDS = [
-    ("use_rslora", "false"), ("use_dora", 1), ("r", True), ("r", 0), ("r", "8"), ("lora_alpha", "16"),
-    ("lora_alpha", float("inf")), ("lora_dropout", 0.9999), ("lora_dropout", "0.1"), ("target_modules", 5),
-    ("target_modules", ["q_proj", 3]), ("rank_pattern", {"q_proj": "4"}), ("rank_pattern", {"q_proj": 0}),
-    ("alpha_pattern", {"q_proj": None}), ("layers_to_transform", "1"), ("modules_to_save", "lm_head"),
-    ("bias", "some"), ("init_lora_weights", "orthogonal"), ("fan_in_fan_out", None), ("task_type", 3),
+    ("use_rslora", "false"),
+    ("use_dora", 1),
+    ("r", True),
+    ("r", 0),
+    ("r", "8"),
+    ("lora_alpha", "16"),
+    ("lora_alpha", float("inf")),
+    ("lora_dropout", 0.9999),
+    ("lora_dropout", "0.1"),
+    ("target_modules", 5),
+    ("target_modules", ["q_proj", 3]),
+    ("rank_pattern", {"q_proj": "4"}),
+    ("rank_pattern", {"q_proj": 0}),
+    ("alpha_pattern", {"q_proj": None}),
+    ("layers_to_transform", "1"),
+    ("modules_to_save", "lm_head"),
+    ("bias", "some"),
+    ("init_lora_weights", "orthogonal"),
+    ("fan_in_fan_out", None),
+    ("task_type", 3),
 ]
 
 
@@ -63,10 +78,19 @@ def test_peft_null_patterns_load(tmp_path):
     assert model.peft_config["default"].rank_pattern == {} and model.peft_config["default"].alpha_pattern == {}
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    (dict(compute_dtype=torch.nn), "compute_dtype"), (dict(compute_dtype=torch.int8), "compute_dtype"),
-    (dict(blocksize=64.0), "blocksize"), (dict(blocksize=48), "blocksize"), (dict(quant_type="int4"), "quant_type"),
-    (dict(double_quant="yes"), "double_quant"), (dict(lora_dropout=1.0), "lora_dropout"), (dict(r=2.5), "r")])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(compute_dtype=torch.nn), "compute_dtype"),
+        (dict(compute_dtype=torch.int8), "compute_dtype"),
+        (dict(blocksize=64.0), "blocksize"),
+        (dict(blocksize=48), "blocksize"),
+        (dict(quant_type="int4"), "quant_type"),
+        (dict(double_quant="yes"), "double_quant"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(r=2.5), "r"),
+    ],
+)
 def test_bad_config_in_code(kwargs, key):
     with pytest.raises(qpeft.ConfigError, match=key) as info:
         qpeft.LoraConfig(target_modules=["q_proj"], **kwargs)
@@ -92,13 +116,22 @@ def test_checkpoint_compute_dtype_must_be_a_float_dtype(tmp_path):
 HOSTILE = "(.|.)*y"  # exponential backtracking on a long name with a 'y' that is not its end
 
 
-@pytest.mark.parametrize("key,value", [
-    ("target_modules", HOSTILE), ("exclude_modules", HOSTILE), ("target_modules", "(q_proj"),
-    ("rank_pattern", {HOSTILE: 4}), ("alpha_pattern", {HOSTILE: 4}), ("rank_pattern", {"[": 4})])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("target_modules", HOSTILE),
+        ("exclude_modules", HOSTILE),
+        ("target_modules", "(q_proj"),
+        ("rank_pattern", {HOSTILE: 4}),
+        ("alpha_pattern", {HOSTILE: 4}),
+        ("rank_pattern", {"[": 4}),
+    ],
+)
 def test_hostile_regexes_in_adapter_config_are_refused_quickly(tmp_path, key, value):
     """Regexes from a file run with a time bound: a catastrophically backtracking pattern (minutes with Python's
     re on a long module name) or one that does not compile is a ConfigError within seconds, the model untouched."""
     import time
+
     path = write_adapter(tmp_path, **{key: value})
     model = tiny_llama()
     model.model.layers[0].self_attn.add_module("x" * 40 + "yz", torch.nn.Linear(4, 4))  # a long name
@@ -117,8 +150,12 @@ def test_sharded_checkpoint_index_is_checked(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "shard.safetensors")
     index = tmp_path / "model.safetensors.index.json"
     keys = list(load_keys(tmp_path / "shard.safetensors"))
-    for weight_map in ({k: "../shard.safetensors" for k in keys}, {k: "/etc/passwd" for k in keys}, [1, 2],
-                       {k: 3 for k in keys}):
+    for weight_map in (
+        {k: "../shard.safetensors" for k in keys},
+        {k: "/etc/passwd" for k in keys},
+        [1, 2],
+        {k: 3 for k in keys},
+    ):
         index.write_text(json.dumps({"weight_map": weight_map}))
         with pytest.raises(qpeft.ConfigError, match="weight_map"):
             qpeft.load_4bit_pretrained(tmp_path)
@@ -131,6 +168,7 @@ def test_sharded_checkpoint_index_is_checked(tmp_path):
 
 def load_keys(path):
     from safetensors import safe_open
+
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
 

@@ -38,8 +38,7 @@ def expected_level(flags: set[str]) -> str:
     return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or os.uname().machine != "x86_64",
-                    reason="needs x86-64 Linux")
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or os.uname().machine != "x86_64", reason="needs x86-64 Linux")
 def test_detected_level_follows_cpuinfo():
     gcc = qpeft.build_info()["compiler"].startswith("gcc")  # the SIMD kernels' target regions need GCC
     assert F.detected_cpu_isa() == (expected_level(cpu_flags()) if gcc else "baseline")
@@ -96,13 +95,36 @@ def test_dequantize_same_bits_at_every_level(cpu_isa, quant_type, dtype, blocksi
 def test_dequantize_special_scales_same_bits_at_every_level(dtype):
     """Scales that overflow fp16, make subnormal or zero outputs, are infinite, NaN (both signs) or negative: every
     level writes the same bits, and the reference's wherever the output is not NaN."""
-    scales = torch.tensor([1.0, 7e4, 1e5, 3e38, math.inf, -math.inf, math.nan, -math.nan, 1e-5, 6e-8, 1e-40, 1e-45,
-                           0.0, -0.0, -2.5, 65504.0, 2.0 ** -14, 2.0 ** -24, 3e-39, 1.5])
+    scales = torch.tensor(
+        [
+            1.0,
+            7e4,
+            1e5,
+            3e38,
+            math.inf,
+            -math.inf,
+            math.nan,
+            -math.nan,
+            1e-5,
+            6e-8,
+            1e-40,
+            1e-45,
+            0.0,
+            -0.0,
+            -2.5,
+            65504.0,
+            2.0**-14,
+            2.0**-24,
+            3e-39,
+            1.5,
+        ]
+    )
     n = scales.numel() * 64 + 33
     packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8)
     absmax = torch.cat([scales, torch.ones(1)])
-    q = qpeft.Quantized4bitWeight(packed=packed, absmax=absmax, shape=torch.Size((n,)), dtype=torch.float32,
-                                  blocksize=64, quant_type="nf4")
+    q = qpeft.Quantized4bitWeight(
+        packed=packed, absmax=absmax, shape=torch.Size((n,)), dtype=torch.float32, blocksize=64, quant_type="nf4"
+    )
     outs = dequantize_all_levels(q, dtype)
     first = outs["baseline"]
     for level, out in outs.items():
@@ -114,25 +136,42 @@ def test_dequantize_special_scales_same_bits_at_every_level(dtype):
 
 
 def reference_weight(q) -> torch.Tensor:
-    return R.dequantize_4bit(q.packed.reshape(-1), q.fp32_scales(), q.blocksize, q.quant_type, q.shape,
-                             torch.float32).double()
+    return R.dequantize_4bit(
+        q.packed.reshape(-1), q.fp32_scales(), q.blocksize, q.quant_type, q.shape, torch.float32
+    ).double()
 
 
 def run_linear(x, q):
-    return F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[0], nested_absmax=q.nested_absmax,
-                         nested_code=q.nested_code, nested_offset=q.nested_offset)
+    return F.linear_4bit(
+        x,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        q.shape[0],
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
 
 
 def run_grad_input(dy, q):
-    return F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[1],
-                                    nested_absmax=q.nested_absmax, nested_code=q.nested_code,
-                                    nested_offset=q.nested_offset)
+    return F.linear_4bit_grad_input(
+        dy,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        q.shape[1],
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
 
 
 # K: multiples of 32 (every vector path), of 16 but not 32 (no bf16 path), of 8 only (AVX2 only), odd; K = 96 and
 # 48 with blocksize 64 put quantization blocks across rows of W. N = 37: tails of the W-row tiles.
-@pytest.mark.parametrize("k,blocksize", [(256, 64), (4096, 4096), (96, 64), (48, 32), (40, 32), (77, 32),
-                                         (128, 128)])
+@pytest.mark.parametrize("k,blocksize", [(256, 64), (4096, 4096), (96, 64), (48, 32), (40, 32), (77, 32), (128, 128)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_small_m_linear_at_every_level(cpu_isa, k, blocksize, m, dtype, tol):
@@ -182,13 +221,22 @@ def test_qlora_layer_at_every_level(cpu_isa, dtype, tol, rows):
     y = layer(x, dropout_seed=seed)
     grad = torch.randn_like(y)
     y.backward(grad)
+
     def leaf(t):
         return t.detach().double().requires_grad_(True)
 
     x_ref, A_ref, B_ref = leaf(x), leaf(layer.lora_A), leaf(layer.lora_B)
     W = layer.base.dequantized_weight(torch.float32).double()
-    y_ref = R.lora_linear(x_ref, W, A_ref, B_ref, layer.scaling, bias=layer.base.bias.detach().double(),
-                          keep_mask=R.dropout_keep_mask(x.shape, p, seed), p=p)
+    y_ref = R.lora_linear(
+        x_ref,
+        W,
+        A_ref,
+        B_ref,
+        layer.scaling,
+        bias=layer.base.bias.detach().double(),
+        keep_mask=R.dropout_keep_mask(x.shape, p, seed),
+        p=p,
+    )
     y_ref.backward(grad.double())
     assert rel_err(y, y_ref) < tol
     assert rel_err(x.grad, x_ref.grad) < tol
@@ -211,6 +259,7 @@ def test_import_refuses_another_torch_series(monkeypatch):
     """An installed qpeft requires the torch major.minor it was built against (its metadata's pin and
     build_info()["torch"]); import says which when another is installed."""
     import torch
+
     built = qpeft.build_info()["torch"].split("+")[0]
     assert built.split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
     required = qpeft._ops._required_torch()

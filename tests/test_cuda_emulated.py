@@ -8,6 +8,7 @@ find other races, timing or memory-model problems (the GPU tests and compute-san
 those). Outputs sit inside poisoned guard regions: a stray write or a read of unwritten memory shows. Shapes are
 small (each emulated thread is a fiber on one core).
 """
+
 import contextlib
 import math
 import os
@@ -43,14 +44,16 @@ class Guarded:
         self.buffer = torch.empty(self.end + pad, dtype=dtype)
         self.buffer.view(torch.uint8).fill_(0xFF)  # NaN in every float format
         self.poison = self.buffer.clone()
-        self.tensor = self.buffer[self.begin:self.end].view(shape)
+        self.tensor = self.buffer[self.begin : self.end].view(shape)
         if fill is not None:
             self.tensor.copy_(fill)
 
     def guards_intact(self):
         bits = self.buffer.view(torch.uint8).reshape(self.buffer.numel(), -1)
         poison = self.poison.view(torch.uint8).reshape(self.buffer.numel(), -1)
-        return torch.equal(bits[:self.begin], poison[:self.begin]) and torch.equal(bits[self.end:], poison[self.end:])
+        return torch.equal(bits[: self.begin], poison[: self.begin]) and torch.equal(
+            bits[self.end :], poison[self.end :]
+        )
 
 
 def dropout_args(p):
@@ -68,15 +71,19 @@ def threads_in_reverse_order(emu):
 
 
 def random_seed():
-    return int(torch.randint(-2**62, 2**62, ()))
+    return int(torch.randint(-(2**62), 2**62, ()))
 
 
 def weight(n_out, k, quant_type="nf4", blocksize=64, double_quant=True):
     q = Quantized4bitWeight.from_float(torch.randn(n_out, k), quant_type, blocksize, double_quant)
     packed = q.packed.view(torch.uint8).reshape(-1).contiguous()
     if double_quant:
-        scales = [q.absmax.contiguous(), q.nested_absmax.contiguous(), q.nested_code.contiguous(),
-                  q.nested_offset.reshape(1).contiguous()]
+        scales = [
+            q.absmax.contiguous(),
+            q.nested_absmax.contiguous(),
+            q.nested_code.contiguous(),
+            q.nested_offset.reshape(1).contiguous(),
+        ]
     else:
         scales = [q.absmax.contiguous()]
     return q, packed, scales
@@ -84,9 +91,15 @@ def weight(n_out, k, quant_type="nf4", blocksize=64, double_quant=True):
 
 # ---- the emulator's own checks ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which,message", [("divergent_barrier", "different __syncthreads"),
-                                           ("partial_warp_shuffle", "exited or missing lanes"),
-                                           ("deadlock", "deadlock")])
+
+@pytest.mark.parametrize(
+    "which,message",
+    [
+        ("divergent_barrier", "different __syncthreads"),
+        ("partial_warp_shuffle", "exited or missing lanes"),
+        ("deadlock", "deadlock"),
+    ],
+)
 def test_emulator_reports_broken_kernels(emu, which, message):
     status, text = emu.selftest(which, torch.zeros(128), torch.zeros(128))
     assert status != 0 and message in text
@@ -130,6 +143,7 @@ def _order_cases():
             partial = torch.empty(emu.lora_down_splits(70, 264, 24, mma) + 1, 70, 24)
             emu.lora_down(x, A, partial, seed, threshold, keep, mma)
             return [partial]
+
         return run
 
     def grad_weight(x, mma):
@@ -137,6 +151,7 @@ def _order_cases():
             partial = torch.empty(2, 24, 264)
             emu.lora_down_grad_weight(g, x, partial, seed, threshold, keep, mma)
             return [partial]
+
         return run
 
     def grad_input(dtype, mma):
@@ -144,6 +159,7 @@ def _order_cases():
             dx = torch.ones(70, 264, dtype=dtype)
             emu.lora_down_grad_input(dx, g, A, seed, threshold, keep, True, mma)
             return [dx]
+
         return run
 
     def linear(emu):
@@ -156,16 +172,33 @@ def _order_cases():
         emu.linear_4bit_lora(xs, packed, scales, 64, "nf4", y, partial_xa, B, B[:, 0].contiguous(), 0.5, xa)
         return [y, xa]
 
-    return {"dequantize_4bit": dequantize, "lora_down": down(x32, False), "lora_down_mma": down(x16, True),
-            "lora_down_grad_weight": grad_weight(x32, False), "lora_down_grad_weight_mma": grad_weight(x16, True),
-            "lora_down_grad_input": grad_input(torch.float32, False),
-            "lora_down_grad_input_mma": grad_input(torch.bfloat16, True),
-            "linear_4bit": linear, "linear_4bit_lora": fused}
+    return {
+        "dequantize_4bit": dequantize,
+        "lora_down": down(x32, False),
+        "lora_down_mma": down(x16, True),
+        "lora_down_grad_weight": grad_weight(x32, False),
+        "lora_down_grad_weight_mma": grad_weight(x16, True),
+        "lora_down_grad_input": grad_input(torch.float32, False),
+        "lora_down_grad_input_mma": grad_input(torch.bfloat16, True),
+        "linear_4bit": linear,
+        "linear_4bit_lora": fused,
+    }
 
 
-@pytest.mark.parametrize("name", ["dequantize_4bit", "lora_down", "lora_down_mma", "lora_down_grad_weight",
-                                  "lora_down_grad_weight_mma", "lora_down_grad_input", "lora_down_grad_input_mma",
-                                  "linear_4bit", "linear_4bit_lora"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dequantize_4bit",
+        "lora_down",
+        "lora_down_mma",
+        "lora_down_grad_weight",
+        "lora_down_grad_weight_mma",
+        "lora_down_grad_input",
+        "lora_down_grad_input_mma",
+        "linear_4bit",
+        "linear_4bit_lora",
+    ],
+)
 def test_results_do_not_depend_on_thread_order(emu, name):
     """A race between two barriers (a thread reading shared memory another thread of the interval writes) gives
     results that depend on which thread runs first: run every kernel with the threads in both orders."""
@@ -178,6 +211,7 @@ def test_results_do_not_depend_on_thread_order(emu, name):
 
 
 # ---- dequantize_4bit: bit-identical to the CPU op ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n,blocksize", [(1, 64), (13, 64), (200, 64), (64 * 37 + 5, 64), (1000, 128), (4096, 32)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -194,6 +228,7 @@ def test_dequantize_4bit(emu, n, blocksize, quant_type, double_quant, dtype, off
 
 # ---- lora_dropout: the CPU op's mask and values, bit for bit --------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [1, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -204,8 +239,9 @@ def test_lora_dropout(emu, n, dtype, p, seed_in_memory):
     expected = ops.lora_dropout(x, p, torch.tensor([seed]), offset)
     out = Guarded((n,), dtype)
     threshold, keep_scale = dropout_args(p)
-    emu.lora_dropout(x, out.tensor, seed, torch.tensor([seed]) if seed_in_memory else None, offset, threshold,
-                     keep_scale)
+    emu.lora_dropout(
+        x, out.tensor, seed, torch.tensor([seed]) if seed_in_memory else None, offset, threshold, keep_scale
+    )
     assert torch.equal(out.tensor.view(torch.uint8), expected.view(torch.uint8)) and out.guards_intact()
 
 
@@ -213,8 +249,9 @@ def test_lora_dropout(emu, n, dtype, p, seed_in_memory):
 
 CORE_SHAPES = [(1, 64, 8), (37, 100, 16), (300, 40, 5), (130, 512, 16), (64, 136, 33)]
 TC_SHAPES = [(1, 64, 8), (37, 96, 16), (130, 512, 16), (300, 256, 24), (70, 264, 64)]  # K % 8 == 0
-KIND_CASES = ([(False, dt, s) for dt in [torch.float32, torch.bfloat16, torch.float16] for s in CORE_SHAPES]
-              + [(True, dt, s) for dt in HALF for s in TC_SHAPES])
+KIND_CASES = [(False, dt, s) for dt in [torch.float32, torch.bfloat16, torch.float16] for s in CORE_SHAPES] + [
+    (True, dt, s) for dt in HALF for s in TC_SHAPES
+]
 
 
 def kind_id(case):
@@ -224,10 +261,12 @@ def kind_id(case):
 
 def lora_branch_cases(name, values):
     """Both kernel kinds over KIND_CASES, dropout off and on, and `name` over `values`."""
+
     def mark(test):
         test = pytest.mark.parametrize(name, values)(test)
         test = pytest.mark.parametrize("p", [0.0, 0.25])(test)
         return pytest.mark.parametrize("case", KIND_CASES, ids=kind_id)(test)
+
     return mark
 
 
@@ -299,12 +338,16 @@ def test_sum_partials_adds_in_split_order(emu, splits, dtype):
 
 # ---- linear_4bit (small-M base matmul) and the fused decode forward --------------------------------------------
 
+
 @pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("dtype,k", [(torch.float32, 256), (torch.float32, 100), (torch.bfloat16, 100),
-                                     (torch.bfloat16, 384), (torch.float16, 256)])  # 16-bit, K % 128 == 0: MMA
+@pytest.mark.parametrize(
+    "dtype,k",
+    [(torch.float32, 256), (torch.float32, 100), (torch.bfloat16, 100), (torch.bfloat16, 384), (torch.float16, 256)],
+)  # 16-bit, K % 128 == 0: MMA
 @pytest.mark.parametrize("n_out", [1, 72])
-@pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False),
-                                                                ("nf4", 256, False)])
+@pytest.mark.parametrize(
+    "quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 32, False), ("nf4", 256, False)]
+)
 def test_linear_4bit(emu, m, dtype, k, n_out, quant_type, blocksize, double_quant):
     q, packed, scales = weight(n_out, k, quant_type, blocksize, double_quant)
     x = torch.randn(m, k).to(dtype)

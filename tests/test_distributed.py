@@ -18,8 +18,10 @@ import qpeft
 from helpers import fit, tiny_llama
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available (not run: this is not a pass)")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is not available (not run: this is not a pass)",
+)
 
 WORLD = 2
 STEPS = 3
@@ -85,11 +87,13 @@ def worker(rank, port, method, folder, out, sharding="ddp"):
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy
+
             qpeft.distributed.prepare_fsdp(model)  # (fully_shard_model does it too)
             rows = {n: p.shape[0] for n, p in model.named_parameters() if p.dim()}
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if sharding == "fsdp_bf16" else None
-            wrapped = qpeft.distributed.fully_shard_model(model, init_device_mesh("cpu", (WORLD,)),
-                                                          **({"mp_policy": policy} if policy else {}))
+            wrapped = qpeft.distributed.fully_shard_model(
+                model, init_device_mesh("cpu", (WORLD,)), **({"mp_policy": policy} if policy else {})
+            )
             four_bit = [n for n, _ in model.named_parameters() if n.endswith((".base.weight", ".base.weight_absmax"))]
             assert four_bit
             for name, p in model.named_parameters():
@@ -104,10 +108,15 @@ def worker(rank, port, method, folder, out, sharding="ddp"):
         dist.all_reduce(stacked)
         if sharding == "ddp":
             model.save_pretrained(f"{folder}{rank}")  # written by rank 0 alone
-        trained = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().contiguous()
-                   for n, p in model.named_parameters() if p.requires_grad}
-        save_file({**trained, "losses": stacked / WORLD, "reduced": torch.tensor(sum(reduced))},
-                  f"{out}/rank{rank}.safetensors")
+        trained = {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        save_file(
+            {**trained, "losses": stacked / WORLD, "reduced": torch.tensor(sum(reduced))},
+            f"{out}/rank{rank}.safetensors",
+        )
         dist.barrier()  # no collective left in flight when the group goes
     finally:
         dist.destroy_process_group()
@@ -134,8 +143,7 @@ def test_ddp_training_equals_one_process_on_the_global_batch(method, tmp_path):
     loaded = qpeft.QPeftModel.from_pretrained(tiny_llama(), f"{folder}0")
     ids = global_batches()[0]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sharding", ["fsdp", "fsdp_bf16"])
@@ -154,8 +162,9 @@ def test_fsdp2_sharded_4bit_training_equals_one_process(sharding, tmp_path):
         trained.pop("reduced")
         assert trained.keys() == expected.keys()
         for name, p in expected.items():
-            torch.testing.assert_close(trained[name], p, **(dict(rtol=1e-4, atol=1e-6) if sharding == "fsdp"
-                                                           else dict(rtol=5e-2, atol=5e-3)))
+            torch.testing.assert_close(
+                trained[name], p, **(dict(rtol=1e-4, atol=1e-6) if sharding == "fsdp" else dict(rtol=5e-2, atol=5e-3))
+            )
 
 
 def checkpoint_worker(rank, port, out):
@@ -164,6 +173,7 @@ def checkpoint_worker(rank, port, out):
     try:
         torch.set_num_threads(1)
         from torch.distributed.device_mesh import init_device_mesh
+
         mesh = init_device_mesh("cpu", (WORLD,))
         trained = qpeft.distributed.fully_shard_model(build("lora"), mesh)
         train(trained, global_batches()[:1], rank, WORLD)
@@ -198,18 +208,27 @@ def write_4bit_checkpoint(folder, fmt):
     quantization in uint8, or FP4 without it in bf16 storage (codes counted in 2-byte elements)."""
     from qpeft.nn import Linear4bit
     from qpeft.tuners.targets import linear_modules, set_submodule
+
     model = tiny_llama(seed=4)
     for name in linear_modules(model):
         layer = model.get_submodule(name)
-        set_submodule(model, name, Linear4bit.from_linear(layer, "nf4", 64, True) if fmt == "nf4" else
-                      Linear4bit.from_linear(layer, "fp4", 64, False, quant_storage=torch.bfloat16))
+        set_submodule(
+            model,
+            name,
+            Linear4bit.from_linear(layer, "nf4", 64, True)
+            if fmt == "nf4"
+            else Linear4bit.from_linear(layer, "fp4", 64, False, quant_storage=torch.bfloat16),
+        )
     qpeft.save_4bit_pretrained(model, folder)
 
 
 SHARDED_LOADS = {
     "lora_nf4": ("nf4", lambda: qpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), None),
-    "ia3_fp4_bf16": ("fp4", lambda: qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                     feedforward_modules=["down_proj"]), torch.bfloat16),
+    "ia3_fp4_bf16": (
+        "fp4",
+        lambda: qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        torch.bfloat16,
+    ),
 }
 
 
@@ -220,18 +239,22 @@ def sharded_load_worker(rank, port, case, folder):
         torch.set_num_threads(1)
         from torch.distributed.device_mesh import init_device_mesh
         from qpeft.checkpoint import SafetensorsFolder
+
         readers = []
         opened = SafetensorsFolder.__init__
         SafetensorsFolder.__init__ = lambda self, *a: (opened(self, *a), readers.append(self))[0]
         _, config, dtype = SHARDED_LOADS[case]
         torch.manual_seed(7)
-        model = qpeft.distributed.load_4bit_sharded(folder, config(), mesh=init_device_mesh("cpu", (WORLD,)),
-                                                    dtype=dtype)
+        model = qpeft.distributed.load_4bit_sharded(
+            folder, config(), mesh=init_device_mesh("cpu", (WORLD,)), dtype=dtype
+        )
         torch.manual_seed(7)
         reference = qpeft.get_peft_model(qpeft.load_4bit_pretrained(folder, dtype=dtype), config())
         from qpeft.checkpoint import is_quant_metadata
-        small = sum(t.nbytes for k, t in qpeft.checkpoint.read_safetensors_folder(folder).items()
-                    if is_quant_metadata(k))
+
+        small = sum(
+            t.nbytes for k, t in qpeft.checkpoint.read_safetensors_folder(folder).items() if is_quant_metadata(k)
+        )
         whole_read, sharded_read = readers[1].bytes_read - small, readers[0].bytes_read - small
         # besides the small quant state entries, this rank read about half of the checkpoint: its rows of each tensor
         assert 0.4 * whole_read < sharded_read < 0.6 * whole_read, (sharded_read, whole_read)
@@ -245,12 +268,14 @@ def sharded_load_worker(rank, port, case, folder):
             assert t.dtype == theirs[name].dtype and torch.equal(t, theirs[name]), name
         ids = global_batches()[0]
         with torch.no_grad():
-            assert torch.equal(model(input_ids=ids.chunk(WORLD)[rank]).logits,
-                               reference(input_ids=ids.chunk(WORLD)[rank]).logits)
+            assert torch.equal(
+                model(input_ids=ids.chunk(WORLD)[rank]).logits, reference(input_ids=ids.chunk(WORLD)[rank]).logits
+            )
         losses = torch.stack(train(model, global_batches(), rank, WORLD))
         dist.all_reduce(losses)
-        torch.testing.assert_close(losses / WORLD, torch.stack(train(reference, global_batches())), rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            losses / WORLD, torch.stack(train(reference, global_batches())), rtol=1e-4, atol=1e-5
+        )
         dist.barrier()  # no collective left in flight when the group goes
     finally:
         dist.destroy_process_group()
@@ -271,6 +296,7 @@ def test_sharded_load_refuses_what_it_cannot_start(tmp_path):
     with pytest.raises(NotImplementedError, match="AdaLoraConfig"):
         qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.AdaLoraConfig(total_step=10))
     from helpers import tiny_gpt2
+
     gpt2 = qpeft.get_peft_model(tiny_gpt2(), qpeft.LoraConfig(r=2, target_modules="all-linear"))
     qpeft.save_4bit_pretrained(gpt2, tmp_path / "gpt2")
     with pytest.raises(NotImplementedError, match="tied tensors"):  # its head is its token embedding
@@ -304,11 +330,25 @@ def torchrun(script_text: str, tmp_path, *args):
     """Runs ``script_text`` under torchrun --standalone --nproc-per-node 2; its stdout."""
     import subprocess
     import sys
+
     script = tmp_path / "train.py"
     script.write_text(script_text)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -371,8 +411,11 @@ def test_trainer_trains_a_model_fsdp2_sharded_by_qpeft(tmp_path):
     assert results[0][:2] == results[1][:2]  # the logged loss is the global batch's
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: accelerate runs FSDP on accelerators only "
-                    "(on CPUs its FSDP plugin is ignored); not run here, and not a pass")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs 2 GPUs: accelerate runs FSDP on accelerators only "
+    "(on CPUs its FSDP plugin is ignored); not run here, and not a pass",
+)
 def test_trainer_with_an_fsdp2_config_shards_the_4bit_base(tmp_path):
     torchrun(TRAINER_SCRIPT, tmp_path, tmp_path / "out", "accelerate_fsdp")
     assert all(last < first and sharded for first, last, sharded in trainer_results(tmp_path / "out"))

@@ -105,6 +105,7 @@ def test_interrupted_checkpoint_save_leaves_whole_files(tmp_path, monkeypatch, i
 
 def corrupt_adapter(folder, how):
     from safetensors.torch import save_file
+
     tensors = load_file(folder / "adapter_model.safetensors")
     key = sorted(k for k in tensors if k.endswith("lora_A.weight"))[-1]
     if how == "missing":
@@ -115,8 +116,11 @@ def corrupt_adapter(folder, how):
 
 
 def model_state(model):
-    return [(n, type(m).__name__) for n, m in model.named_modules()], \
-        {k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()]
+    return (
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [p.requires_grad for p in model.parameters()],
+    )
 
 
 def same_state(a, b):
@@ -137,10 +141,12 @@ def test_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path, how):
 @pytest.mark.parametrize("how", ["missing", "shape"])
 def test_failed_load_adapter_leaves_no_adapter_behind(tmp_path, how):
     from test_model import tokens
+
     good = tmp_path / "good"
     bad = tmp_path / "bad"
-    source = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                                 modules_to_save=["lm_head"]))
+    source = qpeft.get_peft_model(
+        tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    )
     source.save_pretrained(good)
     source.save_pretrained(bad)
     corrupt_adapter(bad, how)

@@ -43,11 +43,12 @@ def test_adapter_from_a_hub_repository_id(monkeypatch, adapter_repo):
     original, snapshot, expected = adapter_repo
     fake = FakeHub({"someone/llama-adapters": snapshot})
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    loaded = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), "someone/llama-adapters",
-                                              subfolder="adapters/chat", revision="v1")
+    loaded = qpeft.QPeftModel.from_pretrained(
+        copy.deepcopy(original), "someone/llama-adapters", subfolder="adapters/chat", revision="v1"
+    )
     with torch.no_grad():
         assert rel_err(loaded(tokens()).logits, expected) < 1e-6
-    (repo_id, kwargs), = fake.calls
+    ((repo_id, kwargs),) = fake.calls
     assert repo_id == "someone/llama-adapters" and kwargs["revision"] == "v1"
     assert kwargs["allow_patterns"] == ["adapters/chat/adapter_config.json", "adapters/chat/adapter_model.safetensors"]
 
@@ -81,5 +82,5 @@ def test_4bit_checkpoint_from_a_hub_repository_id(monkeypatch, tmp_path):
     loaded = qpeft.load_4bit_pretrained("someone/llama-nf4")
     with torch.no_grad(), model.disable_adapter():
         assert rel_err(loaded(tokens()).logits, model(tokens()).logits) < 1e-6
-    (_, kwargs), = fake.calls
+    ((_, kwargs),) = fake.calls
     assert set(kwargs["allow_patterns"]) == set(hub.CHECKPOINT_FILES)  # safetensors + JSON: never a pickle file

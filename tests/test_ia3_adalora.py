@@ -17,8 +17,16 @@ from helpers import float_model_of as float_copy, rel_err, tiny_gpt2, tiny_llama
 peft = pytest.importorskip("peft")
 
 IA3_KW = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-ADALORA_KW = dict(init_r=6, target_r=2, target_modules=["q_proj", "v_proj", "up_proj"], total_step=12, tinit=2,
-                  tfinal=3, deltaT=1, lora_alpha=16)
+ADALORA_KW = dict(
+    init_r=6,
+    target_r=2,
+    target_modules=["q_proj", "v_proj", "up_proj"],
+    total_step=12,
+    tinit=2,
+    tfinal=3,
+    deltaT=1,
+    lora_alpha=16,
+)
 
 
 def tokens(seed=1, n=2):
@@ -36,8 +44,9 @@ def models(kind, original=None, seed=5):
         for name, p in ours.named_parameters():
             if p.requires_grad:
                 p.normal_(1.0 if kind == "ia3" else 0.0, 0.3)
-    theirs = peft.get_peft_model(float_copy(ours.base_model, original),
-                                 getattr(peft, config.__name__)(task_type="CAUSAL_LM", **kw))
+    theirs = peft.get_peft_model(
+        float_copy(ours.base_model, original), getattr(peft, config.__name__)(task_type="CAUSAL_LM", **kw)
+    )
     mine = ours._file_parameters("default")
     other = {n.replace(".default", ""): p for n, p in theirs.named_parameters() if p.requires_grad}
     assert set(mine) == set(other)
@@ -48,6 +57,7 @@ def models(kind, original=None, seed=5):
 
 
 # ---- the IA3 layer ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 128), (7, 100), (3, 64), (0, 128)])
@@ -111,8 +121,11 @@ def test_ia3_keeps_for_backward_what_peft_keeps():
         base = Linear4bit.from_linear(torch.nn.Linear(128, 64))
         layer = IA3Linear4bit(base, feedforward, init_ones=False)
         x = torch.randn(8, 128, requires_grad=True)
-        own = {t.untyped_storage().data_ptr() for t in (*base.op_weight_args()[:2], layer.adapters["default"],
-                                                        base.bias) if isinstance(t, torch.Tensor)}
+        own = {
+            t.untyped_storage().data_ptr()
+            for t in (*base.op_weight_args()[:2], layer.adapters["default"], base.bias)
+            if isinstance(t, torch.Tensor)
+        }
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = layer(x)
@@ -126,12 +139,14 @@ def test_ia3_keeps_for_backward_what_peft_keeps():
     with torch.no_grad():  # no gradient for the vector: the scaling runs inside the matmul, nothing kept
         layer = IA3Linear4bit(Linear4bit.from_linear(torch.nn.Linear(128, 64)), False, init_ones=False)
         x = torch.randn(8, 128)
-        ref = R.ia3_linear(x, layer.base.dequantized_weight(torch.float32), layer.adapters["default"], False,
-                           layer.base.bias)
+        ref = R.ia3_linear(
+            x, layer.base.dequantized_weight(torch.float32), layer.adapters["default"], False, layer.base.bias
+        )
         assert rel_err(layer(x), ref) < 1e-5
 
 
 # ---- the AdaLoRA layer -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m, k", [(1, 128), (9, 100), (0, 64)])
@@ -140,6 +155,7 @@ def test_adalora_layer_matches_the_float64_reference(m, k, dtype, kept):
     """x W^T + drop(x) (A*E)^T B^T s / (ranknum + 1e-5) + b on the fused path, masked ranks left out; the
     gradients of x, A, E, B vs float64 autograd of reference.adalora_delta (masked ranks: zero)."""
     from qpeft.nn.lora import AdaLoraAdapter
+
     torch.manual_seed(3)
     base = Linear4bit.from_linear(torch.nn.Linear(k, 40))
     layer = LoraLinear4bit(base, r=None)
@@ -172,6 +188,7 @@ def test_adalora_layer_matches_the_float64_reference(m, k, dtype, kept):
 
 # ---- models against peft ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["ia3", "adalora"])
 def test_logits_loss_and_gradients_match_peft(kind):
     ours, theirs, mine, other, _ = models(kind)
@@ -185,7 +202,8 @@ def test_logits_loss_and_gradients_match_peft(kind):
         assert mine[key].grad is not None and mine[key].grad.abs().sum() > 0, key
         torch.testing.assert_close(mine[key].grad, p.grad, rtol=1e-4, atol=1e-6)
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n, p in ours.named_parameters() if ".adapters.default" in n}
+        n for n, p in ours.named_parameters() if ".adapters.default" in n
+    }
 
 
 def test_ia3_on_gpt2_conv1d_layers_matches_peft(tmp_path):
@@ -204,8 +222,7 @@ def test_ia3_on_gpt2_conv1d_layers_matches_peft(tmp_path):
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         merged = ours.merge_and_unload(torch.float32)
         assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
-        torch.testing.assert_close(merged(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_adalora_rank_allocation_follows_peft_step_by_step():
@@ -217,8 +234,11 @@ def test_adalora_rank_allocation_follows_peft_step_by_step():
             layer.adapters["default"].lora_E.normal_(0, 0.3)
         for n, p in theirs.named_parameters():
             if "lora_E" in n:
-                p.copy_(ours.get_submodule(n.replace("base_model.model.", "").replace(".lora_E.default", "")
-                                           ).adapters["default"].lora_E)
+                p.copy_(
+                    ours.get_submodule(n.replace("base_model.model.", "").replace(".lora_E.default", ""))
+                    .adapters["default"]
+                    .lora_E
+                )
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(3)
@@ -257,9 +277,11 @@ def test_adalora_files_both_ways_trimmed_by_the_rank_pattern(tmp_path):
     pattern = {f"{name}.lora_E": [True, False, True, True, False, False] for name, _ in ours.lora_layers()}
     ours.peft_config["default"].rank_pattern = pattern
     from qpeft.tuners.adalora.model import mask_using_rank_pattern
+
     mask_using_rank_pattern(ours.base_model, "default", pattern)
     ours.save_pretrained(tmp_path / "q")
     from safetensors.torch import load_file
+
     saved = load_file(str(tmp_path / "q" / "adapter_model.safetensors"))
     assert saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A"].shape == (3, 64)
     assert saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B"].shape == (64, 3)
@@ -303,8 +325,9 @@ def test_ia3_files_both_ways_merge_and_several_adapters(tmp_path):
         ours.set_adapter("default")
         torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         ours.delete_adapter("other")
-        torch.testing.assert_close(ours.merge_and_unload(torch.float32)(input_ids=ids).logits, expected,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            ours.merge_and_unload(torch.float32)(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_ia3_and_adalora_train(tmp_path):
@@ -325,25 +348,31 @@ def test_ia3_and_adalora_train(tmp_path):
         assert losses[-1] < losses[0], (kind, losses)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(target_modules=["q_proj"]), "total_step"),
-    (dict(target_modules=["q_proj"], total_step=10, tinit=8, tfinal=2), "tinit"),
-    (dict(target_modules=["q_proj"], total_step=10, beta1=1.5), "beta1"),
-    (dict(target_modules=["q_proj"], total_step=10, orth_reg_weight=-1), "orth_reg_weight"),
-    (dict(target_modules=["q_proj"], total_step=10, use_dora=True), "use_dora"),
-    (dict(target_modules=["q_proj"], total_step=10, rank_pattern={"q_proj": 3}), "rank_pattern"),
-    (dict(target_modules=["q_proj"], total_step=10, init_r=0), "init_r"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(target_modules=["q_proj"]), "total_step"),
+        (dict(target_modules=["q_proj"], total_step=10, tinit=8, tfinal=2), "tinit"),
+        (dict(target_modules=["q_proj"], total_step=10, beta1=1.5), "beta1"),
+        (dict(target_modules=["q_proj"], total_step=10, orth_reg_weight=-1), "orth_reg_weight"),
+        (dict(target_modules=["q_proj"], total_step=10, use_dora=True), "use_dora"),
+        (dict(target_modules=["q_proj"], total_step=10, rank_pattern={"q_proj": 3}), "rank_pattern"),
+        (dict(target_modules=["q_proj"], total_step=10, init_r=0), "init_r"),
+    ],
+)
 def test_bad_adalora_configs_name_the_key(kwargs, key):
     with pytest.raises(qpeft.ConfigError, match=key):
         qpeft.AdaLoraConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(target_modules=["q_proj"], feedforward_modules=["down_proj"]), "feedforward_modules"),
-    (dict(target_modules=["q_proj"], init_ia3_weights="yes"), "init_ia3_weights"),
-    (dict(target_modules=3), "target_modules"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(target_modules=["q_proj"], feedforward_modules=["down_proj"]), "feedforward_modules"),
+        (dict(target_modules=["q_proj"], init_ia3_weights="yes"), "init_ia3_weights"),
+        (dict(target_modules=3), "target_modules"),
+    ],
+)
 def test_bad_ia3_configs_name_the_key(kwargs, key):
     with pytest.raises(qpeft.ConfigError, match=key):
         qpeft.IA3Config(**kwargs)
@@ -361,5 +390,9 @@ def test_adalora_needs_its_adapter_for_update_and_allocate_and_files_are_checked
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(qpeft.ConfigError, match="feedforward_modules"):
         qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert isinstance(qpeft.get_peft_model(tiny_llama(), qpeft.AdaLoraConfig(
-        target_modules=["q_proj"], total_step=5)).base_model.model.layers[0].self_attn.q_proj, LoraLinear4bit)
+    assert isinstance(
+        qpeft.get_peft_model(tiny_llama(), qpeft.AdaLoraConfig(target_modules=["q_proj"], total_step=5))
+        .base_model.model.layers[0]
+        .self_attn.q_proj,
+        LoraLinear4bit,
+    )

@@ -14,8 +14,11 @@ from helpers import rel_err, same_bytes
 def reference_forward(module: Linear4bit, x: torch.Tensor) -> torch.Tensor:
     """float64 y = x W^T + b with W the reference dequantization of the module's own state."""
     q = module.quantized_weight
-    scales = R.dequantize_nested_absmax(q.absmax.cpu(), q.nested_absmax.cpu(), q.nested_code.cpu(),
-                                        q.nested_offset.cpu()) if q.double_quant else q.absmax.cpu()
+    scales = (
+        R.dequantize_nested_absmax(q.absmax.cpu(), q.nested_absmax.cpu(), q.nested_code.cpu(), q.nested_offset.cpu())
+        if q.double_quant
+        else q.absmax.cpu()
+    )
     W = R.dequantize_4bit(q.packed.cpu(), scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
     bias = module.bias.detach().cpu().double() if module.bias is not None else None
     return torch.nn.functional.linear(x.detach().cpu().double(), W, bias)
@@ -68,12 +71,14 @@ def test_half_and_to_do_not_corrupt_scales(device, quant_storage):
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32])
 def test_safetensors_round_trip(tmp_path, double_quant, quant_storage):
-    layer = Linear4bit.from_linear(torch.nn.Linear(256, 64, dtype=torch.bfloat16), "nf4", 64, double_quant,
-                                   quant_storage=quant_storage)
+    layer = Linear4bit.from_linear(
+        torch.nn.Linear(256, 64, dtype=torch.bfloat16), "nf4", 64, double_quant, quant_storage=quant_storage
+    )
     path = tmp_path / "layer.safetensors"
     save_file(layer.state_dict(), str(path))
-    loaded = Linear4bit(256, 64, quant_type="fp4", blocksize=128, double_quant=not double_quant,
-                        bias_dtype=torch.bfloat16)
+    loaded = Linear4bit(
+        256, 64, quant_type="fp4", blocksize=128, double_quant=not double_quant, bias_dtype=torch.bfloat16
+    )
     loaded.load_state_dict(load_file(str(path)))
     for key, value in layer.state_dict().items():
         assert same_bytes(loaded.state_dict()[key], value), key
@@ -156,8 +161,7 @@ def test_torch_save_and_deepcopy_after_a_forward(tmp_path):
     alone)."""
     import copy
 
-    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32, bias=False), double_quant=False,
-                                   compute_dtype=torch.float32)
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32, bias=False), double_quant=False, compute_dtype=torch.float32)
     x = torch.randn(3, 64)
     y = layer(x)
     layer.row_norms_squared()
@@ -174,6 +178,7 @@ def test_torch_save_and_deepcopy_after_a_forward(tmp_path):
 
 def _blob(meta):
     import json
+
     return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
 
 

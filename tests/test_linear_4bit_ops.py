@@ -13,15 +13,27 @@ from helpers import poison_allocator
 
 
 def reference_linear(x, q):
-    scales = R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset) \
-        if q.double_quant else q.absmax
+    scales = (
+        R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset)
+        if q.double_quant
+        else q.absmax
+    )
     W = R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
     return x.double() @ W.T
 
 
 def run(x, q):
-    return F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[0], nested_absmax=q.nested_absmax,
-                         nested_code=q.nested_code, nested_offset=q.nested_offset)
+    return F.linear_4bit(
+        x,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        q.shape[0],
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -50,16 +62,20 @@ def test_16bit_inputs_and_3d(dtype, tol):
 def test_opcheck_and_bad_inputs():
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64))
     x = torch.randn(2, 64)
-    opcheck(torch.ops.qpeft.linear_4bit, (x, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_code,
-                                          q.nested_offset.reshape(1), 64, "nf4", 16))
+    opcheck(
+        torch.ops.qpeft.linear_4bit,
+        (x, q.packed.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.nested_offset.reshape(1), 64, "nf4", 16),
+    )
     plain = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64), double_quant=False)
     opcheck(torch.ops.qpeft.linear_4bit, (x, plain.packed.reshape(-1), plain.absmax, None, None, None, 64, "fp4", 16))
     with pytest.raises(ValueError, match=r"\[M, K\]"):
-        torch.ops.qpeft.linear_4bit(torch.randn(64), plain.packed.reshape(-1), plain.absmax, None, None, None, 64,
-                                    "nf4", 16)
+        torch.ops.qpeft.linear_4bit(
+            torch.randn(64), plain.packed.reshape(-1), plain.absmax, None, None, None, 64, "nf4", 16
+        )
     with pytest.raises(ValueError, match="packed"):  # K does not match the weight
-        torch.ops.qpeft.linear_4bit(torch.randn(2, 65), plain.packed.reshape(-1), plain.absmax, None, None, None, 64,
-                                    "nf4", 16)
+        torch.ops.qpeft.linear_4bit(
+            torch.randn(2, 65), plain.packed.reshape(-1), plain.absmax, None, None, None, 64, "nf4", 16
+        )
     with pytest.raises(ValueError, match="go together"):
         torch.ops.qpeft.linear_4bit(x, q.packed.reshape(-1), q.absmax, q.nested_absmax, None, None, 64, "nf4", 16)
 
@@ -71,11 +87,22 @@ def test_opcheck_and_bad_inputs():
 def test_grad_input_matches_reference(quant_type, double_quant, k, blocksize, m):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(45, k), quant_type, blocksize, double_quant)
     dy = torch.randn(m, 45)
-    dx = F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, k,
-                                  nested_absmax=q.nested_absmax, nested_code=q.nested_code,
-                                  nested_offset=q.nested_offset)
-    scales = R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset) \
-        if q.double_quant else q.absmax
+    dx = F.linear_4bit_grad_input(
+        dy,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        k,
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
+    scales = (
+        R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset)
+        if q.double_quant
+        else q.absmax
+    )
     W = R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
     ref = dy.double() @ W
     assert dx.shape == (m, k) and ((dx.double() - ref).norm() / ref.norm()) < 1e-6
@@ -83,21 +110,43 @@ def test_grad_input_matches_reference(quant_type, double_quant, k, blocksize, m)
 
 def test_grad_input_opcheck():
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(16, 64))
-    opcheck(torch.ops.qpeft.linear_4bit_grad_input, (torch.randn(2, 16), q.packed.reshape(-1), q.absmax,
-                                                     q.nested_absmax, q.nested_code, q.nested_offset.reshape(1), 64,
-                                                     "nf4", 64))
+    opcheck(
+        torch.ops.qpeft.linear_4bit_grad_input,
+        (
+            torch.randn(2, 16),
+            q.packed.reshape(-1),
+            q.absmax,
+            q.nested_absmax,
+            q.nested_code,
+            q.nested_offset.reshape(1),
+            64,
+            "nf4",
+            64,
+        ),
+    )
 
 
 def reference_weight(q):
-    scales = R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset) \
-        if q.double_quant else q.absmax
+    scales = (
+        R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset)
+        if q.double_quant
+        else q.absmax
+    )
     return R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
 
 
 def run_grad_input(dy, q):
-    return F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[1],
-                                    nested_absmax=q.nested_absmax, nested_code=q.nested_code,
-                                    nested_offset=q.nested_offset)
+    return F.linear_4bit_grad_input(
+        dy,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        q.shape[1],
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
 
 
 # Shapes whose slab loops run several times with a short last slab: ~2 MB slabs are 128 rows of W at K = 4109
@@ -144,8 +193,9 @@ def largest_cpu_allocation(fn) -> int:
     """Bytes of the largest single CPU allocation made while fn() runs (torch.profiler's memory events)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return max((e.cpu_memory_usage for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided")),
-               default=0)
+    return max(
+        (e.cpu_memory_usage for e in prof.events() if e.name in ("aten::empty", "aten::empty_strided")), default=0
+    )
 
 
 def test_cpu_training_sizes_never_allocate_a_dense_weight():
@@ -193,15 +243,34 @@ def test_every_op_rejects_overflowing_sizes():
     A = torch.zeros(1, 4)
     B = torch.zeros(1, 1).expand(2**60, 1)  # a huge N without memory (stride 0): N x K = 2^62
     with pytest.raises(ValueError, match="too large"):
-        torch.ops.qpeft.qlora_forward(torch.zeros(1, 4), packed, absmax, None, None, None, 64, "nf4", A, B, None, 1.0,
-                                      0.0, torch.zeros(1, dtype=torch.int64))
+        torch.ops.qpeft.qlora_forward(
+            torch.zeros(1, 4),
+            packed,
+            absmax,
+            None,
+            None,
+            None,
+            64,
+            "nf4",
+            A,
+            B,
+            None,
+            1.0,
+            0.0,
+            torch.zeros(1, dtype=torch.int64),
+        )
 
 
 def test_zero_dim_inputs_raise_value_errors():
     from qpeft.nn import Linear4bit, LoraLinear4bit
+
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(4, 64))
-    for fn in (lambda x: run(x, q), lambda x: run_grad_input(x, q),
-               Linear4bit.from_linear(torch.nn.Linear(64, 4)), LoraLinear4bit.from_linear(torch.nn.Linear(64, 4))):
+    for fn in (
+        lambda x: run(x, q),
+        lambda x: run_grad_input(x, q),
+        Linear4bit.from_linear(torch.nn.Linear(64, 4)),
+        LoraLinear4bit.from_linear(torch.nn.Linear(64, 4)),
+    ):
         with pytest.raises(ValueError, match="0-dim|last dimension"):
             fn(torch.tensor(1.0))
 

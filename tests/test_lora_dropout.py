@@ -17,7 +17,7 @@ from helpers import poison_allocator
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
 def test_matches_reference(device, dtype, shape, p):
     x = torch.randn(shape, dtype=dtype, device=device)
-    seed, offset = int(torch.randint(-2**62, 2**62, ())), int(torch.randint(0, 2**40, ()))
+    seed, offset = int(torch.randint(-(2**62), 2**62, ())), int(torch.randint(0, 2**40, ()))
     poison_allocator(device, x.numel() * x.element_size())
     out = F.lora_dropout(x, p, seed, offset)
     assert out.shape == x.shape and out.dtype == dtype
@@ -87,8 +87,10 @@ def test_bad_inputs(device):
 
 def test_opcheck(device):
     opcheck(torch.ops.qpeft.lora_dropout, (torch.randn(3, 33, device=device), 0.1, seed_tensor(5, device), 11))
-    opcheck(torch.ops.qpeft.lora_dropout,
-            (torch.randn(2, 8, device=device, dtype=torch.bfloat16), 0.5, seed_tensor(-3, device), 0))
+    opcheck(
+        torch.ops.qpeft.lora_dropout,
+        (torch.randn(2, 8, device=device, dtype=torch.bfloat16), 0.5, seed_tensor(-3, device), 0),
+    )
 
 
 def seed_tensor(seed, device):
@@ -106,8 +108,16 @@ def finite_fp32_edge_values():
     (16 bits), the overflow edge of fp16 (65504 / 65520); and random mantissas."""
     positions = torch.arange(23, dtype=torch.int64)
     one_bit = 1 << positions
-    mantissas = torch.cat([one_bit, one_bit | (one_bit << 1), one_bit - 1, (one_bit - 1) | (1 << 22),
-                           torch.randint(0, 1 << 23, (64,)), torch.tensor([0, (1 << 23) - 1])]) & ((1 << 23) - 1)
+    mantissas = torch.cat(
+        [
+            one_bit,
+            one_bit | (one_bit << 1),
+            one_bit - 1,
+            (one_bit - 1) | (1 << 22),
+            torch.randint(0, 1 << 23, (64,)),
+            torch.tensor([0, (1 << 23) - 1]),
+        ]
+    ) & ((1 << 23) - 1)
     exponents = torch.arange(0, 255, dtype=torch.int64)
     bits = (exponents[:, None] << 23 | mantissas[None, :]).flatten()
     bits = torch.cat([bits, bits | (1 << 31)])
@@ -131,12 +141,12 @@ def test_kernel_format_conversions_round_like_torch(device, dtype):
 
 def check_format_conversions(device, dtype):
     g = finite_fp32_edge_values()
-    g = g[g.view(torch.int32) != -2**31].to(device)  # not -0.0: the GEMM g A gives 0 + (-0) = +0 there
+    g = g[g.view(torch.int32) != -(2**31)].to(device)  # not -0.0: the GEMM g A gives 0 + (-0) = +0 there
     A = torch.ones(1, 1, device=device)
     narrowed = F.lora_down_grad_input(g[:, None], A, 0.0, 0, dtype=dtype)[:, 0]
     assert torch.equal(narrowed.view(torch.int16).cpu(), g.to(dtype).view(torch.int16).cpu())
 
-    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = patterns[torch.isfinite(patterns)].to(device)
     assert torch.equal(F.lora_dropout(finite, 0.0, 0).view(torch.int16), finite.view(torch.int16))
     base = finite[torch.randint(0, finite.numel(), (g.numel(),))]

@@ -11,15 +11,18 @@ from qpeft.nn import Linear4bit, LoraLinear4bit
 from helpers import rel_err
 
 CONFIGS = [  # (use_dora, use_rslora, lora_bias, p, base_bias)
-    (False, False, False, 0.0, True), (False, True, True, 0.2, True), (True, False, False, 0.0, False),
+    (False, False, False, 0.0, True),
+    (False, True, True, 0.2, True),
+    (True, False, False, 0.0, False),
     (True, True, False, 0.2, True),
 ]
 
 
 def make_layer(k, n, device, dtype, use_dora=False, use_rslora=False, lora_bias=False, p=0.0, base_bias=True, r=8):
     dense = torch.nn.Linear(k, n, bias=base_bias, device=device, dtype=dtype)
-    layer = LoraLinear4bit.from_linear(dense, r=r, alpha=16, dropout=p, use_rslora=use_rslora, use_dora=use_dora,
-                                       lora_bias=lora_bias).train()
+    layer = LoraLinear4bit.from_linear(
+        dense, r=r, alpha=16, dropout=p, use_rslora=use_rslora, use_dora=use_dora, lora_bias=lora_bias
+    ).train()
     with torch.no_grad():  # B starts at 0: make the branch matter
         layer.lora_B.normal_(0, 0.1)
         if layer.lora_bias is not None:
@@ -32,8 +35,7 @@ def make_layer(k, n, device, dtype, use_dora=False, use_rslora=False, lora_bias=
 @pytest.mark.parametrize("use_dora,use_rslora,lora_bias,p,base_bias", CONFIGS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("lead", [(3, 7), (1, 3)])  # 21 rows: slab-wise / dequantize + GEMM; 3: the small-M kernels
-def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lora_bias, p, base_bias, dtype, tol,
-                                               lead):
+def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lora_bias, p, base_bias, dtype, tol, lead):
     k, n, seed = 96, 72, int(torch.randint(0, 2**31, ()))
     layer = make_layer(k, n, device, dtype, use_dora, use_rslora, lora_bias, p, base_bias)
     x = torch.randn(*lead, k, dtype=dtype, device=device, requires_grad=True)
@@ -49,8 +51,9 @@ def test_forward_and_gradients_match_reference(device, use_dora, use_rslora, lor
     W = layer.base.dequantized_weight(torch.float32).double()
     bias = layer.base.bias.detach().double() if base_bias else None
     keep = R.dropout_keep_mask(x.shape, p, seed) if p > 0 else None
-    y_ref = R.lora_linear(x_ref, W, A_ref, B_ref, layer.scaling, bias=bias, keep_mask=keep, p=p, magnitude=m_ref,
-                          lora_bias=lb_ref)
+    y_ref = R.lora_linear(
+        x_ref, W, A_ref, B_ref, layer.scaling, bias=bias, keep_mask=keep, p=p, magnitude=m_ref, lora_bias=lb_ref
+    )
     y_ref.backward(grad.double())
     assert y.shape == y_ref.shape and y.dtype == dtype
     assert rel_err(y, y_ref) < tol
@@ -114,8 +117,9 @@ def test_bad_arguments():
         LoraLinear4bit.from_linear(dense)(torch.randn(2, 15))
 
 
-@pytest.mark.parametrize("p,use_dora,explicit_seed", [(0.0, False, True), (0.1, False, True), (0.1, False, False),
-                                                      (0.1, True, False)])
+@pytest.mark.parametrize(
+    "p,use_dora,explicit_seed", [(0.0, False, True), (0.1, False, True), (0.1, False, False), (0.1, True, False)]
+)
 def test_torch_compile_fullgraph_forward_and_backward(p, use_dora, explicit_seed):
     """No graph break, also with the default seed (drawn on the device as a tensor, never read on the host)."""
     torch._dynamo.reset()
@@ -247,10 +251,12 @@ def test_multiple_adapters_and_disable_match_peft():
         dense.weight.copy_(layer.base.dequantized_weight(torch.float32).double())
         dense.bias.copy_(layer.base.bias.double())
     model = torch.nn.Sequential(dense)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=p, target_modules=["0"],
-                                                    lora_bias=True), adapter_name="default")
-    pm.add_adapter("second", peft.LoraConfig(r=6, lora_alpha=3, lora_dropout=p, target_modules=["0"],
-                                             use_rslora=True))
+    pm = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=p, target_modules=["0"], lora_bias=True),
+        adapter_name="default",
+    )
+    pm.add_adapter("second", peft.LoraConfig(r=6, lora_alpha=3, lora_dropout=p, target_modules=["0"], use_rslora=True))
     pm.base_model.set_adapter(["default", "second"])
     pm.train()
     pl = pm.base_model.model[0]

@@ -27,7 +27,7 @@ SHAPES = [(1, 64, 8), (37, 100, 16), (300, 33, 5), (3, 1, 4)]  # (M, K, r): M = 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_lora_down_and_gradients_match_reference(device, m, k, r, dtype, p):
-    seed = int(torch.randint(-2**62, 2**62, ()))
+    seed = int(torch.randint(-(2**62), 2**62, ()))
     x = torch.randn(m, k, device=device).to(dtype)
     A = torch.randn(r, k, device=device)
     g = torch.randn(m, r, device=device)
@@ -115,10 +115,11 @@ def test_lora_ops_opcheck(device):
 
 # ---- the fused layer ops ---------------------------------------------------------------------------------------
 
+
 def make_case(device, m, k, n, r, dtype, double_quant=True, bias=True):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, device=device), "nf4", 64, double_quant)
     x = torch.randn(m, k, device=device).to(dtype)
-    A = torch.randn(r, k, device=device) / k ** 0.5
+    A = torch.randn(r, k, device=device) / k**0.5
     B = torch.randn(n, r, device=device)
     b = torch.randn(n, device=device) if bias else None
     return q, x, A, B, b
@@ -164,8 +165,9 @@ def test_qlora_ops_opcheck_and_bad_inputs(device):
     with pytest.raises(ValueError, match="dy must have shape"):
         ops.qlora_backward(torch.randn(3, 15, device=device), x, xa, *weight_args(q), A, B, 0.5, 0.1, st)
     with pytest.raises(ValueError, match="elements"):  # K does not match the 4-bit weight
-        ops.qlora_forward(torch.randn(20, 32, device=device), *weight_args(q), torch.randn(4, 32, device=device), B,
-                          b, 0.5, 0.1, st)
+        ops.qlora_forward(
+            torch.randn(20, 32, device=device), *weight_args(q), torch.randn(4, 32, device=device), B, b, 0.5, 0.1, st
+        )
 
 
 @pytest.mark.cuda
@@ -177,8 +179,10 @@ def test_cuda_lora_ops_equal_cpu(m):
     for p in (0.0, 0.4):
         on_cuda = F.lora_down(x.cuda(), A.cuda(), p, seed).cpu()
         assert rel_err(on_cuda, F.lora_down(x, A, p, seed)) < 1e-2
-        assert rel_err(F.lora_down_grad_weight(g.cuda(), x.cuda(), p, seed).cpu(),
-                       F.lora_down_grad_weight(g, x, p, seed)) < 1e-5
+        assert (
+            rel_err(F.lora_down_grad_weight(g.cuda(), x.cuda(), p, seed).cpu(), F.lora_down_grad_weight(g, x, p, seed))
+            < 1e-5
+        )
         acc = torch.randn(m, k)
         cpu = F.lora_down_grad_input_(acc.clone(), g, A, p, seed)
         cuda = F.lora_down_grad_input_(acc.cuda(), g.cuda(), A.cuda(), p, seed).cpu()
@@ -198,9 +202,13 @@ def test_cuda_ops_take_the_seed_on_the_host_or_the_device():
     results = {}
     for where in ("cpu", "cuda"):
         st = seed_tensor(-12345, where)
-        results[where] = (ops.lora_down(x, A, 0.3, st), ops.lora_down_grad_weight(g, x, 0.3, st),
-                          F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.3, st),
-                          ops.lora_down_grad_input(g, A, 0.3, st, x.dtype), ops.lora_dropout(x, 0.3, st, 7))
+        results[where] = (
+            ops.lora_down(x, A, 0.3, st),
+            ops.lora_down_grad_weight(g, x, 0.3, st),
+            F.lora_down_grad_input_(torch.zeros_like(x), g, A, 0.3, st),
+            ops.lora_down_grad_input(g, A, 0.3, st, x.dtype),
+            ops.lora_dropout(x, 0.3, st, 7),
+        )
     for on_host, on_device in zip(results["cpu"], results["cuda"]):
         assert torch.equal(on_host, on_device)
     with pytest.raises(ValueError, match="seed is on"):
@@ -214,13 +222,31 @@ def test_cuda_ops_take_the_seed_on_the_host_or_the_device():
 def test_cuda_linear_4bit_matches_reference(m, k, double_quant):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, k, device="cuda"), "nf4", 64, double_quant)
     x = torch.randn(m, k, device="cuda")
-    y = F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, 37, nested_absmax=q.nested_absmax,
-                      nested_code=q.nested_code, nested_offset=q.nested_offset)
+    y = F.linear_4bit(
+        x,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        37,
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
     ref = x.double() @ q.dequantize(torch.float32).double().T
     assert rel_err(y, ref) < 1e-6
     x = torch.randn(17, k, device="cuda")  # above the codes kernel's rows: a transient dequantized W
-    y = F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, 37, nested_absmax=q.nested_absmax,
-                      nested_code=q.nested_code, nested_offset=q.nested_offset)
+    y = F.linear_4bit(
+        x,
+        q.packed,
+        q.absmax,
+        q.blocksize,
+        q.quant_type,
+        37,
+        nested_absmax=q.nested_absmax,
+        nested_code=q.nested_code,
+        nested_offset=q.nested_offset,
+    )
     assert rel_err(y, x.double() @ q.dequantize(torch.float32).double().T) < 1e-6
 
 
@@ -235,8 +261,16 @@ def cuda_lora_kernels(request):
 
 # (M, K, r) where the tensor-core kernels apply (K % 8 == 0): M = 1, M not a multiple of the 128-row blocks,
 # K not a multiple of their 32/256-column steps, r not a multiple of 8, r in the 32-rank groups, r > 32.
-TC_SHAPES = [(1, 4096, 16), (130, 264, 16), (257, 520, 32), (64, 136, 40), (300, 200, 12), (17, 8, 1),
-             (1000, 1024, 64), (4096, 512, 16)]
+TC_SHAPES = [
+    (1, 4096, 16),
+    (130, 264, 16),
+    (257, 520, 32),
+    (64, 136, 40),
+    (300, 200, 12),
+    (17, 8, 1),
+    (1000, 1024, 64),
+    (4096, 512, 16),
+]
 
 
 @pytest.mark.cuda
@@ -246,7 +280,7 @@ TC_SHAPES = [(1, 4096, 16), (130, 264, 16), (257, 520, 32), (64, 136, 40), (300,
 def test_cuda_lora_kernels_match_reference(cuda_lora_kernels, m, k, r, dtype, p):
     """Both kinds of CUDA kernel against the float64 reference, with poisoned allocations; dropped positions
     equal to the CPU kernel's."""
-    seed = int(torch.randint(-2**62, 2**62, ()))
+    seed = int(torch.randint(-(2**62), 2**62, ()))
     x = torch.randn(m, k, device="cuda").to(dtype)
     A, g = torch.randn(r, k, device="cuda") / k**0.5, torch.randn(m, r, device="cuda")
     x_drop = dropped64(x, p, seed)
@@ -280,8 +314,11 @@ def test_cuda_lora_kernel_kinds_agree():
     try:
         for kind in F.CUDA_LORA_KERNELS:
             F.set_cuda_lora_kernels(kind)
-            results[kind] = (F.lora_down(x, A, p, seed).float(), F.lora_down_grad_weight(g, x, p, seed),
-                             F.lora_down_grad_input_(torch.zeros(m, k, device="cuda"), g, A, p, seed))
+            results[kind] = (
+                F.lora_down(x, A, p, seed).float(),
+                F.lora_down_grad_weight(g, x, p, seed),
+                F.lora_down_grad_input_(torch.zeros(m, k, device="cuda"), g, A, p, seed),
+            )
     finally:
         F.set_cuda_lora_kernels(before)
     (xa_c, dA_c, dx_c), (xa_t, dA_t, dx_t) = results["cuda_cores"], results["tensor_cores"]
@@ -326,14 +363,15 @@ FUSED_SHAPES = [(1, 128, 40, 1), (5, 384, 96, 16), (16, 4096, 264, 64), (3, 1024
 @pytest.mark.cuda
 @pytest.mark.parametrize("m,k,n,r", FUSED_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b_dtype,bias_dtype", [(torch.float32, torch.float32), (torch.bfloat16, None),
-                                                (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "b_dtype,bias_dtype", [(torch.float32, torch.float32), (torch.bfloat16, None), (torch.float32, torch.bfloat16)]
+)
 @pytest.mark.parametrize("p,double_quant", [(0.0, True), (0.2, False)])
 def test_cuda_small_m_forward_fused(cuda_lora_kernels, m, k, n, r, dtype, b_dtype, bias_dtype, p, double_quant):
     """The decode forward (lora_down + one linear_4bit launch adding the LoRA term, the bias and lora_down's
     partial sums) against float64 from the operands it rounds (W, xa, B and bias in x's dtype): one rounding of
     the output; xa as lora_down gives it; poisoned outputs."""
-    seed = int(torch.randint(-2**62, 2**62, ()))
+    seed = int(torch.randint(-(2**62), 2**62, ()))
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, device="cuda"), "nf4", 64, double_quant)
     x = torch.randn(m, k, device="cuda").to(dtype)
     A, B = torch.randn(r, k, device="cuda") / k**0.5, torch.randn(n, r, device="cuda").to(b_dtype)

@@ -33,8 +33,12 @@ class Tiny(nn.Module):
 
 
 CASES = [  # (use_dora, use_rslora, lora_bias, p, base_bias)
-    (False, False, False, 0.0, True), (False, True, False, 0.3, True), (False, False, True, 0.3, False),
-    (True, False, False, 0.0, True), (True, True, False, 0.3, True), (True, False, False, 0.3, False),
+    (False, False, False, 0.0, True),
+    (False, True, False, 0.3, True),
+    (False, False, True, 0.3, False),
+    (True, False, False, 0.0, True),
+    (True, True, False, 0.3, True),
+    (True, False, False, 0.3, False),
 ]
 
 
@@ -42,8 +46,15 @@ CASES = [  # (use_dora, use_rslora, lora_bias, p, base_bias)
 def test_reference_equals_peft(use_dora, use_rslora, lora_bias, p, base_bias):
     k, n, r, alpha, seed = 48, 40, 8, 16, 1234
     model = Tiny(k, n, base_bias)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], use_rslora=use_rslora,
-                             use_dora=use_dora, lora_bias=lora_bias)
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=p,
+        target_modules=["proj"],
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        lora_bias=lora_bias,
+    )
     peft_model = peft.get_peft_model(model, config).train()
     layer = peft_model.base_model.model.proj
     layer.lora_dropout["default"] = SeededDropout(p, seed) if p > 0 else nn.Identity()
@@ -63,10 +74,14 @@ def test_reference_equals_peft(use_dora, use_rslora, lora_bias, p, base_bias):
     keep = R.dropout_keep_mask(x.shape, p, seed) if p > 0 else None
     x_ref = x.detach().clone().requires_grad_(True)
     params = [t.detach().clone().requires_grad_(True) for t in (A, B)]
-    extra = {name: t.detach().clone().requires_grad_(True)
-             for name, t in (("magnitude", magnitude), ("lora_bias", lbias), ("bias", bias)) if t is not None}
-    y_ref = R.lora_linear(x_ref, W.detach(), params[0], params[1], R.lora_scaling(r, alpha, use_rslora),
-                          keep_mask=keep, p=p, **extra)
+    extra = {
+        name: t.detach().clone().requires_grad_(True)
+        for name, t in (("magnitude", magnitude), ("lora_bias", lbias), ("bias", bias))
+        if t is not None
+    }
+    y_ref = R.lora_linear(
+        x_ref, W.detach(), params[0], params[1], R.lora_scaling(r, alpha, use_rslora), keep_mask=keep, p=p, **extra
+    )
     torch.testing.assert_close(y_ref, y_peft, rtol=1e-12, atol=1e-12)
 
     grad = torch.randn_like(y_peft)

@@ -42,6 +42,7 @@ def dequantized_float_copy(qmodel, original):
 def peft_lora_names(model):
     """The module names peft gave a LoRA layer."""
     from peft.tuners.lora import LoraLayer
+
     return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
 
 
@@ -55,18 +56,26 @@ def test_all_linear_targets_and_freezing(capsys):
     model.print_trainable_parameters()
     out = capsys.readouterr().out
     t, total = model.get_nb_trainable_parameters()
-    assert f"trainable params: {t:,d}" in out and t == sum(4 * (layer.in_features + layer.out_features)
-                                                            for _, layer in model.lora_layers())
+    assert f"trainable params: {t:,d}" in out and t == sum(
+        4 * (layer.in_features + layer.out_features) for _, layer in model.lora_layers()
+    )
     assert total > 64 * 96 * 3 * 2  # 4-bit weights counted as elements
 
 
 def test_target_forms_and_patterns():
-    cfg = qpeft.LoraConfig(r=4, target_modules=["q_proj", "model.layers.1.mlp.down_proj"], rank_pattern={"q_proj": 2},
-                           alpha_pattern={r"layers\.1\.self_attn\.q_proj": 7})
+    cfg = qpeft.LoraConfig(
+        r=4,
+        target_modules=["q_proj", "model.layers.1.mlp.down_proj"],
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 7},
+    )
     model = qpeft.get_peft_model(tiny_llama(), cfg)
     layers = dict(model.lora_layers())
-    assert sorted(layers) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
-                              "model.layers.1.self_attn.q_proj"]
+    assert sorted(layers) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert layers["model.layers.0.self_attn.q_proj"].r == 2 and layers["model.layers.1.mlp.down_proj"].r == 4
     assert layers["model.layers.1.self_attn.q_proj"].alpha == 7 and layers["model.layers.0.self_attn.q_proj"].alpha == 8
     regex = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(target_modules=r".*\.(v|o)_proj"))
@@ -80,8 +89,14 @@ def test_target_forms_and_patterns():
 @pytest.mark.parametrize("use_dora,bias", [(False, "none"), (True, "lora_only"), (False, "all")])
 def test_qpeft_adapter_loads_in_peft(tmp_path, use_dora, bias):
     original = tiny_llama()
-    cfg = qpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora,
-                           bias=bias, modules_to_save=["lm_head"])
+    cfg = qpeft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        use_dora=use_dora,
+        bias=bias,
+        modules_to_save=["lm_head"],
+    )
     model = qpeft.get_peft_model(copy.deepcopy(original), cfg)
     randomize_adapters(model)
     with torch.no_grad():
@@ -103,8 +118,15 @@ def test_qpeft_adapter_loads_in_peft(tmp_path, use_dora, bias):
 @pytest.mark.parametrize("use_dora,use_rslora", [(False, False), (True, False), (False, True)])
 def test_peft_adapter_loads_in_qpeft(tmp_path, use_dora, use_rslora):
     original = tiny_llama()
-    pcfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"], use_dora=use_dora,
-                           use_rslora=use_rslora, init_lora_weights=False, rank_pattern={"up_proj": 2})
+    pcfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "up_proj"],
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        init_lora_weights=False,
+        rank_pattern={"up_proj": 2},
+    )
     peft_model = peft.get_peft_model(copy.deepcopy(original), pcfg)
     peft_model.save_pretrained(tmp_path)
     model = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
@@ -152,6 +174,7 @@ def test_multiple_adapters_save_load(tmp_path):
     with torch.no_grad():
         assert rel_err(loaded(ids).logits, y_other) < 1e-6
     import json  # a config that no longer matches its weights (v_proj tensors without a v_proj target)
+
     cfg_path = tmp_path / "other" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["target_modules"] = ["q_proj"]
@@ -160,8 +183,9 @@ def test_multiple_adapters_save_load(tmp_path):
         qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "other")
     bad = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=3, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="shape"):
-        qpeft.adapter_io.assign_tensors(bad._file_parameters("default"),
-                                        qpeft.adapter_io.load_adapter_files(tmp_path)[1])
+        qpeft.adapter_io.assign_tensors(
+            bad._file_parameters("default"), qpeft.adapter_io.load_adapter_files(tmp_path)[1]
+        )
 
 
 def test_training_step_with_gradient_checkpointing():
@@ -195,8 +219,9 @@ def test_hf_trainer_trains_the_adapter(tmp_path):
 
 def test_torch_compile_of_the_model():
     original = tiny_llama()
-    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, lora_dropout=0.1,
-                                                                            target_modules="all-linear"))
+    model = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear")
+    )
     randomize_adapters(model)
     model.eval()
     ids = tokens()
@@ -238,22 +263,41 @@ def test_layer_index_reads_names_as_peft_does():
 
     from qpeft.tuners.targets import layer_index as _layer_index
 
-    names = ["model.layers.3.mlp.up_proj", "transformer.h.0.attn.c_attn", "layers.2.q", "a.b.7", "a.1.2.x",
-             "model.layers.1.experts.0.w1", "encoder.block.10.layer.0.DenseReluDense.wi", "x.y.z", "model.layers.x.q"]
+    names = [
+        "model.layers.3.mlp.up_proj",
+        "transformer.h.0.attn.c_attn",
+        "layers.2.q",
+        "a.b.7",
+        "a.1.2.x",
+        "model.layers.1.experts.0.w1",
+        "encoder.block.10.layer.0.DenseReluDense.wi",
+        "x.y.z",
+        "model.layers.x.q",
+    ]
     for pattern in (None, "layers", ["block", "h"], "h"):
         for name in names:
             for index in range(12):
-                cfg = peft.LoraConfig(target_modules=[name.split(".")[-1]], layers_to_transform=[index],
-                                      layers_pattern=pattern)
-                assert bool(check_target_module_exists(cfg, name)) == (_layer_index(name, pattern) == index), \
-                    (name, pattern, index)
+                cfg = peft.LoraConfig(
+                    target_modules=[name.split(".")[-1]], layers_to_transform=[index], layers_pattern=pattern
+                )
+                assert bool(check_target_module_exists(cfg, name)) == (_layer_index(name, pattern) == index), (
+                    name,
+                    pattern,
+                    index,
+                )
 
 
 def test_layer_selection_round_trips_through_the_adapter_files(tmp_path):
     """An adapter over some layers only (layers_to_transform): peft's file loads in qpeft and qpeft's in peft."""
     original = tiny_llama()
-    pcfg = peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[1], layers_pattern="layers",
-                           exclude_modules=["model.layers.1.mlp.up_proj"], init_lora_weights=False)
+    pcfg = peft.LoraConfig(
+        r=4,
+        target_modules=["q_proj", "up_proj"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        exclude_modules=["model.layers.1.mlp.up_proj"],
+        init_lora_weights=False,
+    )
     peft.get_peft_model(copy.deepcopy(original), pcfg).save_pretrained(tmp_path / "peft")
     model = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft")
     assert [n for n, _ in model.lora_layers()] == ["model.layers.1.self_attn.q_proj"]
@@ -274,6 +318,7 @@ def test_layer_selection_round_trips_through_the_adapter_files(tmp_path):
 
 
 # ---- GPT-2: transformers Conv1D layers ---------------------------------------------------------------------------
+
 
 def test_gpt2_conv1d_layers_quantize_train_and_merge_back():
     """Conv1D targets are quantized from their transposed [in, out] weight: the frozen model computes with the
@@ -310,8 +355,9 @@ def test_gpt2_conv1d_layers_quantize_train_and_merge_back():
 
 def test_gpt2_adapters_move_between_peft_and_qpeft(tmp_path):
     original = tiny_gpt2()
-    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                           init_lora_weights=False)
+    pcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
     peft.get_peft_model(copy.deepcopy(original), pcfg).save_pretrained(tmp_path / "peft")
     model = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "peft")
     ids = tokens()
@@ -327,6 +373,7 @@ def test_gpt2_adapters_move_between_peft_and_qpeft(tmp_path):
 
 
 # ---- modules_to_save: one trainable copy per adapter, as peft's ModulesToSaveWrapper ----------------------------
+
 
 def test_modules_to_save_copies_match_peft(tmp_path):
     """Each adapter trains its own copy of a modules_to_save module; disable_adapter() gives the original back
@@ -363,8 +410,9 @@ def test_modules_to_save_copies_match_peft(tmp_path):
 
 def test_modules_to_save_per_adapter_switching_deleting_and_unloading(tmp_path):
     original = tiny_llama()
-    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(
-        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     model.add_adapter("other", qpeft.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]))
     model.add_adapter("plain", qpeft.LoraConfig(r=2, target_modules=["k_proj"]))
     wrapper = model.base_model.lm_head
@@ -392,8 +440,9 @@ def test_modules_to_save_per_adapter_switching_deleting_and_unloading(tmp_path):
 
     model.set_adapter("other")
     merged = copy.deepcopy(model).merge_and_unload()
-    assert type(merged.lm_head) is torch.nn.Linear and torch.equal(merged.lm_head.weight,
-                                                                    wrapper.modules_to_save["other"].weight)
+    assert type(merged.lm_head) is torch.nn.Linear and torch.equal(
+        merged.lm_head.weight, wrapper.modules_to_save["other"].weight
+    )
     model.delete_adapter("other")
     assert wrapper.active is None and sorted(wrapper.modules_to_save) == ["default"]
     model.delete_adapter("default")  # the last copy gone: the plain module is back
@@ -402,8 +451,9 @@ def test_modules_to_save_per_adapter_switching_deleting_and_unloading(tmp_path):
 
 def test_4bit_checkpoint_keeps_the_original_of_modules_to_save(tmp_path):
     original = tiny_llama()
-    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(
-        r=4, target_modules="all-linear", modules_to_save=["lm_head"]))
+    model = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"])
+    )
     with torch.no_grad():
         model.base_model.lm_head.weight.mul_(2.0)
     state = qpeft.checkpoint.quantized_state_dict(model.base_model)

@@ -34,7 +34,8 @@ MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 def configs(method):
     name, kwargs = METHODS[method]
     return getattr(qpeft, name)(num_virtual_tokens=NVT, **kwargs), getattr(peft, name)(
-        task_type="CAUSAL_LM", num_virtual_tokens=NVT, **kwargs)
+        task_type="CAUSAL_LM", num_virtual_tokens=NVT, **kwargs
+    )
 
 
 def batch(seed=1, padded=True):
@@ -65,8 +66,10 @@ def test_logits_loss_and_gradients_match_peft(method, model_name):
     """The same encoder weights in qpeft (4-bit base) and peft (float base holding the dequantized weights): the
     same logits, loss and gradient of every encoder parameter."""
     model, original = qpeft_model(method, MODELS[model_name])
-    assert all(isinstance(model.base_model.get_submodule(n), Linear4bit) for n in qpeft.tuners.targets.linear_modules(
-        model.base_model)) and not isinstance(model.base_model.lm_head, Linear4bit)
+    assert all(
+        isinstance(model.base_model.get_submodule(n), Linear4bit)
+        for n in qpeft.tuners.targets.linear_modules(model.base_model)
+    ) and not isinstance(model.base_model.lm_head, Linear4bit)
     reference = peft.get_peft_model(float_copy(model.base_model, original), configs(method)[1])
     reference.prompt_encoder["default"].load_state_dict(model.prompt_encoder["default"].state_dict())
     ids, mask = batch()
@@ -99,14 +102,16 @@ def test_files_both_ways_with_peft(method, tmp_path):
     ids, mask = batch()
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, **extra(method)).logits
-        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask, **extra(method)).logits, expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs(input_ids=ids, attention_mask=mask, **extra(method)).logits, expected, rtol=1e-5, atol=1e-5
+        )
     theirs.save_pretrained(tmp_path / "p")
     back = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "p")
     assert not any(p.requires_grad for p in back.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, **extra(method)).logits, expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            back(input_ids=ids, attention_mask=mask, **extra(method)).logits, expected, rtol=1e-5, atol=1e-5
+        )
     trainable = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "p", is_trainable=True)
     assert all(p.requires_grad for p in trainable.prompt_encoder.parameters())
 
@@ -224,6 +229,7 @@ def test_frozen_4bit_layers_save_no_activation():
 
 def write_tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {f"w{i}": i for i in range(101)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -235,17 +241,27 @@ def write_tokenizer(folder):
 def test_text_init_matches_peft_and_sample_vocab_uses_vocabulary_rows(text, tmp_path):
     tokenizer = write_tokenizer(tmp_path)
     original = tiny_llama()
-    kw = dict(num_virtual_tokens=NVT, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
-              tokenizer_name_or_path=tokenizer)
+    kw = dict(
+        num_virtual_tokens=NVT,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=tokenizer,
+    )
     ours = qpeft.get_peft_model(copy.deepcopy(original), qpeft.PromptTuningConfig(**kw))
     theirs = peft.get_peft_model(copy.deepcopy(original), peft.PromptTuningConfig(task_type="CAUSAL_LM", **kw))
-    assert torch.equal(ours.prompt_encoder["default"].embedding.weight,
-                       theirs.prompt_encoder["default"].embedding.weight)
+    assert torch.equal(
+        ours.prompt_encoder["default"].embedding.weight, theirs.prompt_encoder["default"].embedding.weight
+    )
     ids = [int(w[1:]) for w in text.split()]
     expected = original.model.embed_tokens.weight[(ids * NVT)[:NVT]]
     assert torch.equal(ours.prompt_encoder["default"].embedding.weight, expected)
-    sampled = qpeft.get_peft_model(copy.deepcopy(original), qpeft.PromptTuningConfig(
-        num_virtual_tokens=NVT, prompt_tuning_init="SAMPLE_VOCAB")).prompt_encoder["default"].embedding.weight
+    sampled = (
+        qpeft.get_peft_model(
+            copy.deepcopy(original), qpeft.PromptTuningConfig(num_virtual_tokens=NVT, prompt_tuning_init="SAMPLE_VOCAB")
+        )
+        .prompt_encoder["default"]
+        .embedding.weight
+    )
     vocab = original.model.embed_tokens.weight
     assert all((vocab == row).all(1).any() for row in sampled)
 
@@ -264,9 +280,14 @@ def test_multitask_inits_from_a_source_run(init, tmp_path):
     source.save_pretrained(tmp_path)
     path = str(tmp_path / "adapter_model.safetensors")
     enc = source.prompt_encoder["default"]
-    config = qpeft.MultitaskPromptTuningConfig(num_virtual_tokens=NVT, num_tasks=1, num_ranks=2,
-                                               prompt_tuning_init=init, prompt_tuning_init_state_dict_path=path,
-                                               prompt_tuning_init_task=2)
+    config = qpeft.MultitaskPromptTuningConfig(
+        num_virtual_tokens=NVT,
+        num_tasks=1,
+        num_ranks=2,
+        prompt_tuning_init=init,
+        prompt_tuning_init_state_dict_path=path,
+        prompt_tuning_init_task=2,
+    )
     target = qpeft.get_peft_model(tiny_llama(), config).prompt_encoder["default"]
     assert torch.equal(target.embedding.weight, enc.embedding.weight)
     if init == "AVERAGE_SOURCE_TASKS":
@@ -277,43 +298,69 @@ def test_multitask_inits_from_a_source_run(init, tmp_path):
         assert torch.equal(target.prefix_task_rows[0], enc.prefix_task_rows[2])
     else:
         assert not torch.equal(target.prefix_task_cols[0], enc.prefix_task_cols[2])
-    theirs = peft.get_peft_model(tiny_llama(), peft.MultitaskPromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=NVT, num_tasks=1, num_ranks=2, prompt_tuning_init=init,
-        prompt_tuning_init_state_dict_path=path, prompt_tuning_init_task=2)).prompt_encoder["default"]
+    theirs = peft.get_peft_model(
+        tiny_llama(),
+        peft.MultitaskPromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=NVT,
+            num_tasks=1,
+            num_ranks=2,
+            prompt_tuning_init=init,
+            prompt_tuning_init_state_dict_path=path,
+            prompt_tuning_init_task=2,
+        ),
+    ).prompt_encoder["default"]
     assert torch.equal(theirs.embedding.weight, target.embedding.weight)
     if init != "ONLY_SOURCE_SHARED":
         assert torch.equal(theirs.prefix_task_cols, target.prefix_task_cols)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
-    ({"num_virtual_tokens": None}, "num_virtual_tokens"),
-    ({"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT"}, "tokenizer_name_or_path"),
-    ({"num_virtual_tokens": 4, "prompt_tuning_init": "WORDS"}, "prompt_tuning_init"),
-    ({"num_virtual_tokens": 4, "task_type": "SEQ_2_SEQ_LM"}, "task_type"),
-    ({"num_virtual_tokens": 4, "num_transformer_submodules": 2}, "num_transformer_submodules"),
-    ({"num_virtual_tokens": 4, "modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"num_virtual_tokens": 4, "token_dim": -1}, "token_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"num_virtual_tokens": 0}, "num_virtual_tokens"),
+        ({"num_virtual_tokens": None}, "num_virtual_tokens"),
+        ({"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT"}, "tokenizer_name_or_path"),
+        ({"num_virtual_tokens": 4, "prompt_tuning_init": "WORDS"}, "prompt_tuning_init"),
+        ({"num_virtual_tokens": 4, "task_type": "SEQ_2_SEQ_LM"}, "task_type"),
+        ({"num_virtual_tokens": 4, "num_transformer_submodules": 2}, "num_transformer_submodules"),
+        ({"num_virtual_tokens": 4, "modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"num_virtual_tokens": 4, "token_dim": -1}, "token_dim"),
+    ],
+)
 def test_bad_prompt_configs_name_the_key(kwargs, key):
     with pytest.raises(qpeft.ConfigError, match=key):
         qpeft.PromptTuningConfig(**kwargs)
 
 
-@pytest.mark.parametrize("config, key", [
-    (dict(peft_type="P_TUNING", num_virtual_tokens=4, encoder_reparameterization_type="GRU"),
-     "encoder_reparameterization_type"),
-    (dict(peft_type="PREFIX_TUNING", num_virtual_tokens=4, prefix_projection="yes"), "prefix_projection"),
-    (dict(peft_type="PREFIX_TUNING", num_virtual_tokens=4, init_weights="ones"), "init_weights"),
-    (dict(peft_type="MULTITASK_PROMPT_TUNING", num_virtual_tokens=4, num_tasks=0), "num_tasks"),
-    (dict(peft_type="MULTITASK_PROMPT_TUNING", num_virtual_tokens=4, prompt_tuning_init="EXACT_SOURCE_TASK",
-          prompt_tuning_init_state_dict_path="source.bin", inference_mode=False), "prompt_tuning_init_state_dict_path"),
-    (dict(peft_type="PROMPT_TUNING", num_virtual_tokens=4, virtual_token_scale=2.0), "virtual_token_scale"),
-    (dict(peft_type="CPT", num_virtual_tokens=4), "peft_type"),
-])
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        (
+            dict(peft_type="P_TUNING", num_virtual_tokens=4, encoder_reparameterization_type="GRU"),
+            "encoder_reparameterization_type",
+        ),
+        (dict(peft_type="PREFIX_TUNING", num_virtual_tokens=4, prefix_projection="yes"), "prefix_projection"),
+        (dict(peft_type="PREFIX_TUNING", num_virtual_tokens=4, init_weights="ones"), "init_weights"),
+        (dict(peft_type="MULTITASK_PROMPT_TUNING", num_virtual_tokens=4, num_tasks=0), "num_tasks"),
+        (
+            dict(
+                peft_type="MULTITASK_PROMPT_TUNING",
+                num_virtual_tokens=4,
+                prompt_tuning_init="EXACT_SOURCE_TASK",
+                prompt_tuning_init_state_dict_path="source.bin",
+                inference_mode=False,
+            ),
+            "prompt_tuning_init_state_dict_path",
+        ),
+        (dict(peft_type="PROMPT_TUNING", num_virtual_tokens=4, virtual_token_scale=2.0), "virtual_token_scale"),
+        (dict(peft_type="CPT", num_virtual_tokens=4), "peft_type"),
+    ],
+)
 def test_bad_prompt_adapter_files_name_file_and_key(config, key, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     from safetensors.torch import save_file
+
     save_file({"prompt_embeddings": torch.zeros(4, 64)}, str(tmp_path / "adapter_model.safetensors"))
     original = tiny_llama()
     before = copy.deepcopy(original)
@@ -391,5 +438,9 @@ def test_prompt_learning_on_a_4bit_checkpoint_keeps_its_layers(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(float_copy(model.base_model, tiny_llama()), tmp_path / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits,
-                                   model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs(input_ids=ids, attention_mask=mask).logits,
+            model(input_ids=ids, attention_mask=mask).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )

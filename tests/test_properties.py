@@ -19,8 +19,12 @@ from qpeft.nn import Linear4bit  # noqa: E402
 
 from helpers import same_bytes  # noqa: E402
 
-SETTINGS = settings(derandomize=True, deadline=None, max_examples=60,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -40,8 +44,12 @@ def tensors(draw, max_dim=70):
 
 
 @SETTINGS
-@given(A=tensors(), blocksize=st.sampled_from(R.VALID_BLOCKSIZES), quant_type=st.sampled_from(R.QUANT_TYPES),
-       out_dtype=st.sampled_from(DTYPES))
+@given(
+    A=tensors(),
+    blocksize=st.sampled_from(R.VALID_BLOCKSIZES),
+    quant_type=st.sampled_from(R.QUANT_TYPES),
+    out_dtype=st.sampled_from(DTYPES),
+)
 def test_quantize_and_dequantize_equal_the_reference(A, blocksize, quant_type, out_dtype):
     packed, absmax = F.quantize_4bit(A, blocksize, quant_type)
     ref_packed, ref_absmax = R.quantize_4bit(A.contiguous(), blocksize, quant_type)
@@ -51,9 +59,16 @@ def test_quantize_and_dequantize_equal_the_reference(A, blocksize, quant_type, o
 
 
 @SETTINGS
-@given(m=st.integers(0, 40), k=st.integers(1, 150), n=st.integers(0, 40), dtype=st.sampled_from(DTYPES),
-       blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans(), seed=st.integers(0, 2**31 - 1),
-       transposed=st.booleans())
+@given(
+    m=st.integers(0, 40),
+    k=st.integers(1, 150),
+    n=st.integers(0, 40),
+    dtype=st.sampled_from(DTYPES),
+    blocksize=st.sampled_from([32, 64, 128]),
+    double_quant=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    transposed=st.booleans(),
+)
 def test_linear_ops_equal_the_reference(m, k, n, dtype, blocksize, double_quant, seed, transposed):
     g = torch.Generator().manual_seed(seed)
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, generator=g), "nf4", blocksize, double_quant)
@@ -71,12 +86,32 @@ def test_linear_ops_equal_the_reference(m, k, n, dtype, blocksize, double_quant,
     assert ((dx.double() - dy64 @ W).abs() <= tol * (dy64.abs() @ W.abs()) + 1e-30).all()
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) |
-                    st.text(max_size=12), lambda children: st.lists(children, max_size=3) |
-                    st.dictionaries(st.text(max_size=8), children, max_size=3), max_leaves=8)
-CONFIG_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora", "lora_bias",
-               "modules_to_save", "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
-               "rank_pattern", "alpha_pattern", "init_lora_weights", "task_type", "peft_type", "inference_mode"]
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+CONFIG_KEYS = [
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "init_lora_weights",
+    "task_type",
+    "peft_type",
+    "inference_mode",
+]
 
 
 @SETTINGS
@@ -95,8 +130,14 @@ def test_generated_adapter_configs_load_or_raise_config_errors(changes):
     assert 0 <= config.lora_dropout <= F.MAX_DROPOUT_P and math.isfinite(config.lora_alpha)
 
 
-STATE_KEYS = ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-              "weight.quant_state.bitsandbytes__nf4"]
+STATE_KEYS = [
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+]
 
 
 @st.composite

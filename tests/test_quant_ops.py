@@ -93,7 +93,7 @@ def test_adversarial_values(device, quant_type):
     A = torch.cat(blocks).to(device)
     packed, absmax = assert_quantize_matches_reference(A, 64, quant_type)
     out = F.dequantize_4bit(packed, absmax, 64, quant_type, A.shape, torch.float32).cpu()
-    zero_block = out[(len(blocks) - 4) * 64:(len(blocks) - 3) * 64]
+    zero_block = out[(len(blocks) - 4) * 64 : (len(blocks) - 3) * 64]
     assert torch.equal(zero_block, torch.zeros(64)) and not torch.signbit(zero_block).any(), "all-zero block"
     assert torch.equal(out[-64:], torch.full((64,), -3.5))
 
@@ -128,8 +128,9 @@ def test_8bit_search_is_nearest_and_hits_code_points(device):
 def test_nested_dequantize_matches_reference(device, quant_type, out_dtype):
     W = torch.randn(130, 333).to(device)
     q = qpeft.Quantized4bitWeight.from_float(W, quant_type, 64, double_quant=True)
-    scales = R.dequantize_nested_absmax(q.absmax.cpu(), q.nested_absmax.cpu(), q.nested_code.cpu(),
-                                        q.nested_offset.cpu())
+    scales = R.dequantize_nested_absmax(
+        q.absmax.cpu(), q.nested_absmax.cpu(), q.nested_code.cpu(), q.nested_offset.cpu()
+    )
     assert torch.equal(q.fp32_scales().cpu(), scales)
     expected = R.dequantize_4bit(q.packed.cpu(), scales, 64, quant_type, W.shape, out_dtype)
     poison_allocator(device, W.numel() * 4)
@@ -175,7 +176,7 @@ def test_non_contiguous_input(device):
     assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
     # a packed view with a storage offset (misaligned for 16-byte loads) still dequantizes correctly
     big_packed, big_absmax = F.quantize_4bit(torch.randn(64 * 40, device=device), 64, "nf4")
-    part = big_packed[32 * 3 + 1:][: 32 * 2]  # not 16-byte aligned
+    part = big_packed[32 * 3 + 1 :][: 32 * 2]  # not 16-byte aligned
     absmax_part = big_absmax[4:6].clone()
     out = F.dequantize_4bit(part, absmax_part, 64, "nf4", (128,), torch.bfloat16)
     ref = R.dequantize_4bit(part.cpu().clone(), absmax_part.cpu(), 64, "nf4", (128,), torch.bfloat16)

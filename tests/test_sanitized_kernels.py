@@ -21,12 +21,21 @@ def test_cpu_kernels_under_asan_and_ubsan(tmp_path):
         pytest.skip("no C++ compiler on this machine (not run: this is not a pass)")
     exe = tmp_path / "kernel_checks"
     sources = [str(ROOT / "tests" / "sanitize" / "kernel_checks.cpp")] + sorted(
-        str(p) for p in (KERNELS / "cpu").glob("*.cpp"))
-    flags = ["-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-             "-fno-sanitize-recover=all", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math",
-             f"-I{KERNELS}"]
-    build = subprocess.run([compiler, *flags, *sources, "-o", str(exe)], capture_output=True, text=True,
-                           timeout=600)
+        str(p) for p in (KERNELS / "cpu").glob("*.cpp")
+    )
+    flags = [
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-ffp-contract=off",
+        "-fno-fast-math",
+        "-fno-trapping-math",
+        f"-I{KERNELS}",
+    ]
+    build = subprocess.run([compiler, *flags, *sources, "-o", str(exe)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
     table = tmp_path / "rcp_table.bin"
     table.write_bytes(R.reciprocal_table_bytes())

@@ -34,15 +34,20 @@ def train(model, steps=6, lr=2e-2):
 
 # ---- BitFit ----------------------------------------------------------------------------------------------------
 
+
 def test_bitfit_trains_exactly_the_chosen_biases_against_the_float64_model(tmp_path):
     original = tiny_llama()
-    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.BitFitConfig(
-        bias_modules=["q_proj", "up_proj"], add_missing_bias=True))
+    model = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.BitFitConfig(bias_modules=["q_proj", "up_proj"], add_missing_bias=True)
+    )
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == sorted(f"base_model.model.layers.{i}.{m}.bias" for i in range(2)
-                               for m in ("self_attn.q_proj", "mlp.up_proj"))
-    assert all(isinstance(model.base_model.get_submodule(n), Linear4bit) for n in
-               qpeft.tuners.targets.linear_modules(model.base_model))
+    assert trainable == sorted(
+        f"base_model.model.layers.{i}.{m}.bias" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj")
+    )
+    assert all(
+        isinstance(model.base_model.get_submodule(n), Linear4bit)
+        for n in qpeft.tuners.targets.linear_modules(model.base_model)
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -54,8 +59,10 @@ def test_bitfit_trains_exactly_the_chosen_biases_against_the_float64_model(tmp_p
     ours.loss.backward()
     theirs.loss.backward()
     for name in ("layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"):
-        assert rel_err(model.base_model.model.get_submodule(name).bias.grad,
-                       ref.model.get_submodule(name).bias.grad) < 1e-4
+        assert (
+            rel_err(model.base_model.model.get_submodule(name).bias.grad, ref.model.get_submodule(name).bias.grad)
+            < 1e-4
+        )
     losses = train(model)
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path)
@@ -78,6 +85,7 @@ def test_bitfit_on_gpt2_trains_every_bias():
 
 
 # ---- layer-wise ------------------------------------------------------------------------------------------------
+
 
 def test_layerwise_makes_the_chosen_layers_dense_exactly_and_round_trips(tmp_path, capsys):
     """On a 4-bit model the chosen layers become the exact dequantization; on a float model they keep their
@@ -105,6 +113,7 @@ def test_layerwise_makes_the_chosen_layers_dense_exactly_and_round_trips(tmp_pat
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
+
     keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
     assert keys and all(k.startswith("base_model.model.model.layers.1.") for k in keys)  # the trained layer alone
     assert json.loads((tmp_path / "adapter_config.json").read_text())["layers"] == [1]
@@ -118,6 +127,7 @@ def test_layerwise_makes_the_chosen_layers_dense_exactly_and_round_trips(tmp_pat
 
 
 # ---- sparse fine-tuning ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(5, 128), (1, 100), (0, 64)])
 def test_sparse_delta_layer_matches_the_float64_reference(shape):
@@ -147,8 +157,9 @@ def test_sparse_delta_layer_matches_the_float64_reference(shape):
 
 def test_sparse_selection_by_gradient_magnitude_training_and_files(tmp_path):
     original = tiny_llama()
-    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.SparseConfig(target_modules=["q_proj", "down_proj"],
-                                                                            budget=40))
+    model = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.SparseConfig(target_modules=["q_proj", "down_proj"], budget=40)
+    )
     assert all(layer.adapters["default"].index.numel() == 0 for _, layer in model.adapter_layers())
     batches = [tokens(seed=s) for s in (5, 6)]
     # the reference: |sum over batches of dL/dW| per layer, from the float64 model, summed as absolute values
@@ -177,7 +188,8 @@ def test_sparse_selection_by_gradient_magnitude_training_and_files(tmp_path):
     expected = captured["s"].reshape(-1).topk(40).indices.sort().values
     assert torch.equal(chosen, expected)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        n for n, p in model.named_parameters() if n.endswith(".values")}
+        n for n, p in model.named_parameters() if n.endswith(".values")
+    }
     losses = train(model)
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path)
@@ -188,8 +200,9 @@ def test_sparse_selection_by_gradient_magnitude_training_and_files(tmp_path):
         torch.testing.assert_close(back(input_ids=ids).logits, expected_logits)
         merged = back.merge_and_unload(torch.float32)
         torch.testing.assert_close(merged(input_ids=ids).logits, expected_logits, rtol=1e-4, atol=1e-5)
-    random_pick = qpeft.get_peft_model(tiny_llama(), qpeft.SparseConfig(target_modules=["q_proj"], budget=0.25,
-                                                                        selection="random"))
+    random_pick = qpeft.get_peft_model(
+        tiny_llama(), qpeft.SparseConfig(target_modules=["q_proj"], budget=0.25, selection="random")
+    )
     assert random_pick.base_model.model.layers[0].self_attn.q_proj.adapters["default"].index.numel() == 64 * 64 // 4
 
 
@@ -198,8 +211,11 @@ def test_sparse_keeps_only_the_input_and_entries_for_backward():
     layer = SparseDeltaLinear4bit(base)
     delta = layer.add_entries("default", torch.arange(0, 64 * 128, 97))
     x = torch.randn(16, 128, requires_grad=True)
-    own = {t.untyped_storage().data_ptr() for t in (*base.op_weight_args(), delta.values, delta.index)
-           if isinstance(t, torch.Tensor)}
+    own = {
+        t.untyped_storage().data_ptr()
+        for t in (*base.op_weight_args(), delta.values, delta.index)
+        if isinstance(t, torch.Tensor)
+    }
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x)
@@ -209,17 +225,28 @@ def test_sparse_keeps_only_the_input_and_entries_for_backward():
 
 # ---- bottleneck adapters -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, style, places", [
-    (tiny_llama, "houlsby", ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn",
-                             "model.layers.1.mlp"]),
-    (tiny_llama, "pfeiffer", ["model.layers.0.mlp", "model.layers.1.mlp"]),
-    (tiny_gpt2, "houlsby", ["transformer.h.0.attn", "transformer.h.0.mlp", "transformer.h.1.attn",
-                            "transformer.h.1.mlp"]),
-])
+
+@pytest.mark.parametrize(
+    "make, style, places",
+    [
+        (
+            tiny_llama,
+            "houlsby",
+            ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp"],
+        ),
+        (tiny_llama, "pfeiffer", ["model.layers.0.mlp", "model.layers.1.mlp"]),
+        (
+            tiny_gpt2,
+            "houlsby",
+            ["transformer.h.0.attn", "transformer.h.0.mlp", "transformer.h.1.attn", "transformer.h.1.mlp"],
+        ),
+    ],
+)
 def test_bottleneck_placement_identity_start_reference_and_files(make, style, places, tmp_path):
     original = make()
-    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.BottleneckConfig(style=style, bottleneck_size=8,
-                                                                                non_linearity="gelu"))
+    model = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.BottleneckConfig(style=style, bottleneck_size=8, non_linearity="gelu")
+    )
     assert sorted(n for n, _ in qpeft.tuners.bottleneck.model.bottleneck_sets(model.base_model)) == sorted(places)
     ids = tokens()
     with torch.no_grad():
@@ -238,9 +265,13 @@ def test_bottleneck_placement_identity_start_reference_and_files(make, style, pl
 
         def hook(module, args, out, d=d, u=u):
             h = out[0] if isinstance(out, tuple) else out
-            h = h + torch.nn.functional.gelu(h @ d.weight.double().T + d.bias.double()) @ u.weight.double().T \
+            h = (
+                h
+                + torch.nn.functional.gelu(h @ d.weight.double().T + d.bias.double()) @ u.weight.double().T
                 + u.bias.double()
+            )
             return (h, *out[1:]) if isinstance(out, tuple) else h
+
         ref.get_submodule(place).register_forward_hook(hook)
     assert rel_err(model(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
     losses = train(model, lr=1e-2)
@@ -259,6 +290,7 @@ def test_bottleneck_placement_identity_start_reference_and_files(make, style, pl
 
 # ---- Piggyback -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n, k", [(48, 128), (7, 9), (1, 64)])
 def test_packed_bits_round_trip(n, k):
     mask = torch.rand(n, k, generator=torch.Generator().manual_seed(n)) > 0.5
@@ -266,6 +298,7 @@ def test_packed_bits_round_trip(n, k):
     assert bits.dtype == torch.uint8 and bits.numel() == (n * k + 7) // 8
     assert torch.equal(unpack_bits(bits, (n, k)), mask)
     import numpy as np
+
     assert np.array_equal(bits.numpy(), np.packbits(mask.reshape(-1).numpy()))
     with pytest.raises(ValueError, match="packed mask"):
         unpack_bits(bits[:-1], (n, k))
@@ -310,32 +343,39 @@ def test_piggyback_trains_saves_bits_and_loads(tmp_path):
     assert 0 < int((~layer.adapters["default"].mask()).sum()) < layer.out_features * layer.in_features
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
+
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert saved["base_model.model.model.layers.0.self_attn.q_proj.mask_bits"].numel() == 64 * 64 // 8
     back = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
-    assert torch.equal(back.base_model.model.layers[0].self_attn.q_proj.adapters["default"].mask(),
-                       layer.adapters["default"].mask())
+    assert torch.equal(
+        back.base_model.model.layers[0].self_attn.q_proj.adapters["default"].mask(), layer.adapters["default"].mask()
+    )
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         torch.testing.assert_close(back(input_ids=ids).logits, expected)
-        torch.testing.assert_close(back.merge_and_unload(torch.float32)(input_ids=ids).logits, expected,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            back.merge_and_unload(torch.float32)(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5
+        )
 
 
 # ---- configs and files -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, key", [
-    (lambda: qpeft.BitFitConfig(bias_modules=3), "bias_modules"),
-    (lambda: qpeft.LayerwiseConfig(), "layers"),
-    (lambda: qpeft.LayerwiseConfig(last_k=0), "last_k"),
-    (lambda: qpeft.SparseConfig(target_modules=["q_proj"], budget=0), "budget"),
-    (lambda: qpeft.SparseConfig(target_modules=["q_proj"], budget=1.5), "budget"),
-    (lambda: qpeft.SparseConfig(target_modules=["q_proj"], selection="magnitude"), "selection"),
-    (lambda: qpeft.BottleneckConfig(style="parallel"), "style"),
-    (lambda: qpeft.BottleneckConfig(non_linearity="swish"), "non_linearity"),
-    (lambda: qpeft.PiggybackConfig(target_modules=["q_proj"], threshold=0.1, init_score=0.05), "init_score"),
-    (lambda: qpeft.PiggybackConfig(target_modules=["q_proj"], score_dtype="int8"), "score_dtype"),
-])
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: qpeft.BitFitConfig(bias_modules=3), "bias_modules"),
+        (lambda: qpeft.LayerwiseConfig(), "layers"),
+        (lambda: qpeft.LayerwiseConfig(last_k=0), "last_k"),
+        (lambda: qpeft.SparseConfig(target_modules=["q_proj"], budget=0), "budget"),
+        (lambda: qpeft.SparseConfig(target_modules=["q_proj"], budget=1.5), "budget"),
+        (lambda: qpeft.SparseConfig(target_modules=["q_proj"], selection="magnitude"), "selection"),
+        (lambda: qpeft.BottleneckConfig(style="parallel"), "style"),
+        (lambda: qpeft.BottleneckConfig(non_linearity="swish"), "non_linearity"),
+        (lambda: qpeft.PiggybackConfig(target_modules=["q_proj"], threshold=0.1, init_score=0.05), "init_score"),
+        (lambda: qpeft.PiggybackConfig(target_modules=["q_proj"], score_dtype="int8"), "score_dtype"),
+    ],
+)
 def test_bad_configs_name_the_key(make, key):
     with pytest.raises(qpeft.ConfigError, match=key):
         make()
@@ -363,6 +403,7 @@ def test_files_of_unknown_methods_or_keys_are_refused(tmp_path):
 def test_a_failed_bottleneck_load_leaves_the_model_as_it_was(tmp_path):
     """A file whose tensor does not fit: the error names it, and the model has no adapter, no hook left behind."""
     from safetensors.torch import load_file, save_file
+
     qpeft.get_peft_model(tiny_llama(), qpeft.BottleneckConfig(bottleneck_size=4)).save_pretrained(tmp_path)
     path = str(tmp_path / "adapter_model.safetensors")
     tensors = load_file(path)

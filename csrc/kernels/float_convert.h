@@ -27,7 +27,7 @@ inline float bf16_bits_to_float(uint16_t b) { return bits_float(static_cast<uint
 inline float fp16_bits_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
-  const uint32_t special = sign | 0x7F800000u | (mantissa << 13);                // inf / NaN
+  const uint32_t special = sign | 0x7F800000u | (mantissa << 13);  // inf / NaN
   const uint32_t normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
   const uint32_t subnormal = sign | float_bits(static_cast<float>(mantissa) * 5.9604644775390625e-08f);  // * 2^-24
   return bits_float(exponent == 0x1Fu ? special : exponent != 0 ? normal : subnormal);

@@ -20,16 +20,14 @@ namespace qpeft {
 enum class QuantType : int32_t { NF4 = 0, FP4 = 1 };
 
 // Code books (index -> value), fp32, as bitsandbytes stores them in `weight.quant_map`.
-#define QPEFT_NF4_CODE_VALUES                                                                               \
-  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,          \
-      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,       \
-      0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,                \
-      0.7229568362236023f, 1.0f
+#define QPEFT_NF4_CODE_VALUES                                                                         \
+  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,    \
+      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f, \
+      0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f
 // FP4: sign bit 0b1000, then magnitudes {0, 1/192, 2/3, 1, 1/3, 1/2, 1/6, 1/4} in bit-pattern order.
-#define QPEFT_FP4_CODE_VALUES                                                                               \
-  0.0f, 0.005208333333f, 0.6666666666666666f, 1.0f, 0.3333333333333333f, 0.5f, 0.16666666666666666f, 0.25f, \
-      -0.0f, -0.005208333333f, -0.6666666666666666f, -1.0f, -0.3333333333333333f, -0.5f,                    \
-      -0.16666666666666666f, -0.25f
+#define QPEFT_FP4_CODE_VALUES                                                                                      \
+  0.0f, 0.005208333333f, 0.6666666666666666f, 1.0f, 0.3333333333333333f, 0.5f, 0.16666666666666666f, 0.25f, -0.0f, \
+      -0.005208333333f, -0.6666666666666666f, -1.0f, -0.3333333333333333f, -0.5f, -0.16666666666666666f, -0.25f
 
 // The 4-bit code of 0.0: pads an odd element count, and fills an all-zero block.
 QPEFT_HD uint8_t zero_code_4bit(QuantType type) { return type == QuantType::NF4 ? 7 : 0; }
@@ -40,19 +38,18 @@ QPEFT_HD uint8_t zero_code_4bit(QuantType type) { return type == QuantType::NF4 
 
 // NF4 code of a scaled value: the number of thresholds it is strictly greater than (NaN -> 0).
 QPEFT_HD uint8_t quantize_nf4(float x) {
-  return static_cast<uint8_t>(
-      (x > -0.8480964004993439f) + (x > -0.6106329262256622f) + (x > -0.4599952697753906f) +
-      (x > -0.33967943489551544f) + (x > -0.23460740596055984f) + (x > -0.13791173323988914f) +
-      (x > -0.045525018125772476f) + (x > 0.03979014977812767f) + (x > 0.1202552504837513f) +
-      (x > 0.2035212516784668f) + (x > 0.2920137718319893f) + (x > 0.3893125355243683f) +
-      (x > 0.5016634166240692f) + (x > 0.6427869200706482f) + (x > 0.8614784181118011f));
+  return static_cast<uint8_t>((x > -0.8480964004993439f) + (x > -0.6106329262256622f) + (x > -0.4599952697753906f) +
+                              (x > -0.33967943489551544f) + (x > -0.23460740596055984f) + (x > -0.13791173323988914f) +
+                              (x > -0.045525018125772476f) + (x > 0.03979014977812767f) + (x > 0.1202552504837513f) +
+                              (x > 0.2035212516784668f) + (x > 0.2920137718319893f) + (x > 0.3893125355243683f) +
+                              (x > 0.5016634166240692f) + (x > 0.6427869200706482f) + (x > 0.8614784181118011f));
 }
 
 // FP4 code: sign bit iff x < 0, magnitude by rank of |x| among 7 thresholds mapped to its bit pattern.
 QPEFT_HD uint8_t quantize_fp4(float x) {
   const float a = x < 0.0f ? -x : x;
-  const int rank = (a > 0.00260417f) + (a > 0.0859375f) + (a > 0.20833333f) + (a > 0.29166667f) +
-                   (a > 0.4166667f) + (a > 0.583333f) + (a > 0.8333333f);
+  const int rank = (a > 0.00260417f) + (a > 0.0859375f) + (a > 0.20833333f) + (a > 0.29166667f) + (a > 0.4166667f) +
+                   (a > 0.583333f) + (a > 0.8333333f);
   // rank -> 3-bit pattern {0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011}, packed 4 bits each.
   const uint32_t pattern = (0x32547610u >> (4 * rank)) & 0xFu;
   return static_cast<uint8_t>(pattern | (x < 0.0f ? 0x8u : 0x0u));
@@ -124,8 +121,7 @@ struct BlockScales {
   const float* nested_offset = nullptr;   // nested: the mean subtracted before quantizing (one fp32)
 
   QPEFT_HD float operator()(int64_t block) const {
-    return absmax ? absmax[block]
-                  : nested_scale(absmax_codes, nested_absmax, nested_code, *nested_offset, block);
+    return absmax ? absmax[block] : nested_scale(absmax_codes, nested_absmax, nested_code, *nested_offset, block);
   }
 };
 

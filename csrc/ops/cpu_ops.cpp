@@ -93,8 +93,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
                            c10::string_view quant_type, int64_t out_features) {
   TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                     blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w =
+      prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
   if (M > kCpuSmallM) {  // training sizes: W dequantized a slab at a time, GEMMs in x's dtype
     at::Tensor y = at::empty({M, N}, x.options());
     matmul_4bit_cpu(y, x, w, N, K, /*transpose_w=*/true, /*accumulate=*/false);
@@ -128,8 +128,8 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const at::Tensor& pa
                                       c10::string_view quant_type, int64_t in_features) {
   TORCH_CHECK_VALUE(dy.dim() == 2, "qpeft: linear_4bit_grad_input takes dy of shape [M, N], got ", dy.sizes());
   const int64_t M = dy.size(0), N = dy.size(1), K = in_features;
-  const Dequantize4bitArgs w = prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                     blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w =
+      prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
   if (M > kCpuSmallMGradInput) {
     at::Tensor dx = at::empty({M, K}, dy.options());
     matmul_4bit_cpu(dx, dy, w, N, K, /*transpose_w=*/false, /*accumulate=*/false);
@@ -189,8 +189,8 @@ void for_each_dropped_tile(const at::Tensor& src, const DropoutParams& d, Fn&& f
     const char* base = static_cast<const char*>(src.data_ptr()) + m0 * K * src.element_size();
     void* out = tile.data_ptr();
     at::parallel_for(0, rows * K, kElementsPerTask, [&](int64_t i0, int64_t i1) {
-      cpu::dropout_convert(base, fmt, out, tile_fmt, seed, static_cast<uint64_t>(m0 * K), d.threshold, d.keep_scale,
-                           i0, i1);
+      cpu::dropout_convert(base, fmt, out, tile_fmt, seed, static_cast<uint64_t>(m0 * K), d.threshold, d.keep_scale, i0,
+                           i1);
     });
     fn(m0, tile.narrow(0, 0, rows));
   }
@@ -272,8 +272,8 @@ void lora_down_grad_input_tiles(at::Tensor dx, const LoraDownGradInputArgs& a, d
         cpu::add_dropped(static_cast<const float*>(v), out, a.fmt, seed_value, offset, a.dropout.threshold,
                          a.dropout.keep_scale, i0, i1);
       } else {
-        cpu::dropout_convert(v, product_fmt, out, a.fmt, seed_value, offset, a.dropout.threshold,
-                             a.dropout.keep_scale, i0, i1);
+        cpu::dropout_convert(v, product_fmt, out, a.fmt, seed_value, offset, a.dropout.threshold, a.dropout.keep_scale,
+                             i0, i1);
       }
     });
   }
@@ -285,8 +285,8 @@ void lora_down_grad_input_cpu(const at::Tensor& dx, const at::Tensor& g, const a
   lora_down_grad_input_tiles(dx, prepare_lora_down_grad_input(dx, g, lora_A, p, seed), p, /*accumulate=*/true);
 }
 
-at::Tensor lora_down_grad_input_new_cpu(const at::Tensor& g, const at::Tensor& lora_A, double p,
-                                        const at::Tensor& seed, at::ScalarType dtype) {
+at::Tensor lora_down_grad_input_new_cpu(const at::Tensor& g, const at::Tensor& lora_A, double p, const at::Tensor& seed,
+                                        at::ScalarType dtype) {
   const BelowAutograd below_autograd;
   const NewGradInputArgs a = prepare_lora_down_grad_input_new(g, lora_A, p, seed, dtype);
   lora_down_grad_input_tiles(a.dx, a.args, p, /*accumulate=*/false);

@@ -44,11 +44,11 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
 at::Tensor dequantize_4bit_nested_cuda(const at::Tensor& packed, const at::Tensor& absmax_codes,
                                        const at::Tensor& nested_absmax, const at::Tensor& nested_code,
-                                       const at::Tensor& nested_offset, int64_t blocksize,
-                                       c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+                                       const at::Tensor& nested_offset, int64_t blocksize, c10::string_view quant_type,
+                                       at::IntArrayRef shape, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(packed.device());
-  return run_dequantize_4bit_cuda(prepare_dequantize_4bit_nested(
-      packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize, quant_type, shape, dtype));
+  return run_dequantize_4bit_cuda(prepare_dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_code,
+                                                                 nested_offset, blocksize, quant_type, shape, dtype));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& A, const at::Tensor& code,
@@ -66,10 +66,10 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& q, const at::Tensor&
                                           int64_t blocksize) {
   const c10::cuda::CUDAGuard guard(q.device());
   auto a = prepare_dequantize_blockwise_8bit(q, absmax, code, blocksize);
-  check_launch(cuda::dequantize_blockwise_8bit(a.q.data_ptr<uint8_t>(), a.absmax.data_ptr<float>(),
-                                               a.code.data_ptr<float>(), a.n, a.blocksize, a.out.data_ptr<float>(),
-                                               c10::cuda::getCurrentCUDAStream()),
-               "dequantize_blockwise_8bit");
+  check_launch(
+      cuda::dequantize_blockwise_8bit(a.q.data_ptr<uint8_t>(), a.absmax.data_ptr<float>(), a.code.data_ptr<float>(),
+                                      a.n, a.blocksize, a.out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+      "dequantize_blockwise_8bit");
   return a.out;
 }
 
@@ -88,9 +88,8 @@ cuda::SeedRef seed_ref(const DropoutParams& dropout) {
 at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = prepare_lora_dropout(x, p, seed, offset);
-  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(),
-                                  seed_ref(a.dropout), a.offset, a.dropout.threshold,
-                                  a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(), seed_ref(a.dropout), a.offset,
+                                  a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
                "lora_dropout");
   return a.out;
 }
@@ -119,10 +118,10 @@ at::Tensor lora_down_partials(const LoraDownArgs& a, FloatFormat fmt, int max_sp
   const int splits = std::min(max_splits, mma ? cuda::lora_down_mma_splits(M, K, r) : cuda::lora_down_splits(M, K, r));
   at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
   const auto launch = mma ? &cuda::lora_down_mma : &cuda::lora_down;
-  check_launch(launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
-                      seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
-                      c10::cuda::getCurrentCUDAStream()),
-               "lora_down");
+  check_launch(
+      launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
+             seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+      "lora_down");
   return partial;
 }
 
@@ -141,21 +140,22 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
   const int64_t M = a.x.size(0), K = a.x.size(1), r = a.g.size(1);
   const FloatFormat fmt = float_format(a.x.scalar_type(), "x");
   const bool mma = use_tensor_cores(fmt, K, {a.x.data_ptr()});
-  const int splits = mma ? cuda::lora_down_grad_weight_mma_splits(M, K, r) : cuda::lora_down_grad_weight_splits(M, K, r);
+  const int splits =
+      mma ? cuda::lora_down_grad_weight_mma_splits(M, K, r) : cuda::lora_down_grad_weight_splits(M, K, r);
   at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
   const auto launch = mma ? &cuda::lora_down_grad_weight_mma : &cuda::lora_down_grad_weight;
-  check_launch(launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
-                      seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale,
-                      c10::cuda::getCurrentCUDAStream()),
-               "lora_down_grad_weight");
+  check_launch(
+      launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
+             seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+      "lora_down_grad_weight");
   return sum_partials(partial, at::kFloat, "lora_down_grad_weight (sum of partials)");
 }
 
 // dx (+)= drop(g A) for the validated arguments (the kernel kind set by cuda_lora_tensor_cores where it applies):
 // added to dx when `accumulate`, else written without reading dx.
 void launch_lora_down_grad_input(const at::Tensor& dx, const LoraDownGradInputArgs& a, bool accumulate) {
-  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input: too many features (",
-                    dx.size(1), ")");
+  TORCH_CHECK_VALUE(dx.size(1) <= int64_t{65535} * 256, "qpeft: lora_down_grad_input: too many features (", dx.size(1),
+                    ")");
   const bool mma = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
   const auto launch = mma ? &cuda::lora_down_grad_input_mma : &cuda::lora_down_grad_input;
   check_launch(launch(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(), dx.size(0), dx.size(1),
@@ -188,14 +188,15 @@ at::Tensor dequantized_weight_cuda(Dequantize4bitArgs w, const at::Tensor& activ
 }
 
 at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                            const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code,
                             const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                             c10::string_view quant_type, int64_t out_features) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const Dequantize4bitArgs w = prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                     blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w =
+      prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
   if (M == 0) return at::empty({0, N}, x.options());
   if (M > cuda::kLinear4bitMaxM) return at::mm(x, dequantized_weight_cuda(w, x, N, K).t());
   const at::Tensor x2 = x.contiguous();
@@ -214,8 +215,8 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& dy, const at::Tensor& p
   const c10::cuda::CUDAGuard guard(dy.device());
   TORCH_CHECK_VALUE(dy.dim() == 2, "qpeft: linear_4bit_grad_input takes dy of shape [M, N], got ", dy.sizes());
   const int64_t N = dy.size(1), K = in_features;
-  const Dequantize4bitArgs w = prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                     blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w =
+      prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
   return at::mm(dy, dequantized_weight_cuda(w, dy, N, K));
 }
 
@@ -244,10 +245,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> qlora_forward_small_m_cuda(
   lora.bias_fmt = b.defined() ? float_format(b.scalar_type(), "bias") : FloatFormat::F32;
   lora.scaling = static_cast<float>(scaling);
   lora.xa = xa.data_ptr();
-  check_launch(cuda::linear_4bit_lora(a.x.data_ptr(), fmt, M, K, weight.packed.data_ptr<uint8_t>(), weight.scales(),
-                                      weight.blocksize, weight.type, y.data_ptr(), N, lora,
-                                      c10::cuda::getCurrentCUDAStream()),
-               "qlora_forward (small-M fused kernel)");
+  check_launch(
+      cuda::linear_4bit_lora(a.x.data_ptr(), fmt, M, K, weight.packed.data_ptr<uint8_t>(), weight.scales(),
+                             weight.blocksize, weight.type, y.data_ptr(), N, lora, c10::cuda::getCurrentCUDAStream()),
+      "qlora_forward (small-M fused kernel)");
   return std::make_tuple(y, xa);
 }
 

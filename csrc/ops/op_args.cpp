@@ -36,8 +36,8 @@ constexpr int64_t kMaxElements = int64_t{1} << 60;
 // a * b for non-negative sizes, or a ValueError naming `what` when it exceeds kMaxElements.
 int64_t checked_size_product(int64_t a, int64_t b, const char* what) {
   int64_t product = 0;
-  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &product) && product <= kMaxElements, "qpeft: ", what, " (", a,
-                    " x ", b, " elements) is too large: at most 2^60 elements");
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &product) && product <= kMaxElements, "qpeft: ", what, " (", a, " x ",
+                    b, " elements) is too large: at most 2^60 elements");
   return product;
 }
 
@@ -50,8 +50,7 @@ int64_t shape_numel(at::IntArrayRef shape) {
   return n;
 }
 
-Dequantize4bitArgs prepare_common(const at::Tensor& packed, int64_t blocksize, std::string_view quant_type,
-                                  int64_t n) {
+Dequantize4bitArgs prepare_common(const at::Tensor& packed, int64_t blocksize, std::string_view quant_type, int64_t n) {
   Dequantize4bitArgs args;
   check_blocksize(blocksize);
   check_dtype(packed, at::kByte, "packed");
@@ -131,8 +130,10 @@ Dequantize4bitArgs prepare_weight_4bit_nested(const at::Tensor& packed, const at
   check_numel(nested_code, 256, "nested_code");
   check_dtype(nested_offset, at::kFloat, "nested_offset");
   check_numel(nested_offset, 1, "nested_offset");
-  for (auto [t, what] : {std::pair{&absmax_codes, "absmax_codes"}, {&nested_absmax, "nested_absmax"},
-                         {&nested_code, "nested_code"}, {&nested_offset, "nested_offset"}}) {
+  for (auto [t, what] : {std::pair{&absmax_codes, "absmax_codes"},
+                         {&nested_absmax, "nested_absmax"},
+                         {&nested_code, "nested_code"},
+                         {&nested_offset, "nested_offset"}}) {
     check_same_device(packed, *t, what);
   }
   args.absmax_codes = absmax_codes.contiguous();
@@ -163,8 +164,8 @@ Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, cons
                                                   const at::Tensor& nested_offset, int64_t blocksize,
                                                   std::string_view quant_type, at::IntArrayRef shape,
                                                   at::ScalarType dtype) {
-  Dequantize4bitArgs args = prepare_weight_4bit_nested(packed, absmax_codes, nested_absmax, nested_code,
-                                                       nested_offset, blocksize, quant_type, shape_numel(shape));
+  Dequantize4bitArgs args = prepare_weight_4bit_nested(packed, absmax_codes, nested_absmax, nested_code, nested_offset,
+                                                       blocksize, quant_type, shape_numel(shape));
   allocate_output(args, packed, shape, dtype);
   return args;
 }
@@ -300,8 +301,7 @@ LoraDownGradWeightArgs prepare_lora_down_grad_weight(const at::Tensor& g, const 
   const at::Tensor g2 = prepare_activation(g, "the gradient of lora_down_grad_weight");
   TORCH_CHECK_VALUE(g2.size(0) == args.x.size(0), "qpeft: lora_down_grad_weight: g has ", g2.size(0),
                     " rows but x has ", args.x.size(0));
-  TORCH_CHECK_VALUE(g2.device() == args.x.device(), "qpeft: g is on ", g2.device(), " but x is on ",
-                    args.x.device());
+  TORCH_CHECK_VALUE(g2.device() == args.x.device(), "qpeft: g is on ", g2.device(), " but x is on ", args.x.device());
   args.g = g2.to(at::kFloat).contiguous();
   args.dropout = prepare_dropout(args.x, p, seed);
   return args;
@@ -326,8 +326,10 @@ LoraDownGradInputArgs prepare_lora_down_grad_input(const at::Tensor& dx, const a
 NewGradInputArgs prepare_lora_down_grad_input_new(const at::Tensor& g, const at::Tensor& lora_A, double p,
                                                   const at::Tensor& seed, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(g.dim() == 2, "qpeft: lora_down_grad_input: g must have shape [rows, r], got ", g.sizes());
-  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(0) == g.size(1), "qpeft: lora_down_grad_input: lora_A must "
-                    "have shape [", g.size(1), ", in_features], got ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(0) == g.size(1),
+                    "qpeft: lora_down_grad_input: lora_A must "
+                    "have shape [",
+                    g.size(1), ", in_features], got ", lora_A.sizes());
   float_format(dtype, "the dtype of lora_down_grad_input");
   NewGradInputArgs out;
   out.dx = at::empty({g.size(0), lora_A.size(1)}, g.options().dtype(dtype));

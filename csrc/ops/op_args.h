@@ -36,12 +36,12 @@ struct Quantize4bitArgs {
 Quantize4bitArgs prepare_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_view quant_type);
 
 struct Dequantize4bitArgs {
-  at::Tensor packed;  // contiguous uint8
+  at::Tensor packed;                                                           // contiguous uint8
   at::Tensor absmax, absmax_codes, nested_absmax, nested_code, nested_offset;  // contiguous; unused ones undefined
   int64_t n, blocksize;
   QuantType type;
   FloatFormat fmt;
-  at::Tensor out;  // undefined for a weight prepared without an output
+  at::Tensor out;              // undefined for a weight prepared without an output
   BlockScales scales() const;  // raw pointers into the tensors above
 };
 // The 4-bit weight of n elements alone (validated, contiguous; no output allocated).

@@ -26,8 +26,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "qpeft compiled kernels (ops are registered under torch.ops.qpeft)";
   m.def("_set_reciprocal_table", [](py::bytes table) {
     const std::string data = table;
-    qpeft::cpu::set_reciprocal_table(reinterpret_cast<const uint8_t*>(data.data()),
-                                     static_cast<int64_t>(data.size()));
+    qpeft::cpu::set_reciprocal_table(reinterpret_cast<const uint8_t*>(data.data()), static_cast<int64_t>(data.size()));
   });
   m.def("_set_cuda_lora_tensor_cores", &qpeft::ops::set_cuda_lora_tensor_cores);
   m.def("_cuda_lora_tensor_cores", &qpeft::ops::cuda_lora_tensor_cores);
@@ -37,8 +36,7 @@ PYBIND11_MODULE(_C, m) {
     levels[i] = qpeft::cpu::cpu_isa_name(static_cast<qpeft::cpu::CpuIsa>(i));
   m.attr("CPU_ISA_LEVELS") = levels;
   m.def("_cpu_isa", []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::cpu_isa())); });
-  m.def("_detected_cpu_isa",
-        []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::detected_cpu_isa())); });
+  m.def("_detected_cpu_isa", []() { return std::string(qpeft::cpu::cpu_isa_name(qpeft::cpu::detected_cpu_isa())); });
   m.def("_set_cpu_isa_cap", [](const std::string& name) {
     qpeft::cpu::CpuIsa cap;
     if (!qpeft::cpu::parse_cpu_isa(name.c_str(), &cap)) throw py::value_error("qpeft: unknown CPU level " + name);

@@ -48,9 +48,9 @@ struct Weight4bit {
     if (nested_absmax.has_value()) {
       TORCH_CHECK_VALUE(nested_code.has_value() && nested_offset.has_value(),
                         "qpeft: nested_absmax, nested_code and nested_offset go together");
-      static auto dequant = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, int64_t, c10::string_view, at::IntArrayRef,
-                                          at::ScalarType)>("qpeft::dequantize_4bit_nested");
+      static auto dequant =
+          op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        int64_t, c10::string_view, at::IntArrayRef, at::ScalarType)>("qpeft::dequantize_4bit_nested");
       return dequant.call(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize, quant_type, {N, K},
                           dtype);
     }
@@ -86,8 +86,8 @@ struct Weight4bit {
 void check_adapter(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B) {
   TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == x2.size(1), "qpeft: lora_A must have shape [r, ", x2.size(1),
                     "], got ", A.sizes());
-  TORCH_CHECK_VALUE(B.dim() == 2 && B.size(1) == A.size(0), "qpeft: lora_B must have shape [out_features, ",
-                    A.size(0), "], got ", B.sizes());
+  TORCH_CHECK_VALUE(B.dim() == 2 && B.size(1) == A.size(0), "qpeft: lora_B must have shape [out_features, ", A.size(0),
+                    "], got ", B.sizes());
   float_format(A.scalar_type(), "lora_A");
   float_format(B.scalar_type(), "lora_B");
   TORCH_CHECK_VALUE(A.device() == x2.device() && B.device() == x2.device(), "qpeft: the adapter is on ", A.device(),
@@ -100,8 +100,8 @@ void check_adapter(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& 
 at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) return at::mm(a, b);
   if (a.is_cuda()) {
-    static const auto mm_dtype = []() -> std::optional<c10::TypedOperatorHandle<at::Tensor(
-                                          const at::Tensor&, const at::Tensor&, at::ScalarType)>> {
+    static const auto mm_dtype = []()
+        -> std::optional<c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>> {
       const auto handle = c10::Dispatcher::singleton().findOp({"aten::mm", "dtype"});
       if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return std::nullopt;
       return handle->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>();
@@ -118,7 +118,8 @@ at::Tensor scaled_as(const at::Tensor& t, double scaling, at::ScalarType dtype) 
 }
 
 at::Tensor lora_down(const at::Tensor& x, const at::Tensor& A, double p, const at::Tensor& seed) {
-  static auto down = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down");
+  static auto down =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down");
   return down.call(x, A, p, seed);
 }
 
@@ -143,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
   const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
 #ifdef QPEFT_WITH_CUDA
   if (x2.is_cuda() && M <= small_m(x2.device())) {  // decode: two launches where the fused kernel applies
-    const Dequantize4bitArgs w = prepare_linear_weight(x2, packed, absmax, nested_absmax, nested_code,
-                                                       nested_offset, blocksize, quant_type, N, K);
+    const Dequantize4bitArgs w = prepare_linear_weight(x2, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                       blocksize, quant_type, N, K);
     if (auto fused = qlora_forward_small_m_cuda(x2, w, lora_A, lora_B, bias, scaling, p, seed)) return *fused;
   }
 #endif
@@ -185,21 +186,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
   const at::ScalarType dtype = dy2.scalar_type();
   const at::Tensor g = mm_float(dy2, scaled_as(lora_B, scaling, dtype));  // [M, r] fp32: s dy B
   at::Tensor dB = mm_float(dy2.t(), xa).mul_(scaling).to(lora_B.scalar_type());
-  static auto grad_weight = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
-      "qpeft::lora_down_grad_weight");
+  static auto grad_weight =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down_grad_weight");
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());
   const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
   at::Tensor dx;
   if (x2.device().is_cpu() && M <= kCpuSmallMGradInput) {  // dy W from the codes, then += drop(g A)
     dx = weight.grad_input(dy2, K);
-    static auto grad_input_ = op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                      const at::Tensor&)>("qpeft::lora_down_grad_input_");
+    static auto grad_input_ =
+        op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>(
+            "qpeft::lora_down_grad_input_");
     grad_input_.call(dx, g, lora_A, p, seed);
   } else {
     // drop(g A) written first, then the GEMM adds dy W onto it in its epilogue (beta = 1): dx is written twice
     // and read once, where GEMM-then-accumulate wrote, read and wrote it again (as the forward orders y).
-    static auto grad_input = op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                           at::ScalarType)>("qpeft::lora_down_grad_input");
+    static auto grad_input =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&, at::ScalarType)>(
+            "qpeft::lora_down_grad_input");
     dx = grad_input.call(g, lora_A, p, seed, dtype);
     weight.add_matmul(dx, dy2, N, K, /*transpose_w=*/false);
   }
@@ -250,13 +253,13 @@ struct QLoraFunction : public torch::autograd::Function<QLoraFunction> {
     if (!dy.defined()) return out;
     const std::string quant_type = ctx->saved_data["quant_type"].toStringRef();
     static auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const OptTensor&, const OptTensor&, const OptTensor&, int64_t, c10::string_view, const at::Tensor&,
-        const at::Tensor&, double, double, const at::Tensor&)>("qpeft::qlora_backward");
-    auto [dx, dA, dB] = bwd.call(dy.contiguous(), saved[0], saved[1], saved[2], saved[3], optional(saved[4]),
-                                 optional(saved[5]), optional(saved[6]), ctx->saved_data["blocksize"].toInt(),
-                                 quant_type, saved[7], saved[8], ctx->saved_data["scaling"].toDouble(),
-                                 ctx->saved_data["p"].toDouble(), saved[9]);
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+        const OptTensor&, const OptTensor&, int64_t, c10::string_view, const at::Tensor&, const at::Tensor&, double,
+        double, const at::Tensor&)>("qpeft::qlora_backward");
+    auto [dx, dA, dB] =
+        bwd.call(dy.contiguous(), saved[0], saved[1], saved[2], saved[3], optional(saved[4]), optional(saved[5]),
+                 optional(saved[6]), ctx->saved_data["blocksize"].toInt(), quant_type, saved[7], saved[8],
+                 ctx->saved_data["scaling"].toDouble(), ctx->saved_data["p"].toDouble(), saved[9]);
     if (ctx->needs_input_grad(0)) out[0] = dx;
     if (ctx->needs_input_grad(a_index)) out[8] = dA;
     if (ctx->needs_input_grad(a_index + 1)) out[9] = dB;
@@ -266,11 +269,13 @@ struct QLoraFunction : public torch::autograd::Function<QLoraFunction> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> qlora_forward_autograd(
-    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& nested_absmax,
-    const OptTensor& nested_code, const OptTensor& nested_offset, int64_t blocksize, c10::string_view quant_type,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const OptTensor& bias, double scaling, double p,
-    const at::Tensor& seed) {
+std::tuple<at::Tensor, at::Tensor> qlora_forward_autograd(const at::Tensor& x, const at::Tensor& packed,
+                                                          const at::Tensor& absmax, const OptTensor& nested_absmax,
+                                                          const OptTensor& nested_code, const OptTensor& nested_offset,
+                                                          int64_t blocksize, c10::string_view quant_type,
+                                                          const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                                          const OptTensor& bias, double scaling, double p,
+                                                          const at::Tensor& seed) {
   auto outs = QLoraFunction::apply(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type,
                                    lora_A, lora_B, bias, scaling, p, seed);
   return {outs[0], outs[1]};

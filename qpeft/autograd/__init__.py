@@ -5,5 +5,13 @@ from .base import base_grad_input, base_matmul, frozen_4bit_linear, weight_args
 from .ia3 import ia3_linear
 from .lora import dora_linear, lora_branch, qlora_linear
 
-__all__ = ["base_grad_input", "base_matmul", "dora_linear", "frozen_4bit_linear", "ia3_linear", "lora_branch",
-           "qlora_linear", "weight_args"]
+__all__ = [
+    "base_grad_input",
+    "base_matmul",
+    "dora_linear",
+    "frozen_4bit_linear",
+    "ia3_linear",
+    "lora_branch",
+    "qlora_linear",
+    "weight_args",
+]

@@ -10,6 +10,7 @@ from .._ops import ops
 from ..functional import weight_args
 from ..quantized import Quantized4bitWeight
 
+
 def base_matmul(x2: torch.Tensor, wargs: tuple, n: int) -> torch.Tensor:
     """x2 [M, K] @ W^T -> [M, n] in x2's dtype (the linear_4bit op picks the path)."""
     return ops.linear_4bit(x2, *wargs, n)
@@ -46,8 +47,9 @@ class _Frozen4bitLinear(torch.autograd.Function):
         return base_grad_input(dy2, wargs, ctx.k).reshape(*dy.shape[:-1], ctx.k), None, None
 
 
-def frozen_4bit_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple,
-                       out_features: int | None = None) -> torch.Tensor:
+def frozen_4bit_linear(
+    x: torch.Tensor, weight: Quantized4bitWeight | tuple, out_features: int | None = None
+) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype, W the dequantized 4-bit weight [N, K] (frozen: no grad).
     ``weight`` may also be its weight_args tuple, with ``out_features`` (Linear4bit.op_weight_args: the per-call
     fast path). Where no gradient can flow to x the op runs without an autograd node."""

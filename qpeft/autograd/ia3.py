@@ -46,8 +46,9 @@ def _forward(x2, scale, bias, wargs, scaled_args, n, feedforward, keep_base):
 class _IA3Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, bias, wargs, scaled_args, n, feedforward):
-        y, base = _forward(F.as_rows(x), scale, bias, wargs, scaled_args, n, feedforward,
-                           keep_base=ctx.needs_input_grad[1])
+        y, base = _forward(
+            F.as_rows(x), scale, bias, wargs, scaled_args, n, feedforward, keep_base=ctx.needs_input_grad[1]
+        )
         ctx.save_for_backward(x if feedforward else base, scale, bias)
         ctx.meta = (wargs, scaled_args, n, feedforward, x.shape)
         return y.reshape(*x.shape[:-1], n)
@@ -70,8 +71,11 @@ class _IA3Linear(torch.autograd.Function):
                 dbias = dy2.float().sum(0).to(bias.dtype)
         else:
             if ctx.needs_input_grad[0]:
-                dx = (base_grad_input(dy2, scaled_args, k) if scaled_args is not None else
-                      base_grad_input((dy2 * s).contiguous(), wargs, k))
+                dx = (
+                    base_grad_input(dy2, scaled_args, k)
+                    if scaled_args is not None
+                    else base_grad_input((dy2 * s).contiguous(), wargs, k)
+                )
             if ctx.needs_input_grad[1]:
                 dscale = (dy2.float() * kept.float()).sum(0)
             if bias is not None and ctx.needs_input_grad[2]:
@@ -83,8 +87,15 @@ class _IA3Linear(torch.autograd.Function):
         return dx, dscale, dbias, None, None, None, None
 
 
-def ia3_linear(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, wargs: tuple, n: int,
-               feedforward: bool, scales: torch.Tensor | None = None) -> torch.Tensor:
+def ia3_linear(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    wargs: tuple,
+    n: int,
+    feedforward: bool,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """IA3 over the frozen 4-bit W [n, K] (weight_args ``wargs``): (x * scale) W^T + b when ``feedforward``, else
     (x W^T + b) * scale; ``scale`` [K] or [n] (any shape of that size), in x's dtype. ``scales``: W's fp32 block
     scales, to scale W's rows inside the matmul."""

@@ -26,8 +26,16 @@ from .base import base_grad_input, base_matmul, save_weight, saved_weight, weigh
 # qlora_backward op, and dbias = sum of dy over rows when the bias needs a gradient.
 
 
-def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.Tensor, B: torch.Tensor,
-                 bias: torch.Tensor | None, scaling: float, p: float, seed: torch.Tensor) -> torch.Tensor:
+def qlora_linear(
+    x: torch.Tensor,
+    weight: Quantized4bitWeight | tuple,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    seed: torch.Tensor,
+) -> torch.Tensor:
     """x W^T + s * drop(x) A^T B^T + bias for x [..., K] in x's dtype, through the fused ops; ``bias`` [N] is the
     layer's total bias (base + s * lora_bias, differentiable), ``seed`` an int64 [1] tensor on x's device or the CPU.
     ``weight`` may also be its weight_args tuple already (Linear4bit.op_weight_args: the per-call fast path)."""
@@ -39,6 +47,7 @@ def qlora_linear(x: torch.Tensor, weight: Quantized4bitWeight | tuple, A: torch.
 
 
 # ---- one of several adapters: the LoRA branch alone ----------------------------------------------------------
+
 
 class _LoraBranch(torch.autograd.Function):
     @staticmethod
@@ -73,14 +82,16 @@ def _lora_branch_grads(ctx, dl, x2, xa, A, B, scaling, p, seed, dx_base):
     return dA, dB, dx
 
 
-def lora_branch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
-                seed: torch.Tensor) -> torch.Tensor:
+def lora_branch(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float, seed: torch.Tensor
+) -> torch.Tensor:
     """s * drop(x) A^T B^T for x [..., K], A [r, K], B [N, r], in x's dtype (A, B cast for the matmuls; their
     gradients come back in their own dtype). Dropout p from the int64 [1] ``seed`` tensor on x's device."""
     return _LoraBranch.apply(x, A, B, float(scaling), float(p), seed)
 
 
 # ---- one DoRA adapter -----------------------------------------------------------------------------------------
+
 
 class _DoraLinear(torch.autograd.Function):
     """y = base + (ratio - 1) * base_d + ratio * s * (xa B^T + lora_bias) + bias, with base = x W^T, base_d =
@@ -120,7 +131,8 @@ class _DoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if p > 0:
                 dx_base = base_grad_input(dy2, wargs, k) + ops.lora_dropout(
-                    base_grad_input((dy2 * (r - 1)).contiguous(), wargs, k), p, seed, 0)
+                    base_grad_input((dy2 * (r - 1)).contiguous(), wargs, k), p, seed, 0
+                )
             else:
                 dx_base = base_grad_input(dl.contiguous(), wargs, k)
         dA, dB, dx = _lora_branch_grads(ctx, dl, x2, xa, A, B, s, p, seed, dx_base)
@@ -137,9 +149,19 @@ def _lora_term(xa, B, lora_bias, scaling):
     return out * scaling
 
 
-def dora_linear(x: torch.Tensor, weight: Quantized4bitWeight, A: torch.Tensor, B: torch.Tensor, ratio: torch.Tensor,
-                lora_bias: torch.Tensor | None, bias: torch.Tensor | None, scaling: float, p: float,
-                seed: torch.Tensor) -> torch.Tensor:
+def dora_linear(
+    x: torch.Tensor,
+    weight: Quantized4bitWeight,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    ratio: torch.Tensor,
+    lora_bias: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    seed: torch.Tensor,
+) -> torch.Tensor:
     """One DoRA adapter on the frozen 4-bit base (see _DoraLinear), in x's dtype."""
-    return _DoraLinear.apply(x, A, B, ratio, lora_bias, bias, (float(scaling), float(p), seed), weight_args(weight),
-                             weight.shape[0])
+    return _DoraLinear.apply(
+        x, A, B, ratio, lora_bias, bias, (float(scaling), float(p), seed), weight_args(weight), weight.shape[0]
+    )

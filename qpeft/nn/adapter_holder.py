@@ -163,4 +163,3 @@ class SingleAdapterLinear4bit(AdapterHolder):
             W = self.adapted_weight(W, adapter)
         bias = self.base.bias
         return W.to(dtype), None if bias is None else bias.to(dtype)
-

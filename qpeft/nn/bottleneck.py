@@ -16,8 +16,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 class BottleneckAdapter(nn.Module):
     """down [b, d] (N(0, init_std)), nonlinearity, up [d, b] (zero), both with biases; returns up(act(down(h)))."""
 
-    def __init__(self, features: int, bottleneck: int, non_linearity: str = "relu", init_std: float = 1e-2,
-                 device=None):
+    def __init__(
+        self, features: int, bottleneck: int, non_linearity: str = "relu", init_std: float = 1e-2, device=None
+    ):
         super().__init__()
         self.down = nn.Linear(features, bottleneck, device=device)
         self.act = ACTIVATIONS[non_linearity]()

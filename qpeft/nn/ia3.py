@@ -65,8 +65,15 @@ class IA3Linear4bit(AdapterHolder):
         if scale is None:
             return self.base(x)
         xc = x if x.dtype == dtype else x.to(dtype)
-        y = ia3_linear(xc, scale, self.base.bias, self.base.op_weight_args(), self.out_features, self.feedforward,
-                       self.base.block_scales())
+        y = ia3_linear(
+            xc,
+            scale,
+            self.base.bias,
+            self.base.op_weight_args(),
+            self.out_features,
+            self.feedforward,
+            self.base.block_scales(),
+        )
         return y.to(x.dtype)
 
     @torch.no_grad()

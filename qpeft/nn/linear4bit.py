@@ -22,8 +22,12 @@ from ..autograd import frozen_4bit_linear, weight_args
 from ..quantized import Quantized4bitWeight
 
 # Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.
-_STATE_BUFFERS = {"weight_absmax": "absmax", "weight_nested_absmax": "nested_absmax",
-                  "weight_nested_code": "nested_code", "weight_nested_offset": "nested_offset"}
+_STATE_BUFFERS = {
+    "weight_absmax": "absmax",
+    "weight_nested_absmax": "nested_absmax",
+    "weight_nested_code": "nested_code",
+    "weight_nested_offset": "nested_offset",
+}
 
 
 def _to_buffer(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -72,37 +76,56 @@ class Linear4bit(nn.Module):
         quant_type, blocksize, double_quant, quant_storage: the 4-bit format (bitsandbytes' meaning).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype: torch.dtype | None = None,
-                 quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                 quant_storage: torch.dtype = torch.uint8, device: torch.device | str | None = None,
-                 bias_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        quant_storage: torch.dtype = torch.uint8,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         placeholder = torch.zeros(out_features, in_features, dtype=torch.bfloat16, device=device)
-        self.set_quantized_weight(Quantized4bitWeight.from_float(placeholder, quant_type, blocksize, double_quant,
-                                                                 quant_storage))
+        self.set_quantized_weight(
+            Quantized4bitWeight.from_float(placeholder, quant_type, blocksize, double_quant, quant_storage)
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
         self.fan_in_fan_out = False  # quantized from a Conv1D (weight stored [in, out]): to_linear gives one back
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> "Linear4bit":
         """Quantize an nn.Linear (on its device), or a transformers Conv1D: its weight [in, out] is quantized
         transposed, as transformers' bitsandbytes integration does. The bias is copied unquantized, in its own
         dtype."""
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
-            raise TypeError(f"qpeft: from_linear expects an nn.Linear or a transformers Conv1D, got "
-                            f"{type(linear).__name__}")
+            raise TypeError(
+                f"qpeft: from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}"
+            )
         weight = linear.weight.detach()
         weight = weight.T.contiguous() if conv1d else weight
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.out_features, module.in_features = weight.shape
         module.compute_dtype = compute_dtype
-        module.set_quantized_weight(Quantized4bitWeight.from_float(weight, quant_type, blocksize, double_quant,
-                                                                   quant_storage))
+        module.set_quantized_weight(
+            Quantized4bitWeight.from_float(weight, quant_type, blocksize, double_quant, quant_storage)
+        )
         module.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         module.fan_in_fan_out = conv1d
         return module
@@ -110,8 +133,10 @@ class Linear4bit(nn.Module):
     # ---- the quantized weight -----------------------------------------------------------------------------
     def set_quantized_weight(self, q: Quantized4bitWeight) -> None:
         if tuple(q.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
-                             f"[{self.out_features}, {self.in_features}]")
+            raise ValueError(
+                f"qpeft: quantized weight has shape {list(q.shape)}, but this layer is "
+                f"[{self.out_features}, {self.in_features}]"
+            )
         self._drop_weight_caches()
         self.weight = nn.Parameter(q.packed.reshape(-1, 1).view(torch.uint8), requires_grad=False)
         self.quant_storage = q.quant_storage
@@ -124,9 +149,14 @@ class Linear4bit(nn.Module):
         """A view of this layer's weight as a Quantized4bitWeight (no copy)."""
         tensors = {field: _from_buffer(getattr(self, buffer), field) for buffer, field in _STATE_BUFFERS.items()}
         packed = self.weight.data.reshape(-1).view(self.quant_storage).unsqueeze(1)
-        return Quantized4bitWeight(packed, shape=torch.Size((self.out_features, self.in_features)),
-                                   dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
-                                   **tensors)
+        return Quantized4bitWeight(
+            packed,
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            **tensors,
+        )
 
     def op_weight_args(self) -> tuple:
         """weight_args of this layer's weight (views of its tensors, as qpeft's ops take them), cached until the
@@ -137,16 +167,20 @@ class Linear4bit(nn.Module):
         """||W_n||^2 of every output row n of the dequantized weight, fp64 [out_features]: W is frozen, so this is
         computed once (one dense fp32 dequantization) and cached until the weight is replaced or moved (DoRA's
         weight norm is built from it without a dense W per call)."""
+
         def compute():
             with torch.no_grad():
                 return self.dequantized_weight(torch.float32).double().pow(2).sum(1)
+
         return self._derived_from_weight("_row_norms_squared", compute)
 
     def block_scales(self) -> torch.Tensor:
         """The fp32 scale of every quantization block (the double quantization decoded), cached like the others."""
+
         def compute():
             with torch.no_grad():
                 return self.quantized_weight.fp32_scales().float().reshape(-1)
+
         return self._derived_from_weight("_block_scales", compute)
 
     _WEIGHT_CACHES = ("_op_weight_args", "_row_norms_squared", "_block_scales")
@@ -195,9 +229,11 @@ class Linear4bit(nn.Module):
 
     def extra_repr(self) -> str:
         q = self.quantized_weight
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}, "
-                f"compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
 
     # ---- bitsandbytes-compatible state dict ---------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -206,8 +242,9 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight_key, bias_key = prefix + "weight", prefix + "bias"
         ours = [k for k in state_dict if k.startswith(prefix)]  # a leaf module: every key under prefix is its own
         weight_keys = {k for k in ours if k == weight_key or k.startswith(weight_key + ".")}
@@ -215,8 +252,9 @@ class Linear4bit(nn.Module):
             # a module built on the meta device takes the state dict's device instead of staying empty
             device = None if self.weight.device.type == "meta" else self.weight.device
             try:
-                q = Quantized4bitWeight.from_state_dict({k: state_dict[k] for k in weight_keys}, weight_key,
-                                                        device=device)
+                q = Quantized4bitWeight.from_state_dict(
+                    {k: state_dict[k] for k in weight_keys}, weight_key, device=device
+                )
                 self.set_quantized_weight(q)
             except ValueError as e:
                 error_msgs.append(str(e))
@@ -226,8 +264,10 @@ class Linear4bit(nn.Module):
             if bias_key not in state_dict:
                 missing_keys.append(bias_key)
             elif state_dict[bias_key].shape != self.bias.shape:
-                error_msgs.append(f"qpeft: '{bias_key}' has shape {list(state_dict[bias_key].shape)}, expected "
-                                  f"{list(self.bias.shape)}")
+                error_msgs.append(
+                    f"qpeft: '{bias_key}' has shape {list(state_dict[bias_key].shape)}, expected "
+                    f"{list(self.bias.shape)}"
+                )
             elif self.bias.device.type == "meta":
                 bias = state_dict[bias_key].to(self.bias.dtype)
                 self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)

@@ -26,9 +26,20 @@ class LoraAdapter(nn.Module):
     """One adapter's trainable tensors: ``lora_A`` [r, in], ``lora_B`` [out, r], optional ``lora_bias`` [out]
     (the bias of peft's lora_B, scaled with the branch) and ``lora_magnitude`` [out] (DoRA's m)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        init: str = "kaiming",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"qpeft: LoRA rank r must be a positive integer, got {r!r}")
@@ -75,8 +86,10 @@ class LoraAdapter(nn.Module):
         return s * (B.float() @ A.float())
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
-                f"dora={self.use_dora}, lora_bias={self.lora_bias is not None}")
+        return (
+            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
+            f"dora={self.use_dora}, lora_bias={self.lora_bias is not None}"
+        )
 
 
 class AdaLoraAdapter(nn.Module):
@@ -89,8 +102,16 @@ class AdaLoraAdapter(nn.Module):
     lora_magnitude = None
     use_dora = False
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
-                 ranknum: int | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        ranknum: int | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         if not isinstance(r, int) or r < 0:
             raise ValueError(f"qpeft: AdaLoRA rank must be a non-negative integer, got {r!r}")
@@ -125,8 +146,10 @@ class AdaLoraAdapter(nn.Module):
     delta_weight = LoraAdapter.delta_weight
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, active ranks={int(self.rank_mask.sum())}, alpha={self.alpha}, ranknum={self.ranknum}, "
-                f"dropout={self.dropout}")
+        return (
+            f"r={self.r}, active ranks={int(self.rank_mask.sum())}, alpha={self.alpha}, ranknum={self.ranknum}, "
+            f"dropout={self.dropout}"
+        )
 
 
 class LoraLinear4bit(AdapterHolder):
@@ -138,10 +161,19 @@ class LoraLinear4bit(AdapterHolder):
     ``scaling``, ``r``, ``alpha`` and ``dropout`` are its attributes.
     """
 
-    def __init__(self, base: Linear4bit, r: int | None = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
-                 adapter_dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
+    def __init__(
+        self,
+        base: Linear4bit,
+        r: int | None = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+        adapter_name: str = "default",
+    ):
         """``r`` None: no adapter yet (``attach`` adds one built elsewhere)."""
         super().__init__()
         self.base = base
@@ -152,21 +184,54 @@ class LoraLinear4bit(AdapterHolder):
             self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                    use_rslora: bool = False, use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
-                    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, adapter_name: str = "default") -> "LoraLinear4bit":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        init: str = "kaiming",
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        adapter_name: str = "default",
+    ) -> "LoraLinear4bit":
         base = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
         return cls(base, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_name=adapter_name)
 
     # ---- adapters -----------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 8, dropout: float = 0.0, use_rslora: bool = False,
-                    use_dora: bool = False, lora_bias: bool = False, init: str = "kaiming",
-                    adapter_dtype: torch.dtype = torch.float32, activate: bool = True) -> LoraAdapter:
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype = torch.float32,
+        activate: bool = True,
+    ) -> LoraAdapter:
         """Adds a fresh adapter (B = 0: the layer's output is unchanged) and, by default, makes it the active one."""
         self.check_new_adapter(name)
-        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, use_dora, lora_bias,
-                              init, adapter_dtype, self.base.weight.device)
+        adapter = LoraAdapter(
+            self.in_features,
+            self.out_features,
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            use_dora,
+            lora_bias,
+            init,
+            adapter_dtype,
+            self.base.weight.device,
+        )
         if use_dora:  # m starts as the row norms of W, in fp32
             with torch.no_grad():
                 adapter.lora_magnitude.copy_(self.base.row_norms_squared().sqrt())
@@ -269,8 +334,8 @@ class LoraLinear4bit(AdapterHolder):
             B = adapter.lora_B.double()
             wa = frozen_4bit_linear(A, self.base.quantized_weight).double()  # [r, N] = A W^T
             s = adapter.scaling
-            gram = (A.double() @ A.double().T)
-            squared = (self.base.row_norms_squared() + 2 * s * (B * wa.T).sum(1) + s * s * ((B @ gram) * B).sum(1))
+            gram = A.double() @ A.double().T
+            squared = self.base.row_norms_squared() + 2 * s * (B * wa.T).sum(1) + s * s * ((B @ gram) * B).sum(1)
             return squared.clamp_min(0).sqrt().float()
 
     # ---- merging (into a dense weight: the 4-bit base is never requantized) --------------------------------

@@ -23,8 +23,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     n = shape[0] * shape[1]
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (n + 7) // 8:
-        raise ValueError(f"qpeft: a packed mask of {list(shape)} is {(n + 7) // 8} uint8 bytes, got "
-                         f"{bits.dtype} {list(bits.shape)}")
+        raise ValueError(
+            f"qpeft: a packed mask of {list(shape)} is {(n + 7) // 8} uint8 bytes, got {bits.dtype} {list(bits.shape)}"
+        )
     unpacked = (bits.reshape(-1, 1) & _BIT_WEIGHTS.to(bits.device)) != 0
     return unpacked.reshape(-1)[:n].reshape(shape)
 
@@ -32,8 +33,15 @@ def unpack_bits(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 class MaskScores(nn.Module):
     """The trainable scores of one mask (``scores`` [out, in], starting at ``init_score`` everywhere: all kept)."""
 
-    def __init__(self, out_features: int, in_features: int, threshold: float, init_score: float,
-                 dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        threshold: float,
+        init_score: float,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.threshold = threshold
         self.scores = nn.Parameter(torch.full((out_features, in_features), init_score, dtype=dtype, device=device))
@@ -66,8 +74,9 @@ class _MaskedLinear(torch.autograd.Function):
 
 
 class MaskedLinear4bit(SingleAdapterLinear4bit):
-    def add_mask(self, name: str, threshold: float, init_score: float, dtype: torch.dtype = torch.float32,
-                 activate: bool = True) -> MaskScores:
+    def add_mask(
+        self, name: str, threshold: float, init_score: float, dtype: torch.dtype = torch.float32, activate: bool = True
+    ) -> MaskScores:
         scores = MaskScores(self.out_features, self.in_features, threshold, init_score, dtype, self.base.weight.device)
         self.register_adapter(name, scores, activate)
         return scores

@@ -81,4 +81,3 @@ def gradient_magnitude_entries(scores: torch.Tensor, budget: int) -> torch.Tenso
     flat = scores.reshape(-1)
     budget = min(budget, flat.numel())
     return flat.topk(budget, sorted=False).indices.sort().values
-

@@ -9,10 +9,29 @@ from .bottleneck import BottleneckConfig
 from .piggyback import PiggybackConfig
 from .selective import BitFitConfig, LayerwiseConfig
 from .sparse import SparseConfig
-from .prompt import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
-                     PromptTuningConfig)
+from .prompt import (
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
 
-__all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "BottleneckConfig", "CONFIG_CLASSES",
-           "config_from_peft_dict", "IA3Config", "LayerwiseConfig", "LoraConfig", "MultitaskPromptTuningConfig",
-           "PiggybackConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptLearningConfig",
-           "PromptTuningConfig", "SparseConfig"]
+__all__ = [
+    "AdaLoraConfig",
+    "AdapterConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "CONFIG_CLASSES",
+    "config_from_peft_dict",
+    "IA3Config",
+    "LayerwiseConfig",
+    "LoraConfig",
+    "MultitaskPromptTuningConfig",
+    "PiggybackConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "SparseConfig",
+]

@@ -94,8 +94,12 @@ class AdapterConfig:
         if cls.strict_keys:
             unknown = sorted(set(d) - names - {"peft_type", *_INFORMATIONAL_KEYS})
             if unknown:
-                raise ConfigError(source, unknown[0], f"is not a key of peft's {cls.peft_type} config that qpeft "
-                                  "knows; refusing rather than guessing its meaning")
+                raise ConfigError(
+                    source,
+                    unknown[0],
+                    f"is not a key of peft's {cls.peft_type} config that qpeft "
+                    "knows; refusing rather than guessing its meaning",
+                )
         fields = cls.peft_fields({k: v for k, v in d.items() if k in names}, source)
         try:
             return cls(**fields, **quant)
@@ -153,6 +157,7 @@ def config_from_peft_dict(d, source: str | None = None, **quant) -> AdapterConfi
     peft_type = d.get("peft_type", "LORA")
     cls = CONFIG_CLASSES.get(peft_type) if isinstance(peft_type, str) else None
     if cls is None:
-        raise ConfigError(source, "peft_type", f"{peft_type!r} is not a method qpeft has (it has "
-                          f"{sorted(CONFIG_CLASSES)})")
+        raise ConfigError(
+            source, "peft_type", f"{peft_type!r} is not a method qpeft has (it has {sorted(CONFIG_CLASSES)})"
+        )
     return cls.from_peft_dict(d, source, **quant)

@@ -42,8 +42,11 @@ def linear_modules(model: nn.Module) -> list[str]:
     """The names of every linear layer of ``model`` but the output head (peft's "all-linear" set), not counting the
     layers inside adapter wrappers."""
     skip = output_head_names(model)
-    return [name for name, module in model.named_modules()
-            if name and name not in skip and is_linear(module) and not inside_wrapper(name, model)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and name not in skip and is_linear(module) and not inside_wrapper(name, model)
+    ]
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -134,12 +137,16 @@ def find_target_modules(model: nn.Module, config) -> list[str]:
         if not in_layers(name, config):  # (LoraConfig allows layers_to_transform with a list target only)
             continue
         if not is_linear(module):
-            raise ValueError(f"qpeft: target module {name!r} is a {type(module).__name__}; only linear layers "
-                             "(nn.Linear, transformers Conv1D) can be targeted")
+            raise ValueError(
+                f"qpeft: target module {name!r} is a {type(module).__name__}; only linear layers "
+                "(nn.Linear, transformers Conv1D) can be targeted"
+            )
         names.append(name)
     if not names:
-        raise ValueError(f"qpeft: target_modules {config.target_modules!r} match no linear layer of the model"
-                         + (" in layers_to_transform" if config.layers_to_transform not in (None, []) else ""))
+        raise ValueError(
+            f"qpeft: target_modules {config.target_modules!r} match no linear layer of the model"
+            + (" in layers_to_transform" if config.layers_to_transform not in (None, []) else "")
+        )
     return names
 
 
@@ -163,8 +170,9 @@ def quantized(module: nn.Module, config) -> Linear4bit:
     """``module`` (nn.Linear, transformers Conv1D or already Linear4bit) as a Linear4bit in ``config``'s format."""
     if isinstance(module, Linear4bit):
         return module
-    return Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant,
-                                  config.compute_dtype)
+    return Linear4bit.from_linear(
+        module, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype
+    )
 
 
 def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
@@ -174,4 +182,3 @@ def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
         module = model.get_submodule(name)
         if not isinstance(module, Linear4bit) and not skip(name):
             set_submodule(model, name, quantized(module, config))
-

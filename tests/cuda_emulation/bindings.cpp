@@ -14,7 +14,7 @@
 namespace qpeft_emu {
 const char* last_error_message();
 void set_reverse_order(bool reverse);
-}
+}  // namespace qpeft_emu
 int selftest_launch(const char* which, const float* in, float* out);  // selftest_kernels.cpp
 
 namespace {
@@ -139,8 +139,8 @@ void lora_down_grad_input(at::Tensor dx, const at::Tensor& g, const at::Tensor& 
   require(A, "A");
   const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_input_mma : &qpeft::cuda::lora_down_grad_input;
   check(launch(dx.data_ptr(), format_of(dx), g.data_ptr<float>(), A.data_ptr<float>(), dx.size(0), dx.size(1),
-               A.size(0), seed_of(seed, std::nullopt), static_cast<uint32_t>(threshold),
-               static_cast<float>(keep_scale), accumulate, nullptr),
+               A.size(0), seed_of(seed, std::nullopt), static_cast<uint32_t>(threshold), static_cast<float>(keep_scale),
+               accumulate, nullptr),
         "lora_down_grad_input");
 }
 
@@ -198,8 +198,8 @@ void linear_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const std::
   lora.scaling = static_cast<float>(scaling);
   lora.xa = xa.data_ptr();
   check(qpeft::cuda::linear_4bit_lora(x.data_ptr(), format_of(x), x.size(0), x.size(1), packed.data_ptr<uint8_t>(),
-                                      scales_of(scales), blocksize, quant_type_of(quant_type), y.data_ptr(),
-                                      y.size(1), lora, nullptr),
+                                      scales_of(scales), blocksize, quant_type_of(quant_type), y.data_ptr(), y.size(1),
+                                      lora, nullptr),
         "linear_4bit_lora");
 }
 
@@ -207,8 +207,9 @@ void linear_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const std::
 std::tuple<int64_t, std::string> selftest(const std::string& which, const at::Tensor& in, at::Tensor out) {
   require(in, "in");
   require(out, "out");
-  TORCH_CHECK(in.numel() >= 128 && out.numel() >= 128 && in.scalar_type() == at::kFloat &&
-                  out.scalar_type() == at::kFloat, "selftest: fp32 tensors of 128 elements");
+  TORCH_CHECK(
+      in.numel() >= 128 && out.numel() >= 128 && in.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+      "selftest: fp32 tensors of 128 elements");
   const int status = selftest_launch(which.c_str(), in.data_ptr<float>(), out.data_ptr<float>());
   return {status, status == 0 ? std::string() : std::string(qpeft_emu::last_error_message())};
 }

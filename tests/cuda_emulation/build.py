@@ -5,6 +5,7 @@ vector and 16-bit float types; nothing is linked from the toolkit) and a C++ com
 Emulated: dequantize_4bit, dropout, linear_4bit, lora_branch, lora_branch_mma. Not: quantize_4bit and
 blockwise_8bit (their rcp.approx.ftz reciprocal is a GPU-measured function the emulator does not model).
 """
+
 from __future__ import annotations
 
 import glob
@@ -44,8 +45,17 @@ def load_emulated_kernels(verbose: bool = False):
     for name in EMULATED_KERNELS:
         # One translation unit per kernel file, as nvcc compiles them (each has its own anonymous namespace).
         wrapper = build_dir / f"emulated_{name}.cpp"
-        _write_if_changed(wrapper, f'#include "{HERE / "cuda_host_emulation.h"}"\n'
-                                   f'#include "{ROOT / "csrc" / "kernels" / "cuda" / (name + ".cu")}"\n')
+        _write_if_changed(
+            wrapper,
+            f'#include "{HERE / "cuda_host_emulation.h"}"\n'
+            f'#include "{ROOT / "csrc" / "kernels" / "cuda" / (name + ".cu")}"\n',
+        )
         sources.append(str(wrapper))
-    return load(name="qpeft_cuda_emulation", sources=sources, build_directory=str(build_dir),
-                extra_cflags=["-O1", "-ffp-contract=off"], extra_include_paths=[str(include)], verbose=verbose)
+    return load(
+        name="qpeft_cuda_emulation",
+        sources=sources,
+        build_directory=str(build_dir),
+        extra_cflags=["-O1", "-ffp-contract=off"],
+        extra_include_paths=[str(include)],
+        verbose=verbose,
+    )

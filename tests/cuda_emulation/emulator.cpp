@@ -21,8 +21,8 @@ constexpr int kMaxThreads = 1024;
 struct Barrier {
   int expected = 0;  // live participants
   int arrived = 0;
-  uint64_t generation = 0;       // advances each time the barrier opens
-  const void* site = nullptr;    // where the first arrival of this phase waits
+  uint64_t generation = 0;     // advances each time the barrier opens
+  const void* site = nullptr;  // where the first arrival of this phase waits
 };
 
 enum class State { Ready, Waiting, Done };
@@ -121,7 +121,7 @@ void fiber_main() {
 }  // returns to uc_link: the scheduler
 
 // Publishes this lane's words for a warp collective of kind `what`, waits for the whole warp, returns the slots.
-const uint32_t (*publish(const uint32_t* words, int n, const char* what))[kSlotWords] {
+const uint32_t (*publish(const uint32_t* words, int n, const char* what)) [kSlotWords] {
   Warp& w = current_warp();
   if (w.barrier.expected != 32) fail(std::string(what) + " in a warp with exited or missing lanes" + where());
   const int parity = static_cast<int>(w.barrier.generation & 1u);
@@ -209,8 +209,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
           }
           if (all_done || g.aborted) break;
           if (!ran) {
-            g.error = "deadlock in block " + std::to_string(bx) + "," + std::to_string(by) + "," +
-                      std::to_string(bz) + ": " + std::to_string(waiting_block) + " threads wait at __syncthreads, " +
+            g.error = "deadlock in block " + std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) +
+                      ": " + std::to_string(waiting_block) + " threads wait at __syncthreads, " +
                       std::to_string(waiting_warp) + " at a warp collective, and no thread can go on";
             g.aborted = true;
           }

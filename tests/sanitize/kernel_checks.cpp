@@ -54,7 +54,11 @@ struct Weight {
 
 Weight quantized(int64_t N, int64_t K, int64_t blocksize, QuantType type) {
   const int64_t n = N * K, blocks = (n + blocksize - 1) / blocksize;
-  Weight w{N, K, blocksize, type, std::vector<uint8_t>(static_cast<size_t>((n + 1) / 2)),
+  Weight w{N,
+           K,
+           blocksize,
+           type,
+           std::vector<uint8_t>(static_cast<size_t>((n + 1) / 2)),
            std::vector<float>(static_cast<size_t>(blocks))};
   const std::vector<float> A = random_floats(n, 2.0f);
   quantize_4bit(A.data(), FloatFormat::F32, n, blocksize, type, w.packed.data(), w.absmax.data(), 0, blocks);
@@ -80,7 +84,8 @@ double dequantized_value(const Weight& w, int64_t e) {
   const uint8_t byte = w.packed[static_cast<size_t>(e / 2)];
   const int code = e % 2 ? byte & 0xF : byte >> 4;
   static const float nf4[16] = {QPEFT_NF4_CODE_VALUES}, fp4[16] = {QPEFT_FP4_CODE_VALUES};
-  return static_cast<double>((w.type == QuantType::NF4 ? nf4 : fp4)[code] * w.absmax[static_cast<size_t>(e / w.blocksize)]);
+  return static_cast<double>((w.type == QuantType::NF4 ? nf4 : fp4)[code] *
+                             w.absmax[static_cast<size_t>(e / w.blocksize)]);
 }
 
 void check_linear(const Weight& w, int64_t M, const char* level) {
@@ -91,12 +96,14 @@ void check_linear(const Weight& w, int64_t M, const char* level) {
   for (size_t i = 0; i < x.size(); ++i) xb[i] = float_to_bf16_bits(x[i]);
   std::vector<float> yb(y.size());
   const bool bf16 = linear_4bit_kernel(w.K, true) == CodesKernel::Avx512Bf16;
-  if (bf16) linear_4bit_bf16(xb.data(), M, w.K, w.packed.data(), w.scales(), w.blocksize, w.type, yb.data(), w.N, 0, w.N);
+  if (bf16)
+    linear_4bit_bf16(xb.data(), M, w.K, w.packed.data(), w.scales(), w.blocksize, w.type, yb.data(), w.N, 0, w.N);
   const std::vector<float> dy = random_floats(M * w.N, 1.0f);
   std::vector<float> dx(static_cast<size_t>(M * w.K));
   const int64_t split = w.K % 16 == 0 ? w.K / 32 * 16 : w.K / 2;  // two column ranges, as threads split them
   linear_4bit_grad_input(dy.data(), M, w.N, w.packed.data(), w.scales(), w.blocksize, w.type, dx.data(), w.K, 0, split);
-  linear_4bit_grad_input(dy.data(), M, w.N, w.packed.data(), w.scales(), w.blocksize, w.type, dx.data(), w.K, split, w.K);
+  linear_4bit_grad_input(dy.data(), M, w.N, w.packed.data(), w.scales(), w.blocksize, w.type, dx.data(), w.K, split,
+                         w.K);
   double err = 0, norm = 0, err_b = 0, norm_b = 0, err_g = 0, norm_g = 0;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < w.N; ++n) {

@@ -15,8 +15,8 @@ CpuIsa detect() {
   __builtin_cpu_init();
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
     return CpuIsa::Baseline;
-  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")))
     return CpuIsa::Avx2;
   if (!__builtin_cpu_supports("avx512bf16")) return CpuIsa::Avx512;
   return CpuIsa::Avx512Bf16;
@@ -62,8 +62,6 @@ CpuIsa cpu_isa() {
   return static_cast<CpuIsa>(cap < detected ? cap : detected);
 }
 
-CpuIsa set_cpu_isa_cap(CpuIsa cap) {
-  return static_cast<CpuIsa>(cap_level().exchange(static_cast<int>(cap)));
-}
+CpuIsa set_cpu_isa_cap(CpuIsa cap) { return static_cast<CpuIsa>(cap_level().exchange(static_cast<int>(cap))); }
 
 }  // namespace qpeft::cpu

@@ -10,16 +10,16 @@
 #include "cpu_isa.h"
 
 #if defined(QPEFT_X86_SIMD)
-#define QPEFT_CPU_MULTIVERSION(ret, name, params, args)                                             \
+#define QPEFT_CPU_MULTIVERSION(ret, name, params, args)                                           \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) static ret name##_avx512 params { \
-    return name##_impl args;                                                                        \
-  }                                                                                                 \
-  __attribute__((target("avx2,fma"))) static ret name##_avx2 params { return name##_impl args; }    \
-  static ret name##_baseline params { return name##_impl args; }                                    \
-  ret name params {                                                                                 \
-    if (::qpeft::cpu::cpu_has(::qpeft::cpu::CpuIsa::Avx512)) return name##_avx512 args;            \
-    if (::qpeft::cpu::cpu_has(::qpeft::cpu::CpuIsa::Avx2)) return name##_avx2 args;                \
-    return name##_baseline args;                                                                    \
+    return name##_impl args;                                                                      \
+  }                                                                                               \
+  __attribute__((target("avx2,fma"))) static ret name##_avx2 params { return name##_impl args; }  \
+  static ret name##_baseline params { return name##_impl args; }                                  \
+  ret name params {                                                                               \
+    if (::qpeft::cpu::cpu_has(::qpeft::cpu::CpuIsa::Avx512)) return name##_avx512 args;           \
+    if (::qpeft::cpu::cpu_has(::qpeft::cpu::CpuIsa::Avx2)) return name##_avx2 args;               \
+    return name##_baseline args;                                                                  \
   }
 #else
 #define QPEFT_CPU_MULTIVERSION(ret, name, params, args) \

@@ -29,19 +29,20 @@ namespace {
 // 16-byte table repeated in both 128-bit lanes for vpshufb.
 struct Avx2 {
   struct Table {
-    __m256 lo, hi;       // F32
-    __m256i low, high;   // 16-bit: byte tables
+    __m256 lo, hi;      // F32
+    __m256i low, high;  // 16-bit: byte tables
   };
 
   // float_convert.h's 16-bit bits of 8 fp32 lanes, one per 32-bit lane.
   static __m256i bits16(__m256 v, FloatFormat fmt) {
     const __m256i u = _mm256_castps_si256(v);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                           _mm256_set1_epi32(0x7F800000));
+    const __m256i nan =
+        _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
     if (fmt == FloatFormat::BF16) {
       const __m256i top = _mm256_srli_epi32(u, 16);
       const __m256i lsb = _mm256_and_si256(top, _mm256_set1_epi32(1));
-      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+      const __m256i rounded =
+          _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
       return _mm256_blendv_epi8(rounded, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
     }
     const __m256i h = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -60,8 +61,8 @@ struct Avx2 {
     if constexpr (F != FloatFormat::F32) {
       // 16 words in order, then their low bytes and high bytes gathered: [low 0-7, high 0-7 | low 8-15, high 8-15].
       __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits16(t.lo, F), bits16(t.hi, F)), 0xD8);
-      const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10,
+                                             12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
       w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(w, split), 0xD8);  // [low 0-15 | high 0-15]
       t.low = _mm256_permute2x128_si256(w, w, 0x00);
       t.high = _mm256_permute2x128_si256(w, w, 0x11);
@@ -78,7 +79,8 @@ struct Avx2 {
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask), lo = _mm_and_si128(bytes, mask);
     const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));  // in order
     const __m256i low = _mm256_shuffle_epi8(t.low, codes), high = _mm256_shuffle_epi8(t.high, codes);
-    const __m256i w0 = _mm256_unpacklo_epi8(low, high), w1 = _mm256_unpackhi_epi8(low, high);  // [0-7|16-23], [8-15|24-31]
+    const __m256i w0 = _mm256_unpacklo_epi8(low, high),
+                  w1 = _mm256_unpackhi_epi8(low, high);  // [0-7|16-23], [8-15|24-31]
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(w0, w1, 0x20));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(w0, w1, 0x31));
   }

@@ -30,9 +30,12 @@ struct Avx512 {
   template <FloatFormat F>
   static Table table(QuantType type, float scale) {
     const __m512 v = _mm512_mul_ps(avx512::code_book(type), _mm512_set1_ps(scale));
-    if constexpr (F == FloatFormat::F32) return _mm512_castps_si512(v);
-    else if constexpr (F == FloatFormat::BF16) return avx512::repeat_table(avx512::to_bf16_bits(v));
-    else return avx512::repeat_table(avx512::to_fp16_bits(v));
+    if constexpr (F == FloatFormat::F32)
+      return _mm512_castps_si512(v);
+    else if constexpr (F == FloatFormat::BF16)
+      return avx512::repeat_table(avx512::to_bf16_bits(v));
+    else
+      return avx512::repeat_table(avx512::to_fp16_bits(v));
   }
 
   template <FloatFormat F, typename OutT>
@@ -40,8 +43,9 @@ struct Avx512 {
     if constexpr (F == FloatFormat::F32) {
       const __m512 t = _mm512_castsi512_ps(table);
       for (; e + 16 <= e_end; e += 16, out += 16)
-        _mm512_storeu_ps(out, _mm512_permutexvar_ps(avx512::indices16(_mm_loadl_epi64(
-                                                         reinterpret_cast<const __m128i*>(packed + e / 2))), t));
+        _mm512_storeu_ps(out,
+                         _mm512_permutexvar_ps(
+                             avx512::indices16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + e / 2))), t));
       if (e < e_end) {
         const int64_t n = e_end - e;
         const __m512 v = _mm512_permutexvar_ps(avx512::indices16(avx512::load_codes(packed, e, n)), t);
@@ -49,9 +53,9 @@ struct Avx512 {
       }
     } else {
       for (; e + 32 <= e_end; e += 32, out += 32)
-        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(avx512::indices32(_mm_loadu_si128(
-                                                              reinterpret_cast<const __m128i*>(packed + e / 2))),
-                                                          table));
+        _mm512_storeu_si512(
+            out, _mm512_permutexvar_epi16(
+                     avx512::indices32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + e / 2))), table));
       if (e < e_end) {
         const int64_t n = e_end - e;
         const __m512i v = _mm512_permutexvar_epi16(avx512::indices32(avx512::load_codes(packed, e, n)), table);
@@ -64,8 +68,8 @@ struct Avx512 {
 }  // namespace
 
 void dequantize_4bit_tile_avx512(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
-                                 QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out,
-                                 int64_t ld, FloatFormat fmt) {
+                                 QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld,
+                                 FloatFormat fmt) {
   dispatch_tile<Avx512>(packed, scales, K, blocksize, type, r0, r1, c0, c1, out, ld, fmt);
 }
 

@@ -10,7 +10,7 @@
 namespace qpeft::cpu {
 
 void dequantize_4bit_tile_avx512(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize,
-                                 QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out,
-                                 int64_t ld, FloatFormat fmt);
+                                 QuantType type, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld,
+                                 FloatFormat fmt);
 
 }  // namespace qpeft::cpu

@@ -20,8 +20,8 @@ template <class Kernel, FloatFormat F>
 void walk_tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int64_t blocksize, QuantType type,
                int64_t r0, int64_t r1, int64_t c0, int64_t c1, void* out, int64_t ld) {
   using OutT = std::conditional_t<F == FloatFormat::F32, float, uint16_t>;
-  const int shift = std::has_single_bit(static_cast<uint64_t>(blocksize))
-                        ? std::countr_zero(static_cast<uint64_t>(blocksize)) : -1;
+  const int shift =
+      std::has_single_bit(static_cast<uint64_t>(blocksize)) ? std::countr_zero(static_cast<uint64_t>(blocksize)) : -1;
   typename Kernel::Table table{};
   float scale = 0.0f;
   int64_t table_block = -1;
@@ -39,8 +39,10 @@ void walk_tile(const uint8_t* packed, const BlockScales& scales, int64_t K, int6
       int64_t s = e;
       if (s & 1) {  // starts on a low nibble
         const float v = code_values(type)[packed[s / 2] & 0xF] * scale;
-        if constexpr (F == FloatFormat::F32) *dst = v;
-        else *dst = F == FloatFormat::BF16 ? float_to_bf16_bits(v) : float_to_fp16_bits(v);
+        if constexpr (F == FloatFormat::F32)
+          *dst = v;
+        else
+          *dst = F == FloatFormat::BF16 ? float_to_bf16_bits(v) : float_to_fp16_bits(v);
         ++s;
       }
       Kernel::template lookup<F>(packed, table, s, seg_end, dst + (s - e));

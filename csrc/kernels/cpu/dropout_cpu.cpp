@@ -89,16 +89,14 @@ QPEFT_CPU_INLINE void dropout_convert_impl(const void* x, FloatFormat in_fmt, vo
     case FloatFormat::F32:
       return dropout_convert_from<FloatFormat::F32>(x, out, out_fmt, seed, offset, threshold, keep_scale, begin, end);
     case FloatFormat::BF16:
-      return dropout_convert_from<FloatFormat::BF16>(x, out, out_fmt, seed, offset, threshold, keep_scale, begin,
-                                                     end);
+      return dropout_convert_from<FloatFormat::BF16>(x, out, out_fmt, seed, offset, threshold, keep_scale, begin, end);
     default:
       return dropout_convert_from<FloatFormat::F16>(x, out, out_fmt, seed, offset, threshold, keep_scale, begin, end);
   }
 }
 
-QPEFT_CPU_INLINE void add_dropped_impl(const float* v, void* out, FloatFormat out_fmt, uint64_t seed,
-                                       uint64_t offset, uint32_t threshold, float keep_scale, int64_t begin,
-                                       int64_t end) {
+QPEFT_CPU_INLINE void add_dropped_impl(const float* v, void* out, FloatFormat out_fmt, uint64_t seed, uint64_t offset,
+                                       uint32_t threshold, float keep_scale, int64_t begin, int64_t end) {
   switch (out_fmt) {
     case FloatFormat::F32:
       return add_dropped_typed<FloatFormat::F32>(v, out, seed, offset, threshold, keep_scale, begin, end);

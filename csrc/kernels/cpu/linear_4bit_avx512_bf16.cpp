@@ -39,9 +39,8 @@ struct Bf16 {
 
 }  // namespace
 
-void linear_4bit_avx512_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed,
-                             const BlockScales& scales, int64_t blocksize, QuantType type, float* y, int64_t N,
-                             int64_t n_begin, int64_t n_end) {
+void linear_4bit_avx512_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed, const BlockScales& scales,
+                             int64_t blocksize, QuantType type, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   linear_rows<Bf16>(x, M, K, packed, scales, blocksize, type, y, N, n_begin, n_end);
 }
 
@@ -50,8 +49,8 @@ void linear_4bit_avx512_bf16(const uint16_t* x, int64_t M, int64_t K, const uint
 
 #else
 namespace qpeft::cpu {
-void linear_4bit_avx512_bf16(const uint16_t*, int64_t, int64_t, const uint8_t*, const BlockScales&, int64_t,
-                             QuantType, float*, int64_t, int64_t, int64_t) {
+void linear_4bit_avx512_bf16(const uint16_t*, int64_t, int64_t, const uint8_t*, const BlockScales&, int64_t, QuantType,
+                             float*, int64_t, int64_t, int64_t) {
   throw std::logic_error("qpeft: AVX-512 kernel called in a build without x86 SIMD kernels");
 }
 }  // namespace qpeft::cpu

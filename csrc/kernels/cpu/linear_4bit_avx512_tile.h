@@ -41,7 +41,8 @@ void tile(QuantType type, const typename Traits::X* x, int64_t K, const uint8_t*
   auto steps = [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; k += Traits::kStep) {
       typename Traits::W w[NB];
-      for (int b = 0; b < NB; ++b) w[b] = Traits::weights(packed + static_cast<uint64_t>((n0 + b) * K + k) / 2, table[b]);
+      for (int b = 0; b < NB; ++b)
+        w[b] = Traits::weights(packed + static_cast<uint64_t>((n0 + b) * K + k) / 2, table[b]);
       for (int r = 0; r < R; ++r) {
         const auto xv = Traits::load_x(x + r * K + k);
         for (int b = 0; b < NB; ++b) acc[r][b] = Traits::fma(acc[r][b], w[b], xv);
@@ -87,14 +88,29 @@ void linear_rows(const typename Traits::X* x, int64_t M, int64_t K, const uint8_
     const auto* xm = x + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min(kRowsPerPass, M - m0)) {
-      case 1: pass<Traits, 1>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      case 2: pass<Traits, 2>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      case 3: pass<Traits, 3>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      case 4: pass<Traits, 4>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      case 5: pass<Traits, 5>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      case 6: pass<Traits, 6>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      case 7: pass<Traits, 7>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end); break;
-      default: pass<Traits, 8>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+      case 1:
+        pass<Traits, 1>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      case 2:
+        pass<Traits, 2>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      case 3:
+        pass<Traits, 3>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      case 4:
+        pass<Traits, 4>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      case 5:
+        pass<Traits, 5>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      case 6:
+        pass<Traits, 6>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      case 7:
+        pass<Traits, 7>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
+        break;
+      default:
+        pass<Traits, 8>(type, xm, K, packed, scales, block_of, ym, N, n_begin, n_end);
     }
   }
 }

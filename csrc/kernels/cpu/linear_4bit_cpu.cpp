@@ -75,7 +75,8 @@ __attribute__((target("avx2,fma"))) inline void block_dot(const CodeBook8& codes
   for (; j + 8 * U <= j1; j += 8 * U) {
     for (int u = 0; u < U; ++u) {
       const __m256 w = codes.decode8(packed + (j + 8 * u) / 2);
-      for (int r = 0; r < R; ++r) acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + (j - j0) + 8 * u), acc[r][u]);
+      for (int r = 0; r < R; ++r)
+        acc[r][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + (j - j0) + 8 * u), acc[r][u]);
     }
   }
   for (; j < j1; j += 8) {
@@ -121,23 +122,38 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t M, int
     const float* xm = x + m0 * K;
     float* ym = y + m0 * N;
     switch (std::min(kRowsPerPass, M - m0)) {
-      case 1: row_rows<1, 4>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      case 2: row_rows<2, 2>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      case 3: row_rows<3, 2>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      case 4: row_rows<4, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      case 5: row_rows<5, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      case 6: row_rows<6, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      case 7: row_rows<7, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n); break;
-      default: row_rows<8, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+      case 1:
+        row_rows<1, 4>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      case 2:
+        row_rows<2, 2>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      case 3:
+        row_rows<3, 2>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      case 4:
+        row_rows<4, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      case 5:
+        row_rows<5, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      case 6:
+        row_rows<6, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      case 7:
+        row_rows<7, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
+        break;
+      default:
+        row_rows<8, 1>(codes, xm, K, packed, scales, blocksize, ym, N, n);
     }
   }
 }
 
 // Columns [k_begin, k_end) of dx for all M rows, AVX2 + FMA; needs K, k_begin, k_end multiples of 8.
-__attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_t M, int64_t N,
-                                                         const uint8_t* packed, const BlockScales& scales,
-                                                         int64_t blocksize, const float* code_values, float* dx,
-                                                         int64_t K, int64_t k_begin, int64_t k_end) {
+__attribute__((target("avx2,fma"))) void grad_input_avx2(const float* dy, int64_t M, int64_t N, const uint8_t* packed,
+                                                         const BlockScales& scales, int64_t blocksize,
+                                                         const float* code_values, float* dx, int64_t K,
+                                                         int64_t k_begin, int64_t k_end) {
   const CodeBook8 codes(code_values);
   const int64_t width = k_end - k_begin;
   GradBuffer buffer(M, width, 8);
@@ -242,10 +258,14 @@ CodesKernel linear_4bit_kernel(int64_t K, bool bf16_x) {
 
 const char* codes_kernel_name(CodesKernel kernel) {
   switch (kernel) {
-    case CodesKernel::Avx512Bf16: return "avx512_bf16";
-    case CodesKernel::Avx512: return "avx512";
-    case CodesKernel::Avx2: return "avx2";
-    default: return "baseline";
+    case CodesKernel::Avx512Bf16:
+      return "avx512_bf16";
+    case CodesKernel::Avx512:
+      return "avx512";
+    case CodesKernel::Avx2:
+      return "avx2";
+    default:
+      return "baseline";
   }
 }
 

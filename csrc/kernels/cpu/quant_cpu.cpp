@@ -40,7 +40,6 @@ void scaled_table(const float* code_values, float scale, FloatFormat fmt, OutT* 
   }
 }
 
-
 // dst[i - e_begin] = table[code of element i] for the elements [e_begin, e_end) (one block's table).
 template <typename OutT>
 inline void lookup_elements(const uint8_t* packed, const OutT* __restrict table, int64_t e_begin, int64_t e_end,
@@ -64,8 +63,8 @@ QPEFT_NO_AUTOVEC void dequantize_4bit_tile_typed(const uint8_t* packed, const Bl
   const float* code_values = cpu::code_values(type);
   // Block of element e: a shift for the power-of-two blocksizes qpeft's ops take (a 64-bit division per
   // segment cost ~15% of the instructions at blocksize 64).
-  const int shift = std::has_single_bit(static_cast<uint64_t>(blocksize))
-                        ? std::countr_zero(static_cast<uint64_t>(blocksize)) : -1;
+  const int shift =
+      std::has_single_bit(static_cast<uint64_t>(blocksize)) ? std::countr_zero(static_cast<uint64_t>(blocksize)) : -1;
   OutT table[16];
   int64_t table_block = -1;
   for (int64_t r = r0; r < r1; ++r) {
@@ -104,7 +103,7 @@ float approx_reciprocal(float x) {
   const uint32_t bits = float_bits(x);
   const uint32_t exponent = (bits >> 23) & 0xFFu, mantissa = bits & 0x7FFFFFu;
   if (exponent == 0) return std::numeric_limits<float>::infinity();  // subnormal input flushed to zero
-  if (exponent >= 253) return 0.0f;                                   // subnormal result flushed to zero
+  if (exponent >= 253) return 0.0f;                                  // subnormal result flushed to zero
   const int delta = ((reciprocal_table()[mantissa >> 2] >> (2 * (mantissa & 3))) & 3) - 1;
   return bits_float(float_bits(1.0f / x) + static_cast<uint32_t>(delta));
 }
@@ -167,16 +166,16 @@ void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int6
   }
 }
 
-void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q,
-                             float* absmax, int64_t block_begin, int64_t block_end) {
+void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q, float* absmax,
+                             int64_t block_begin, int64_t block_end) {
   auto load = [&](int64_t i) { return A[i]; };
   quantize_blocks(load, n, blocksize, absmax, block_begin, block_end, [&](int64_t begin, int64_t end, float r) {
     for (int64_t i = begin; i < end; ++i) q[i] = quantize_8bit_value(code, A[i] * r);
   });
 }
 
-void dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
-                               int64_t blocksize, float* out, int64_t block_begin, int64_t block_end) {
+void dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                               float* out, int64_t block_begin, int64_t block_end) {
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t end = std::min(begin + blocksize, n);

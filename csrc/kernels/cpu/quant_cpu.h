@@ -38,11 +38,11 @@ void dequantize_4bit_tile(const uint8_t* packed, const BlockScales& scales, int6
                           FloatFormat fmt);
 
 // 8-bit blockwise (double quantization of the scales): fp32 in, codes of the sorted 256-entry `code` out.
-void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q,
-                             float* absmax, int64_t block_begin, int64_t block_end);
+void quantize_blockwise_8bit(const float* A, const float* code, int64_t n, int64_t blocksize, uint8_t* q, float* absmax,
+                             int64_t block_begin, int64_t block_end);
 
 // 8-bit blockwise dequantization to fp32: out[i] = code[q_i] * absmax[i / blocksize].
-void dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n,
-                               int64_t blocksize, float* out, int64_t block_begin, int64_t block_end);
+void dequantize_blockwise_8bit(const uint8_t* q, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                               float* out, int64_t block_begin, int64_t block_end);
 
 }  // namespace qpeft::cpu

@@ -59,7 +59,7 @@ cudaError_t quantize_blockwise_8bit(const float* A, const float* code, int64_t n
   if (n == 0) return cudaSuccess;
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
   QPEFT_LAUNCH(grid_for(num_blocks * 32, kThreads), kThreads, stream, quantize_8bit_kernel)(A, code, n, blocksize, q,
-      absmax, num_blocks);
+                                                                                            absmax, num_blocks);
   return cudaGetLastError();
 }
 

@@ -119,8 +119,8 @@ cudaError_t launch(const uint8_t* packed, const BlockScales& scales, int64_t n, 
   while ((int64_t{1} << log2_blocksize) < blocksize) ++log2_blocksize;
   const bool vector_ok = reinterpret_cast<uintptr_t>(packed) % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int64_t work = vector_ok ? (n / kUnitElements + kUnroll - 1) / kUnroll : n;
-  QPEFT_LAUNCH(grid_for(work, kThreads, int64_t{1} << 20), kThreads, stream, dequantize_4bit_kernel<OutT>)(packed,
-      scales, n, log2_blocksize, type, static_cast<OutT*>(out), vector_ok);
+  QPEFT_LAUNCH(grid_for(work, kThreads, int64_t{1} << 20), kThreads, stream, dequantize_4bit_kernel<OutT>)(
+      packed, scales, n, log2_blocksize, type, static_cast<OutT*>(out), vector_ok);
   return cudaGetLastError();
 }
 

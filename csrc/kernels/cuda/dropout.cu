@@ -10,8 +10,7 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void lora_dropout_kernel(const T* __restrict__ x, T* __restrict__ out, FloatFormat fmt, int64_t n,
-                                    SeedRef seed_ref, uint64_t offset, uint32_t threshold,
-                                    float keep_scale) {
+                                    SeedRef seed_ref, uint64_t offset, uint32_t threshold, float keep_scale) {
   const uint64_t seed = seed_ref.get();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -28,16 +27,17 @@ cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, S
   const unsigned int grid = grid_for(n, kThreads);
   switch (fmt) {
     case FloatFormat::F32:
-      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<float>)(static_cast<const float*>(x),
-          static_cast<float*>(out), fmt, n, seed, offset, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<float>)(
+          static_cast<const float*>(x), static_cast<float*>(out), fmt, n, seed, offset, threshold, keep_scale);
       break;
     case FloatFormat::BF16:
       QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<__nv_bfloat16>)(static_cast<const __nv_bfloat16*>(x),
-          static_cast<__nv_bfloat16*>(out), fmt, n, seed, offset, threshold, keep_scale);
+                                                                               static_cast<__nv_bfloat16*>(out), fmt, n,
+                                                                               seed, offset, threshold, keep_scale);
       break;
     default:
-      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<__half>)(static_cast<const __half*>(x),
-          static_cast<__half*>(out), fmt, n, seed, offset, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kThreads, stream, lora_dropout_kernel<__half>)(
+          static_cast<const __half*>(x), static_cast<__half*>(out), fmt, n, seed, offset, threshold, keep_scale);
   }
   return cudaGetLastError();
 }

@@ -20,9 +20,7 @@ struct SeedRef {
   const int64_t* device = nullptr;  // one int64 in device memory, or nullptr: use `value`
   int64_t value = 0;
 #if defined(__CUDACC__) || defined(QPEFT_CUDA_HOST_EMULATION)
-  __device__ __forceinline__ uint64_t get() const {
-    return static_cast<uint64_t>(device != nullptr ? *device : value);
-  }
+  __device__ __forceinline__ uint64_t get() const { return static_cast<uint64_t>(device != nullptr ? *device : value); }
 #endif
 };
 
@@ -36,8 +34,7 @@ int lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r);
 
 // out[i] = fmt(partial[0, i] + partial[1, i] + ...) for i < n: the split kernels' fp32 partial sums [splits, n]
 // added in split order (deterministic) and rounded once to the output format, in one launch.
-cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt,
-                         cudaStream_t stream);
+cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt, cudaStream_t stream);
 
 // partial[s, m, j] = sum over split s's columns k of drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K]
 // fp32 contiguous, partial fp32 [splits, M, r]; xa = the sum over s.
@@ -47,9 +44,9 @@ cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* par
 // Partial sums of dA[j, k] = sum_m g[m, j] * drop(x)[m, k]: g [M, r] fp32, x [M, K] (fmt); the rows are split
 // into `splits` consecutive ranges and split s writes partial[s, j, k] (fp32 [splits, r, K]); the caller sums
 // them (deterministic: no atomics).
-cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                  int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
-                                  float keep_scale, cudaStream_t stream);
+cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M, int64_t K,
+                                  int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
+                                  cudaStream_t stream);
 
 // dx[m, k] = fmt([float(dx[m, k]) +] (keep(m * K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0)) — accumulated
 // into dx when `accumulate`, else written (dx's old contents never read); dx [M, K] contiguous (fmt),
@@ -67,22 +64,21 @@ bool lora_tensor_cores_ok(FloatFormat fmt, int64_t K, std::initializer_list<cons
 int lora_down_mma_splits(int64_t M, int64_t K, int64_t r);
 int lora_down_grad_weight_mma_splits(int64_t M, int64_t K, int64_t r);
 cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
-                         int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
-                         cudaStream_t stream);
+                          int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
+                          cudaStream_t stream);
 cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                     int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
-                                     float keep_scale, cudaStream_t stream);
+                                      int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
+                                      float keep_scale, cudaStream_t stream);
 cudaError_t lora_down_grad_input_mma(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                    int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
-                                    bool accumulate, cudaStream_t stream);
+                                     int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
+                                     cudaStream_t stream);
 
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
 // x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] contiguous in
 // x's format fmt (fp32 sums rounded once).
 constexpr int64_t kLinear4bitMaxM = kCudaLinear4bitMaxM;
-cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
-                        BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
-                        cudaStream_t stream);
+cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed, BlockScales scales,
+                        int64_t blocksize, QuantType type, void* y, int64_t N, cudaStream_t stream);
 
 // The small-M QLoRA layer forward in the same launch (a decode step is lora_down + this, two launches):
 // y[m, n] = T(sum_k x[m, k] W[n, k] + T(bias[n]) + scaling * sum_j xa[m, j] T(B[n, j])), T = x's format, with

@@ -9,10 +9,10 @@
 // w, w + 8, ... and the 8 warps' sums meet in shared memory. Weights are dequantize_4bit's values (code * scale
 // in fp32, rounded to x's format), products exact, sums fp32.
 //
-// Otherwise (fp32, odd K): one warp per output feature n walks its weight row; with K % 8 == 0 (and `packed` 4-byte aligned) each lane
-// loads 4 packed bytes = 8 codes per step (a warp reads 128 contiguous bytes), all 8 in one quantization block
-// (blocksize >= 32), so one scale per step; otherwise element by element. Weights are the exact values
-// dequantize_4bit gives (code * scale, one fp32 product); sums in fp32, then a warp reduction.
+// Otherwise (fp32, odd K): one warp per output feature n walks its weight row; with K % 8 == 0 (and `packed` 4-byte
+// aligned) each lane loads 4 packed bytes = 8 codes per step (a warp reads 128 contiguous bytes), all 8 in one
+// quantization block (blocksize >= 32), so one scale per step; otherwise element by element. Weights are the exact
+// values dequantize_4bit gives (code * scale, one fp32 product); sums in fp32, then a warp reduction.
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -294,16 +294,16 @@ void launch_mma(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint
         static_cast<const __nv_bfloat16*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
         static_cast<__nv_bfloat16*>(y), N, lora);
   } else {
-    QPEFT_LAUNCH(grid, kThreads, stream, linear_4bit_mma_kernel<__half, kLora>)(static_cast<const __half*>(x),
-        static_cast<int>(M), K, packed, scales, log2_blocksize, type, static_cast<__half*>(y), N, lora);
+    QPEFT_LAUNCH(grid, kThreads, stream, linear_4bit_mma_kernel<__half, kLora>)(
+        static_cast<const __half*>(x), static_cast<int>(M), K, packed, scales, log2_blocksize, type,
+        static_cast<__half*>(y), N, lora);
   }
 }
 
 }  // namespace
 
-cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed,
-                        BlockScales scales, int64_t blocksize, QuantType type, void* y, int64_t N,
-                        cudaStream_t stream) {
+cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, const uint8_t* packed, BlockScales scales,
+                        int64_t blocksize, QuantType type, void* y, int64_t N, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (M > kLinear4bitMaxM) return cudaErrorInvalidValue;
   if (mma_ok(fmt, K, blocksize, x, packed)) {
@@ -313,7 +313,7 @@ cudaError_t linear_4bit(const void* x, FloatFormat fmt, int64_t M, int64_t K, co
   const bool vector_ok = K % 8 == 0 && reinterpret_cast<uintptr_t>(packed) % 4 == 0;
   const unsigned int grid = static_cast<unsigned int>((N + kWarps - 1) / kWarps);
   QPEFT_LAUNCH(grid, kThreads, stream, linear_4bit_kernel)(x, fmt, static_cast<int>(M), K, packed, scales,
-      log2_of(blocksize), type, y, N, vector_ok);
+                                                           log2_of(blocksize), type, y, N, vector_ok);
   return cudaGetLastError();
 }
 

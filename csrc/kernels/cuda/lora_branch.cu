@@ -29,8 +29,8 @@ constexpr int kDownRows = 64, kDownCols = 64;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lora_down_kernel(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ partial, int64_t M,
-                     int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed,
-                     uint32_t threshold, float keep_scale, bool vec_ok) {
+                     int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed, uint32_t threshold, float keep_scale,
+                     bool vec_ok) {
   __shared__ __align__(16) float xs[kDownRows][kDownCols + 4];  // +4: conflict-free float4 reads down a column
   __shared__ __align__(16) float at[kDownCols][kRankTile];      // A^T tile: at[k][j]
   const Dropout drop{seed.get(), threshold, keep_scale};
@@ -118,9 +118,8 @@ constexpr int kGwRows = 32, kGwCols = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lora_down_grad_weight_kernel(const float* __restrict__ g, const T* __restrict__ x, float* __restrict__ partial,
-                                 int64_t M, int64_t K, int64_t r, int64_t rows_per_split,
-                                 SeedRef seed, uint32_t threshold, float keep_scale,
-                                 bool vec_ok) {
+                                 int64_t M, int64_t K, int64_t r, int64_t rows_per_split, SeedRef seed,
+                                 uint32_t threshold, float keep_scale, bool vec_ok) {
   __shared__ __align__(16) float xs[kGwRows][kGwCols + 4];
   __shared__ __align__(16) float gs[kGwRows][kRankTile];
   const Dropout drop{seed.get(), threshold, keep_scale};
@@ -200,9 +199,9 @@ constexpr int kGiRows = 32, kGiCols = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    lora_down_grad_input_kernel(T* __restrict__ dx, const float* __restrict__ g, const float* __restrict__ A,
-                                int64_t M, int64_t K, int64_t r, SeedRef seed,
-                                uint32_t threshold, float keep_scale, bool accumulate, bool vec_ok) {
+    lora_down_grad_input_kernel(T* __restrict__ dx, const float* __restrict__ g, const float* __restrict__ A, int64_t M,
+                                int64_t K, int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
+                                bool accumulate, bool vec_ok) {
   __shared__ __align__(16) float as[kRankTile][kGiCols];
   __shared__ __align__(16) float gs[kGiRows][kRankTile];
   const Dropout drop{seed.get(), threshold, keep_scale};
@@ -290,9 +289,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- sum_partials: out[i] = fmt(sum over s of partial[s, i]), s in increasing order ---------------------------
-__global__ void __launch_bounds__(kThreads)
-    sum_partials_kernel(const float* __restrict__ partial, int splits, int64_t n, void* __restrict__ out,
-                        FloatFormat fmt) {
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partial, int splits,
+                                                                int64_t n, void* __restrict__ out, FloatFormat fmt) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     float sum = 0.0f;
@@ -337,13 +335,13 @@ cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* par
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     QPEFT_LAUNCH(grid, kThreads, stream, lora_down_kernel<T>)(static_cast<const T*>(x), A, partial, M, K, r,
-        cols_per_split, seed, threshold, keep_scale, vec_ok);
+                                                              cols_per_split, seed, threshold, keep_scale, vec_ok);
   });
 }
 
-cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                  int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
-                                  float keep_scale, cudaStream_t stream) {
+cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M, int64_t K,
+                                  int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
+                                  cudaStream_t stream) {
   if (K == 0 || r == 0) return cudaSuccess;
   if (splits < 1) splits = 1;
   int64_t rows_per_split = (M + splits - 1) / splits;
@@ -353,8 +351,8 @@ cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt
   const bool vec_ok = K % 8 == 0 && aligned16(x);
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_weight_kernel<T>)(g, static_cast<const T*>(x), partial, M, K,
-        r, rows_per_split, seed, threshold, keep_scale, vec_ok);
+    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_weight_kernel<T>)(
+        g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale, vec_ok);
   });
 }
 
@@ -368,12 +366,11 @@ cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, cons
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_input_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r, seed,
-        threshold, keep_scale, accumulate, vec_ok);
+                                                                         threshold, keep_scale, accumulate, vec_ok);
   });
 }
 
-cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt,
-                         cudaStream_t stream) {
+cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out, FloatFormat fmt, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   QPEFT_LAUNCH(grid_for(n, kThreads, 4096), kThreads, stream, sum_partials_kernel)(partial, splits, n, out, fmt);
   return cudaGetLastError();

@@ -36,8 +36,8 @@ constexpr int kDownMmaRows = 32 * kMmaWarps;
 template <typename T, int NT>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_mma_kernel(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ partial, int64_t M,
-                         int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed,
-                         uint32_t threshold, float keep_scale) {
+                         int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed, uint32_t threshold,
+                         float keep_scale) {
   const Dropout mask{seed.get(), threshold, 1.0f};  // keep -> x, drop -> 0
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kDownMmaRows + (threadIdx.x / 32) * 32;
@@ -137,8 +137,7 @@ template <typename T, int MT>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_grad_weight_mma_kernel(const float* __restrict__ g_in, const T* __restrict__ x,
                                      float* __restrict__ partial, int64_t M, int64_t K, int64_t r,
-                                     int64_t rows_per_split, SeedRef seed, uint32_t threshold,
-                                     float keep_scale) {
+                                     int64_t rows_per_split, SeedRef seed, uint32_t threshold, float keep_scale) {
   const Dropout mask{seed.get(), threshold, 1.0f};
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t k_warp = static_cast<int64_t>(blockIdx.x) * kGwMmaCols + (threadIdx.x / 32) * 64;
@@ -233,24 +232,25 @@ constexpr int kGiMmaRows = 32 * kMmaWarps, kGiMmaCols = 256;
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_grad_input_mma_kernel(T* __restrict__ dx, const float* __restrict__ g_in, const float* __restrict__ A,
-                                    int64_t M, int64_t K, int64_t r, SeedRef seed,
-                                    uint32_t threshold, float keep_scale, bool accumulate) {
+                                    int64_t M, int64_t K, int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
+                                    bool accumulate) {
   const Dropout drop{seed.get(), threshold, keep_scale};
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kGiMmaRows + (threadIdx.x / 32) * 32;
   const int64_t k_block = static_cast<int64_t>(blockIdx.y) * kGiMmaCols;
   const int odd = g % 2;
   for (int64_t kc = k_block; kc < k_block + kGiMmaCols && kc < K; kc += 32) {
-    const int64_t k_out = kc + 8 * t;           // this lane's output columns
-    const int64_t k_b = kc + 8 * (g / 2);       // the 8 columns of A this lane reads for its B slots
-    uint4 old[2][2];                            // dx before the update (accumulate)
+    const int64_t k_out = kc + 8 * t;      // this lane's output columns
+    const int64_t k_b = kc + 8 * (g / 2);  // the 8 columns of A this lane reads for its B slots
+    uint4 old[2][2];                       // dx before the update (accumulate)
     if (accumulate) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t m = m_base + 16 * mt + 8 * h + g;
-          old[mt][h] = (m < M && k_out < K) ? *reinterpret_cast<const uint4*>(dx + m * K + k_out) : make_uint4(0, 0, 0, 0);
+          old[mt][h] =
+              (m < M && k_out < K) ? *reinterpret_cast<const uint4*>(dx + m * K + k_out) : make_uint4(0, 0, 0, 0);
         }
     }
     float acc[2][4][4];
@@ -362,8 +362,8 @@ int lora_down_grad_weight_mma_splits(int64_t M, int64_t K, int64_t r) {
 }
 
 cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
-                         int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
-                         cudaStream_t stream) {
+                          int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
+                          cudaStream_t stream) {
   if (M == 0 || r == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {x, A})) return cudaErrorInvalidValue;
   if (splits < 1) splits = 1;
@@ -374,18 +374,18 @@ cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float*
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     if (narrow) {
-      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 2>)(static_cast<const T*>(x), A, partial, M, K,
-          r, cols_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 2>)(static_cast<const T*>(x), A, partial, M, K, r,
+                                                                          cols_per_split, seed, threshold, keep_scale);
     } else {
-      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 4>)(static_cast<const T*>(x), A, partial, M, K,
-          r, cols_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 4>)(static_cast<const T*>(x), A, partial, M, K, r,
+                                                                          cols_per_split, seed, threshold, keep_scale);
     }
   });
 }
 
 cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                     int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
-                                     float keep_scale, cudaStream_t stream) {
+                                      int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
+                                      float keep_scale, cudaStream_t stream) {
   if (K == 0 || r == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {x})) return cudaErrorInvalidValue;
   if (splits < 1) splits = 1;
@@ -398,26 +398,26 @@ cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     if (narrow) {
-      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 1>)(g, static_cast<const T*>(x),
-          partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 1>)(
+          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
     } else {
-      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 2>)(g, static_cast<const T*>(x),
-          partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
+      QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 2>)(
+          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
     }
   });
 }
 
 cudaError_t lora_down_grad_input_mma(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                    int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
-                                    bool accumulate, cudaStream_t stream) {
+                                     int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
+                                     cudaStream_t stream) {
   if (M == 0 || K == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {dx, A})) return cudaErrorInvalidValue;
   if (K > int64_t{65535} * kGiMmaCols) return cudaErrorInvalidValue;
   const dim3 grid(ceil_div(M, kGiMmaRows), ceil_div(K, kGiMmaCols));
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_input_mma_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r,
-        seed, threshold, keep_scale, accumulate);
+    QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_input_mma_kernel<T>)(
+        static_cast<T*>(dx), g, A, M, K, r, seed, threshold, keep_scale, accumulate);
   });
 }
 

@@ -41,8 +41,8 @@ struct Dropout {
       const uint64_t h = dropout_hash(seed, group0 + q);
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        v[4 * q + l] = dropout_lane(h, static_cast<uint64_t>(l)) >= threshold ? __fmul_rn(v[4 * q + l], keep_scale)
-                                                                              : 0.0f;
+        v[4 * q + l] =
+            dropout_lane(h, static_cast<uint64_t>(l)) >= threshold ? __fmul_rn(v[4 * q + l], keep_scale) : 0.0f;
       }
     }
   }
@@ -50,8 +50,7 @@ struct Dropout {
 
 // v[i] = float(row[k + i]) for k + i < k_end, else 0 (16-byte loads when `vec_ok`: K % 8 == 0, 16-byte aligned x).
 template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int64_t k_end, bool vec_ok,
-                                      float (&v)[8]) {
+__device__ __forceinline__ void load8(const T* __restrict__ row, int64_t k, int64_t k_end, bool vec_ok, float (&v)[8]) {
   if (vec_ok && k + 8 <= k_end) {
     if constexpr (sizeof(T) == 2) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k));
@@ -147,8 +146,8 @@ __device__ __forceinline__ uint32_t exact_tf32(float v) { return __float_as_uint
 // b0 = B[t][g], b1 = B[t + 4][g] and d0 = D[g][2 t], d1 = D[g][2 t + 1], d2 = D[g + 8][2 t], d3 = D[g + 8][2 t + 1].
 // The k index of A and of B held by a lane is the same (t or t + 4), so a kernel may assign any physical k to
 // the lanes' k slots as long as A and B use the same assignment.
-__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
 #if defined(QPEFT_CUDA_HOST_EMULATION)
   ::qpeft_emu::mma_m16n8k8_tf32(d, a0, a1, a2, a3, b0, b1);
 #else

@@ -11,8 +11,8 @@
 
 namespace qpeft::cuda {
 
-cudaError_t quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type,
-                          uint8_t* packed, float* absmax, cudaStream_t stream);
+cudaError_t quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed,
+                          float* absmax, cudaStream_t stream);
 
 // Any alignment works: a 4-byte aligned `packed` with a 16-byte aligned `out` takes the vectorized path, others
 // the element-wise one.

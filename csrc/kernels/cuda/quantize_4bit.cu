@@ -35,12 +35,12 @@ __global__ void quantize_4bit_kernel(const void* __restrict__ A, FloatFormat fmt
 
 }  // namespace
 
-cudaError_t quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type,
-                          uint8_t* packed, float* absmax, cudaStream_t stream) {
+cudaError_t quantize_4bit(const void* A, FloatFormat fmt, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed,
+                          float* absmax, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-  QPEFT_LAUNCH(grid_for(num_blocks * 32, kThreads), kThreads, stream, quantize_4bit_kernel)(A, fmt, n, blocksize,
-      type, packed, absmax, num_blocks);
+  QPEFT_LAUNCH(grid_for(num_blocks * 32, kThreads), kThreads, stream, quantize_4bit_kernel)(A, fmt, n, blocksize, type,
+                                                                                            packed, absmax, num_blocks);
   return cudaGetLastError();
 }
 

@@ -37,8 +37,10 @@ class AdaLoraConfig(LoraConfig):
         if self.total_step is None or self.total_step <= 0:
             self.fail("total_step", "must be a positive number of training steps (AdaLoRA's schedule needs it)")
         if self.tinit >= self.total_step - self.tfinal:
-            self.fail("tinit", f"leaves no budgeting phase (tinit < total_step - tfinal = "
-                      f"{self.total_step - self.tfinal} is needed)")
+            self.fail(
+                "tinit",
+                f"leaves no budgeting phase (tinit < total_step - tfinal = {self.total_step - self.tfinal} is needed)",
+            )
 
     def validate(self, source: str | None = None) -> None:
         super().validate(source)
@@ -64,8 +66,9 @@ class AdaLoraConfig(LoraConfig):
         if self.rank_pattern is None:
             return
         if not isinstance(self.rank_pattern, dict) or not all(
-                isinstance(k, str) and k.endswith(".lora_E") and isinstance(v, list) and
-                all(isinstance(b, bool) for b in v) for k, v in self.rank_pattern.items()):
+            isinstance(k, str) and k.endswith(".lora_E") and isinstance(v, list) and all(isinstance(b, bool) for b in v)
+            for k, v in self.rank_pattern.items()
+        ):
             self.fail("rank_pattern", 'must map "<module>.lora_E" to a list of booleans (the kept ranks)', source)
 
     @classmethod
@@ -73,8 +76,9 @@ class AdaLoraConfig(LoraConfig):
         fields.setdefault("rank_pattern", None)
         pattern = fields.get("rank_pattern")
         if isinstance(pattern, dict):  # peft may keep the adapter name in the keys: "<module>.lora_E.<adapter>"
-            fields["rank_pattern"] = {k.split(".lora_E")[0] + ".lora_E" if ".lora_E" in k else k: v
-                                      for k, v in pattern.items()}
+            fields["rank_pattern"] = {
+                k.split(".lora_E")[0] + ".lora_E" if ".lora_E" in k else k: v for k, v in pattern.items()
+            }
         fields.setdefault("alpha_pattern", {})
         if fields.get("alpha_pattern") is None:
             fields["alpha_pattern"] = {}

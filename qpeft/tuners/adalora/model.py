@@ -36,8 +36,15 @@ def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -
             module = LoraLinear4bit(targets.quantized(module, config), r=None)
             targets.set_submodule(model, name, module)
         base = module.base
-        adapter = AdaLoraAdapter(base.in_features, base.out_features, _init_rank(config, name), config.lora_alpha,
-                                 config.lora_dropout, ranknum=config.init_r, device=base.weight.device)
+        adapter = AdaLoraAdapter(
+            base.in_features,
+            base.out_features,
+            _init_rank(config, name),
+            config.lora_alpha,
+            config.lora_dropout,
+            ranknum=config.init_r,
+            device=base.weight.device,
+        )
         if config.init_lora_weights is False:
             with torch.no_grad():
                 adapter.lora_E.normal_(0.0, 0.5)
@@ -47,8 +54,11 @@ def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -
 
 
 def adapters_of(model: nn.Module, adapter_name: str) -> list[tuple[str, AdaLoraAdapter]]:
-    return sorted((name, layer.adapters[adapter_name]) for name, layer in lora_layers(model)
-                  if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraAdapter))
+    return sorted(
+        (name, layer.adapters[adapter_name])
+        for name, layer in lora_layers(model)
+        if adapter_name in layer.adapters and isinstance(layer.adapters[adapter_name], AdaLoraAdapter)
+    )
 
 
 def file_parameters(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -62,8 +72,13 @@ def file_parameters(model: nn.Module, config: AdaLoraConfig, adapter_name: str) 
             params.update({key + ".lora_A": a.lora_A, key + ".lora_E": a.lora_E, key + ".lora_B": a.lora_B})
         else:
             index = torch.tensor(keep, device=a.lora_A.device).nonzero().reshape(-1)
-            params.update({key + ".lora_A": a.lora_A[index], key + ".lora_E": a.lora_E[index],
-                           key + ".lora_B": a.lora_B[:, index]})
+            params.update(
+                {
+                    key + ".lora_A": a.lora_A[index],
+                    key + ".lora_E": a.lora_E[index],
+                    key + ".lora_B": a.lora_B[:, index],
+                }
+            )
     for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
         for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
             params[f"{PREFIX}{mname}.{pname}"] = p
@@ -101,7 +116,7 @@ class RankAllocator:
         if step > c.total_step - c.tfinal:
             return self.target_bgt, True
         mul = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
-        return int((self.init_bgt - self.target_bgt) * mul ** 3 + self.target_bgt), step % c.deltaT == 0
+        return int((self.init_bgt - self.target_bgt) * mul**3 + self.target_bgt), step % c.deltaT == 0
 
     @torch.no_grad()
     def update_ipt(self) -> None:
@@ -120,8 +135,10 @@ class RankAllocator:
     def _scores(self) -> dict[str, torch.Tensor]:
         scores = {}
         for name, a in adapters_of(self.model, self.adapter_name):
-            element = {part: self.exp_avg_ipt[(name, part)] * self.exp_avg_unc[(name, part)]
-                       for part in ("lora_A", "lora_B", "lora_E")}
+            element = {
+                part: self.exp_avg_ipt[(name, part)] * self.exp_avg_unc[(name, part)]
+                for part in ("lora_A", "lora_B", "lora_E")
+            }
             vectors = element["lora_A"].mean(1) + element["lora_B"].mean(0)
             scores[name] = element["lora_E"].reshape(-1) + vectors
         return scores

@@ -20,8 +20,11 @@ def placement(model: nn.Module, config: BottleneckConfig) -> list[str]:
         names = [n for n, _ in model.named_modules() if n and targets.is_target(n, config.target_modules)]
     else:
         kinds = MLP if config.style == "pfeiffer" else ATTENTION + MLP
-        names = [n for n, _ in model.named_modules()
-                 if n.rpartition(".")[2] in kinds and n.rpartition(".")[0].rpartition(".")[2].isdecimal()]
+        names = [
+            n
+            for n, _ in model.named_modules()
+            if n.rpartition(".")[2] in kinds and n.rpartition(".")[0].rpartition(".")[2].isdecimal()
+        ]
     names = [n for n in names if ".qpeft_bottlenecks" not in n and not targets.inside_wrapper(n, model)]
     if not names:
         raise ValueError("qpeft: no module to place bottleneck adapters after (set target_modules)")

@@ -40,8 +40,9 @@ class IA3Config(AdapterConfig):
         for key in ("fan_in_fan_out", "init_ia3_weights"):
             if not isinstance(getattr(self, key), bool):
                 self.fail(key, "must be true or false", source)
-        if self.modules_to_save is not None and (isinstance(self.modules_to_save, str) or
-                                                 not is_names(list(self.modules_to_save), False)):
+        if self.modules_to_save is not None and (
+            isinstance(self.modules_to_save, str) or not is_names(list(self.modules_to_save), False)
+        ):
             self.fail("modules_to_save", "must be a list of names", source)
         if self.layers_to_transform is not None or self.layers_pattern is not None:
             self.fail("layers_to_transform", "is not an IA3 option", source)

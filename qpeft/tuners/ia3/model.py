@@ -29,20 +29,24 @@ def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str) -> li
         feedforward = is_feedforward(name, config)
         if isinstance(module, IA3Linear4bit):
             if module.feedforward != feedforward:
-                raise ValueError(f"qpeft: {name!r} is a {'feed-forward' if module.feedforward else 'output'}-scaled "
-                                 "IA3 layer already; adapters of one layer scale the same side")
+                raise ValueError(
+                    f"qpeft: {name!r} is a {'feed-forward' if module.feedforward else 'output'}-scaled "
+                    "IA3 layer already; adapters of one layer scale the same side"
+                )
             module.add_adapter(adapter_name, config.init_ia3_weights, activate=False)
         else:
-            layer = IA3Linear4bit(targets.quantized(module, config), feedforward, adapter_name,
-                                  config.init_ia3_weights)
+            layer = IA3Linear4bit(targets.quantized(module, config), feedforward, adapter_name, config.init_ia3_weights)
             targets.set_submodule(model, name, layer)
     config.fan_in_fan_out = any(model.get_submodule(n).base.fan_in_fan_out for n in names)
     return names
 
 
 def file_parameters(model: nn.Module, config: IA3Config, adapter_name: str) -> dict[str, torch.Tensor]:
-    params = {PREFIX + name + ".ia3_l": layer.adapters[adapter_name] for name, layer in ia3_layers(model)
-              if adapter_name in layer.adapters}
+    params = {
+        PREFIX + name + ".ia3_l": layer.adapters[adapter_name]
+        for name, layer in ia3_layers(model)
+        if adapter_name in layer.adapters
+    }
     for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
         for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
             params[f"{PREFIX}{mname}.{pname}"] = p

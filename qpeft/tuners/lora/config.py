@@ -38,20 +38,26 @@ class LoraConfig(AdapterConfig):
         self.validate()
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(None, "bias", f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "kaiming", "gaussian") or \
-                not isinstance(self.init_lora_weights, (bool, str)):
-            raise ConfigError(None, "init_lora_weights", f"{self.init_lora_weights!r} is not supported "
-                              "(True, 'gaussian' or False)")
+        if self.init_lora_weights not in (True, False, "kaiming", "gaussian") or not isinstance(
+            self.init_lora_weights, (bool, str)
+        ):
+            raise ConfigError(
+                None, "init_lora_weights", f"{self.init_lora_weights!r} is not supported (True, 'gaussian' or False)"
+            )
         if self.use_dora and self.lora_bias:
             raise ConfigError(None, "lora_bias", "is not supported with DoRA (as in peft)")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or
-                                                     self.layers_pattern is not None):
-            raise ConfigError(None, "layers_to_transform", "and layers_pattern need target_modules as a list of "
-                              "names (as in peft), not a regex or 'all-linear'")
+        if isinstance(self.target_modules, str) and (
+            self.layers_to_transform is not None or self.layers_pattern is not None
+        ):
+            raise ConfigError(
+                None,
+                "layers_to_transform",
+                "and layers_pattern need target_modules as a list of names (as in peft), not a regex or 'all-linear'",
+            )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError(None, "layers_pattern", "only applies together with layers_to_transform (as in peft)")
 
@@ -76,20 +82,25 @@ class LoraConfig(AdapterConfig):
             value = getattr(self, key)
             if value is not None and not is_names(sorted(value) if isinstance(value, (set, tuple)) else value):
                 fail(key, "must be a name, a regex or a list of names")
-        if self.modules_to_save is not None and (isinstance(self.modules_to_save, str) or not isinstance(
-                self.modules_to_save, (list, tuple, set)) or not is_names(list(self.modules_to_save), False)):
+        if self.modules_to_save is not None and (
+            isinstance(self.modules_to_save, str)
+            or not isinstance(self.modules_to_save, (list, tuple, set))
+            or not is_names(list(self.modules_to_save), False)
+        ):
             fail("modules_to_save", "must be a list of names")
         layers = self.layers_to_transform
         if layers is not None and not (is_int(layers) or (isinstance(layers, list) and all(map(is_int, layers)))):
             fail("layers_to_transform", "must be a layer index or a list of them")
         self.check_rank_pattern(source)
         if not isinstance(self.alpha_pattern, dict) or not all(
-                isinstance(k, str) and is_number(v) for k, v in self.alpha_pattern.items()):
+            isinstance(k, str) and is_number(v) for k, v in self.alpha_pattern.items()
+        ):
             fail("alpha_pattern", "must map names or regexes to numbers")
 
     def check_rank_pattern(self, source: str | None) -> None:
         if not isinstance(self.rank_pattern, dict) or not all(
-                isinstance(k, str) and is_int(v) and v > 0 for k, v in self.rank_pattern.items()):
+            isinstance(k, str) and is_int(v) and v > 0 for k, v in self.rank_pattern.items()
+        ):
             self.fail("rank_pattern", "must map names or regexes to positive integers", source)
 
     def to_peft_dict(self) -> dict:
@@ -104,8 +115,9 @@ class LoraConfig(AdapterConfig):
         if d.get("peft_type", cls.peft_type) != cls.peft_type:
             raise ConfigError(source, "peft_type", f"is {d.get('peft_type')!r}, not {cls.peft_type}")
         if d.get("use_qalora") or d.get("target_parameters"):
-            raise ValueError("qpeft: this adapter_config.json uses QALoRA or target_parameters, which qpeft does not "
-                             "support")
+            raise ValueError(
+                "qpeft: this adapter_config.json uses QALoRA or target_parameters, which qpeft does not support"
+            )
         return super().from_peft_dict(d, source, **quant)
 
     @classmethod

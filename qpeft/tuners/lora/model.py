@@ -35,8 +35,15 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         module = model.get_submodule(name)
         r = targets.pattern_value(name, config.rank_pattern, config.r, "rank_pattern")
         alpha = targets.pattern_value(name, config.alpha_pattern, config.lora_alpha, "alpha_pattern")
-        kwargs = dict(r=r, alpha=alpha, dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                      use_dora=config.use_dora, lora_bias=config.lora_bias, init=_init_name(config))
+        kwargs = dict(
+            r=r,
+            alpha=alpha,
+            dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
+            init=_init_name(config),
+        )
         if isinstance(module, LoraLinear4bit):
             adapter = module.add_adapter(adapter_name, **kwargs, activate=False)
         else:

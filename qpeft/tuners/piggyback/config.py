@@ -26,7 +26,8 @@ class PiggybackConfig(TargetedConfig):
             if not is_number(getattr(self, key)):
                 self.fail(key, "must be a finite number", source)
         if is_number(self.threshold) and is_number(self.init_score) and self.init_score <= self.threshold:
-            self.fail("init_score", f"must exceed threshold ({self.threshold}) so training starts from the base",
-                      source)
+            self.fail(
+                "init_score", f"must exceed threshold ({self.threshold}) so training starts from the base", source
+            )
         if self.score_dtype not in ("float32", "bfloat16"):
             self.fail("score_dtype", "must be 'float32' or 'bfloat16'", source)

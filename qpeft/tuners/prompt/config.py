@@ -41,8 +41,11 @@ class PromptLearningConfig(WholeModelConfig):
             if value is not None and (not is_int(value) or value <= 0):
                 self.fail(key, "must be a positive integer or null (read from the model)", source)
         if self.num_transformer_submodules not in (None, 1):
-            self.fail("num_transformer_submodules", "must be 1 (qpeft's prompt learning is for decoder-only "
-                      "causal LMs)", source)
+            self.fail(
+                "num_transformer_submodules",
+                "must be 1 (qpeft's prompt learning is for decoder-only causal LMs)",
+                source,
+            )
         if self.task_type not in (None, "CAUSAL_LM"):
             self.fail("task_type", "must be 'CAUSAL_LM' or null (qpeft's prompt learning is for causal LMs)", source)
         if self.modules_to_save:
@@ -66,9 +69,11 @@ class PromptLearningConfig(WholeModelConfig):
 
         self.num_transformer_submodules = self.num_transformer_submodules or 1
         self.task_type = self.task_type or "CAUSAL_LM"
-        for key, names in (("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
-                           ("token_dim", ("hidden_size", "n_embd", "d_model")),
-                           ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads"))):
+        for key, names in (
+            ("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
+            ("token_dim", ("hidden_size", "n_embd", "d_model")),
+            ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads")),
+        ):
             if getattr(self, key) is None:
                 value = read(*names)
                 if value is None:
@@ -137,8 +142,9 @@ class PromptEncoderConfig(PromptLearningConfig):
         super().validate(source)
         if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
             self.fail("encoder_reparameterization_type", "must be 'MLP' or 'LSTM'", source)
-        if self.encoder_hidden_size is not None and (not is_int(self.encoder_hidden_size) or
-                                                     self.encoder_hidden_size <= 0):
+        if self.encoder_hidden_size is not None and (
+            not is_int(self.encoder_hidden_size) or self.encoder_hidden_size <= 0
+        ):
             self.fail("encoder_hidden_size", "must be a positive integer or null (token_dim)", source)
         if not is_int(self.encoder_num_layers) or self.encoder_num_layers <= 0:
             self.fail("encoder_num_layers", "must be a positive integer", source)
@@ -163,15 +169,19 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def validate(self, source: str | None = None) -> None:
         super().validate(source)
-        if self.encoder_hidden_size is not None and (not is_int(self.encoder_hidden_size) or
-                                                     self.encoder_hidden_size <= 0):
+        if self.encoder_hidden_size is not None and (
+            not is_int(self.encoder_hidden_size) or self.encoder_hidden_size <= 0
+        ):
             self.fail("encoder_hidden_size", "must be a positive integer or null (token_dim)", source)
         if not isinstance(self.prefix_projection, bool):
             self.fail("prefix_projection", "must be true or false", source)
         if self.init_weights not in (None, "zero"):
             self.fail("init_weights", "must be null or 'zero'", source)
-        if self.token_dim is not None and self.num_attention_heads is not None and \
-                self.token_dim % self.num_attention_heads:
+        if (
+            self.token_dim is not None
+            and self.num_attention_heads is not None
+            and self.token_dim % self.num_attention_heads
+        ):
             self.fail("token_dim", f"must be a multiple of num_attention_heads ({self.num_attention_heads})", source)
 
     def fill_from_model(self, model_config) -> None:
@@ -198,8 +208,13 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
     (task ``prompt_tuning_init_task``), ONLY_SOURCE_SHARED (the shared prompt only)."""
 
     peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
-    INITS: ClassVar[tuple[str, ...]] = ("RANDOM", "TEXT", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK",
-                                        "ONLY_SOURCE_SHARED")
+    INITS: ClassVar[tuple[str, ...]] = (
+        "RANDOM",
+        "TEXT",
+        "AVERAGE_SOURCE_TASKS",
+        "EXACT_SOURCE_TASK",
+        "ONLY_SOURCE_SHARED",
+    )
     SOURCE_INITS: ClassVar[tuple[str, ...]] = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
 
     prompt_tuning_init_state_dict_path: str | None = None
@@ -219,8 +234,12 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
             self.fail("prompt_tuning_init_state_dict_path", "must be a string or null", source)
         if self.prompt_tuning_init in self.SOURCE_INITS and not self.inference_mode:
             if path is None:
-                self.fail("prompt_tuning_init_state_dict_path", f"is required with prompt_tuning_init "
-                          f"{self.prompt_tuning_init!r}", source)
+                self.fail(
+                    "prompt_tuning_init_state_dict_path",
+                    f"is required with prompt_tuning_init {self.prompt_tuning_init!r}",
+                    source,
+                )
             if not path.endswith(".safetensors"):
-                self.fail("prompt_tuning_init_state_dict_path", "must be a .safetensors file (qpeft never "
-                          "unpickles)", source)
+                self.fail(
+                    "prompt_tuning_init_state_dict_path", "must be a .safetensors file (qpeft never unpickles)", source
+                )

@@ -14,8 +14,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ...errors import ConfigError
-from .config import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig,
-                     PromptTuningConfig)
+from .config import (
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
 
 
 def _init_token_ids(config: PromptTuningConfig, vocab_size: int, n: int) -> torch.Tensor | None:
@@ -25,6 +30,7 @@ def _init_token_ids(config: PromptTuningConfig, vocab_size: int, n: int) -> torc
     if config.prompt_tuning_init != "TEXT":
         return None
     from transformers import AutoTokenizer
+
     kwargs = dict(config.tokenizer_kwargs or {})
     kwargs.pop("trust_remote_code", None)  # never run code from a tokenizer folder
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
@@ -65,8 +71,14 @@ class PromptEncoder(nn.Module):
         self.embedding = nn.Embedding(config.total_virtual_tokens, d)
         self.kind = None if loaded else config.encoder_reparameterization_type
         if self.kind == "LSTM":
-            self.lstm_head = nn.LSTM(d, h, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
-                                     bidirectional=True, batch_first=True)
+            self.lstm_head = nn.LSTM(
+                d,
+                h,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
         elif self.kind == "MLP":
             self.mlp_head = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
@@ -94,8 +106,9 @@ class PrefixEncoder(nn.Module):
         self.num_layers = config.num_layers
         if self.projected:
             self.embedding = nn.Embedding(config.num_virtual_tokens, d)
-            self.transform = nn.Sequential(nn.Linear(d, config.encoder_hidden_size), nn.Tanh(),
-                                           nn.Linear(config.encoder_hidden_size, width))
+            self.transform = nn.Sequential(
+                nn.Linear(d, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, width)
+            )
             last = self.transform[-1]
         else:
             self.embedding = nn.Embedding(config.num_virtual_tokens, width)
@@ -126,14 +139,14 @@ class PrefixEncoder(nn.Module):
 class MultitaskPromptEmbedding(PromptEmbedding):
     """Multitask prompt tuning: shared prompt * (prefix_task_cols[task] @ prefix_task_rows[task])."""
 
-    def __init__(self, config: MultitaskPromptTuningConfig, word_embeddings: nn.Embedding | None,
-                 loaded: bool = False):
+    def __init__(self, config: MultitaskPromptTuningConfig, word_embeddings: nn.Embedding | None, loaded: bool = False):
         source = config.prompt_tuning_init in config.SOURCE_INITS
         super().__init__(config, None if source else word_embeddings, loaded)
         total = config.total_virtual_tokens
         self.prefix_task_cols = nn.Parameter(torch.normal(0.0, 0.02, (config.num_tasks, total, config.num_ranks)))
-        self.prefix_task_rows = nn.Parameter(torch.normal(0.0, 0.02, (config.num_tasks, config.num_ranks,
-                                                                      config.token_dim)))
+        self.prefix_task_rows = nn.Parameter(
+            torch.normal(0.0, 0.02, (config.num_tasks, config.num_ranks, config.token_dim))
+        )
         if source and not loaded:
             self._init_from_source(config)
 
@@ -153,8 +166,11 @@ class MultitaskPromptEmbedding(PromptEmbedding):
             cols, rows = cols.mean(0), rows.mean(0)
         else:
             if config.prompt_tuning_init_task >= cols.shape[0]:
-                raise ConfigError(path, "prompt_tuning_init_task", f"is {config.prompt_tuning_init_task} but the "
-                                  f"source has {cols.shape[0]} tasks")
+                raise ConfigError(
+                    path,
+                    "prompt_tuning_init_task",
+                    f"is {config.prompt_tuning_init_task} but the source has {cols.shape[0]} tasks",
+                )
             cols, rows = cols[config.prompt_tuning_init_task], rows[config.prompt_tuning_init_task]
         # every target task starts from the chosen source task (peft: num_tasks must be 1)
         self._copy(self.prefix_task_cols, cols, path)
@@ -165,8 +181,11 @@ class MultitaskPromptEmbedding(PromptEmbedding):
         try:
             src = src.expand_as(dst)
         except RuntimeError:
-            raise ConfigError(path, "prompt_tuning_init_state_dict_path", f"holds shape {list(src.shape)} where "
-                              f"{list(dst.shape)} is needed") from None
+            raise ConfigError(
+                path,
+                "prompt_tuning_init_state_dict_path",
+                f"holds shape {list(src.shape)} where {list(dst.shape)} is needed",
+            ) from None
         dst.copy_(src)
 
     def task_prompt(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -176,8 +195,11 @@ class MultitaskPromptEmbedding(PromptEmbedding):
         return self.embedding.weight * (cols @ rows)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.embedding.weight, "prefix_task_cols": self.prefix_task_cols,
-                "prefix_task_rows": self.prefix_task_rows}
+        return {
+            "prompt_embeddings": self.embedding.weight,
+            "prefix_task_cols": self.prefix_task_cols,
+            "prefix_task_rows": self.prefix_task_rows,
+        }
 
 
 def make_encoder(config: PromptLearningConfig, word_embeddings: nn.Embedding | None, loaded: bool) -> nn.Module:

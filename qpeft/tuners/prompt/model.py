@@ -50,8 +50,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def prefix_key_values(encoder: nn.Module, config: PrefixTuningConfig, batch: int,
-                      dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prefix_key_values(
+    encoder: nn.Module, config: PrefixTuningConfig, batch: int, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (keys, values) [batch, heads, T, head_dim] of the prefix (expanded over the batch, not copied)."""
     t, heads = config.num_virtual_tokens, config.num_attention_heads
     kv = []
@@ -82,6 +83,7 @@ def _read_only_layer_class():
 
 def prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], read_only: bool):
     from transformers import DynamicCache
+
     cache = DynamicCache(ddp_cache_data=kv)
     if read_only:
         layer_class = _read_only_layer_class()
@@ -95,12 +97,16 @@ def _layers_keep_cache(model: nn.Module) -> Iterator[None]:
     (``_can_checkpoint_with_cache``) and a backbone that would drop the cache for its checkpointed layers (GPT-2)
     does not see its checkpointing flag; the layers still checkpoint."""
     from transformers.modeling_layers import GradientCheckpointingLayer
+
     changed = []
     for m in model.modules():
         if not getattr(m, "gradient_checkpointing", False):
             continue
-        name, value = (("_can_checkpoint_with_cache", True) if isinstance(m, GradientCheckpointingLayer) else
-                       ("gradient_checkpointing", False))
+        name, value = (
+            ("_can_checkpoint_with_cache", True)
+            if isinstance(m, GradientCheckpointingLayer)
+            else ("gradient_checkpointing", False)
+        )
         changed.append((m, name, m.__dict__.get(name, _UNSET)))
         setattr(m, name, value)
     try:
@@ -160,8 +166,17 @@ def _drop_unsupported(config: PromptLearningConfig, kwargs: dict) -> None:
         kwargs["token_type_ids"] = None
 
 
-def forward(model: nn.Module, encoder: nn.Module, config: PromptLearningConfig, input_ids=None, attention_mask=None,
-            inputs_embeds=None, labels=None, task_ids=None, **kwargs):
+def forward(
+    model: nn.Module,
+    encoder: nn.Module,
+    config: PromptLearningConfig,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    labels=None,
+    task_ids=None,
+    **kwargs,
+):
     """``model``'s forward with the adapter's virtual tokens or prefix (labels of virtual tokens are -100)."""
     batch = _batch_size(input_ids, inputs_embeds)
     length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -186,8 +201,15 @@ def forward(model: nn.Module, encoder: nn.Module, config: PromptLearningConfig, 
 
 
 @torch.no_grad()
-def generate(model: nn.Module, encoder: nn.Module, config: PromptLearningConfig, input_ids=None,
-             attention_mask=None, task_ids=None, **kwargs):
+def generate(
+    model: nn.Module,
+    encoder: nn.Module,
+    config: PromptLearningConfig,
+    input_ids=None,
+    attention_mask=None,
+    task_ids=None,
+    **kwargs,
+):
     """``model.generate`` with the adapter: the prefix (a cache holding it) or the virtual tokens injected once,
     the attention mask extended; returns input_ids followed by the new tokens, as peft does."""
     if input_ids is None:

@@ -14,13 +14,15 @@ from .config import BitFitConfig, LayerwiseConfig
 
 # ---- BitFit -----------------------------------------------------------------------------------------------------
 
+
 def _bias_owners(model: nn.Module, config: BitFitConfig) -> list[tuple[str, nn.Module]]:
     """The modules whose bias trains: those with a bias parameter (or, with add_missing_bias, linear layers without
     one) whose name bias_modules selects."""
     owners = []
     for name, module in model.named_modules():
-        if not name or (config.bias_modules is not None and
-                        not targets.is_target(name, config.bias_modules, "bias_modules")):
+        if not name or (
+            config.bias_modules is not None and not targets.is_target(name, config.bias_modules, "bias_modules")
+        ):
             continue
         missing = config.add_missing_bias and isinstance(module, Linear4bit) and module.bias is None
         if module._parameters.get("bias") is not None or missing:
@@ -33,8 +35,10 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
         targets.quantize_linears(model, config)
     owners = _bias_owners(model, config)
     if not owners:
-        raise ValueError(f"qpeft: bias_modules {config.bias_modules!r} select no module with a bias"
-                         + ("" if config.add_missing_bias else " (add_missing_bias=True adds zero biases)"))
+        raise ValueError(
+            f"qpeft: bias_modules {config.bias_modules!r} select no module with a bias"
+            + ("" if config.add_missing_bias else " (add_missing_bias=True adds zero biases)")
+        )
     for _, module in owners:
         if module.bias is None:
             module.bias = nn.Parameter(torch.zeros(module.out_features, device=module.weight.device))
@@ -42,11 +46,13 @@ def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> 
 
 
 def bitfit_parameters(model: nn.Module, config: BitFitConfig, adapter_name: str) -> dict[str, nn.Parameter]:
-    return {f"{PREFIX}{name}.bias": module.bias for name, module in _bias_owners(model, config)
-            if module.bias is not None}
+    return {
+        f"{PREFIX}{name}.bias": module.bias for name, module in _bias_owners(model, config) if module.bias is not None
+    }
 
 
 # ---- layer-wise ---------------------------------------------------------------------------------------------------
+
 
 def _layer_indices(model: nn.Module, config: LayerwiseConfig) -> set[int]:
     found = {targets.layer_index(name, config.layers_pattern) for name, _ in model.named_parameters()}
@@ -54,7 +60,7 @@ def _layer_indices(model: nn.Module, config: LayerwiseConfig) -> set[int]:
     if not found:
         raise ValueError("qpeft: no numbered transformer layer in the model's parameter names (set layers_pattern)")
     if config.last_k is not None:
-        return set(sorted(found)[-config.last_k:])
+        return set(sorted(found)[-config.last_k :])
     chosen = {config.layers} if isinstance(config.layers, int) else set(config.layers)
     missing = sorted(chosen - found)
     if missing:
@@ -78,8 +84,11 @@ def inject_layerwise(model: nn.Module, config: LayerwiseConfig, adapter_name: st
             dense = dense_layer(module.dequantized_weight(dtype), module.bias, module.fan_in_fan_out)
             targets.set_submodule(model, name, dense)
     config.layers, config.last_k = sorted(chosen), None  # the file names the layers themselves
-    return [name for name, m in model.named_modules()
-            if _in_chosen(name, config, chosen) and (isinstance(m, nn.Linear) or is_conv1d(m))]
+    return [
+        name
+        for name, m in model.named_modules()
+        if _in_chosen(name, config, chosen) and (isinstance(m, nn.Linear) or is_conv1d(m))
+    ]
 
 
 def layerwise_parameters(model: nn.Module, config: LayerwiseConfig, adapter_name: str) -> dict[str, nn.Parameter]:

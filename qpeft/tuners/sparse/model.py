@@ -28,7 +28,7 @@ def inject_adapter(model: nn.Module, config: SparseConfig, adapter_name: str) ->
             targets.set_submodule(model, name, module)
         n, k = module.out_features, module.in_features
         if config.selection == "random":
-            index = torch.randperm(n * k, generator=g)[:config.entries(n, k)]
+            index = torch.randperm(n * k, generator=g)[: config.entries(n, k)]
         else:
             index = torch.zeros(0, dtype=torch.int64)
         module.add_entries(adapter_name, index, activate=False)
@@ -51,8 +51,9 @@ def prepare_load(model: nn.Module, config: SparseConfig, adapter_name: str, tens
         index = tensors.get(f"{PREFIX}{name}.sparse_index")
         if adapter_name in layer.adapters and index is not None:
             if index.dtype != torch.int64 or index.dim() != 1:
-                raise ValueError(f"qpeft: {name}.sparse_index must be int64 [entries], got {index.dtype} "
-                                 f"{list(index.shape)}")
+                raise ValueError(
+                    f"qpeft: {name}.sparse_index must be int64 [entries], got {index.dtype} {list(index.shape)}"
+                )
             active = adapter_name in layer.active_adapters
             layer.delete_adapter(adapter_name)
             layer.add_entries(adapter_name, index, activate=active)
@@ -74,19 +75,22 @@ def select_by_gradient(model: nn.Module, config: SparseConfig, adapter_name: str
     (dicts of model inputs with labels, or token tensors used as their own labels), then keeps each layer's
     largest ``budget`` entries, values zero. Holds one fp32 [out, in] accumulator per layer meanwhile."""
     layers = [(n, layer) for n, layer in sparse_layers(model) if adapter_name in layer.adapters]
-    scores = {n: torch.zeros(layer.out_features, layer.in_features, device=layer.base.weight.device)
-              for n, layer in layers}
+    scores = {
+        n: torch.zeros(layer.out_features, layer.in_features, device=layer.base.weight.device) for n, layer in layers
+    }
     inputs, handles = {}, []
 
     def keep_input(name):
         def hook(module, args, output):
             inputs[name] = args[0].detach()
+
         return hook
 
     def accumulate(name):
         def hook(module, grad_input, grad_output):
             dy, x = grad_output[0], inputs[name]
             scores[name].add_((dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()).abs())
+
         return hook
 
     for n, layer in layers:
