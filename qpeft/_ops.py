@@ -128,12 +128,7 @@ def _(A, blocksize, quant_type):
 
 
 @torch.library.register_fake("qpeft::dequantize_4bit")
-def _(packed, absmax, blocksize, quant_type, shape, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-@torch.library.register_fake("qpeft::dequantize_4bit_nested")
-def _(packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize, quant_type, shape, dtype):
+def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 

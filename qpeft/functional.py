@@ -143,10 +143,10 @@ def dequantize_4bit(
                 "qpeft: uint8 absmax means double quantization; nested_absmax, nested_code and "
                 "nested_offset are required"
             )
-        return ops.dequantize_4bit_nested(
-            packed, absmax, nested_absmax, nested_code, _offset_arg(nested_offset), blocksize, quant_type, shape, dtype
-        )
-    return ops.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+        nested = (nested_absmax, nested_code, _offset_arg(nested_offset))
+    else:  # plain fp32 scales: nested tensors, if given, play no part
+        nested = (None, None, None)
+    return ops.dequantize_4bit(packed, absmax, *nested, blocksize, quant_type, shape, dtype)
 
 
 def quantize_blockwise_8bit(

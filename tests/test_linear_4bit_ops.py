@@ -237,9 +237,9 @@ def test_every_op_rejects_overflowing_sizes():
     nested = (q.absmax, q.nested_absmax, q.nested_code, q.nested_offset.reshape(1))
     for shape in ([2**32, 2**32], [2**31, 2**31, 4], [2**62, 2, 2], [3, 2**62]):
         with pytest.raises(ValueError, match="too large"):
-            torch.ops.qpeft.dequantize_4bit(packed, absmax, 64, "nf4", shape, torch.float32)
+            torch.ops.qpeft.dequantize_4bit(packed, absmax, None, None, None, 64, "nf4", shape, torch.float32)
         with pytest.raises(ValueError, match="too large"):
-            torch.ops.qpeft.dequantize_4bit_nested(q.packed.reshape(-1), *nested, 64, "nf4", shape, torch.float32)
+            torch.ops.qpeft.dequantize_4bit(q.packed.reshape(-1), *nested, 64, "nf4", shape, torch.float32)
     A = torch.zeros(1, 4)
     B = torch.zeros(1, 1).expand(2**60, 1)  # a huge N without memory (stride 0): N x K = 2^62
     with pytest.raises(ValueError, match="too large"):

@@ -193,8 +193,8 @@ def test_opcheck_all_ops(device):
     cases = [
         (ops.quantize_4bit, (A, 64, "nf4")),
         (ops.quantize_4bit, (A.to(torch.bfloat16), 32, "fp4")),
-        (ops.dequantize_4bit, (packed, absmax, 64, "nf4", [3, 100], torch.bfloat16)),
-        (ops.dequantize_4bit_nested, (packed, q8, absmax2, code, offset, 64, "nf4", [3, 100], torch.float16)),
+        (ops.dequantize_4bit, (packed, absmax, None, None, None, 64, "nf4", [3, 100], torch.bfloat16)),
+        (ops.dequantize_4bit, (packed, q8, absmax2, code, offset, 64, "nf4", [3, 100], torch.float16)),
         (ops.quantize_blockwise_8bit, (absmax, code, 256)),
         (ops.dequantize_blockwise_8bit, (q8, absmax2, code, 256)),
         (ops._approx_reciprocal, (absmax,)),
@@ -230,7 +230,7 @@ def test_bad_inputs_raise_clear_errors(device):
     with pytest.raises(ValueError, match="blocksize"):
         torch.ops.qpeft.quantize_4bit(A, 100, "nf4")
     with pytest.raises(TypeError, match="absmax must be Float"):
-        torch.ops.qpeft.dequantize_4bit(packed, absmax.half(), 64, "nf4", [128], torch.float32)
+        torch.ops.qpeft.dequantize_4bit(packed, absmax.half(), None, None, None, 64, "nf4", [128], torch.float32)
     with pytest.raises(ValueError, match="code must have 256"):
         torch.ops.qpeft.quantize_blockwise_8bit(A, torch.zeros(10, device=device), 256)
 
@@ -242,7 +242,7 @@ def test_mixed_devices_raise():
     with pytest.raises(ValueError, match="absmax is on cpu"):
         F.dequantize_4bit(packed, absmax.cpu(), 64, "nf4", (128,), torch.float32)
     with pytest.raises(ValueError, match="absmax is on cpu"):
-        torch.ops.qpeft.dequantize_4bit(packed, absmax.cpu(), 64, "nf4", [128], torch.float32)
+        torch.ops.qpeft.dequantize_4bit(packed, absmax.cpu(), None, None, None, 64, "nf4", [128], torch.float32)
 
 
 @pytest.mark.cuda

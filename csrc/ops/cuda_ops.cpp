@@ -36,19 +36,14 @@ at::Tensor run_dequantize_4bit_cuda(const Dequantize4bitArgs& a) {
   return a.out;
 }
 
-at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                 c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(packed.device());
-  return run_dequantize_4bit_cuda(prepare_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype));
-}
-
-at::Tensor dequantize_4bit_nested_cuda(const at::Tensor& packed, const at::Tensor& absmax_codes,
-                                       const at::Tensor& nested_absmax, const at::Tensor& nested_code,
-                                       const at::Tensor& nested_offset, int64_t blocksize, c10::string_view quant_type,
-                                       at::IntArrayRef shape, at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(packed.device());
-  return run_dequantize_4bit_cuda(prepare_dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_code,
-                                                                 nested_offset, blocksize, quant_type, shape, dtype));
+  return run_dequantize_4bit_cuda(prepare_dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                          blocksize, quant_type, shape, dtype));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& A, const at::Tensor& code,
@@ -268,7 +263,6 @@ at::Tensor approx_reciprocal_cuda(const at::Tensor& x) {
 TORCH_LIBRARY_IMPL(qpeft, CUDA, m) {
   m.impl("quantize_4bit", &quantize_4bit_cuda);
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
-  m.impl("dequantize_4bit_nested", &dequantize_4bit_nested_cuda);
   m.impl("quantize_blockwise_8bit", &quantize_blockwise_8bit_cuda);
   m.impl("dequantize_blockwise_8bit", &dequantize_blockwise_8bit_cuda);
   m.impl("_approx_reciprocal", &approx_reciprocal_cuda);

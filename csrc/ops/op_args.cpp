@@ -152,20 +152,26 @@ void allocate_output(Dequantize4bitArgs& args, const at::Tensor& packed, at::Int
 
 }  // namespace
 
-Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  Dequantize4bitArgs args = prepare_weight_4bit(packed, absmax, blocksize, quant_type, shape_numel(shape));
-  allocate_output(args, packed, shape, dtype);
-  return args;
+Dequantize4bitArgs prepare_weight(const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code,
+                                  const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                  std::string_view quant_type, int64_t n) {
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
+                    "qpeft: nested_absmax, nested_code and nested_offset go together");
+  return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
+                                             quant_type, n)
+                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, n);
 }
 
-Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
-                                                  const at::Tensor& nested_absmax, const at::Tensor& nested_code,
-                                                  const at::Tensor& nested_offset, int64_t blocksize,
-                                                  std::string_view quant_type, at::IntArrayRef shape,
-                                                  at::ScalarType dtype) {
-  Dequantize4bitArgs args = prepare_weight_4bit_nested(packed, absmax_codes, nested_absmax, nested_code, nested_offset,
-                                                       blocksize, quant_type, shape_numel(shape));
+Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
+                                           const std::optional<at::Tensor>& nested_absmax,
+                                           const std::optional<at::Tensor>& nested_code,
+                                           const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+  Dequantize4bitArgs args = prepare_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                                           quant_type, shape_numel(shape));
   allocate_output(args, packed, shape, dtype);
   return args;
 }
@@ -230,15 +236,10 @@ Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at:
                     activation.sizes());
   float_format(activation.scalar_type(), "the activation of a 4-bit linear");
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "qpeft: negative weight shape [", rows, ", ", cols, "]");
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
-                    "qpeft: nested_absmax, nested_code and nested_offset go together");
   TORCH_CHECK_VALUE(activation.device() == packed.device(), "qpeft: the activation is on ", activation.device(),
                     " but the weight is on ", packed.device());
-  const int64_t n = checked_size_product(rows, cols, "the weight");
-  return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                                             quant_type, n)
-                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, n);
+  return prepare_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type,
+                        checked_size_product(rows, cols, "the weight"));
 }
 
 uint64_t DropoutParams::host_seed() const {

@@ -51,13 +51,17 @@ Dequantize4bitArgs prepare_weight_4bit_nested(const at::Tensor& packed, const at
                                               const at::Tensor& nested_absmax, const at::Tensor& nested_code,
                                               const at::Tensor& nested_offset, int64_t blocksize,
                                               std::string_view quant_type, int64_t n);
-Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+// The 4-bit weight of n elements as the ops take it: plain, or with the nested three (all or none).
+Dequantize4bitArgs prepare_weight(const at::Tensor& packed, const at::Tensor& absmax,
+                                  const std::optional<at::Tensor>& nested_absmax,
+                                  const std::optional<at::Tensor>& nested_code,
+                                  const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                  std::string_view quant_type, int64_t n);
+Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
+                                           const std::optional<at::Tensor>& nested_absmax,
+                                           const std::optional<at::Tensor>& nested_code,
+                                           const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                            std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype);
-Dequantize4bitArgs prepare_dequantize_4bit_nested(const at::Tensor& packed, const at::Tensor& absmax_codes,
-                                                  const at::Tensor& nested_absmax, const at::Tensor& nested_code,
-                                                  const at::Tensor& nested_offset, int64_t blocksize,
-                                                  std::string_view quant_type, at::IntArrayRef shape,
-                                                  at::ScalarType dtype);
 
 // The 4-bit weight [rows, cols] of a fused linear op (plain or nested scales), checked against the 2-D
 // activation that multiplies it (dtype, device); no output allocated.

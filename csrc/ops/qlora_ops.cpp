@@ -45,18 +45,11 @@ struct Weight4bit {
   c10::string_view quant_type;
 
   at::Tensor dequantize(int64_t N, int64_t K, at::ScalarType dtype) const {
-    if (nested_absmax.has_value()) {
-      TORCH_CHECK_VALUE(nested_code.has_value() && nested_offset.has_value(),
-                        "qpeft: nested_absmax, nested_code and nested_offset go together");
-      static auto dequant =
-          op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        int64_t, c10::string_view, at::IntArrayRef, at::ScalarType)>("qpeft::dequantize_4bit_nested");
-      return dequant.call(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize, quant_type, {N, K},
-                          dtype);
-    }
-    static auto dequant = op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view,
-                                        at::IntArrayRef, at::ScalarType)>("qpeft::dequantize_4bit");
-    return dequant.call(packed, absmax, blocksize, quant_type, {N, K}, dtype);
+    static auto dequant =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                      int64_t, c10::string_view, at::IntArrayRef, at::ScalarType)>("qpeft::dequantize_4bit");
+    return dequant.call(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, {N, K},
+                        dtype);
   }
 
   using FusedSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,

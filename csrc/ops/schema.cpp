@@ -3,18 +3,17 @@
 //
 // Shapes: a 4-bit tensor of n elements is `packed` uint8 [(n + 1) / 2] (element 2j in the high nibble of
 // byte j) plus one scale per block of `blocksize` elements: fp32 `absmax` [nblocks], or, double-quantized,
-// uint8 `absmax_codes` [nblocks] + fp32 `nested_absmax` [ceil(nblocks / 256)] + fp32 `nested_code` [256]
+// uint8 `absmax` codes [nblocks] + fp32 `nested_absmax` [ceil(nblocks / 256)] + fp32 `nested_code` [256]
 // + fp32 `nested_offset` (one element).
 #include <torch/library.h>
 
 TORCH_LIBRARY(qpeft, m) {
   m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor packed, Tensor absmax)");
+  // The 4-bit weight of every op below: packed, absmax, then nested_absmax, nested_code, nested_offset (all three
+  // or none: double quantization), blocksize, quant_type.
   m.def(
-      "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, int[] shape, "
-      "ScalarType dtype) -> Tensor");
-  m.def(
-      "dequantize_4bit_nested(Tensor packed, Tensor absmax_codes, Tensor nested_absmax, Tensor nested_code, "
-      "Tensor nested_offset, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
+      "dequantize_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
   // y = x W^T for x [M, K] and the 4-bit weight W [out_features, K] (plain or nested scales), in x's dtype: the

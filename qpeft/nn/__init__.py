@@ -2,6 +2,6 @@
 
 from .ia3 import IA3Linear4bit
 from .linear4bit import Linear4bit
-from .lora import LoraLinear4bit
+from .lora import LoraLinear4bit, LoraSpec
 
-__all__ = ["IA3Linear4bit", "Linear4bit", "LoraLinear4bit"]
+__all__ = ["IA3Linear4bit", "Linear4bit", "LoraLinear4bit", "LoraSpec"]

@@ -10,6 +10,7 @@ magnitude ratio. No dequantized weight and no dropout mask survive a call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,38 +23,51 @@ from .adapter_holder import AdapterHolder
 from .linear4bit import Linear4bit
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA adapter's hyperparameters: rank ``r``, ``alpha`` (scaling alpha / r, or alpha / sqrt(r) with
+    ``use_rslora``), ``dropout`` probability, ``use_dora``, ``lora_bias`` (a bias on the up-projection), ``init`` of
+    A ("kaiming" or "gaussian"; B starts at 0) and ``adapter_dtype`` of the trainable tensors. The LoRA layer's
+    constructors and ``add_adapter`` take these as keywords."""
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    init: str = "kaiming"
+    adapter_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"qpeft: LoRA rank r must be a positive integer, got {self.r!r}")
+        F.check_dropout_p(self.dropout, "LoRA dropout")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"qpeft: init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return formats.lora_scaling(self.r, self.alpha, self.use_rslora)
+
+
 class LoraAdapter(nn.Module):
     """One adapter's trainable tensors: ``lora_A`` [r, in], ``lora_B`` [out, r], optional ``lora_bias`` [out]
-    (the bias of peft's lora_B, scaled with the branch) and ``lora_magnitude`` [out] (DoRA's m)."""
+    (the bias of peft's lora_B, scaled with the branch) and ``lora_magnitude`` [out] (DoRA's m); its
+    hyperparameters are those of ``spec``."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 8,
-        alpha: float = 8,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        lora_bias: bool = False,
-        init: str = "kaiming",
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ):
+    def __init__(self, in_features: int, out_features: int, spec: LoraSpec, device: torch.device | str | None = None):
         super().__init__()
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"qpeft: LoRA rank r must be a positive integer, got {r!r}")
-        F.check_dropout_p(dropout, "LoRA dropout")
-        if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"qpeft: init must be 'kaiming' or 'gaussian', got {init!r}")
-        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = formats.lora_scaling(r, alpha, use_rslora)
-        self.init = init
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
-        self.lora_bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if lora_bias else None
+        self.r, self.alpha, self.dropout, self.use_rslora = spec.r, spec.alpha, spec.dropout, spec.use_rslora
+        self.scaling, self.init = spec.scaling, spec.init
+        dtype = spec.adapter_dtype
+        self.lora_A = nn.Parameter(torch.empty(spec.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, spec.r, dtype=dtype, device=device))
+        self.lora_bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if spec.lora_bias else None
         # DoRA's magnitude; the owner sets it to the base's row norms (B = 0 makes that the identity).
-        self.lora_magnitude = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if use_dora else None
+        self.lora_magnitude = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if spec.use_dora else None
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -161,78 +175,41 @@ class LoraLinear4bit(AdapterHolder):
     ``scaling``, ``r``, ``alpha`` and ``dropout`` are its attributes.
     """
 
-    def __init__(
-        self,
-        base: Linear4bit,
-        r: int | None = 8,
-        alpha: float = 8,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        lora_bias: bool = False,
-        init: str = "kaiming",
-        adapter_dtype: torch.dtype = torch.float32,
-        adapter_name: str = "default",
-    ):
-        """``r`` None: no adapter yet (``attach`` adds one built elsewhere)."""
+    def __init__(self, base: Linear4bit, r: int | None = 8, *, adapter_name: str = "default", **spec):
+        """An adapter ``adapter_name`` of rank ``r`` and LoraSpec ``spec`` (``r`` None: no adapter yet; ``attach``
+        adds one built elsewhere)."""
         super().__init__()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.adapters = nn.ModuleDict()
         if r is not None:
-            self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_dtype)
+            self.add_adapter(adapter_name, r=r, **spec)
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
-        r: int = 8,
-        alpha: float = 8,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        lora_bias: bool = False,
-        init: str = "kaiming",
+        *,
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
         adapter_name: str = "default",
+        **spec,
     ) -> "LoraLinear4bit":
+        """``linear`` quantized in the given 4-bit format, with one adapter of LoraSpec ``spec``."""
         base = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
-        return cls(base, r, alpha, dropout, use_rslora, use_dora, lora_bias, init, adapter_name=adapter_name)
+        return cls(base, adapter_name=adapter_name, **spec)
 
     # ---- adapters -----------------------------------------------------------------------------------------
-    def add_adapter(
-        self,
-        name: str,
-        r: int = 8,
-        alpha: float = 8,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        lora_bias: bool = False,
-        init: str = "kaiming",
-        adapter_dtype: torch.dtype = torch.float32,
-        activate: bool = True,
-    ) -> LoraAdapter:
-        """Adds a fresh adapter (B = 0: the layer's output is unchanged) and, by default, makes it the active one."""
+    def add_adapter(self, name: str, *, activate: bool = True, **spec) -> LoraAdapter:
+        """Adds a fresh adapter of LoraSpec ``spec`` (B = 0: the layer's output is unchanged) and, by default, makes
+        it the active one."""
         self.check_new_adapter(name)
-        adapter = LoraAdapter(
-            self.in_features,
-            self.out_features,
-            r,
-            alpha,
-            dropout,
-            use_rslora,
-            use_dora,
-            lora_bias,
-            init,
-            adapter_dtype,
-            self.base.weight.device,
-        )
-        if use_dora:  # m starts as the row norms of W, in fp32
+        spec = LoraSpec(**spec)
+        adapter = LoraAdapter(self.in_features, self.out_features, spec, self.base.weight.device)
+        if spec.use_dora:  # m starts as the row norms of W, in fp32
             with torch.no_grad():
                 adapter.lora_magnitude.copy_(self.base.row_norms_squared().sqrt())
         self.register_adapter(name, adapter, activate)
