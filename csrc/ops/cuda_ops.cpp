@@ -68,23 +68,25 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& q, const at::Tensor&
   return a.out;
 }
 
-// The seed as the kernels take it: a CUDA tensor is read on the device, a CPU one by value (prepare_dropout
-// allows both).
-cuda::SeedRef seed_ref(const DropoutParams& dropout) {
-  cuda::SeedRef ref;
+// The dropout as the kernels take it: a CUDA seed tensor is read on the device, a CPU one by value
+// (prepare_dropout allows both).
+cuda::DropoutSpec dropout_spec(const DropoutParams& dropout) {
+  cuda::DropoutSpec spec;
   if (dropout.seed.is_cuda()) {
-    ref.device = dropout.seed.data_ptr<int64_t>();
+    spec.seed.device = dropout.seed.data_ptr<int64_t>();
   } else {
-    ref.value = static_cast<int64_t>(dropout.host_seed());
+    spec.seed.value = static_cast<int64_t>(dropout.host_seed());
   }
-  return ref;
+  spec.threshold = dropout.threshold;
+  spec.keep_scale = dropout.keep_scale;
+  return spec;
 }
 
 at::Tensor lora_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = prepare_lora_dropout(x, p, seed, offset);
-  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(), seed_ref(a.dropout), a.offset,
-                                  a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::lora_dropout(a.x.data_ptr(), a.out.data_ptr(), a.fmt, a.x.numel(), dropout_spec(a.dropout),
+                                  a.offset, c10::cuda::getCurrentCUDAStream()),
                "lora_dropout");
   return a.out;
 }
@@ -113,10 +115,9 @@ at::Tensor lora_down_partials(const LoraDownArgs& a, FloatFormat fmt, int max_sp
   const int splits = std::min(max_splits, mma ? cuda::lora_down_mma_splits(M, K, r) : cuda::lora_down_splits(M, K, r));
   at::Tensor partial = at::empty({splits, M, r}, a.x.options().dtype(at::kFloat));
   const auto launch = mma ? &cuda::lora_down_mma : &cuda::lora_down;
-  check_launch(
-      launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
-             seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
-      "lora_down");
+  check_launch(launch(a.x.data_ptr(), fmt, a.A.data_ptr<float>(), partial.data_ptr<float>(), M, K, r, splits,
+                      dropout_spec(a.dropout), c10::cuda::getCurrentCUDAStream()),
+               "lora_down");
   return partial;
 }
 
@@ -139,10 +140,9 @@ at::Tensor lora_down_grad_weight_cuda(const at::Tensor& g, const at::Tensor& x, 
       mma ? cuda::lora_down_grad_weight_mma_splits(M, K, r) : cuda::lora_down_grad_weight_splits(M, K, r);
   at::Tensor partial = at::empty({splits, r, K}, a.x.options().dtype(at::kFloat));
   const auto launch = mma ? &cuda::lora_down_grad_weight_mma : &cuda::lora_down_grad_weight;
-  check_launch(
-      launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
-             seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, c10::cuda::getCurrentCUDAStream()),
-      "lora_down_grad_weight");
+  check_launch(launch(a.g.data_ptr<float>(), a.x.data_ptr(), fmt, partial.data_ptr<float>(), M, K, r, splits,
+                      dropout_spec(a.dropout), c10::cuda::getCurrentCUDAStream()),
+               "lora_down_grad_weight");
   return sum_partials(partial, at::kFloat, "lora_down_grad_weight (sum of partials)");
 }
 
@@ -154,8 +154,7 @@ void launch_lora_down_grad_input(const at::Tensor& dx, const LoraDownGradInputAr
   const bool mma = use_tensor_cores(a.fmt, dx.size(1), {dx.data_ptr(), a.A.data_ptr()});
   const auto launch = mma ? &cuda::lora_down_grad_input_mma : &cuda::lora_down_grad_input;
   check_launch(launch(dx.data_ptr(), a.fmt, a.g.data_ptr<float>(), a.A.data_ptr<float>(), dx.size(0), dx.size(1),
-                      a.A.size(0), seed_ref(a.dropout), a.dropout.threshold, a.dropout.keep_scale, accumulate,
-                      c10::cuda::getCurrentCUDAStream()),
+                      a.A.size(0), dropout_spec(a.dropout), accumulate, c10::cuda::getCurrentCUDAStream()),
                accumulate ? "lora_down_grad_input_" : "lora_down_grad_input");
 }
 

@@ -22,7 +22,7 @@ namespace {
 using qpeft::BlockScales;
 using qpeft::FloatFormat;
 using qpeft::QuantType;
-using qpeft::cuda::SeedRef;
+using qpeft::cuda::DropoutSpec;
 
 void check(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, op, " failed (cudaError ", static_cast<int>(status),
@@ -67,15 +67,18 @@ BlockScales scales_of(const std::vector<at::Tensor>& scales) {
   return s;
 }
 
-// The seed by value, or (seed_in_memory) read by the kernels from a one-element int64 tensor.
-SeedRef seed_of(int64_t seed, const std::optional<at::Tensor>& seed_tensor) {
-  SeedRef ref;
+// The dropout: its seed by value, or read by the kernels from a one-element int64 tensor.
+DropoutSpec dropout_of(int64_t seed, const std::optional<at::Tensor>& seed_tensor, int64_t threshold,
+                       double keep_scale) {
+  DropoutSpec spec;
   if (seed_tensor.has_value()) {
-    ref.device = seed_tensor->data_ptr<int64_t>();
+    spec.seed.device = seed_tensor->data_ptr<int64_t>();
   } else {
-    ref.value = seed;
+    spec.seed.value = seed;
   }
-  return ref;
+  spec.threshold = static_cast<uint32_t>(threshold);
+  spec.keep_scale = static_cast<float>(keep_scale);
+  return spec;
 }
 
 void dequantize_4bit(const at::Tensor& packed, const std::vector<at::Tensor>& scales, int64_t blocksize,
@@ -91,9 +94,9 @@ void lora_dropout(const at::Tensor& x, at::Tensor out, int64_t seed, const std::
                   int64_t offset, int64_t threshold, double keep_scale) {
   require(x, "x");
   require(out, "out");
-  check(qpeft::cuda::lora_dropout(x.data_ptr(), out.data_ptr(), format_of(x), x.numel(), seed_of(seed, seed_tensor),
-                                  static_cast<uint64_t>(offset), static_cast<uint32_t>(threshold),
-                                  static_cast<float>(keep_scale), nullptr),
+  check(qpeft::cuda::lora_dropout(x.data_ptr(), out.data_ptr(), format_of(x), x.numel(),
+                                  dropout_of(seed, seed_tensor, threshold, keep_scale), static_cast<uint64_t>(offset),
+                                  nullptr),
         "lora_dropout");
 }
 
@@ -114,8 +117,8 @@ void lora_down(const at::Tensor& x, const at::Tensor& A, at::Tensor partial, int
   require(partial, "partial");
   const auto launch = tensor_cores ? &qpeft::cuda::lora_down_mma : &qpeft::cuda::lora_down;
   check(launch(x.data_ptr(), format_of(x), A.data_ptr<float>(), partial.data_ptr<float>(), x.size(0), x.size(1),
-               A.size(0), static_cast<int>(partial.size(0)), seed_of(seed, std::nullopt),
-               static_cast<uint32_t>(threshold), static_cast<float>(keep_scale), nullptr),
+               A.size(0), static_cast<int>(partial.size(0)), dropout_of(seed, std::nullopt, threshold, keep_scale),
+               nullptr),
         "lora_down");
 }
 
@@ -127,8 +130,8 @@ void lora_down_grad_weight(const at::Tensor& g, const at::Tensor& x, at::Tensor 
   require(partial, "partial");
   const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_weight_mma : &qpeft::cuda::lora_down_grad_weight;
   check(launch(g.data_ptr<float>(), x.data_ptr(), format_of(x), partial.data_ptr<float>(), x.size(0), x.size(1),
-               g.size(1), static_cast<int>(partial.size(0)), seed_of(seed, std::nullopt),
-               static_cast<uint32_t>(threshold), static_cast<float>(keep_scale), nullptr),
+               g.size(1), static_cast<int>(partial.size(0)), dropout_of(seed, std::nullopt, threshold, keep_scale),
+               nullptr),
         "lora_down_grad_weight");
 }
 
@@ -139,8 +142,7 @@ void lora_down_grad_input(at::Tensor dx, const at::Tensor& g, const at::Tensor& 
   require(A, "A");
   const auto launch = tensor_cores ? &qpeft::cuda::lora_down_grad_input_mma : &qpeft::cuda::lora_down_grad_input;
   check(launch(dx.data_ptr(), format_of(dx), g.data_ptr<float>(), A.data_ptr<float>(), dx.size(0), dx.size(1),
-               A.size(0), seed_of(seed, std::nullopt), static_cast<uint32_t>(threshold), static_cast<float>(keep_scale),
-               accumulate, nullptr),
+               A.size(0), dropout_of(seed, std::nullopt, threshold, keep_scale), accumulate, nullptr),
         "lora_down_grad_input");
 }
 

@@ -24,9 +24,17 @@ struct SeedRef {
 #endif
 };
 
+// A LoRA dropout as the launchers take it: element c kept iff bits(seed, c) >= threshold (../dropout_rng.h),
+// kept values scaled by keep_scale; threshold 0 and keep_scale 1: no dropout.
+struct DropoutSpec {
+  SeedRef seed;
+  uint32_t threshold = 0;
+  float keep_scale = 1.0f;
+};
+
 // out[i] = keep(seed, offset + i) ? fmt(float(x[i]) * keep_scale) : 0 over n contiguous elements.
-cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, SeedRef seed, uint64_t offset,
-                         uint32_t threshold, float keep_scale, cudaStream_t stream);
+cudaError_t lora_dropout(const void* x, void* out, FloatFormat fmt, int64_t n, DropoutSpec dropout, uint64_t offset,
+                         cudaStream_t stream);
 
 // Row/column splits the launchers below are asked for (the caller allocates the partial sums and adds them).
 int lora_down_splits(int64_t M, int64_t K, int64_t r);
@@ -39,21 +47,19 @@ cudaError_t sum_partials(const float* partial, int splits, int64_t n, void* out,
 // partial[s, m, j] = sum over split s's columns k of drop(x)[m, k] * A[j, k]: x [M, K] contiguous (fmt), A [r, K]
 // fp32 contiguous, partial fp32 [splits, M, r]; xa = the sum over s.
 cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K, int64_t r,
-                      int splits, SeedRef seed, uint32_t threshold, float keep_scale, cudaStream_t stream);
+                      int splits, DropoutSpec dropout, cudaStream_t stream);
 
 // Partial sums of dA[j, k] = sum_m g[m, j] * drop(x)[m, k]: g [M, r] fp32, x [M, K] (fmt); the rows are split
 // into `splits` consecutive ranges and split s writes partial[s, j, k] (fp32 [splits, r, K]); the caller sums
 // them (deterministic: no atomics).
 cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M, int64_t K,
-                                  int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
-                                  cudaStream_t stream);
+                                  int64_t r, int splits, DropoutSpec dropout, cudaStream_t stream);
 
 // dx[m, k] = fmt([float(dx[m, k]) +] (keep(m * K + k) ? keep_scale * sum_j g[m, j] A[j, k] : 0)) — accumulated
 // into dx when `accumulate`, else written (dx's old contents never read); dx [M, K] contiguous (fmt),
 // g [M, r] fp32, A [r, K] fp32, K <= 65535 * 256.
 cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                 int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
-                                 cudaStream_t stream);
+                                 int64_t r, DropoutSpec dropout, bool accumulate, cudaStream_t stream);
 
 // Tensor-core versions of the three kernels above (lora_branch_mma.cu: mma.sync tf32, the fp32 operands A and g
 // split into hi + lo tf32 pairs, so results agree with the CUDA-core kernels to fp32 rounding; same dropout
@@ -64,14 +70,11 @@ bool lora_tensor_cores_ok(FloatFormat fmt, int64_t K, std::initializer_list<cons
 int lora_down_mma_splits(int64_t M, int64_t K, int64_t r);
 int lora_down_grad_weight_mma_splits(int64_t M, int64_t K, int64_t r);
 cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
-                          int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
-                          cudaStream_t stream);
+                          int64_t r, int splits, DropoutSpec dropout, cudaStream_t stream);
 cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                      int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
-                                      float keep_scale, cudaStream_t stream);
+                                      int64_t K, int64_t r, int splits, DropoutSpec dropout, cudaStream_t stream);
 cudaError_t lora_down_grad_input_mma(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                     int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
-                                     cudaStream_t stream);
+                                     int64_t r, DropoutSpec dropout, bool accumulate, cudaStream_t stream);
 
 // Small-M base matmul reading the 4-bit weight once: y[m, n] = sum_k x[m, k] * W[n, k] for M <= kLinear4bitMaxM,
 // x [M, K] contiguous (fmt), W the 4-bit weight [N, K] (packed/scales as dequantize_4bit), y [M, N] contiguous in

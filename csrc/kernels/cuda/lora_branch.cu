@@ -29,11 +29,10 @@ constexpr int kDownRows = 64, kDownCols = 64;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lora_down_kernel(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ partial, int64_t M,
-                     int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed, uint32_t threshold, float keep_scale,
-                     bool vec_ok) {
+                     int64_t K, int64_t r, int64_t cols_per_split, DropoutSpec dropout, bool vec_ok) {
   __shared__ __align__(16) float xs[kDownRows][kDownCols + 4];  // +4: conflict-free float4 reads down a column
   __shared__ __align__(16) float at[kDownCols][kRankTile];      // A^T tile: at[k][j]
-  const Dropout drop{seed.get(), threshold, keep_scale};
+  const Dropout drop = resolve(dropout);
   const int t = threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kDownRows;
   const int64_t split = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.z) * kRankTile;
@@ -118,11 +117,11 @@ constexpr int kGwRows = 32, kGwCols = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lora_down_grad_weight_kernel(const float* __restrict__ g, const T* __restrict__ x, float* __restrict__ partial,
-                                 int64_t M, int64_t K, int64_t r, int64_t rows_per_split, SeedRef seed,
-                                 uint32_t threshold, float keep_scale, bool vec_ok) {
+                                 int64_t M, int64_t K, int64_t r, int64_t rows_per_split, DropoutSpec dropout,
+                                 bool vec_ok) {
   __shared__ __align__(16) float xs[kGwRows][kGwCols + 4];
   __shared__ __align__(16) float gs[kGwRows][kRankTile];
-  const Dropout drop{seed.get(), threshold, keep_scale};
+  const Dropout drop = resolve(dropout);
   const int t = threadIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kGwCols;
   const int64_t split = blockIdx.y, j0 = static_cast<int64_t>(blockIdx.z) * kRankTile;
@@ -200,11 +199,10 @@ constexpr int kGiRows = 32, kGiCols = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lora_down_grad_input_kernel(T* __restrict__ dx, const float* __restrict__ g, const float* __restrict__ A, int64_t M,
-                                int64_t K, int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
-                                bool accumulate, bool vec_ok) {
+                                int64_t K, int64_t r, DropoutSpec dropout, bool accumulate, bool vec_ok) {
   __shared__ __align__(16) float as[kRankTile][kGiCols];
   __shared__ __align__(16) float gs[kGiRows][kRankTile];
-  const Dropout drop{seed.get(), threshold, keep_scale};
+  const Dropout drop = resolve(dropout);
   const int t = threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kGiRows, k0 = static_cast<int64_t>(blockIdx.y) * kGiCols;
   const int c4 = (t % 64) * 4, row_group = t / 64;
@@ -325,7 +323,7 @@ int lora_down_grad_weight_splits(int64_t M, int64_t K, int64_t r) {
 }
 
 cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K, int64_t r,
-                      int splits, SeedRef seed, uint32_t threshold, float keep_scale, cudaStream_t stream) {
+                      int splits, DropoutSpec dropout, cudaStream_t stream) {
   if (M == 0 || r == 0) return cudaSuccess;
   if (splits < 1) splits = 1;
   const int64_t tiles = (K + kDownCols - 1) / kDownCols;
@@ -335,13 +333,12 @@ cudaError_t lora_down(const void* x, FloatFormat fmt, const float* A, float* par
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
     QPEFT_LAUNCH(grid, kThreads, stream, lora_down_kernel<T>)(static_cast<const T*>(x), A, partial, M, K, r,
-                                                              cols_per_split, seed, threshold, keep_scale, vec_ok);
+                                                              cols_per_split, dropout, vec_ok);
   });
 }
 
 cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M, int64_t K,
-                                  int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
-                                  cudaStream_t stream) {
+                                  int64_t r, int splits, DropoutSpec dropout, cudaStream_t stream) {
   if (K == 0 || r == 0) return cudaSuccess;
   if (splits < 1) splits = 1;
   int64_t rows_per_split = (M + splits - 1) / splits;
@@ -351,22 +348,21 @@ cudaError_t lora_down_grad_weight(const float* g, const void* x, FloatFormat fmt
   const bool vec_ok = K % 8 == 0 && aligned16(x);
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_weight_kernel<T>)(
-        g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale, vec_ok);
+    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_weight_kernel<T>)(g, static_cast<const T*>(x), partial, M, K, r,
+                                                                          rows_per_split, dropout, vec_ok);
   });
 }
 
 cudaError_t lora_down_grad_input(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                 int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
-                                 cudaStream_t stream) {
+                                 int64_t r, DropoutSpec dropout, bool accumulate, cudaStream_t stream) {
   if (M == 0 || K == 0) return cudaSuccess;
   if (K > int64_t{65535} * kGiCols) return cudaErrorInvalidValue;
   const dim3 grid(ceil_div(M, kGiRows), ceil_div(K, kGiCols));  // rows on x: M may exceed 65535 tiles
   const bool vec_ok = K % 4 == 0 && reinterpret_cast<uintptr_t>(dx) % 16 == 0;
   return by_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_input_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r, seed,
-                                                                         threshold, keep_scale, accumulate, vec_ok);
+    QPEFT_LAUNCH(grid, kThreads, stream, lora_down_grad_input_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r, dropout,
+                                                                         accumulate, vec_ok);
   });
 }
 

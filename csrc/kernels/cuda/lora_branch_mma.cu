@@ -36,9 +36,9 @@ constexpr int kDownMmaRows = 32 * kMmaWarps;
 template <typename T, int NT>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_mma_kernel(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ partial, int64_t M,
-                         int64_t K, int64_t r, int64_t cols_per_split, SeedRef seed, uint32_t threshold,
-                         float keep_scale) {
-  const Dropout mask{seed.get(), threshold, 1.0f};  // keep -> x, drop -> 0
+                         int64_t K, int64_t r, int64_t cols_per_split, DropoutSpec dropout) {
+  const Dropout mask{dropout.seed.get(), dropout.threshold, 1.0f};  // keep -> x, drop -> 0
+  const float keep_scale = dropout.keep_scale;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kDownMmaRows + (threadIdx.x / 32) * 32;
   const int64_t split = blockIdx.y, j_base = static_cast<int64_t>(blockIdx.z) * 8 * NT;
@@ -137,8 +137,9 @@ template <typename T, int MT>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_grad_weight_mma_kernel(const float* __restrict__ g_in, const T* __restrict__ x,
                                      float* __restrict__ partial, int64_t M, int64_t K, int64_t r,
-                                     int64_t rows_per_split, SeedRef seed, uint32_t threshold, float keep_scale) {
-  const Dropout mask{seed.get(), threshold, 1.0f};
+                                     int64_t rows_per_split, DropoutSpec dropout) {
+  const Dropout mask{dropout.seed.get(), dropout.threshold, 1.0f};
+  const float keep_scale = dropout.keep_scale;
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t k_warp = static_cast<int64_t>(blockIdx.x) * kGwMmaCols + (threadIdx.x / 32) * 64;
   const int64_t k = k_warp + 8 * g;  // this lane's 8 columns of x
@@ -232,9 +233,8 @@ constexpr int kGiMmaRows = 32 * kMmaWarps, kGiMmaCols = 256;
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
     lora_down_grad_input_mma_kernel(T* __restrict__ dx, const float* __restrict__ g_in, const float* __restrict__ A,
-                                    int64_t M, int64_t K, int64_t r, SeedRef seed, uint32_t threshold, float keep_scale,
-                                    bool accumulate) {
-  const Dropout drop{seed.get(), threshold, keep_scale};
+                                    int64_t M, int64_t K, int64_t r, DropoutSpec dropout, bool accumulate) {
+  const Dropout drop = resolve(dropout);
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kGiMmaRows + (threadIdx.x / 32) * 32;
   const int64_t k_block = static_cast<int64_t>(blockIdx.y) * kGiMmaCols;
@@ -362,8 +362,7 @@ int lora_down_grad_weight_mma_splits(int64_t M, int64_t K, int64_t r) {
 }
 
 cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float* partial, int64_t M, int64_t K,
-                          int64_t r, int splits, SeedRef seed, uint32_t threshold, float keep_scale,
-                          cudaStream_t stream) {
+                          int64_t r, int splits, DropoutSpec dropout, cudaStream_t stream) {
   if (M == 0 || r == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {x, A})) return cudaErrorInvalidValue;
   if (splits < 1) splits = 1;
@@ -375,17 +374,16 @@ cudaError_t lora_down_mma(const void* x, FloatFormat fmt, const float* A, float*
     using T = decltype(tag);
     if (narrow) {
       QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 2>)(static_cast<const T*>(x), A, partial, M, K, r,
-                                                                          cols_per_split, seed, threshold, keep_scale);
+                                                                          cols_per_split, dropout);
     } else {
       QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_mma_kernel<T, 4>)(static_cast<const T*>(x), A, partial, M, K, r,
-                                                                          cols_per_split, seed, threshold, keep_scale);
+                                                                          cols_per_split, dropout);
     }
   });
 }
 
 cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat fmt, float* partial, int64_t M,
-                                      int64_t K, int64_t r, int splits, SeedRef seed, uint32_t threshold,
-                                      float keep_scale, cudaStream_t stream) {
+                                      int64_t K, int64_t r, int splits, DropoutSpec dropout, cudaStream_t stream) {
   if (K == 0 || r == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {x})) return cudaErrorInvalidValue;
   if (splits < 1) splits = 1;
@@ -399,25 +397,24 @@ cudaError_t lora_down_grad_weight_mma(const float* g, const void* x, FloatFormat
     using T = decltype(tag);
     if (narrow) {
       QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 1>)(
-          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
+          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, dropout);
     } else {
       QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_weight_mma_kernel<T, 2>)(
-          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, seed, threshold, keep_scale);
+          g, static_cast<const T*>(x), partial, M, K, r, rows_per_split, dropout);
     }
   });
 }
 
 cudaError_t lora_down_grad_input_mma(void* dx, FloatFormat fmt, const float* g, const float* A, int64_t M, int64_t K,
-                                     int64_t r, SeedRef seed, uint32_t threshold, float keep_scale, bool accumulate,
-                                     cudaStream_t stream) {
+                                     int64_t r, DropoutSpec dropout, bool accumulate, cudaStream_t stream) {
   if (M == 0 || K == 0) return cudaSuccess;
   if (!lora_tensor_cores_ok(fmt, K, {dx, A})) return cudaErrorInvalidValue;
   if (K > int64_t{65535} * kGiMmaCols) return cudaErrorInvalidValue;
   const dim3 grid(ceil_div(M, kGiMmaRows), ceil_div(K, kGiMmaCols));
   return by_half_format(fmt, [&](auto tag) {
     using T = decltype(tag);
-    QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_input_mma_kernel<T>)(
-        static_cast<T*>(dx), g, A, M, K, r, seed, threshold, keep_scale, accumulate);
+    QPEFT_LAUNCH(grid, kMmaThreads, stream, lora_down_grad_input_mma_kernel<T>)(static_cast<T*>(dx), g, A, M, K, r,
+                                                                                dropout, accumulate);
   });
 }
 

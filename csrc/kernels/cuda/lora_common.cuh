@@ -4,6 +4,7 @@
 
 #include "../dropout_rng.h"
 #include "device_utils.cuh"
+#include "layer_cuda.h"
 
 namespace qpeft::cuda {
 namespace lora {
@@ -47,6 +48,9 @@ struct Dropout {
     }
   }
 };
+
+// The kernel-side dropout of a launcher's spec (the seed read from device memory where it lives there).
+__device__ __forceinline__ Dropout resolve(const DropoutSpec& d) { return {d.seed.get(), d.threshold, d.keep_scale}; }
 
 // v[i] = float(row[k + i]) for k + i < k_end, else 0 (16-byte loads when `vec_ok`: K % 8 == 0, 16-byte aligned x).
 template <typename T>
