@@ -52,8 +52,8 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& nested_code,
                                const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  return run_dequantize_4bit_cpu(prepare_dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                         blocksize, quant_type, shape, dtype));
+  return run_dequantize_4bit_cpu(prepare_dequantize_4bit(
+      {packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}, shape, dtype));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& A, const at::Tensor& code,
@@ -89,8 +89,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
                            c10::string_view quant_type, int64_t out_features) {
   TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const Dequantize4bitArgs w =
-      prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w = prepare_linear_weight(
+      x, {packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}, N, K);
   if (M > kCpuSmallM) {  // training sizes: W dequantized a slab at a time, GEMMs in x's dtype
     at::Tensor y = at::empty({M, N}, x.options());
     matmul_4bit_cpu(y, x, w, N, K, /*transpose_w=*/true, /*accumulate=*/false);
@@ -124,8 +124,8 @@ at::Tensor linear_4bit_grad_input_cpu(const at::Tensor& dy, const at::Tensor& pa
                                       c10::string_view quant_type, int64_t in_features) {
   TORCH_CHECK_VALUE(dy.dim() == 2, "qpeft: linear_4bit_grad_input takes dy of shape [M, N], got ", dy.sizes());
   const int64_t M = dy.size(0), N = dy.size(1), K = in_features;
-  const Dequantize4bitArgs w =
-      prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w = prepare_linear_weight(
+      dy, {packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}, N, K);
   if (M > kCpuSmallMGradInput) {
     at::Tensor dx = at::empty({M, K}, dy.options());
     matmul_4bit_cpu(dx, dy, w, N, K, /*transpose_w=*/false, /*accumulate=*/false);

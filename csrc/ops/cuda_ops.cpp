@@ -42,8 +42,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                                 const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                 c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(packed.device());
-  return run_dequantize_4bit_cuda(prepare_dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                          blocksize, quant_type, shape, dtype));
+  return run_dequantize_4bit_cuda(prepare_dequantize_4bit(
+      {packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}, shape, dtype));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& A, const at::Tensor& code,
@@ -189,8 +189,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "qpeft: linear_4bit takes x of shape [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const Dequantize4bitArgs w =
-      prepare_linear_weight(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w = prepare_linear_weight(
+      x, {packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}, N, K);
   if (M == 0) return at::empty({0, N}, x.options());
   if (M > cuda::kLinear4bitMaxM) return at::mm(x, dequantized_weight_cuda(w, x, N, K).t());
   const at::Tensor x2 = x.contiguous();
@@ -209,8 +209,8 @@ at::Tensor linear_4bit_grad_input_cuda(const at::Tensor& dy, const at::Tensor& p
   const c10::cuda::CUDAGuard guard(dy.device());
   TORCH_CHECK_VALUE(dy.dim() == 2, "qpeft: linear_4bit_grad_input takes dy of shape [M, N], got ", dy.sizes());
   const int64_t N = dy.size(1), K = in_features;
-  const Dequantize4bitArgs w =
-      prepare_linear_weight(dy, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type, N, K);
+  const Dequantize4bitArgs w = prepare_linear_weight(
+      dy, {packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}, N, K);
   return at::mm(dy, dequantized_weight_cuda(w, dy, N, K));
 }
 

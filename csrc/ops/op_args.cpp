@@ -152,27 +152,18 @@ void allocate_output(Dequantize4bitArgs& args, const at::Tensor& packed, at::Int
 
 }  // namespace
 
-Dequantize4bitArgs prepare_weight(const at::Tensor& packed, const at::Tensor& absmax,
-                                  const std::optional<at::Tensor>& nested_absmax,
-                                  const std::optional<at::Tensor>& nested_code,
-                                  const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                  std::string_view quant_type, int64_t n) {
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(),
+Dequantize4bitArgs prepare_weight(const Weight4bitRef& w, int64_t n) {
+  const bool nested = w.nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == w.nested_code.has_value() && nested == w.nested_offset.has_value(),
                     "qpeft: nested_absmax, nested_code and nested_offset go together");
-  return nested ? prepare_weight_4bit_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                                             quant_type, n)
-                : prepare_weight_4bit(packed, absmax, blocksize, quant_type, n);
+  return nested ? prepare_weight_4bit_nested(w.packed, w.absmax, *w.nested_absmax, *w.nested_code, *w.nested_offset,
+                                             w.blocksize, w.quant_type, n)
+                : prepare_weight_4bit(w.packed, w.absmax, w.blocksize, w.quant_type, n);
 }
 
-Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
-                                           const std::optional<at::Tensor>& nested_absmax,
-                                           const std::optional<at::Tensor>& nested_code,
-                                           const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  Dequantize4bitArgs args = prepare_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
-                                           quant_type, shape_numel(shape));
-  allocate_output(args, packed, shape, dtype);
+Dequantize4bitArgs prepare_dequantize_4bit(const Weight4bitRef& w, at::IntArrayRef shape, at::ScalarType dtype) {
+  Dequantize4bitArgs args = prepare_weight(w, shape_numel(shape));
+  allocate_output(args, w.packed, shape, dtype);
   return args;
 }
 
@@ -226,20 +217,15 @@ Dequantize8bitArgs prepare_dequantize_blockwise_8bit(const at::Tensor& q, const 
   return args;
 }
 
-// The 4-bit weight [rows, cols] of a fused linear op, plain or nested (validated once for both directions).
-Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at::Tensor& packed,
-                                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                         const std::optional<at::Tensor>& nested_code,
-                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                         std::string_view quant_type, int64_t rows, int64_t cols) {
+Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const Weight4bitRef& w, int64_t rows,
+                                         int64_t cols) {
   TORCH_CHECK_VALUE(activation.dim() == 2, "qpeft: the activation must have shape [M, features], got ",
                     activation.sizes());
   float_format(activation.scalar_type(), "the activation of a 4-bit linear");
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "qpeft: negative weight shape [", rows, ", ", cols, "]");
-  TORCH_CHECK_VALUE(activation.device() == packed.device(), "qpeft: the activation is on ", activation.device(),
-                    " but the weight is on ", packed.device());
-  return prepare_weight(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type,
-                        checked_size_product(rows, cols, "the weight"));
+  TORCH_CHECK_VALUE(activation.device() == w.packed.device(), "qpeft: the activation is on ", activation.device(),
+                    " but the weight is on ", w.packed.device());
+  return prepare_weight(w, checked_size_product(rows, cols, "the weight"));
 }
 
 uint64_t DropoutParams::host_seed() const {

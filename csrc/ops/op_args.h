@@ -51,25 +51,24 @@ Dequantize4bitArgs prepare_weight_4bit_nested(const at::Tensor& packed, const at
                                               const at::Tensor& nested_absmax, const at::Tensor& nested_code,
                                               const at::Tensor& nested_offset, int64_t blocksize,
                                               std::string_view quant_type, int64_t n);
-// The 4-bit weight of n elements as the ops take it: plain, or with the nested three (all or none).
-Dequantize4bitArgs prepare_weight(const at::Tensor& packed, const at::Tensor& absmax,
-                                  const std::optional<at::Tensor>& nested_absmax,
-                                  const std::optional<at::Tensor>& nested_code,
-                                  const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                  std::string_view quant_type, int64_t n);
-Dequantize4bitArgs prepare_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
-                                           const std::optional<at::Tensor>& nested_absmax,
-                                           const std::optional<at::Tensor>& nested_code,
-                                           const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                           std::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype);
-
-// The 4-bit weight [rows, cols] of a fused linear op (plain or nested scales), checked against the 2-D
-// activation that multiplies it (dtype, device); no output allocated.
-Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const at::Tensor& packed,
-                                         const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                                         const std::optional<at::Tensor>& nested_code,
-                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
-                                         std::string_view quant_type, int64_t rows, int64_t cols);
+// A 4-bit weight as the ops take it (schema.cpp): the op's arguments, grouped (references: no copies). The
+// nested three go together (double quantization) or are all absent.
+struct Weight4bitRef {
+  const at::Tensor& packed;
+  const at::Tensor& absmax;
+  const std::optional<at::Tensor>& nested_absmax;
+  const std::optional<at::Tensor>& nested_code;
+  const std::optional<at::Tensor>& nested_offset;
+  int64_t blocksize;
+  std::string_view quant_type;
+};
+// The weight of n elements, validated, contiguous; no output allocated.
+Dequantize4bitArgs prepare_weight(const Weight4bitRef& w, int64_t n);
+Dequantize4bitArgs prepare_dequantize_4bit(const Weight4bitRef& w, at::IntArrayRef shape, at::ScalarType dtype);
+// The weight [rows, cols] of a fused linear op, checked against the 2-D activation that multiplies it (dtype,
+// device); no output allocated.
+Dequantize4bitArgs prepare_linear_weight(const at::Tensor& activation, const Weight4bitRef& w, int64_t rows,
+                                         int64_t cols);
 
 struct Quantize8bitArgs {
   at::Tensor A, code;  // contiguous fp32

@@ -1,18 +1,5 @@
 // The QLoRA layer ops (qlora_forward / qlora_backward), one implementation for every backend: it validates once
 // and composes qpeft's own ops through the dispatcher (so each runs its CPU or CUDA kernel) with ATen GEMMs.
-//
-// Base term x W^T: for M <= small_m(device) the linear_4bit kernel reads W once from its 4-bit codes; above,
-// CUDA: W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; the caching
-// allocator hands the same block back next call) for one GEMM; CPU: W is dequantized a slab at a time into a
-// small reused buffer, one GEMM per slab (matmul_4bit_cpu.h), so no dense W is allocated.
-// LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
-// x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (16-bit x,
-// K % 128 == 0, r <= 64) lora_down + one linear_4bit launch that adds the LoRA term and bias (qlora_cuda.h).
-// Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key (a few
-// microseconds of host time per call). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
-// Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x),
-// dx = dy W + drop(g A): small M on the CPU, linear_4bit_grad_input then drop(g A) accumulated in place; else
-// drop(g A) written first and the base GEMM(s) adding dy W onto it.
 #include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -35,15 +22,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-struct Weight4bit {
-  const at::Tensor& packed;
-  const at::Tensor& absmax;
-  const OptTensor& nested_absmax;
-  const OptTensor& nested_code;
-  const OptTensor& nested_offset;
-  int64_t blocksize;
-  c10::string_view quant_type;
-
+// The base matmul's paths for one weight (the ops it calls pick their kernels).
+struct Weight4bit : Weight4bitRef {
   at::Tensor dequantize(int64_t N, int64_t K, at::ScalarType dtype) const {
     static auto dequant =
         op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
@@ -66,8 +46,7 @@ struct Weight4bit {
   // adding onto out in its epilogue: the CPU slab by slab, elsewhere one GEMM with a transient dequantized W.
   void add_matmul(const at::Tensor& out, const at::Tensor& a, int64_t N, int64_t K, bool transpose_w) const {
     if (a.device().is_cpu()) {
-      const Dequantize4bitArgs w = prepare_linear_weight(a, packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                         blocksize, quant_type, N, K);
+      const Dequantize4bitArgs w = prepare_linear_weight(a, *this, N, K);
       matmul_4bit_cpu(out, a, w, N, K, transpose_w, /*accumulate=*/true);
       return;
     }
@@ -116,6 +95,13 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& A, double p, const a
   return down.call(x, A, p, seed);
 }
 
+// Base term x W^T: for M <= small_m(device) the linear_4bit kernel reads W once from its 4-bit codes; above,
+// CUDA: W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; the caching
+// allocator hands the same block back next call) for one GEMM; CPU: W is dequantized a slab at a time into a
+// small reused buffer, one GEMM per slab (matmul_4bit_cpu.h), so no dense W is allocated.
+// LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
+// x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (16-bit x,
+// K % 128 == 0, r <= 64) lora_down + one linear_4bit launch that adds the LoRA term and bias (qlora_cuda.h).
 std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::Tensor& packed,
                                                  const at::Tensor& absmax, const OptTensor& nested_absmax,
                                                  const OptTensor& nested_code, const OptTensor& nested_offset,
@@ -134,11 +120,10 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
     TORCH_CHECK_VALUE(bias->device() == x2.device(), "qpeft: bias is on ", bias->device(), " but x is on ",
                       x2.device());
   }
-  const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
+  const Weight4bit weight{{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}};
 #ifdef QPEFT_WITH_CUDA
   if (x2.is_cuda() && M <= small_m(x2.device())) {  // decode: two launches where the fused kernel applies
-    const Dequantize4bitArgs w = prepare_linear_weight(x2, packed, absmax, nested_absmax, nested_code, nested_offset,
-                                                       blocksize, quant_type, N, K);
+    const Dequantize4bitArgs w = prepare_linear_weight(x2, weight, N, K);
     if (auto fused = qlora_forward_small_m_cuda(x2, w, lora_A, lora_B, bias, scaling, p, seed)) return *fused;
   }
 #endif
@@ -159,6 +144,9 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
   return {y, xa};
 }
 
+// Backward: g = dy (s B) (M x r, fp32 out of the GEMM on CUDA), dB = s dy^T xa, dA = lora_down_grad_weight(g, x),
+// dx = dy W + drop(g A): small M on the CPU, linear_4bit_grad_input then drop(g A) accumulated in place; else
+// drop(g A) written first and the base GEMM(s) adding dy W onto it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& xa, const at::Tensor& packed, const at::Tensor& absmax,
     const OptTensor& nested_absmax, const OptTensor& nested_code, const OptTensor& nested_offset, int64_t blocksize,
@@ -182,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
   static auto grad_weight =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down_grad_weight");
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());
-  const Weight4bit weight{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type};
+  const Weight4bit weight{{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}};
   at::Tensor dx;
   if (x2.device().is_cpu() && M <= kCpuSmallMGradInput) {  // dy W from the codes, then += drop(g A)
     dx = weight.grad_input(dy2, K);
@@ -208,6 +196,8 @@ using torch::autograd::variable_list;
 
 int64_t defined(const OptTensor& t) { return t.has_value() && t->defined() ? 1 : 0; }
 
+// Autograd of qlora_forward is a C++ torch::autograd::Function registered for the Autograd key (a few
+// microseconds of host time per call). It saves x, xa and the 4-bit weight; the backward is the qlora_backward op.
 struct QLoraFunction : public torch::autograd::Function<QLoraFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
                                const at::Tensor& absmax, const OptTensor& nested_absmax, const OptTensor& nested_code,

@@ -1,15 +1,9 @@
 """``Linear4bit``: a frozen linear layer whose weight is stored in 4 bits (NF4/FP4, optional double quant).
 
-y = x W^T + b with W never kept dense: on the CPU a kernel reading the 4-bit codes for few rows (16 forward, 8 for
-the input gradient), and above that W dequantized a ~2 MB slab at a time for one GEMM per slab; on CUDA the codes
-kernel up to 16 rows of a forward, otherwise a transient dequantization + matmul
-(qpeft.autograd.frozen_4bit_linear). Its state dict uses bitsandbytes'
-Linear4bit keys, so it loads bitsandbytes / HF 4-bit checkpoints and bitsandbytes loads what it saves; unlike
-bitsandbytes, ``load_state_dict`` works on it.
-
-The quantization tensors are kept as buffers so ``.to(device)`` moves them. Nothing of the 4-bit state is held
-in a floating dtype: the packed weight parameter is uint8 (``quant_storage`` only shapes the state dict) and the
-fp32 scales are int32 bit views, so ``module.half()`` / ``.to(torch.bfloat16)`` cannot cast and corrupt them.
+y = x W^T + b through the linear_4bit op (W never kept dense). Its state dict uses bitsandbytes' Linear4bit keys,
+so it loads bitsandbytes / HF 4-bit checkpoints and bitsandbytes loads what it saves; ``load_state_dict`` works.
+No 4-bit tensor is held in a floating dtype (codes uint8, fp32 scales as int32 bit views), so ``module.half()``
+cannot corrupt them.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 // Small-M (decode) base matmul on CUDA reading the 4-bit weight once: y[m, n] = sum_k x[m, k] W[n, k], M <= 16,
-// summed in fp32 and written once in x's format (round to nearest even).
-//
-// bf16/fp16 activations, K % 128 == 0 (the LLM case): tensor cores. The M <= 16 rows of x are the A operand of
-// mma.m16n8k16 (rows >= M are zeros), 8 weight rows dequantized in registers the B operand. Within one MMA a lane
-// owns the same four k slots of A and of B, so the k order inside a 128-column block is free: lane (g, t) takes
-// the 32 contiguous columns 32 t .. 32 t + 31, i.e. one 16-byte load of codes (one scale) per weight row and
-// four 16-byte loads per x row. A block is 8 warps over 32 output features; warp w takes the 128-column blocks
-// w, w + 8, ... and the 8 warps' sums meet in shared memory. Weights are dequantize_4bit's values (code * scale
-// in fp32, rounded to x's format), products exact, sums fp32.
-//
-// Otherwise (fp32, odd K): one warp per output feature n walks its weight row; with K % 8 == 0 (and `packed` 4-byte
-// aligned) each lane loads 4 packed bytes = 8 codes per step (a warp reads 128 contiguous bytes), all 8 in one
-// quantization block (blocksize >= 32), so one scale per step; otherwise element by element. Weights are the exact
-// values dequantize_4bit gives (code * scale, one fp32 product); sums in fp32, then a warp reduction.
+// summed in fp32 and written once in x's format (round to nearest even): tensor cores for 16-bit x with
+// K % 128 == 0, else one warp per output feature.
 #include <type_traits>
 
 #include "device_utils.cuh"
@@ -28,6 +16,10 @@ constexpr int kMaxM = static_cast<int>(kLinear4bitMaxM);
 __constant__ float kNF4[16] = {QPEFT_NF4_CODE_VALUES};
 __constant__ float kFP4[16] = {QPEFT_FP4_CODE_VALUES};
 
+// fp32 x or K % 128 != 0: one warp per output feature n walks its weight row; with K % 8 == 0 (and `packed` 4-byte
+// aligned) each lane loads 4 packed bytes = 8 codes per step (a warp reads 128 contiguous bytes), all 8 in one
+// quantization block (blocksize >= 32), so one scale per step; otherwise element by element. Weights are the exact
+// values dequantize_4bit gives (code * scale, one fp32 product); sums in fp32, then a warp reduction.
 __global__ void __launch_bounds__(kThreads)
     linear_4bit_kernel(const void* __restrict__ x, FloatFormat fmt, int M, int64_t K,
                        const uint8_t* __restrict__ packed, BlockScales scales, int log2_blocksize, QuantType type,
@@ -194,6 +186,13 @@ __device__ __forceinline__ float add_lora_up(float base, const LoraUpEpilogue& l
   return fmaf(lora.scaling, up, base + bias_value);
 }
 
+// bf16/fp16 activations, K % 128 == 0 (the LLM case): tensor cores. The M <= 16 rows of x are the A operand of
+// mma.m16n8k16 (rows >= M are zeros), 8 weight rows dequantized in registers the B operand. Within one MMA a lane
+// owns the same four k slots of A and of B, so the k order inside a 128-column block is free: lane (g, t) takes
+// the 32 contiguous columns 32 t .. 32 t + 31, i.e. one 16-byte load of codes (one scale) per weight row and
+// four 16-byte loads per x row. A block is 8 warps over 32 output features; warp w takes the 128-column blocks
+// w, w + 8, ... and the 8 warps' sums meet in shared memory. Weights are dequantize_4bit's values (code * scale
+// in fp32, rounded to x's format), products exact, sums fp32.
 // kLora: the small-M QLoRA forward (see LoraUpEpilogue): the LoRA up-projection, the bias and the sum of
 // lora_down's partials are done by this launch, so a decode step's layer is two launches (lora_down + this).
 template <typename T, bool kLora>

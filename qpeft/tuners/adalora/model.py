@@ -3,12 +3,6 @@ into A), the rank allocator, the orthogonality penalty and peft's file keys.
 
 File keys: ``base_model.model.<module>.lora_A`` [r, in], ``.lora_E`` [r, 1], ``.lora_B`` [out, r] (no ``.weight``),
 trimmed to the kept ranks when the config has a ``rank_pattern``.
-
-The allocator follows peft's RankAllocator: importance |p * grad| of every entry of A, E, B, smoothed (beta1) and
-its uncertainty (beta2); a rank's score is mean_A + mean_B + E of those products; at a masking step the ranks at or
-below the k-th smallest score (k = initial budget - current budget) are masked. peft keeps computing masked ranks
-(their E is zeroed at each mask but gets gradients); qpeft skips them, so a masked rank's fresh importance is 0
-where peft's is |E * dE| after the optimizer moved E off zero.
 """
 
 from __future__ import annotations
@@ -96,7 +90,13 @@ def orthogonal_penalty(model: nn.Module, adapter_name: str) -> torch.Tensor | No
 
 
 class RankAllocator:
-    """peft's budget schedule and importance-based masking over one adapter's layers (see the module doc)."""
+    """peft's budget schedule and importance-based masking over one adapter's layers.
+
+    The allocator follows peft's RankAllocator: importance |p * grad| of every entry of A, E, B, smoothed (beta1) and
+    its uncertainty (beta2); a rank's score is mean_A + mean_B + E of those products; at a masking step the ranks at or
+    below the k-th smallest score (k = initial budget - current budget) are masked. peft keeps computing masked ranks
+    (their E is zeroed at each mask but gets gradients); qpeft skips them, so a masked rank's fresh importance is 0
+    where peft's is |E * dE| after the optimizer moved E off zero."""
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig, adapter_name: str):
         self.model, self.config, self.adapter_name = model, config, adapter_name
