@@ -19,17 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness import benchmark_args, print_table, write_results
+from harness import PROJECTIONS, SMALL_LLAMA, benchmark_args, print_table, write_results
 
-MODEL = dict(
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=2000,
-    max_position_embeddings=512,
-)
 GLOBAL_BATCH, SEQ = 4, 128
 
 
@@ -41,8 +32,7 @@ def local_bytes(t: torch.Tensor) -> int:
 def lora_config():
     import qpeft
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return qpeft.LoraConfig(r=16, lora_alpha=32, target_modules=targets)
+    return qpeft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS)
 
 
 def write_checkpoint(folder: str) -> None:
@@ -54,7 +44,7 @@ def write_checkpoint(folder: str) -> None:
     from qpeft.tuners.targets import linear_modules, set_submodule
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL)).to(torch.bfloat16)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL_LLAMA)).to(torch.bfloat16)
     for name in linear_modules(model):
         set_submodule(model, name, Linear4bit.from_linear(model.get_submodule(name), compute_dtype=torch.bfloat16))
     qpeft.save_4bit_pretrained(model, folder)
@@ -98,7 +88,7 @@ def worker(rank, world, sharding, port, steps, checkpoint, out):
         g = torch.Generator().manual_seed(1)
         times = []
         for step in range(steps + 2):
-            ids = torch.randint(0, MODEL["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g).chunk(world)[rank]
+            ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g).chunk(world)[rank]
             start = time.perf_counter()
             trained(input_ids=ids, labels=ids).loss.backward()
             opt.step()
@@ -146,7 +136,7 @@ def main() -> None:
         ["sharding", "ranks", "base_MB_per_rank", "step_ms", "tokens_per_s", "checkpoint_MB_read_per_rank", "load_s"],
     )
     for row in rows:
-        row.update({"model": MODEL, "global_batch": GLOBAL_BATCH, "seq": SEQ, "dtype": "bfloat16"})
+        row.update({"model": SMALL_LLAMA, "global_batch": GLOBAL_BATCH, "seq": SEQ, "dtype": "bfloat16"})
     print("wrote", write_results("distributed", torch.device("cpu"), rows, args.out))
 
 

@@ -3,14 +3,14 @@ tokens/s and peak memory of qpeft vs bitsandbytes + peft vs a 16/32-bit base + p
 run; plus the loss check (qpeft and bitsandbytes + peft QLoRA on the same data and seed end within noise).
 
 Each variant runs in its own process (so CPU peak RSS is its own). LoRA r=16 on all 7 projections, AdamW,
-gradient checkpointing, dropout 0.05. Two bitsandbytes + peft set-ups: "bnb_peft" as TARGETS.md's baseline was
+gradient checkpointing, dropout 0.05. Two bitsandbytes + peft set-ups: "bnb_peft" as PROJECTIONS.md's baseline was
 run (quantized model, checkpointing, non-LoRA parameters left in the compute dtype) — the ratios are against it —
 and "bnb_peft_kbit" through peft.prepare_model_for_kbit_training, which also upcasts every non-quantized
 parameter (norms, embeddings, lm_head) to fp32: the common recipe, slower and larger.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--size small|kernels] [--steps N] [--out DIR]
 
-GPU: TARGETS.md's model (8 layers, hidden 4096, intermediate 14336, 32/8 heads, vocab 32000, batch 4 x 2048, bf16);
+GPU: PROJECTIONS.md's model (8 layers, hidden 4096, intermediate 14336, 32/8 heads, vocab 32000, batch 4 x 2048, bf16);
 CPU --size small (default): a scaled-down one (2 layers, hidden 256, batch 2 x 128, fp32; results e2e_cpu.json);
 CPU --size kernels: one where the 4-bit kernels dominate (4 layers, hidden 1024, batch 2 x 256, bf16 on CPUs with
 AVX512_BF16, else fp32; results e2e_kernels_cpu.json).
@@ -27,17 +27,8 @@ import tempfile
 
 import torch
 
-from harness import benchmark_args, peak_memory_mb, print_table, train_steps, write_results
+from harness import GPU_LLAMA, PROJECTIONS, benchmark_args, peak_memory_mb, print_table, train_steps, write_results
 
-GPU_MODEL = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=8,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
 CPU_MODEL = dict(
     hidden_size=256,
     intermediate_size=688,
@@ -56,7 +47,6 @@ CPU_KERNELS_MODEL = dict(
     vocab_size=2000,
     max_position_embeddings=256,
 )
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["qpeft", "bnb_peft", "bnb_peft_kbit", "dense_peft"]
 
 
@@ -79,11 +69,12 @@ def build(variant: str, folder: str, device: torch.device, dtype: torch.dtype):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         qpeft.prepare_model_for_kbit_training(model)
         return qpeft.get_peft_model(
-            model, qpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, compute_dtype=dtype)
+            model,
+            qpeft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS, compute_dtype=dtype),
         )
     import peft
 
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS)
     checkpointing = {"use_reentrant": False}
     if variant.startswith("bnb_peft"):
         quant = transformers.BitsAndBytesConfig(
@@ -143,7 +134,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     kernels = not gpu and args.size == "kernels"
     if gpu:
-        model_config, dtype, batch, seq, default_steps = GPU_MODEL, torch.bfloat16, 4, 2048, 30
+        model_config, dtype, batch, seq, default_steps = GPU_LLAMA, torch.bfloat16, 4, 2048, 30
     elif kernels:
         from qpeft import functional as F
 
@@ -187,7 +178,7 @@ def main() -> None:
         noise = 2 * math.hypot(q["loss_last_20_std"], b["loss_last_20_std"]) / math.sqrt(20)
         q["loss_gap_vs_bnb_peft"] = q["loss_last_20_mean"] - b["loss_last_20_mean"]
         q["loss_within_noise"] = abs(q["loss_gap_vs_bnb_peft"]) <= max(noise, 0.02 * b["loss_last_20_mean"])
-    for row in rows:  # every variant against the TARGETS.md baseline set-up
+    for row in rows:  # every variant against the PROJECTIONS.md baseline set-up
         if "bnb_peft" in by_name:
             row["tokens_per_s_vs_bnb_peft"] = row["tokens_per_s"] / by_name["bnb_peft"]["tokens_per_s"]
             row["peak_vs_bnb_peft"] = row["peak_MB"] / by_name["bnb_peft"]["peak_MB"]

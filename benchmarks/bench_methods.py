@@ -22,40 +22,19 @@ import tempfile
 
 import torch
 
-from harness import benchmark_args, peak_memory_mb, print_table, train_steps, write_results
+from harness import (
+    GPU_LLAMA,
+    PROJECTIONS,
+    SMALL_LLAMA,
+    benchmark_args,
+    peak_memory_mb,
+    print_table,
+    train_steps,
+    write_results,
+)
 
-CPU_MODEL = dict(
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=2000,
-    max_position_embeddings=512,
-)
-GPU_MODEL = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=8,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
-METHODS = [
-    "lora",
-    "adalora",
-    "ia3",
-    "prompt-tuning",
-    "p-tuning",
-    "prefix-tuning",
-    "multitask-prompt-tuning",
-    "bitfit",
-    "layerwise",
-    "sparse",
-    "bottleneck",
-    "piggyback",
-]
+from qpeft.cli import METHODS
+
 QPEFT_ONLY = {"bitfit", "layerwise", "sparse", "bottleneck", "piggyback"}  # methods peft does not have
 STEPS_FOR_ADALORA = 40  # AdaLoRA's total_step: its budget phase spans the measured steps
 VARIANTS = ["qpeft", "bnb_peft", "dense_peft", "qpeft_checkpointed"]
@@ -66,7 +45,7 @@ def config(library, method: str, dtype: torch.dtype):
     """The same method and sizes in qpeft or peft (``library``); LoRA r=16 on all 7 projections."""
     peft_side = library.__name__ == "peft"
     task = {"task_type": "CAUSAL_LM"} if peft_side else {"compute_dtype": dtype}
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = PROJECTIONS
     if method == "lora":
         return library.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, **task)
     if method == "adalora":
@@ -193,12 +172,12 @@ def main() -> None:
     )
     device = args.device
     if device.type == "cuda":
-        model_config, dtype, batch, seq = GPU_MODEL, torch.bfloat16, 4, 1024
+        model_config, dtype, batch, seq = GPU_LLAMA, torch.bfloat16, 4, 1024
     else:
         from qpeft import functional as F
 
         dtype = torch.bfloat16 if F.detected_cpu_isa() == "avx512_bf16" else torch.float32
-        model_config, batch, seq = CPU_MODEL, 2, 128
+        model_config, batch, seq = SMALL_LLAMA, 2, 128
     if args.variant:  # child process: one run, JSON on the last line of stdout
         print(
             json.dumps(

@@ -21,6 +21,27 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# The benchmarks' models (transformers LlamaConfig fields) and the LoRA targets they all use.
+GPU_LLAMA = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=8,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+SMALL_LLAMA = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=2000,
+    max_position_embeddings=512,
+)
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def benchmark_args(description: str, add_options=None) -> argparse.Namespace:
     """The common command line: --device (default: cuda when available) and --out (default: results/)."""
