@@ -122,11 +122,8 @@ def load_4bit_sharded(
     entries = {key: files.read(key) if is_quant_metadata(key) else files.meta(key) for key in files.keys()}
     model = build_4bit_model(folder, entries, model_class, compute_dtype, dtype)
     sources = _checkpoint_sources(model, files, entries)
-    if mesh is not None:
-        device = torch.device(mesh.device_type)
-    else:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
+    device = torch.device(mesh.device_type if mesh is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # this rank's GPU
         device = torch.device("cuda", torch.cuda.current_device())
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
