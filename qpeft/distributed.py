@@ -106,7 +106,7 @@ def load_4bit_sharded(
     **fsdp_kwargs,
 ) -> nn.Module:
     """``load_4bit_pretrained`` for FSDP2: the model is built on the meta device, given ``peft_config``'s adapters
-    (LoRA without DoRA, or IA3), sharded by ``fully_shard_model(model, mesh, **fsdp_kwargs)``, then each rank reads
+    (LoRA, DoRA included, or IA3), sharded by ``fully_shard_model(model, mesh, **fsdp_kwargs)``, then each rank reads
     from the checkpoint only its rows of every sharded tensor (and the replicated ones whole). The adapters draw
     their initial values from torch's generator in the order ``get_peft_model`` does: seed every rank alike.
     Returns the sharded QPeftModel (the sharded base model without ``peft_config``)."""
@@ -138,11 +138,43 @@ def load_4bit_sharded(
             tensor = module._buffers[name] if tensor is None else tensor
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             local.copy_(source(_local_rows(tensor, name), local))
+    _start_dora_magnitudes(model)
     return model
 
 
+@torch.no_grad()
+def _start_dora_magnitudes(model: nn.Module) -> None:
+    """DoRA's m starts as the row norms of its layer's W: computed from W gathered by the layer's FSDP module (the
+    innermost first), each rank keeping its rows of m."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from .nn.lora import LoraLinear4bit
+
+    norms = {}
+    for owner in reversed([m for m in model.modules() if isinstance(m, FSDPModule)]):
+        layers = [
+            m
+            for m in owner.modules()
+            if isinstance(m, LoraLinear4bit) and m not in norms and any(a.use_dora for a in m.adapters.values())
+        ]
+        if not layers:
+            continue
+        owner.unshard()
+        for layer in layers:
+            norms[layer] = layer.base.row_norms_squared().sqrt()
+            layer.base._drop_weight_caches()  # (no reference to the gathered W survives)
+        owner.reshard()
+    for layer, norm in norms.items():
+        for adapter in layer.adapters.values():
+            if adapter.use_dora:
+                m = adapter.lora_magnitude
+                rows = _local_rows(m, "lora_magnitude")
+                m.to_local().copy_(norm if rows is None else norm[rows[0] : rows[1]])
+
+
 def _check_shardable(config) -> None:
-    """Adapters whose initial values need nothing of the base: LoRA (not DoRA) and IA3, no modules_to_save."""
+    """Adapters started from torch's generator (DoRA's magnitude from the loaded base): LoRA and IA3, no
+    modules_to_save."""
     from .tuners.ia3 import IA3Config
     from .tuners.lora import LoraConfig
 
@@ -151,11 +183,8 @@ def _check_shardable(config) -> None:
             f"qpeft: load_4bit_sharded adds LoRA or IA3 adapters, not {type(config).__name__}; "
             f"load with load_4bit_pretrained, then get_peft_model and fully_shard_model"
         )
-    if getattr(config, "use_dora", False) or getattr(config, "init_lora_weights", True) is False:
-        raise NotImplementedError(
-            "qpeft: load_4bit_sharded cannot start DoRA (its magnitude is the base's row "
-            "norms) or init_lora_weights=False adapters on a sharded base"
-        )
+    if getattr(config, "init_lora_weights", True) is False:
+        raise NotImplementedError("qpeft: load_4bit_sharded does not start init_lora_weights=False adapters")
     if config.modules_to_save:
         raise NotImplementedError("qpeft: load_4bit_sharded does not copy modules_to_save")
 

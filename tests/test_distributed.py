@@ -224,6 +224,7 @@ def write_4bit_checkpoint(folder, fmt):
 
 SHARDED_LOADS = {
     "lora_nf4": ("nf4", lambda: qpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), None),
+    "dora_nf4": ("nf4", lambda: qpeft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "down_proj"]), None),
     "ia3_fp4_bf16": (
         "fp4",
         lambda: qpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -291,8 +292,8 @@ def test_4bit_checkpoint_loads_shard_by_shard(case, tmp_path):
 
 
 def test_sharded_load_refuses_what_it_cannot_start(tmp_path):
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.LoraConfig(use_dora=True))
+    with pytest.raises(NotImplementedError, match="init_lora_weights=False"):
+        qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.LoraConfig(init_lora_weights=False))
     with pytest.raises(NotImplementedError, match="AdaLoraConfig"):
         qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.AdaLoraConfig(total_step=10))
     from helpers import tiny_gpt2
