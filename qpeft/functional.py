@@ -287,9 +287,9 @@ def linear_4bit(
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ W^T for the 4-bit weight W [out_features, K], never a dense copy of W, in x's dtype. Up to 16
-    rows W is read once from its codes with fp32 accumulation (CPU and CUDA); more rows (CPU): W is dequantized in
-    x's dtype a slab of ~2 MB at a time, one GEMM per slab."""
+    """x [..., K] @ W^T for the 4-bit weight W [out_features, K] in x's dtype. Up to 16 rows W is read once from its
+    codes with fp32 accumulation; more rows: W dequantized in x's dtype, on the CPU a slab of ~2 MB at a time (one
+    GEMM per slab, no dense W), on CUDA into a transient tensor for one GEMM."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     y = ops.linear_4bit(
@@ -318,8 +318,9 @@ def linear_4bit_grad_input(
     nested_code: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dy [..., N] @ W for the 4-bit weight W [N, in_features]: the input gradient of linear_4bit, by the same two
-    paths (W read from its codes with fp32 accumulation up to 8 rows, then slab-wise GEMMs in dy's dtype). CPU."""
+    """dy [..., N] @ W for the 4-bit weight W [N, in_features]: the input gradient of linear_4bit, in dy's dtype
+    (CPU: W read from its codes with fp32 accumulation up to 8 rows, then slab-wise GEMMs; CUDA: a transient
+    dequantized W for one GEMM)."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     dx = ops.linear_4bit_grad_input(

@@ -250,6 +250,21 @@ def test_cuda_linear_4bit_matches_reference(m, k, double_quant):
     assert rel_err(y, x.double() @ q.dequantize(torch.float32).double().T) < 1e-6
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [0, 1, 40])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cuda_linear_4bit_grad_input_matches_reference(m, double_quant):
+    """dy W on CUDA (a transient dequantized W, one GEMM), and the op's registration (opcheck)."""
+    q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, 100, device="cuda"), "nf4", 64, double_quant)
+    dy = torch.randn(m, 37, device="cuda")
+    nested = dict(nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)
+    dx = F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, 100, **nested)
+    assert dx.shape == (m, 100) and dx.dtype == dy.dtype
+    assert rel_err(dx, dy.double() @ q.dequantize(torch.float32).double()) < 1e-6
+    args = qpeft.autograd.weight_args(q)
+    opcheck(torch.ops.qpeft.linear_4bit_grad_input, (torch.randn(5, 37, device="cuda"), *args, 100))
+
+
 @pytest.fixture(params=list(F.CUDA_LORA_KERNELS))
 def cuda_lora_kernels(request):
     """Runs a CUDA test once with each kind of LoRA-branch kernel (functional.set_cuda_lora_kernels)."""
