@@ -160,3 +160,22 @@ def fit(model, batches, optimizer) -> list[torch.Tensor]:
         optimizer.zero_grad()
         losses.append(loss.detach())
     return losses
+
+
+def linear_4bit(x, q):
+    """functional.linear_4bit of x and the Quantized4bitWeight q (its tensors as the keywords)."""
+    from qpeft import functional as F
+
+    return F.linear_4bit(x, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[0], **nested_of(q))
+
+
+def linear_4bit_grad_input(dy, q):
+    """functional.linear_4bit_grad_input of dy and the Quantized4bitWeight q."""
+    from qpeft import functional as F
+
+    return F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, q.shape[1], **nested_of(q))
+
+
+def nested_of(q):
+    """q's double-quantization tensors as functional's keywords (None without double quantization)."""
+    return dict(nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)

@@ -17,7 +17,7 @@ from qpeft import functional as F
 from qpeft import reference as R
 from qpeft.nn import LoraLinear4bit
 
-from helpers import poison_allocator, rel_err, same_bytes
+from helpers import linear_4bit, linear_4bit_grad_input, poison_allocator, rel_err, same_bytes
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -141,34 +141,6 @@ def reference_weight(q) -> torch.Tensor:
     ).double()
 
 
-def run_linear(x, q):
-    return F.linear_4bit(
-        x,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        q.shape[0],
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
-
-
-def run_grad_input(dy, q):
-    return F.linear_4bit_grad_input(
-        dy,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        q.shape[1],
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
-
-
 # K: multiples of 32 (every vector path), of 16 but not 32 (no bf16 path), of 8 only (AVX2 only), odd; K = 96 and
 # 48 with blocksize 64 put quantization blocks across rows of W. N = 37: tails of the W-row tiles.
 @pytest.mark.parametrize("k,blocksize", [(256, 64), (4096, 4096), (96, 64), (48, 32), (40, 32), (77, 32), (128, 128)])
@@ -180,12 +152,12 @@ def test_small_m_linear_at_every_level(cpu_isa, k, blocksize, m, dtype, tol):
     W = reference_weight(q)
     x = torch.randn(k, m).to(dtype).T  # non-contiguous rows
     poison_allocator(torch.device("cpu"), m * 37 * 4)
-    y = run_linear(x, q)
+    y = linear_4bit(x, q)
     ref = x.double() @ W.T
     assert y.shape == (m, 37) and y.dtype == dtype and rel_err(y, ref) < tol, cpu_isa
     dy = torch.randn(m, 37).to(dtype)
     poison_allocator(torch.device("cpu"), m * k * 4)
-    dx = run_grad_input(dy, q)
+    dx = linear_4bit_grad_input(dy, q)
     assert dx.shape == (m, k) and dx.dtype == dtype and rel_err(dx, dy.double() @ W) < tol, cpu_isa
 
 
@@ -195,10 +167,10 @@ def test_slab_matmul_at_every_level(cpu_isa, dtype, tol):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k, dtype=dtype), "nf4", 64, double_quant=True)
     W = reference_weight(q)
     x = torch.randn(m, k, dtype=dtype)
-    y = run_linear(x, q)
+    y = linear_4bit(x, q)
     assert torch.isfinite(y).all() and rel_err(y, x.double() @ W.T) < tol
     dy = torch.randn(m, n, dtype=dtype)
-    assert rel_err(run_grad_input(dy, q), dy.double() @ W) < tol
+    assert rel_err(linear_4bit_grad_input(dy, q), dy.double() @ W) < tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,7 +9,7 @@ import qpeft
 from qpeft import functional as F
 from qpeft import reference as R
 
-from helpers import poison_allocator
+from helpers import linear_4bit, linear_4bit_grad_input, poison_allocator
 
 
 def reference_linear(x, q):
@@ -22,20 +22,6 @@ def reference_linear(x, q):
     return x.double() @ W.T
 
 
-def run(x, q):
-    return F.linear_4bit(
-        x,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        q.shape[0],
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
-
-
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("k,blocksize", [(256, 64), (100, 64), (77, 32), (4096, 4096), (333, 128)])
@@ -43,7 +29,7 @@ def run(x, q):
 def test_matches_reference(quant_type, double_quant, k, blocksize, m):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, k), quant_type, blocksize, double_quant)
     x = torch.randn(m, k)
-    y = run(x, q)
+    y = linear_4bit(x, q)
     ref = reference_linear(x, q)
     assert y.shape == (m, 37) and y.dtype == torch.float32
     assert ((y.double() - ref).norm() / ref.norm()) < 1e-6
@@ -53,7 +39,7 @@ def test_matches_reference(quant_type, double_quant, k, blocksize, m):
 def test_16bit_inputs_and_3d(dtype, tol):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(64, 192, dtype=dtype))
     x = torch.randn(2, 3, 192, dtype=dtype)
-    y = run(x, q)
+    y = linear_4bit(x, q)
     assert y.shape == (2, 3, 64) and y.dtype == dtype
     ref = reference_linear(x.reshape(-1, 192), q).reshape(2, 3, 64)
     assert ((y.double() - ref).norm() / ref.norm()) < tol
@@ -87,17 +73,7 @@ def test_opcheck_and_bad_inputs():
 def test_grad_input_matches_reference(quant_type, double_quant, k, blocksize, m):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(45, k), quant_type, blocksize, double_quant)
     dy = torch.randn(m, 45)
-    dx = F.linear_4bit_grad_input(
-        dy,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        k,
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
+    dx = linear_4bit_grad_input(dy, q)
     scales = (
         R.dequantize_nested_absmax(q.absmax, q.nested_absmax, q.nested_code, q.nested_offset)
         if q.double_quant
@@ -135,20 +111,6 @@ def reference_weight(q):
     return R.dequantize_4bit(q.packed, scales, q.blocksize, q.quant_type, q.shape, torch.float32).double()
 
 
-def run_grad_input(dy, q):
-    return F.linear_4bit_grad_input(
-        dy,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        q.shape[1],
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
-
-
 # Shapes whose slab loops run several times with a short last slab: ~2 MB slabs are 128 rows of W at K = 4109
 # (fp32; 256 in 16-bit) in the forward, and 1728 (fp32) columns at N = 300 in the input gradient. K is not a
 # multiple of the blocksize, so quantization blocks straddle rows of W and slab edges.
@@ -162,13 +124,13 @@ def test_cpu_slab_matmul_matches_reference(dtype, tol, m, double_quant):
     W = reference_weight(q)
     x = torch.randn(k, m, dtype=dtype).T  # non-contiguous rows
     poison_allocator(torch.device("cpu"), m * n * x.element_size())
-    y = run(x, q)
+    y = linear_4bit(x, q)
     assert y.shape == (m, n) and y.dtype == dtype and torch.isfinite(y).all()
     ref = x.double() @ W.T
     assert ((y.double() - ref).norm() / ref.norm()) < tol
     dy = torch.randn(m, n, dtype=dtype)
     poison_allocator(torch.device("cpu"), m * k * x.element_size())
-    dx = run_grad_input(dy, q)
+    dx = linear_4bit_grad_input(dy, q)
     assert dx.shape == (m, k) and dx.dtype == dtype and torch.isfinite(dx).all()
     ref = dy.double() @ W
     assert ((dx.double() - ref).norm() / ref.norm()) < tol
@@ -178,8 +140,8 @@ def test_cpu_slab_matmul_matches_reference(dtype, tol, m, double_quant):
 def test_cpu_slab_matmul_empty_shapes(m, n, k):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k))
     poison_allocator(torch.device("cpu"), max(m * max(n, k) * 4, 1))
-    assert torch.equal(run(torch.randn(m, k), q), torch.zeros(m, n))
-    assert torch.equal(run_grad_input(torch.randn(m, n), q), torch.zeros(m, k))
+    assert torch.equal(linear_4bit(torch.randn(m, k), q), torch.zeros(m, n))
+    assert torch.equal(linear_4bit_grad_input(torch.randn(m, n), q), torch.zeros(m, k))
 
 
 def test_cpu_slab_matmul_opcheck():
@@ -208,8 +170,8 @@ def test_cpu_training_sizes_never_allocate_a_dense_weight():
     dense_bytes = n * k * 4
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(n, k))
     x = torch.randn(m, k)
-    assert largest_cpu_allocation(lambda: run(x, q)) < dense_bytes / 8
-    assert largest_cpu_allocation(lambda: run_grad_input(torch.randn(m, n), q)) < dense_bytes / 8
+    assert largest_cpu_allocation(lambda: linear_4bit(x, q)) < dense_bytes / 8
+    assert largest_cpu_allocation(lambda: linear_4bit_grad_input(torch.randn(m, n), q)) < dense_bytes / 8
     base = Linear4bit.from_linear(torch.nn.Linear(k, n, bias=False))
     layer = LoraLinear4bit(base, r=8, alpha=16, dropout=0.1).train()
     xg = x.clone().requires_grad_(True)
@@ -266,8 +228,8 @@ def test_zero_dim_inputs_raise_value_errors():
 
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(4, 64))
     for fn in (
-        lambda x: run(x, q),
-        lambda x: run_grad_input(x, q),
+        lambda x: linear_4bit(x, q),
+        lambda x: linear_4bit_grad_input(x, q),
         Linear4bit.from_linear(torch.nn.Linear(64, 4)),
         LoraLinear4bit.from_linear(torch.nn.Linear(64, 4)),
     ):

@@ -10,7 +10,7 @@ import qpeft
 from qpeft import functional as F
 from qpeft.autograd import weight_args
 
-from helpers import dropped64, poison_allocator, rel_err
+from helpers import dropped64, linear_4bit, linear_4bit_grad_input, poison_allocator, rel_err
 
 ops = torch.ops.qpeft
 
@@ -222,31 +222,11 @@ def test_cuda_ops_take_the_seed_on_the_host_or_the_device():
 def test_cuda_linear_4bit_matches_reference(m, k, double_quant):
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, k, device="cuda"), "nf4", 64, double_quant)
     x = torch.randn(m, k, device="cuda")
-    y = F.linear_4bit(
-        x,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        37,
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
+    y = linear_4bit(x, q)
     ref = x.double() @ q.dequantize(torch.float32).double().T
     assert rel_err(y, ref) < 1e-6
     x = torch.randn(17, k, device="cuda")  # above the codes kernel's rows: a transient dequantized W
-    y = F.linear_4bit(
-        x,
-        q.packed,
-        q.absmax,
-        q.blocksize,
-        q.quant_type,
-        37,
-        nested_absmax=q.nested_absmax,
-        nested_code=q.nested_code,
-        nested_offset=q.nested_offset,
-    )
+    y = linear_4bit(x, q)
     assert rel_err(y, x.double() @ q.dequantize(torch.float32).double().T) < 1e-6
 
 
@@ -257,8 +237,7 @@ def test_cuda_linear_4bit_grad_input_matches_reference(m, double_quant):
     """dy W on CUDA (a transient dequantized W, one GEMM), and the op's registration (opcheck)."""
     q = qpeft.Quantized4bitWeight.from_float(torch.randn(37, 100, device="cuda"), "nf4", 64, double_quant)
     dy = torch.randn(m, 37, device="cuda")
-    nested = dict(nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)
-    dx = F.linear_4bit_grad_input(dy, q.packed, q.absmax, q.blocksize, q.quant_type, 100, **nested)
+    dx = linear_4bit_grad_input(dy, q)
     assert dx.shape == (m, 100) and dx.dtype == dy.dtype
     assert rel_err(dx, dy.double() @ q.dequantize(torch.float32).double()) < 1e-6
     args = qpeft.autograd.weight_args(q)
