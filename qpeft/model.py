@@ -489,20 +489,25 @@ class QPeftModel(nn.Module):
     ) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
         others in a subfolder of their name). Under torch.distributed only rank 0 writes (``is_main_process``
-        decides otherwise, as in peft); the adapters are the same on every data-parallel rank."""
+        decides otherwise, as in peft); the adapters are the same on every data-parallel rank. Sharded (FSDP2)
+        tensors are gathered first: then every rank must call it."""
         if is_main_process is None:
             is_main_process = (
                 not (torch.distributed.is_available() and torch.distributed.is_initialized())
                 or torch.distributed.get_rank() == 0
             )
-        if not is_main_process:
-            return
-        for name in selected_adapters or list(self.peft_config):
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
             if name not in self.peft_config:
                 raise KeyError(f"qpeft: no adapter named {name!r}")
-            folder = folder_inside(save_directory, *([] if name == "default" else [check_adapter_name(name)]))
+        for name in names:
             with torch.no_grad():
-                adapter_io.save_adapter(self._file_parameters(name), self.peft_config[name], folder)
+                params = self._file_parameters(name)
+                if any(hasattr(p, "full_tensor") for p in params.values()):  # a collective: every rank gathers
+                    params = {k: p.full_tensor() if hasattr(p, "full_tensor") else p for k, p in params.items()}
+                if is_main_process:
+                    folder = folder_inside(save_directory, *([] if name == "default" else [check_adapter_name(name)]))
+                    adapter_io.save_adapter(params, self.peft_config[name], folder)
 
     def load_adapter(
         self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs

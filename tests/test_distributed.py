@@ -108,6 +108,8 @@ def worker(rank, port, method, folder, out, sharding="ddp"):
         dist.all_reduce(stacked)
         if sharding == "ddp":
             model.save_pretrained(f"{folder}{rank}")  # written by rank 0 alone
+        else:
+            model.save_pretrained(folder)  # every rank gathers the sharded adapters, rank 0 writes
         trained = {
             n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().contiguous()
             for n, p in model.named_parameters()
@@ -165,6 +167,12 @@ def test_fsdp2_sharded_4bit_training_equals_one_process(sharding, tmp_path):
             torch.testing.assert_close(
                 trained[name], p, **(dict(rtol=1e-4, atol=1e-6) if sharding == "fsdp" else dict(rtol=5e-2, atol=5e-3))
             )
+    # the adapter file rank 0 wrote from the gathered shards holds the trained adapters
+    saved = dict(qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path / "a").named_parameters())
+    adapters = [name for name in saved if "lora_" in name]
+    assert adapters and sorted(adapters) == sorted(trained)
+    for name in adapters:
+        torch.testing.assert_close(saved[name], trained[name], rtol=0, atol=0)
 
 
 def checkpoint_worker(rank, port, out):
