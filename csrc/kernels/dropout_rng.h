@@ -3,8 +3,7 @@
 // storing it, on any device and for any memory layout. Torch-free; the reference is qpeft/reference.py.
 //
 // bits(seed, c) = 16-bit lane (c mod 4) of SplitMix64's output for state seed + (c / 4) * 0x9E3779B97F4A7C15
-// (mod 2^64): one 64-bit hash serves four consecutive counters, so kernels hash once per group of four elements
-// (the 64-bit multiplies were the largest cost of regenerating a mask on the GPU).
+// (mod 2^64): one 64-bit hash serves four consecutive counters, so kernels hash once per group of four elements.
 // keep iff bits >= threshold, threshold = round(p * 2^16) (so the drop probability is p to within 2^-17);
 // kept values are multiplied by 1 / (1 - p) computed in fp32, as nn.Dropout does.
 #pragma once

@@ -68,7 +68,7 @@ void check_adapter(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& 
 
 // a @ b summed in fp32 and returned in fp32 [rows, cols], a and b of one dtype: on CUDA one GEMM writing fp32
 // (aten::mm.dtype; looked up at run time, so an older torch without it still builds and runs), elsewhere the
-// GEMM in a's dtype and a cast. (The backward's small GEMMs were a GEMM, a cast and a scaling: launches on CUDA.)
+// GEMM in a's dtype and a cast.
 at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) return at::mm(a, b);
   if (a.is_cuda()) {
