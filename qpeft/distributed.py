@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .nn.ia3 import IA3Linear4bit
-from .nn.linear4bit import Linear4bit
+from .nn.linear4bit import STATE_BUFFERS, Linear4bit
 from .nn.lora import LoraAdapter
 
 SHARDED_SCALES = ("weight_absmax", "weight_nested_absmax")
@@ -85,14 +85,6 @@ def load_sharded(model: nn.Module, folder: str | Path) -> None:
 
 # A tensor's source: (rows [start, stop) of dim 0, or None for all; the local tensor to fill) -> the values.
 Source = Callable[[tuple[int, int] | None, torch.Tensor], torch.Tensor]
-# Linear4bit tensor -> its checkpoint entry's suffix after "<layer>.weight" (None: the quant state's JSON)
-_4BIT_ENTRIES = {
-    "weight": "",
-    "weight_absmax": ".absmax",
-    "weight_nested_absmax": ".nested_absmax",
-    "weight_nested_code": ".nested_quant_map",
-    "weight_nested_offset": None,
-}
 
 
 def load_4bit_sharded(
@@ -194,7 +186,7 @@ def _checkpoint_sources(
 ) -> dict[tuple[nn.Module, str], Source]:
     """(module, tensor name) -> its source in the checkpoint, for every tensor of ``model`` (built from the
     checkpoint's ``entries``: meta tensors, and the quant state entries already read) that the checkpoint holds."""
-    from .quantized import read_quant_state
+    from .quantized import STATE_DICT_ENTRIES, read_quant_state
 
     sources = {}
     for path, module in model.named_modules():
@@ -202,14 +194,15 @@ def _checkpoint_sources(
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is None:
                 continue
-            if isinstance(module, Linear4bit) and name in _4BIT_ENTRIES:
-                entry = f"{prefix}weight"
-                suffix = _4BIT_ENTRIES[name]
-                if suffix is None:
-                    state_key = next(k for k in entries if k.startswith(f"{entry}.quant_state."))
-                    sources[module, name] = _offset_source(read_quant_state(entries[state_key]), state_key)
-                elif entry + suffix in entries:
-                    sources[module, name] = _byte_source(files, entries, entry + suffix)
+            field = "packed" if name == "weight" else STATE_BUFFERS.get(name)
+            if isinstance(module, Linear4bit) and field is not None:
+                weight = f"{prefix}weight"
+                if field == "nested_offset":  # a number in the quant state's JSON (checked when the model was built)
+                    state_key = next(k for k in entries if k.startswith(f"{weight}.quant_state."))
+                    sources[module, name] = _offset_source(read_quant_state(entries[state_key])["nested_offset"])
+                else:
+                    key = weight if field == "packed" else f"{weight}.{STATE_DICT_ENTRIES[field]}"
+                    sources[module, name] = _byte_source(files, entries, key)
             elif prefix + name in entries:
                 key = prefix + name
                 sources[module, name] = lambda rows, local, key=key: (
@@ -242,11 +235,7 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t.element_size() * math.prod(t.shape[1:])
 
 
-def _offset_source(state: dict, key: str) -> Source:
-    offset = state.get("nested_offset")
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
-        raise ValueError(f"qpeft: '{key}' holds no numeric nested_offset")
-
+def _offset_source(offset: float) -> Source:
     def read(rows, local):
         return torch.tensor(float(offset), dtype=torch.float32).view(local.dtype)
 

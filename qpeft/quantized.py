@@ -35,6 +35,11 @@ def _pack_json(meta: dict) -> torch.Tensor:
 _MAX_QUANT_STATE_BYTES = 1 << 16  # bitsandbytes' quant_state JSON is ~150 bytes
 
 
+# Field -> its bitsandbytes state-dict entry after "<prefix>." (the packed codes are "<prefix>" itself; the nested
+# offset lives in the quant state's JSON).
+STATE_DICT_ENTRIES = {"absmax": "absmax", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map"}
+
+
 def read_quant_state(t: torch.Tensor) -> dict:
     """The JSON object of a ``<weight>.quant_state.bitsandbytes__<type>`` entry."""
     if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > _MAX_QUANT_STATE_BYTES:
@@ -157,14 +162,15 @@ class Quantized4bitWeight:
             "dtype": _DTYPE_NAMES[self.dtype],
             "shape": list(self.shape),
         }
+        entry = {field: f"{prefix}.{name}" for field, name in STATE_DICT_ENTRIES.items()}
         sd = {
             prefix: self.packed,
-            f"{prefix}.absmax": self.absmax,
+            entry["absmax"]: self.absmax,
             f"{prefix}.quant_map": code_book(self.quant_type, self.device),
         }
         if self.double_quant:
-            sd[f"{prefix}.nested_absmax"] = self.nested_absmax
-            sd[f"{prefix}.nested_quant_map"] = self.nested_code
+            sd[entry["nested_absmax"]] = self.nested_absmax
+            sd[entry["nested_code"]] = self.nested_code
             meta.update(
                 nested_blocksize=NESTED_BLOCKSIZE,
                 nested_dtype="float32",
@@ -206,7 +212,7 @@ class Quantized4bitWeight:
         shape = torch.Size(raw_shape)
         device = torch.device(device) if device is not None else sd[prefix].device
         packed = sd[prefix].to(device)
-        absmax = get("absmax").to(device)
+        absmax = get(STATE_DICT_ENTRIES["absmax"]).to(device)
         quant_map = get("quant_map")
         if not torch.equal(quant_map.float().cpu(), code_book(quant_type)):
             raise ValueError(f"qpeft: '{prefix}.quant_map' is not the standard {quant_type} code book")
@@ -223,7 +229,7 @@ class Quantized4bitWeight:
                 f"(shape {list(shape)}, blocksize {blocksize})"
             )
         nested = {}
-        if f"{prefix}.nested_absmax" in sd:
+        if f"{prefix}.{STATE_DICT_ENTRIES['nested_absmax']}" in sd:
             if meta.get("nested_blocksize") != NESTED_BLOCKSIZE or meta.get("nested_dtype") != "float32":
                 raise ValueError(
                     f"qpeft: unsupported nested quantization {meta.get('nested_blocksize')!r}/"
@@ -231,7 +237,10 @@ class Quantized4bitWeight:
                 )
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"qpeft: double-quantized '{prefix}.absmax' must be uint8, got {absmax.dtype}")
-            nested_absmax, nested_code = get("nested_absmax"), get("nested_quant_map")
+            nested_absmax, nested_code = (
+                get(STATE_DICT_ENTRIES["nested_absmax"]),
+                get(STATE_DICT_ENTRIES["nested_code"]),
+            )
             offset = meta.get("nested_offset")
             if nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
                 raise ValueError(

@@ -16,7 +16,7 @@ from ..autograd import frozen_4bit_linear, weight_args
 from ..quantized import Quantized4bitWeight
 
 # Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.
-_STATE_BUFFERS = {
+STATE_BUFFERS = {
     "weight_absmax": "absmax",
     "weight_nested_absmax": "nested_absmax",
     "weight_nested_code": "nested_code",
@@ -134,14 +134,14 @@ class Linear4bit(nn.Module):
         self._drop_weight_caches()
         self.weight = nn.Parameter(q.packed.reshape(-1, 1).view(torch.uint8), requires_grad=False)
         self.quant_storage = q.quant_storage
-        for buffer, field in _STATE_BUFFERS.items():
+        for buffer, field in STATE_BUFFERS.items():
             self.register_buffer(buffer, _to_buffer(getattr(q, field)), persistent=False)
         self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
 
     @property
     def quantized_weight(self) -> Quantized4bitWeight:
         """A view of this layer's weight as a Quantized4bitWeight (no copy)."""
-        tensors = {field: _from_buffer(getattr(self, buffer), field) for buffer, field in _STATE_BUFFERS.items()}
+        tensors = {field: _from_buffer(getattr(self, buffer), field) for buffer, field in STATE_BUFFERS.items()}
         packed = self.weight.data.reshape(-1).view(self.quant_storage).unsqueeze(1)
         return Quantized4bitWeight(
             packed,
