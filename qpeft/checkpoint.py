@@ -176,12 +176,11 @@ def build_4bit_model(
     compute_dtype: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The model of ``folder``'s config.json holding ``tensors`` (the checkpoint's, by its keys), its 4-bit layers as
-    Linear4bit. Meta tensors give a model on the meta device of the checkpoint's shapes and dtypes (the quant state
-    entries must be real)."""
+    """The model of ``folder``'s config.json (checked by ``require_config`` first) holding ``tensors`` (the
+    checkpoint's, by its keys), its 4-bit layers as Linear4bit. Meta tensors give a model on the meta device of the
+    checkpoint's shapes and dtypes (the quant state entries must be real)."""
     import transformers
 
-    require_config(folder)
     read_json_file(folder / "config.json", "config")  # size and syntax checked before transformers reads it
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)  # never code from a folder
     qconfig = getattr(config, "quantization_config", None) or {}
