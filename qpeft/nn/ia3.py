@@ -40,8 +40,10 @@ class IA3Linear4bit(AdapterHolder):
     @torch.no_grad()
     def reset_adapter(self, name: str) -> None:
         """Adapter ``name``'s initial vector, as ``add_adapter`` made it."""
-        vector = self.adapters[name]
-        vector.fill_(1.0) if self.init_ones[name] else vector.normal_()
+        if self.init_ones[name]:
+            self.adapters[name].fill_(1.0)
+        else:
+            self.adapters[name].normal_()
 
     def scale(self) -> torch.Tensor | None:
         """The product of the active adapters' vectors, flat, or None (no active adapter, or disabled)."""
