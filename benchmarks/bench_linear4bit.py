@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from qpeft import functional as F
-from harness import benchmark_args, median_times_ms, print_table, write_results
+from harness import benchmark_args, bitsandbytes_nf4, median_times_ms, print_table, write_results
 
 from qpeft.nn import Linear4bit
 
@@ -31,20 +31,7 @@ GPU_CASES = [(torch.bfloat16, m, 4096, 4096) for m in (1, 16, 512, 4096)] + [
 
 def bitsandbytes_layer(dense: torch.nn.Linear, dtype: torch.dtype):
     try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(
-            dense.in_features,
-            dense.out_features,
-            bias=False,
-            compute_dtype=dtype,
-            quant_type="nf4",
-            compress_statistics=True,
-        )
-        layer.weight = bnb.nn.Params4bit(
-            dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
-        )
-        return layer.to(dense.weight.device)
+        return bitsandbytes_nf4(dense, dtype)
     except Exception as e:  # no bitsandbytes here: the row says so instead of inventing a baseline
         print(f"bitsandbytes baseline unavailable: {e}")
         return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import benchmark_args, median_time_ms, median_times_ms, print_table, write_results
+from harness import benchmark_args, bitsandbytes_nf4, median_time_ms, median_times_ms, print_table, write_results
 
 from qpeft import functional as F
 from qpeft.nn import LoraLinear4bit
@@ -34,28 +34,17 @@ def peft_on_bnb(dense: torch.nn.Linear, dtype: torch.dtype, config=None):
     """bitsandbytes Linear4bit (NF4, double quant) of the module "proj" wrapped by peft (``config``, default this
     benchmark's LoRA), or None with the reason printed."""
     try:
-        import bitsandbytes as bnb
         import peft
 
         class Holder(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.proj = bnb.nn.Linear4bit(
-                    dense.in_features,
-                    dense.out_features,
-                    bias=False,
-                    compute_dtype=dtype,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
-                self.proj.weight = bnb.nn.Params4bit(
-                    dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
-                )
+                self.proj = bitsandbytes_nf4(dense, dtype)
 
             def forward(self, x):
                 return self.proj(x)
 
-        holder = Holder().to(dense.weight.device)
+        holder = Holder()
         if config is None:
             config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"])
         return peft.get_peft_model(holder, config).train()

@@ -43,6 +43,25 @@ SMALL_LLAMA = dict(
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def bitsandbytes_nf4(dense: torch.nn.Linear, dtype: torch.dtype) -> torch.nn.Module:
+    """bitsandbytes' Linear4bit (NF4, double quant, no bias, ``dtype`` compute) holding ``dense``'s weight, on its
+    device. Raises where bitsandbytes is missing or fails."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(
+        dense.in_features,
+        dense.out_features,
+        bias=False,
+        compute_dtype=dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
+    return layer.to(dense.weight.device)
+
+
 def benchmark_args(description: str, add_options=None) -> argparse.Namespace:
     """The common command line: --device (default: cuda when available) and --out (default: results/)."""
     parser = argparse.ArgumentParser(description=description)
