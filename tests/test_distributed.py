@@ -312,6 +312,39 @@ def test_sharded_load_refuses_what_it_cannot_start(tmp_path):
         qpeft.distributed.load_4bit_sharded(tmp_path / "gpt2")
 
 
+def test_sharded_load_of_a_malformed_checkpoint_names_the_problem(tmp_path):
+    """A checkpoint that does not fit is refused before anything is sharded, as load_4bit_pretrained refuses it:
+    a missing scale entry, a quant state whose nested offset is not a number, a folder with no config.json."""
+    import json
+
+    write_4bit_checkpoint(tmp_path / "ok", "nf4")
+    tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    state_key = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"
+    state = json.loads(bytes(tensors[state_key].tolist()))
+    cases = {
+        "missing": ({k: v for k, v in tensors.items() if k != "model.layers.0.mlp.down_proj.weight.absmax"}, "absmax"),
+        "offset": (
+            {
+                **tensors,
+                state_key: torch.tensor(list(json.dumps({**state, "nested_offset": "x"}).encode()), dtype=torch.uint8),
+            },
+            "nested_offset",
+        ),
+    }
+    for name, (broken, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+        save_file(broken, str(folder / "model.safetensors"))
+        for load in (qpeft.load_4bit_pretrained, qpeft.distributed.load_4bit_sharded):
+            with pytest.raises((ValueError, RuntimeError), match=message):
+                load(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # nothing written
+    (tmp_path / "ok" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qpeft.distributed.load_4bit_sharded(tmp_path / "ok")
+
+
 TORCHRUN_SCRIPT = """
 import sys
 import torch, torch.distributed as dist, transformers, qpeft
