@@ -22,63 +22,25 @@ import tempfile
 
 import torch
 
-from harness import (
-    GPU_LLAMA,
-    PROJECTIONS,
-    SMALL_LLAMA,
-    benchmark_args,
-    peak_memory_mb,
-    print_table,
-    train_steps,
-    write_results,
-)
+from harness import GPU_LLAMA, SMALL_LLAMA, benchmark_args, peak_memory_mb, print_table, train_steps, write_results
 
-from qpeft.cli import METHODS
+from qpeft.tuners import registry
 
-QPEFT_ONLY = {"bitfit", "layerwise", "sparse", "bottleneck", "piggyback"}  # methods peft does not have
+METHODS = registry.names()
+QPEFT_ONLY = {m.name for m in registry.METHODS.values() if m.peft_type.startswith("QPEFT_")}  # not in peft
 STEPS_FOR_ADALORA = 40  # AdaLoRA's total_step: its budget phase spans the measured steps
 VARIANTS = ["qpeft", "bnb_peft", "dense_peft", "qpeft_checkpointed"]
-NVT = 20
+RANK = 16  # LoRA / AdaLoRA rank, virtual tokens, bottleneck width
 
 
 def config(library, method: str, dtype: torch.dtype):
-    """The same method and sizes in qpeft or peft (``library``); LoRA r=16 on all 7 projections."""
-    peft_side = library.__name__ == "peft"
-    task = {"task_type": "CAUSAL_LM"} if peft_side else {"compute_dtype": dtype}
-    targets = PROJECTIONS
-    if method == "lora":
-        return library.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, **task)
-    if method == "adalora":
-        return library.AdaLoraConfig(
-            init_r=16,
-            target_r=4,
-            lora_alpha=32,
-            target_modules=targets,
-            tinit=2,
-            tfinal=4,
-            total_step=STEPS_FOR_ADALORA,
-            **task,
-        )
-    if method == "ia3":
-        return library.IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], **task
-        )
-    own = {
-        "bitfit": lambda: library.BitFitConfig(bias_modules=targets, add_missing_bias=True, **task),
-        "layerwise": lambda: library.LayerwiseConfig(last_k=1, **task),
-        "sparse": lambda: library.SparseConfig(target_modules=targets, budget=0.002, **task),
-        "bottleneck": lambda: library.BottleneckConfig(style="houlsby", reduction_factor=16, **task),
-        "piggyback": lambda: library.PiggybackConfig(target_modules=targets, **task),
-    }
-    if method in own:
-        return own[method]()
-    common = dict(num_virtual_tokens=NVT, **task)
-    return {
-        "prompt-tuning": lambda: library.PromptTuningConfig(**common),
-        "p-tuning": lambda: library.PromptEncoderConfig(encoder_hidden_size=256, **common),
-        "prefix-tuning": lambda: library.PrefixTuningConfig(**common),
-        "multitask-prompt-tuning": lambda: library.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4, **common),
-    }[method]()
+    """The method's registered default example (rank 16) in qpeft, or the same config in peft (``library``), made
+    from the adapter_config.json qpeft writes for it."""
+    ours = registry.by_name(method).examples["default"](r=RANK, steps=STEPS_FOR_ADALORA)
+    if library.__name__ != "peft":
+        ours.compute_dtype = dtype
+        return ours
+    return library.get_peft_config({**ours.to_peft_dict(), "inference_mode": False, "task_type": "CAUSAL_LM"})
 
 
 def build(variant: str, method: str, folder: str, device: torch.device, dtype: torch.dtype):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import ADAPTER_FILES, resolve_folder
+from .tuners import modules_to_save, registry
 from .tuners.config import AdapterConfig, config_from_peft_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,9 +47,34 @@ def load_adapter_files(
     return config, load_file(str(weights_path))
 
 
+def file_parameters(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Adapter file key -> the tensor of ``peft_model``'s adapter ``adapter_name`` it holds: the method's, plus its
+    copies of modules_to_save (a prompt encoder gives what peft writes: the virtual tokens' embeddings, computed)."""
+    config = peft_model.peft_config[adapter_name]
+    method = registry.method_of(config)
+    if method.is_prompt_learning:
+        return peft_model.prompt_encoder[adapter_name].file_tensors()
+    params = method.file_parameters(peft_model.base_model, config, adapter_name)
+    params.update(modules_to_save.file_parameters(peft_model.base_model, config, adapter_name))
+    return params
+
+
+def load_tensors(peft_model, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A file's tensors into ``peft_model``'s adapter ``adapter_name`` (every key must match, with its shape)."""
+    config = peft_model.peft_config[adapter_name]
+    method = registry.method_of(config)
+    if method.prepare_load is not None:
+        method.prepare_load(peft_model.base_model, config, adapter_name, tensors)
+    if method.load is not None:
+        method.load(peft_model.base_model, config, adapter_name, tensors)
+    else:
+        assign_tensors(file_parameters(peft_model, adapter_name), tensors)
+
+
 @torch.no_grad()
 def assign_tensors(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
-    """Copies the file's tensors into the adapter's parameters; every key must match, with its shape."""
+    """Copies the file's tensors into the adapter's parameters: every key must match, with its shape and kind
+    (floating into floating, others exactly), all checked before the first write."""
     missing = sorted(k for k in params if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in params)
     if missing or unexpected:
@@ -64,4 +90,7 @@ def assign_tensors(params: dict[str, torch.nn.Parameter], tensors: dict[str, tor
                 f"qpeft: {key} has shape {list(t.shape)} in the file but {list(p.shape)} in the model "
                 "(check r / rank_pattern / num_virtual_tokens)"
             )
-        p.copy_(t)
+        if t.is_floating_point() != p.is_floating_point() or (not p.is_floating_point() and t.dtype != p.dtype):
+            raise ValueError(f"qpeft: {key} is {t.dtype} in the file but {p.dtype} in the model")
+    for key, t in tensors.items():
+        params[key].copy_(t)

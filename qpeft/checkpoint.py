@@ -20,9 +20,9 @@ from torch import nn
 from .errors import ConfigError
 from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import CHECKPOINT_FILES, resolve_folder
+from .nn.adapter_holder import AdapterLayer4bit, NamedAdapters
 from .nn.linear4bit import Linear4bit, is_conv1d
-from .nn.lora import LoraLinear4bit
-from .tuners.modules_to_save import ModulesToSave
+from .nn.modules_to_save import ModulesToSave
 from .tuners.targets import set_submodule
 
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
@@ -211,9 +211,8 @@ def build_4bit_model(
             in_features, out_features = linear.weight.shape
         else:
             raise ValueError(f"qpeft: the checkpoint quantizes {name!r}, a {type(linear).__name__} in the model")
-        layer = Linear4bit(
-            in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype, device="meta"
-        )
+        bias = f"{name}.bias" in tensors  # the checkpoint's (a BitFit model may have added one)
+        layer = Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype, device="meta")
         layer.fan_in_fan_out = conv1d
         if layer.bias is not None:
             layer.bias._qpeft_unloaded = True
@@ -236,17 +235,20 @@ def _is_quant_key(key: str, quantized: set[str]) -> bool:
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as a 4-bit checkpoint holds it: Linear4bit layers with bitsandbytes' keys; the base of
-    a LoRA layer and the original of a modules_to_save module under the module's own name (adapters, and their
-    copies of modules_to_save, are saved separately, in peft's format)."""
-    # module name + "." -> the child whose entries stand for the module ("base." / "original_module."), the
-    # rest of the module's entries being adapter state
-    kept_child = {name + ".": "base." for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)}
-    kept_child.update(
-        {name + ".": "original_module." for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
-    )
+    """The model's state dict as a 4-bit checkpoint holds it: Linear4bit layers with bitsandbytes' keys; an adapter
+    layer (its ``BASE_CHILD``, the frozen base) and a modules_to_save wrapper (its original module) under the
+    module's own name; other adapter sets (bottleneck adapters) left out. Adapters are saved separately, in peft's
+    format."""
+    kept_child, dropped = {}, []  # module name + "." -> the child whose entries stand for the module
+    for name, m in model.named_modules():
+        if isinstance(m, (AdapterLayer4bit, ModulesToSave)):
+            kept_child[name + "."] = m.BASE_CHILD + "."
+        elif isinstance(m, NamedAdapters):
+            dropped.append(name + ".")
     out = {}
     for key, t in model.state_dict().items():
+        if any(key.startswith(prefix) for prefix in dropped):
+            continue
         for prefix, child in kept_child.items():
             if key.startswith(prefix):
                 rest = key[len(prefix) :]

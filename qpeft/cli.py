@@ -97,64 +97,13 @@ def demo_batches(batch: int, seq: int, steps: int, generator: torch.Generator):
         yield torch.stack([data[s : s + seq] for s in starts])
 
 
-METHODS = (
-    "lora",
-    "adalora",
-    "ia3",
-    "prompt-tuning",
-    "p-tuning",
-    "prefix-tuning",
-    "multitask-prompt-tuning",
-    "bitfit",
-    "layerwise",
-    "sparse",
-    "bottleneck",
-    "piggyback",
-)
-
-
 def demo_config(method: str, r: int, dtype: torch.dtype, steps: int):
-    """The adapter config of ``qpeft demo --method``."""
-    import qpeft
+    """The adapter config of ``qpeft demo --method``: the method's registered default example."""
+    from .tuners import registry
 
-    if method == "lora":
-        return qpeft.LoraConfig(
-            r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear", compute_dtype=dtype
-        )
-    if method == "adalora":
-        return qpeft.AdaLoraConfig(
-            init_r=r,
-            target_r=max(r // 4, 1),
-            lora_alpha=2 * r,
-            target_modules="all-linear",
-            tinit=steps // 5,
-            tfinal=steps // 5,
-            total_step=steps,
-            compute_dtype=dtype,
-        )
-    if method == "ia3":
-        return qpeft.IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], compute_dtype=dtype
-        )
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    own = {
-        "bitfit": lambda: qpeft.BitFitConfig(bias_modules=projections, add_missing_bias=True),
-        "layerwise": lambda: qpeft.LayerwiseConfig(last_k=1),
-        "sparse": lambda: qpeft.SparseConfig(target_modules=projections, budget=0.01),
-        "bottleneck": lambda: qpeft.BottleneckConfig(style="houlsby", bottleneck_size=r),
-        "piggyback": lambda: qpeft.PiggybackConfig(target_modules=projections),
-    }
-    if method in own:
-        config = own[method]()
-        config.compute_dtype = dtype
-        return config
-    common = dict(num_virtual_tokens=r, compute_dtype=dtype)
-    return {
-        "prompt-tuning": lambda: qpeft.PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", **common),
-        "p-tuning": lambda: qpeft.PromptEncoderConfig(encoder_hidden_size=128, **common),
-        "prefix-tuning": lambda: qpeft.PrefixTuningConfig(**common),
-        "multitask-prompt-tuning": lambda: qpeft.MultitaskPromptTuningConfig(num_tasks=2, num_ranks=4, **common),
-    }[method]()
+    config = registry.by_name(method).examples["default"](r=r, steps=steps)
+    config.compute_dtype = dtype
+    return config
 
 
 def demo(args) -> int:
@@ -168,14 +117,16 @@ def demo(args) -> int:
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DEMO_MODEL)).to(device, dtype)
     qpeft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
-    model = qpeft.get_peft_model(model, demo_config(args.method, args.r, dtype, args.steps))
-    multitask = args.method == "multitask-prompt-tuning"
-    if args.method == "sparse":  # the entries: gradient magnitude over two warm-up batches
+    config = demo_config(args.method, args.r, dtype, args.steps)
+    model = qpeft.get_peft_model(model, config)
+    verbs = model.active_method.verbs
+    multitask = hasattr(config, "num_tasks")
+    if "select_sparse_entries" in verbs:  # the entries: gradient magnitude over two warm-up batches
         warmup = demo_batches(args.batch, args.seq, 2, torch.Generator().manual_seed(args.seed + 1))
         model.select_sparse_entries([ids.to(device) for ids in warmup])
     model.print_trainable_parameters()
     model.train()
-    lr = args.lr or (3e-3 if args.method in ("lora", "adalora", "layerwise") else 3e-2)
+    lr = args.lr or model.active_method.example_lr
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -188,7 +139,7 @@ def demo(args) -> int:
             loss = model(input_ids=ids, labels=ids, **task).loss
             loss.backward()
             optimizer.step()
-            if args.method == "adalora":
+            if "update_and_allocate" in verbs:
                 model.update_and_allocate(len(losses))
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -211,6 +162,8 @@ def demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .tuners import registry
+
     parser = argparse.ArgumentParser(
         prog="qpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -220,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=96)
-    d.add_argument("--method", choices=METHODS, default="lora", help="PEFT method (default: lora)")
+    d.add_argument("--method", choices=registry.names(), default="lora", help="PEFT method (default: lora)")
     d.add_argument(
         "--r",
         type=int,
         default=16,
         help="LoRA / AdaLoRA initial rank, the number of virtual tokens, or the bottleneck width",
     )
-    d.add_argument("--lr", type=float, default=None, help="default 3e-3 (lora, adalora, layerwise), else 3e-2")
+    d.add_argument("--lr", type=float, default=None, help="default: the method's example_lr (3e-3 or 3e-2)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument(

@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn.ia3 import IA3Linear4bit
 from .nn.linear4bit import STATE_BUFFERS, Linear4bit
-from .nn.lora import LoraAdapter
 
 SHARDED_SCALES = ("weight_absmax", "weight_nested_absmax")
 
@@ -98,9 +96,10 @@ def load_4bit_sharded(
     **fsdp_kwargs,
 ) -> nn.Module:
     """``load_4bit_pretrained`` for FSDP2: the model is built on the meta device, given ``peft_config``'s adapters
-    (LoRA, DoRA included, or IA3), sharded by ``fully_shard_model(model, mesh, **fsdp_kwargs)``, then each rank reads
-    from the checkpoint only its rows of every sharded tensor (and the replicated ones whole). The adapters draw
-    their initial values from torch's generator in the order ``get_peft_model`` does: seed every rank alike.
+    (methods with a ``sharded_start``: LoRA, DoRA included, and IA3), sharded by ``fully_shard_model(model, mesh,
+    **fsdp_kwargs)``, then each rank reads from the checkpoint only its rows of every sharded tensor (and the
+    replicated ones whole). The adapters draw their initial values from torch's generator in the order
+    ``get_peft_model`` does: seed every rank alike.
     Returns the sharded QPeftModel (the sharded base model without ``peft_config``)."""
     from .checkpoint import SafetensorsFolder, build_4bit_model, is_quant_metadata, require_config
     from .hub import CHECKPOINT_FILES, resolve_folder
@@ -119,7 +118,7 @@ def load_4bit_sharded(
         device = torch.device("cuda", torch.cuda.current_device())
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
-        _materialize_adapters(model, device)
+        _materialize_adapters(model, peft_config, device)
     sources.update(_in_memory_sources(model))
     _check_covered(model, sources)
     fully_shard_model(model, mesh, **fsdp_kwargs)
@@ -165,14 +164,13 @@ def _start_dora_magnitudes(model: nn.Module) -> None:
 
 
 def _check_shardable(config) -> None:
-    """Adapters started from torch's generator (DoRA's magnitude from the loaded base): LoRA and IA3, no
-    modules_to_save."""
-    from .tuners.ia3 import IA3Config
-    from .tuners.lora import LoraConfig
+    """Methods whose registration says how a meta-built adapter starts (``sharded_start``), no modules_to_save."""
+    from .tuners import registry
 
-    if type(config) not in (LoraConfig, IA3Config):
+    if registry.method_of(config).sharded_start is None:
+        startable = [m.config_class.__name__ for m in registry.METHODS.values() if m.sharded_start is not None]
         raise NotImplementedError(
-            f"qpeft: load_4bit_sharded adds LoRA or IA3 adapters, not {type(config).__name__}; "
+            f"qpeft: load_4bit_sharded adds {' or '.join(startable)} adapters, not {type(config).__name__}; "
             f"load with load_4bit_pretrained, then get_peft_model and fully_shard_model"
         )
     if getattr(config, "init_lora_weights", True) is False:
@@ -242,17 +240,14 @@ def _offset_source(offset: float) -> Source:
     return read
 
 
-def _materialize_adapters(model: nn.Module, device: torch.device) -> None:
+def _materialize_adapters(model: nn.Module, config, device: torch.device) -> None:
     """The meta-device adapters ``get_peft_model`` added to a meta model, given their initial values on ``device``
-    (in module order, as get_peft_model draws them)."""
-    for module in model.modules():
-        if isinstance(module, LoraAdapter):
-            module.to_empty(device=device)
-            module.reset_parameters()
-        elif isinstance(module, IA3Linear4bit):
-            module.adapters.to_empty(device=device)
-            for name in module.adapters:
-                module.reset_adapter(name)
+    (in module order, as get_peft_model draws them) by the method's ``sharded_start``."""
+    from .tuners import registry
+
+    method = registry.method_of(config)
+    for _, layer in method.adapter_layers(model):
+        method.sharded_start(layer, device)
 
 
 def _in_memory_sources(model: nn.Module) -> dict[tuple[nn.Module, str], Source]:

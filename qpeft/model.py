@@ -1,72 +1,35 @@
-"""``QPeftModel`` and ``get_peft_model`` in peft's idiom, for every method qpeft has (tuners/): LoRA adapters in the
-targeted linear layers (quantized to 4 bits), or a prompt-learning encoder beside a (4-bit) transformers model.
-peft's methods: print_trainable_parameters, save_pretrained / load_adapter / from_pretrained in peft's file
-format, add_adapter, set_adapter, delete_adapter, disable_adapter, merge_and_unload, unload, generate. All the
-adapters of one model have one peft_type, as in peft.
+"""``QPeftModel`` and ``get_peft_model`` in peft's idiom, for every registered method (tuners/registry.py): the
+adapter registry (add / set / delete / disable), the forward, and peft's verbs, each delegating to the method's
+registration, to modules_to_save (tuners/modules_to_save.py), to the files (adapter_io.py) or to the report
+(reporting.py). All the adapters of one model have one peft_type, as in peft.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import adapter_io
 from .files import check_adapter_name, folder_inside
-from .nn.linear4bit import Linear4bit
-from .nn.lora import LoraLinear4bit
-from .tuners import targets
-from .tuners.adalora import model as adalora
-from .tuners.adalora.config import AdaLoraConfig
+from .nn.adapter_holder import AdapterLayer4bit, NamedAdapters
+from .reporting import ParameterReport
+from .tuners import modules_to_save, registry, targets
 from .tuners.bottleneck import model as bottleneck
 from .tuners.config import AdapterConfig
-from .tuners.ia3 import model as ia3
-from .tuners.lora import model as lora
 from .tuners.lora.config import LoraConfig
+from .tuners.lora.model import lora_layers
 from .tuners.modules_to_save import ModulesToSave
-from .tuners.prompt import model as prompt
-from .tuners.prompt.config import MultitaskPromptTuningConfig
-from .tuners.piggyback import model as piggyback
-from .tuners.selective import model as selective
-from .tuners.sparse import model as sparse
-from .tuners.sparse.config import SparseConfig
-
-
-class _Method(NamedTuple):
-    """How QPeftModel serves a method whose adapter lives in the model's modules (prompt learning: tuners/prompt).
-    ``inject(model, config, name)``, ``file_parameters(model, config, name)`` (peft file key -> tensor);
-    ``own_parameters``: the method trains parameters of the model itself (exactly those of its file), so a model
-    holds one such adapter; ``mergeable``: its adapters merge into the weights; ``prepare_load(model, config,
-    name, tensors)`` shapes the adapter to a file before its tensors are copied; ``load`` replaces the copy (a
-    file holding derived tensors)."""
-
-    inject: Callable
-    file_parameters: Callable
-    own_parameters: bool = False
-    mergeable: bool = True
-    prepare_load: Callable | None = None
-    load: Callable | None = None
-
-
-_METHODS = {
-    "LORA": _Method(lora.inject_adapter, lora.file_parameters),
-    "ADALORA": _Method(adalora.inject_adapter, adalora.file_parameters),
-    "IA3": _Method(ia3.inject_adapter, ia3.file_parameters),
-    "QPEFT_BITFIT": _Method(selective.inject_bitfit, selective.bitfit_parameters, own_parameters=True),
-    "QPEFT_LAYERWISE": _Method(selective.inject_layerwise, selective.layerwise_parameters, own_parameters=True),
-    "QPEFT_BOTTLENECK": _Method(bottleneck.inject_adapter, bottleneck.file_parameters, mergeable=False),
-    "QPEFT_SPARSE": _Method(sparse.inject_adapter, sparse.file_parameters, prepare_load=sparse.prepare_load),
-    "QPEFT_PIGGYBACK": _Method(piggyback.inject_adapter, piggyback.file_parameters, load=piggyback.load),
-}
+from .tuners.snapshot import all_or_nothing
 
 # Names that lived here before the tuners/ split.
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = adapter_io.ADAPTER_CONFIG, adapter_io.ADAPTER_WEIGHTS
-find_target_modules, inject_adapter = targets.find_target_modules, lora.inject_adapter
+find_target_modules = targets.find_target_modules
 __all__ = ["LoraConfig", "ModulesToSave", "QPeftModel", "get_peft_model", "prepare_model_for_kbit_training"]
 
 
@@ -83,13 +46,8 @@ class _DelegatingForward:
             return _forward_unbound(obj, *args, **kwargs)
 
         signature = inspect.signature(obj.base_model.forward)
-        if (
-            isinstance(
-                obj.peft_config.get(obj.active_adapter if isinstance(obj.active_adapter, str) else ""),
-                MultitaskPromptTuningConfig,
-            )
-            and "task_ids" not in signature.parameters
-        ):
+        config = obj.peft_config.get(obj.active_adapter if isinstance(obj.active_adapter, str) else "")
+        if hasattr(config, "num_tasks") and "task_ids" not in signature.parameters:
             params = list(signature.parameters.values())
             at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
             params.insert(at, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
@@ -100,63 +58,25 @@ class _DelegatingForward:
 
 
 def _forward_unbound(self, *args, **kwargs):
-    config = self._prompt_config()
-    if config is None:
+    method = self.active_method
+    if method.forward is None or self._disabled:
         kwargs.pop("task_ids", None)
         outputs = self.base_model(*args, **kwargs)
-        if isinstance(self.active_peft_config, AdaLoraConfig) and not self._disabled:
-            self._add_orthogonal_penalty(outputs)
+        if method.outputs is not None and not self._disabled:
+            outputs = method.outputs(self, self.active_peft_config, self.active_adapter, outputs)
         return outputs
     if len(args) > 2:
         raise TypeError(
             "qpeft: with prompt learning pass input_ids and attention_mask positionally, the rest by keyword"
         )
-    return prompt.forward(self.base_model, self.prompt_encoder[self.active_adapter], config, *args, **kwargs)
+    encoder = self.prompt_encoder[self.active_adapter]
+    return method.forward(self.base_model, encoder, self.active_peft_config, *args, **kwargs)
 
 
-class _ModelSnapshot:
-    """The module tree, forward hooks, trainable flags and adapter selections of ``root``, to put back when adding or
-    loading an adapter fails part-way: a failed load leaves the model as it was (restore())."""
-
-    def __init__(self, root: nn.Module):
-        self.children = [(m, dict(m._modules)) for m in root.modules()]
-        self.hooks = [(m, dict(m._forward_hooks)) for m in root.modules()]
-        self.flags = [(p, p.requires_grad) for p in root.parameters()]
-        self.active = [(m, list(m.active_adapters)) for m in root.modules() if isinstance(m, targets.ADAPTER_LAYERS)]
-        self.wrappers = [(m, m.active) for m in root.modules() if isinstance(m, ModulesToSave)]
-
-    def restore(self) -> None:
-        for module, children in self.children:
-            module._modules.clear()
-            module._modules.update(children)
-        for module, hooks in self.hooks:
-            module._forward_hooks.clear()
-            module._forward_hooks.update(hooks)
-        for layer, active in self.active:
-            layer.active_adapters = active
-        for wrapper, active in self.wrappers:
-            wrapper.active = active
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _all_or_nothing(model: nn.Module, peft_model: "QPeftModel | None" = None) -> Iterator[None]:
-    """Runs the block; if it raises, ``model`` (and ``peft_model``'s adapter registry) is restored as it was."""
-    snapshot = _ModelSnapshot(model if peft_model is None else peft_model)
-    registry = None if peft_model is None else (dict(peft_model.peft_config), peft_model.active_adapter)
-    try:
-        yield
-    except BaseException:
-        snapshot.restore()
-        if registry is not None:
-            peft_model.peft_config, peft_model.active_adapter = registry[0], registry[1]
-        raise
-
-
-class QPeftModel(nn.Module):
+class QPeftModel(ParameterReport, nn.Module):
     """Wraps a model with qpeft adapters. ``forward`` is the model's (with the virtual tokens or prefix of a
-    prompt-learning adapter); attributes the wrapper lacks are looked up on the model (config,
+    prompt-learning adapter); attributes the wrapper lacks are looked up on the active method's verbs
+    (``update_and_allocate``, ``select_sparse_entries``), then on the model (config,
     gradient_checkpointing_enable, ...)."""
 
     def __init__(
@@ -166,10 +86,11 @@ class QPeftModel(nn.Module):
         self.base_model = model
         self.prompt_encoder = nn.ModuleDict()  # prompt learning: one encoder per adapter
         self.peft_config: dict[str, AdapterConfig] = {}
-        self.active_adapter = adapter_name
+        self.active_adapter: str | list[str] = adapter_name
         self._disabled = False
-        self._allocators: dict[str, adalora.RankAllocator] = {}
+        self.method_state: dict[str, object] = {}  # a method's per-adapter state (AdaLoRA's allocator)
         self.add_adapter(adapter_name, config, _loaded=_loaded)
+        self.set_adapter(adapter_name)
 
     forward = _DelegatingForward()
 
@@ -180,134 +101,141 @@ class QPeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "prompt_encoder"):
+            if name in ("base_model", "prompt_encoder", "peft_config") or "peft_config" not in self.__dict__:
                 raise
-            return getattr(self.base_model, name)
+        owners = [m for m in registry.METHODS.values() if name in m.verbs]
+        if owners:
+            method = self.active_method
+            if name not in method.verbs:
+                raise ValueError(f"qpeft: {name} is {owners[0].name}'s; the active adapter is a {method.name} adapter")
+            verb = method.verbs[name]
+            return lambda *args, **kwargs: verb(self, self.active_peft_config, self.active_adapter, *args, **kwargs)
+        return getattr(self.base_model, name)
 
     @property
     def active_peft_config(self) -> AdapterConfig:
         return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
 
-    def _prompt_config(self):
-        """The active prompt-learning config, or None (LoRA, or adapters disabled)."""
-        config = self.active_peft_config
-        return config if config.is_prompt_learning and not self._disabled else None
+    @property
+    def active_method(self) -> registry.Method:
+        return registry.method_of(self.active_peft_config)
+
+    def registry_state(self) -> tuple:
+        """What ``restore_registry_state`` puts back (the adapter configs, the active ones, method state)."""
+        return dict(self.peft_config), self.active_adapter, dict(self.method_state)
+
+    def restore_registry_state(self, state: tuple) -> None:
+        self.peft_config, self.active_adapter, self.method_state = dict(state[0]), state[1], dict(state[2])
 
     # ---- adapters ---------------------------------------------------------------------------------------------
-    def lora_layers(self) -> Iterator[tuple[str, LoraLinear4bit]]:
+    def lora_layers(self) -> Iterator[tuple[str, nn.Module]]:
         """The LoRA / AdaLoRA layers."""
-        return lora.lora_layers(self.base_model)
+        return lora_layers(self.base_model)
 
-    def adapter_layers(self) -> Iterator[tuple[str, nn.Module]]:
-        """Every layer holding adapters around a 4-bit base (LoRA, AdaLoRA, IA3)."""
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, targets.ADAPTER_LAYERS):
-                yield name, module
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer4bit]]:
+        """Every layer holding adapters around a 4-bit base."""
+        return targets.modules_of(self.base_model, AdapterLayer4bit)
 
-    def _adapter_holders(self) -> Iterator[tuple[str, nn.Module]]:
-        """The adapter layers and the bottleneck adapter sets: every module with named adapters."""
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, targets.ADAPTER_HOLDERS):
-                yield name, module
+    def _adapter_holders(self) -> Iterator[tuple[str, NamedAdapters]]:
+        """Every module with named adapters (adapter layers, bottleneck adapter sets)."""
+        return targets.modules_of(self.base_model, NamedAdapters)
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig, *, _loaded: bool = False) -> None:
-        """Adds (and trains) adapter ``adapter_name``; other adapters stay but are inactive."""
+        """Adds adapter ``adapter_name`` (as in peft, the active adapter stays the active one; ``set_adapter``
+        makes the new one active and trainable)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
+        method = registry.method_of(config)
         kinds = {c.peft_type for c in self.peft_config.values()}
         if kinds and kinds != {config.peft_type}:
             raise ValueError(
                 f"qpeft: this model's adapters are {sorted(kinds)}; one model holds adapters of one "
                 f"peft_type (as in peft), so a {config.peft_type} adapter cannot join them"
             )
-        method = _METHODS.get(config.peft_type)
-        if kinds and method is not None and method.own_parameters:
+        if kinds and method.own_parameters:
             raise ValueError(f"qpeft: {config.peft_type} trains the model's own parameters: one adapter per model")
-        with _all_or_nothing(self.base_model, self):
-            if config.is_prompt_learning:
-                self.prompt_encoder[adapter_name] = prompt.setup(self.base_model, config, loaded=_loaded)
+        with all_or_nothing(self.base_model, self):
+            if method.is_prompt_learning:
+                self.prompt_encoder[adapter_name] = method.encoder(self.base_model, config, _loaded)
             else:
                 method.inject(self.base_model, config, adapter_name)
-                saved = getattr(config, "modules_to_save", None)
-                for name, module in targets.modules_to_save_of(self.base_model, saved):
-                    if not isinstance(module, ModulesToSave):
-                        module = ModulesToSave(module)
-                        targets.set_submodule(self.base_model, name, module)
-                    module.add(adapter_name)
+                modules_to_save.add(self.base_model, config, adapter_name)
             self.peft_config[adapter_name] = config
-            self.set_adapter(adapter_name)
-
-    def _wrappers(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, ModulesToSave):
-                yield name, module
+            if self.peft_config.keys() != {adapter_name}:
+                self.set_adapter(self.active_adapter)  # the new adapter's parameters stay frozen
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Activates one adapter (or several LoRA adapters, summed) and makes exactly its parameters trainable
-        (plus the biases its config trains and its modules_to_save)."""
+        """Activates one adapter (or several layer adapters, combined as in peft) and makes exactly its parameters
+        trainable (plus the biases its config trains and its modules_to_save). Checked before anything changes."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("qpeft: set_adapter needs at least one adapter name (disable_adapter() runs the base)")
         for n in names:
-            if n not in self.peft_config:
+            if not isinstance(n, str) or n not in self.peft_config:
                 raise KeyError(f"qpeft: no adapter named {n!r} (have {list(self.peft_config)})")
-        if len(names) > 1 and self.peft_config[names[0]].is_prompt_learning:
+        if len(set(names)) != len(names):
+            raise ValueError(f"qpeft: adapter names repeat in {names}")
+        if len(names) > 1 and registry.method_of(self.peft_config[names[0]]).is_prompt_learning:
             raise ValueError("qpeft: one prompt-learning adapter is active at a time")
+        holders = list(self._adapter_holders())
+        for _, layer in holders:
+            layer.check_active([n for n in names if n in layer.adapters])
+        modules_to_save.check_active(self.base_model, names)
+        for _, layer in holders:
+            layer.set_adapter([n for n in names if n in layer.adapters])
+        modules_to_save.activate(self.base_model, names)
         for p in self.parameters():
             p.requires_grad_(False)
         for n in names:
+            config = self.peft_config[n]
+            if config.inference_mode:  # loaded with is_trainable=False
+                continue
             if n in self.prompt_encoder:
                 self.prompt_encoder[n].requires_grad_(True)
-        for _, layer in self._adapter_holders():
-            present = [n for n in names if n in layer.adapters]
-            layer.set_adapter(present)
-            for n in present:
-                layer.adapters[n].requires_grad_(True)
-        for n in names:
-            config = self.peft_config[n]
-            if isinstance(config, LoraConfig):  # AdaLoRA too
-                lora.unfreeze_biases(self.base_model, config)
-            method = _METHODS.get(config.peft_type)
-            if method is not None and method.own_parameters:
-                for p in method.file_parameters(self.base_model, config, n).values():
-                    p.requires_grad_(True)
-        for wname, wrapper in self._wrappers():
-            owners = [n for n in names if n in wrapper.modules_to_save]
-            if len(owners) > 1:
-                raise ValueError(
-                    f"qpeft: adapters {owners} each have their own copy of {wname!r} "
-                    "(modules_to_save); only one of them can be active at a time, as in peft"
-                )
-            wrapper.active = owners[0] if owners else None
-            if owners:
-                wrapper.modules_to_save[owners[0]].requires_grad_(True)
+            for _, layer in holders:
+                if n in layer.adapters:
+                    layer.adapters[n].requires_grad_(True)
+            for _, wrapper in modules_to_save.wrappers(self.base_model):
+                if wrapper.active == n:
+                    wrapper.modules_to_save[n].requires_grad_(True)
+            method = registry.method_of(config)
+            if method.unfreeze is not None:
+                method.unfreeze(self.base_model, config, n)
         self.active_adapter = names[0] if len(names) == 1 else names
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Removes the adapter; when it was active, the remaining active ones stay, or else the first remaining
+        adapter becomes active (with a warning), as in peft. The last adapter cannot be deleted."""
         if adapter_name not in self.peft_config:
             raise KeyError(f"qpeft: no adapter named {adapter_name!r}")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"qpeft: {adapter_name!r} is the model's only adapter (unload() removes it)")
+        active = [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+        for _, layer in self._adapter_holders():
+            layer._require_unmerged("delete an adapter")
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
-        self._allocators.pop(adapter_name, None)
+        self.method_state.pop(adapter_name, None)
         for _, layer in self._adapter_holders():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
-        for name, wrapper in list(self._wrappers()):
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
-                if wrapper.active == adapter_name:
-                    wrapper.active = None
-                if not len(wrapper.modules_to_save):  # no adapter keeps a copy: the plain module again
-                    targets.set_submodule(self.base_model, name, wrapper.original_module)
+        modules_to_save.delete(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
+        remaining = [n for n in active if n != adapter_name]
+        if not remaining:
+            remaining = [next(iter(self.peft_config))]
+            warnings.warn(f"qpeft: deleted the active adapter {adapter_name!r}; {remaining[0]!r} is active now")
+        self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the context the model is the base model (as in peft): every LoRA layer its frozen base, every
+        """Within the context the model is the base model (as in peft): every adapter layer its frozen base, every
         modules_to_save module its original, no virtual tokens or prefix."""
         with contextlib.ExitStack() as stack:
             for _, layer in self._adapter_holders():
                 stack.enter_context(layer.disable_adapter())
-            for _, wrapper in self._wrappers():
+            for _, wrapper in modules_to_save.wrappers(self.base_model):
                 wrapper.disabled = True
                 stack.callback(setattr, wrapper, "disabled", False)
             self._disabled = True
@@ -317,74 +245,33 @@ class QPeftModel(nn.Module):
     def generate(self, *args, **kwargs):
         """The model's generate, with the active prompt-learning adapter's virtual tokens or prefix injected once
         (``task_ids`` for multitask prompt tuning)."""
-        config = self._prompt_config()
-        if config is None:
+        method = self.active_method
+        if method.generate is None or self._disabled:
             kwargs.pop("task_ids", None)
             return self.base_model.generate(*args, **kwargs)
         if args:
             kwargs["input_ids"] = args[0]
-        return prompt.generate(self.base_model, self.prompt_encoder[self.active_adapter], config, **kwargs)
-
-    # ---- AdaLoRA ---------------------------------------------------------------------------------------------
-    def _add_orthogonal_penalty(self, outputs) -> None:
-        """peft's AdaLoRA forward: a loss in the outputs gains orth_reg_weight x the orthogonality penalty."""
-        loss = getattr(outputs, "loss", None)
-        if not isinstance(loss, torch.Tensor):
-            return
-        penalty = adalora.orthogonal_penalty(self.base_model, self.active_adapter)
-        if penalty is not None:
-            outputs.loss = loss + self.active_peft_config.orth_reg_weight * penalty
-
-    def update_and_allocate(self, global_step: int) -> None:
-        """AdaLoRA's rank allocation after the optimizer step of ``global_step`` (peft's
-        ``model.base_model.update_and_allocate``): importance from the gradients still held, masks per the budget
-        schedule, the final pattern fixed at total_step - tfinal and applied from then on."""
-        name = self.active_adapter
-        config = self.peft_config.get(name) if isinstance(name, str) else None
-        if not isinstance(config, AdaLoraConfig):
-            raise ValueError("qpeft: update_and_allocate is AdaLoRA's; the active adapter is not an AdaLoRA adapter")
-        allocator = self._allocators.get(name)
-        if allocator is None:
-            allocator = self._allocators[name] = adalora.RankAllocator(self.base_model, config, name)
-        final = config.total_step - config.tfinal
-        if global_step < final:
-            pattern = allocator.update_and_allocate(global_step)
-            if pattern:
-                config.rank_pattern = pattern
-        elif global_step == final:
-            config.rank_pattern = allocator.update_and_allocate(global_step, force_mask=True)
-            allocator.reset_ipt()
-        elif config.rank_pattern:
-            adalora.mask_using_rank_pattern(self.base_model, name, config.rank_pattern)
-
-    # ---- sparse fine-tuning ----------------------------------------------------------------------------------
-    def select_sparse_entries(self, batches) -> None:
-        """Sparse fine-tuning's warm-up: the entries of largest accumulated |dL/dW| over ``batches`` (dicts of
-        model inputs with labels, or token tensors) become each layer's trained entries (values zero)."""
-        config = self.active_peft_config
-        if not isinstance(config, SparseConfig):
-            raise ValueError("qpeft: select_sparse_entries is sparse fine-tuning's; the active adapter is not one")
-        sparse.select_by_gradient(self, config, self.active_adapter, batches)
-        self.set_adapter(self.active_adapter)
+        encoder = self.prompt_encoder[self.active_adapter]
+        return method.generate(self.base_model, encoder, self.active_peft_config, **kwargs)
 
     # ---- merging --------------------------------------------------------------------------------------------
-    def _layers_only(self, what: str) -> None:
-        config = self.active_peft_config if self.peft_config else None
-        if config is not None and config.is_prompt_learning:
+    def _require_mergeable(self, what: str) -> None:
+        method = self.active_method
+        if method.is_prompt_learning:
             raise ValueError(
-                f"qpeft: {what} applies to LoRA, AdaLoRA and IA3 adapters; a prompt-learning adapter "
-                "changes the input, not the weights"
+                f"qpeft: {what} applies to adapters in the layers; a prompt-learning adapter changes the input, "
+                "not the weights"
             )
-        if config is not None and not _METHODS[config.peft_type].mergeable:
-            raise ValueError(f"qpeft: {what}: {config.peft_type} adapters are nonlinear and do not merge into weights")
+        if not method.mergeable:
+            raise ValueError(f"qpeft: {what}: {method.peft_type} adapters are nonlinear and do not merge into weights")
 
     def merge_adapter(self, dtype: torch.dtype | None = None) -> None:
-        self._layers_only("merge_adapter")
+        self._require_mergeable("merge_adapter")
         for _, layer in self.adapter_layers():
             layer.merge(dtype)
 
     def unmerge_adapter(self) -> None:
-        self._layers_only("unmerge_adapter")
+        self._require_mergeable("unmerge_adapter")
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
@@ -393,17 +280,11 @@ class QPeftModel(nn.Module):
         """The model with every adapter layer replaced by a dense nn.Linear holding W with the active adapters
         (merged in 16/32-bit from one dequantization: no 4-bit requantization loss). ``dtype``: default the
         weights' own."""
-        self._layers_only("merge_and_unload")
+        self._require_mergeable("merge_and_unload")
         for name, layer in list(self.adapter_layers()):
             targets.set_submodule(self.base_model, name, layer.to_linear(dtype))
-        self._unwrap_modules_to_save()
+        modules_to_save.unwrap(self.base_model)
         return self.base_model
-
-    def _unwrap_modules_to_save(self) -> None:
-        """Each modules_to_save wrapper replaced by the module in use (the active adapter's copy), as peft's
-        merge_and_unload / unload do."""
-        for name, wrapper in list(self._wrappers()):
-            targets.set_submodule(self.base_model, name, wrapper.in_use())
 
     @torch.no_grad()
     def unload(self) -> nn.Module:
@@ -412,74 +293,12 @@ class QPeftModel(nn.Module):
         for name, layer in list(self.adapter_layers()):
             targets.set_submodule(self.base_model, name, layer.base)
         bottleneck.remove(self.base_model)
-        self._unwrap_modules_to_save()
+        modules_to_save.unwrap(self.base_model)
         return self.base_model
-
-    # ---- reporting ------------------------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; a 4-bit weight counts its elements (bytes * 2), as peft does."""
-        trainable = total = 0
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                n = p.numel()
-                if isinstance(module, Linear4bit) and name == "weight":
-                    n = module.in_features * module.out_features
-                total += n
-                trainable += n if p.requires_grad else 0
-        return trainable, total
-
-    def memory_footprint(self) -> dict[str, int]:
-        """Bytes of the 4-bit layers (codes and scales, with their biases), of the trainable tensors, and of the
-        rest of the model's parameters and buffers."""
-        four_bit = {
-            id(t): t.untyped_storage().nbytes()
-            for m in self.modules()
-            if isinstance(m, Linear4bit)
-            for t in (*m.parameters(), *m.buffers())
-        }
-        trainable = {id(p): p.untyped_storage().nbytes() for p in self.parameters() if p.requires_grad}
-        rest = {
-            id(t): t.untyped_storage().nbytes()
-            for t in (*self.parameters(), *self.buffers())
-            if id(t) not in four_bit and id(t) not in trainable
-        }
-        return {
-            "4bit_layers": sum(four_bit.values()),
-            "trainable": sum(trainable.values()),
-            "other": sum(rest.values()),
-        }
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / max(total, 1):.4f}"
-        )
-        mib = {k: v / 2**20 for k, v in self.memory_footprint().items()}
-        print(
-            f"weights: 4-bit layers {mib['4bit_layers']:.2f} MiB || trainable {mib['trainable']:.2f} MiB || "
-            f"other {mib['other']:.2f} MiB"
-        )
 
     # ---- peft's file format -----------------------------------------------------------------------------------
     def _file_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """peft file key -> the tensor of ``adapter_name`` it holds (for a prompt encoder, what peft writes: the
-        virtual tokens' embeddings, computed)."""
-        config = self.peft_config[adapter_name]
-        if config.is_prompt_learning:
-            return self.prompt_encoder[adapter_name].file_tensors()
-        return _METHODS[config.peft_type].file_parameters(self.base_model, config, adapter_name)
-
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """A file's tensors into adapter ``adapter_name`` (every key must match, with its shape)."""
-        config = self.peft_config[adapter_name]
-        method = _METHODS.get(config.peft_type)
-        if method is not None and method.prepare_load is not None:
-            method.prepare_load(self.base_model, config, adapter_name, tensors)
-        if method is not None and method.load is not None:
-            method.load(self.base_model, config, adapter_name, tensors)
-        else:
-            adapter_io.assign_tensors(self._file_parameters(adapter_name), tensors)
+        return adapter_io.file_parameters(self, adapter_name)
 
     def save_pretrained(
         self,
@@ -513,14 +332,14 @@ class QPeftModel(nn.Module):
         self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs
     ) -> None:
         """Loads a peft adapter (from peft or qpeft: a local folder or a Hub repository id; ``subfolder``,
-        ``revision``, ``token`` as in peft) as ``adapter_name`` and activates it."""
+        ``revision``, ``token`` as in peft) as ``adapter_name``; the active adapter stays active, as in peft
+        (``set_adapter`` switches). ``is_trainable``: its parameters train while it is active (else its config's
+        inference_mode keeps them frozen)."""
         config, tensors = adapter_io.load_adapter_files(model_id, **kwargs)
-        with _all_or_nothing(self.base_model, self):  # a failed load leaves no adapter behind
+        config.inference_mode = not is_trainable
+        with all_or_nothing(self.base_model, self):  # a failed load leaves no adapter behind
             self.add_adapter(adapter_name, config, _loaded=True)
-            self._load_tensors(adapter_name, tensors)
-        if not is_trainable:
-            for p in self.parameters():
-                p.requires_grad_(False)
+            adapter_io.load_tensors(self, adapter_name, tensors)
 
     @classmethod
     def from_pretrained(
@@ -532,19 +351,17 @@ class QPeftModel(nn.Module):
         compute_dtype). A P-tuning or projected prefix adapter loads as its encoder's output (peft's file holds
         only that): with is_trainable it trains that output directly."""
         config, tensors = adapter_io.load_adapter_files(model_id, **kwargs)
-        with _all_or_nothing(model):  # a failed load leaves the caller's model unquantized
+        config.inference_mode = not is_trainable
+        with all_or_nothing(model):  # a failed load leaves the caller's model unquantized
             wrapper = cls(model, config, adapter_name, _loaded=True)
-            wrapper._load_tensors(adapter_name, tensors)
-        if not is_trainable:
-            for p in wrapper.parameters():
-                p.requires_grad_(False)
+            adapter_io.load_tensors(wrapper, adapter_name, tensors)
         return wrapper
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> QPeftModel:
-    """peft's get_peft_model on a qpeft 4-bit base: LoRA quantizes the targeted linear layers of ``model`` in place
-    and attaches an adapter to each; prompt learning quantizes every linear layer but the output head (unless
-    ``config.quantize`` is False) and adds the prompt encoder. Everything else is frozen."""
+    """peft's get_peft_model on a qpeft 4-bit base: the method adds its adapter (layer methods quantize the
+    linear layers they adapt; whole-model methods every linear layer but the output head, unless
+    ``config.quantize`` is False). Everything else is frozen."""
     return QPeftModel(model, config, adapter_name)
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from qpeft import cli
+from qpeft.tuners import registry
 
 
 def test_info(capsys):
@@ -15,7 +16,7 @@ def test_info(capsys):
     assert report["build"]["version"] == report["qpeft"] and "cpu_features" in report
 
 
-@pytest.mark.parametrize("method", cli.METHODS)
+@pytest.mark.parametrize("method", registry.names())
 def test_demo_runs_and_learns(capsys, method):
     pytest.importorskip("transformers")
     assert cli.main(["demo", "--steps", "12", "--seq", "48", "--quiet", "--device", "cpu", "--method", method]) == 0

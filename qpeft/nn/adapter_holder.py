@@ -1,6 +1,7 @@
-"""What every module holding named adapters shares: the registry (``adapters``, created by the subclass), the active
-ones, a disabled mode; and, for layers around a 4-bit ``base``, serving from a dense merged weight built by the
-subclass's ``merged_dense``."""
+"""What modules holding named adapters share. ``NamedAdapters``: the registry (``adapters``, created by the
+subclass), the active ones, a disabled mode (bottleneck adapter sets). ``AdapterLayer4bit``: a linear layer around
+a frozen 4-bit ``base`` (LoRA, IA3, sparse deltas, masks): the base frozen, the input checked, merging into a dense
+weight built by the subclass's ``merged_dense``."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from ..files import check_adapter_name
 from .linear4bit import Linear4bit, dense_layer
 
 
-class AdapterHolder(nn.Module):
-    """Named adapters, the ``active_adapters`` (at most ``max_active``), ``disable_adapters``; merging for layers
-    with a ``base``."""
+class NamedAdapters(nn.Module):
+    """Named adapters, the ``active_adapters`` (at most ``max_active``), ``disable_adapters``."""
 
     max_active: int | None = None
 
@@ -25,8 +25,9 @@ class AdapterHolder(nn.Module):
         super().__init__()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
-        self.merged_weight: torch.Tensor | None = None  # set by merge(): the dense merged layer
-        self.merged_bias: torch.Tensor | None = None
+
+    def _require_unmerged(self, what: str) -> None:
+        """A subclass that merges refuses adapter changes while merged."""
 
     def check_new_adapter(self, name: str) -> None:
         """``name`` is valid and free, and the layer can take an adapter (not merged)."""
@@ -42,15 +43,19 @@ class AdapterHolder(nn.Module):
         if activate:
             self.set_adapter(name)
 
-    def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Makes ``names`` (one or several) the active adapters."""
-        names = [names] if isinstance(names, str) else list(names)
+    def check_active(self, names: Sequence[str]) -> None:
+        """``names`` can be made the active adapters (``set_adapter``); raises otherwise, changing nothing."""
         if self.max_active is not None and len(names) > self.max_active:
             raise ValueError(f"qpeft: at most {self.max_active} {type(self).__name__} adapter(s) active at a time")
         for name in names:
             if name not in self.adapters:
                 raise KeyError(f"qpeft: no adapter named {name!r} (have {list(self.adapters)})")
         self._require_unmerged("change the active adapters")
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Makes ``names`` (one or several) the active adapters."""
+        names = [names] if isinstance(names, str) else list(names)
+        self.check_active(names)
         self.active_adapters = names
 
     def delete_adapter(self, name: str) -> None:
@@ -72,7 +77,34 @@ class AdapterHolder(nn.Module):
     def active_names(self) -> list[str]:
         return [] if self.disable_adapters else self.active_adapters
 
-    # ---- merging (into a dense weight: the 4-bit base is never requantized) --------------------------------
+    def extra_repr(self) -> str:
+        return f"active_adapters={self.active_adapters}, disable_adapters={self.disable_adapters}"
+
+
+class AdapterLayer4bit(NamedAdapters):
+    """A linear layer of named adapters around the frozen 4-bit ``base`` (its child ``BASE_CHILD``: what a 4-bit
+    checkpoint saves of the layer); merging into a dense weight (the base is never requantized)."""
+
+    BASE_CHILD = "base"
+
+    def __init__(self, base: Linear4bit):
+        super().__init__()
+        if not isinstance(base, Linear4bit):
+            raise TypeError(f"qpeft: {type(self).__name__} wraps a qpeft Linear4bit, got {type(base).__name__}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.merged_weight: torch.Tensor | None = None  # set by merge(): the dense merged layer
+        self.merged_bias: torch.Tensor | None = None
+
+    def check_input(self, x: torch.Tensor) -> torch.dtype:
+        """``x`` fits the layer (a floating tensor on the base's device, last dimension in_features); returns the
+        compute dtype (the base's, else x's)."""
+        F.check_layer_input(x, self.in_features, type(self).__name__)
+        if x.device != self.base.weight.device:
+            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
+        return self.base.compute_dtype or x.dtype
+
     @property
     def in_features(self) -> int:
         return self.base.in_features
@@ -116,11 +148,8 @@ class AdapterHolder(nn.Module):
         W, bias = self.merged_dense(dtype or self.base.weight_dtype)
         return dense_layer(W, bias, self.base.fan_in_fan_out)
 
-    def extra_repr(self) -> str:
-        return f"active_adapters={self.active_adapters}, disable_adapters={self.disable_adapters}"
 
-
-class SingleAdapterLinear4bit(AdapterHolder):
+class SingleAdapterLinear4bit(AdapterLayer4bit):
     """A frozen 4-bit ``base`` with named adapter modules, one active at a time (sparse deltas, learned masks).
     Subclasses give ``adapted(x2, adapter)`` (x2 [M, in] in the compute dtype -> x2 W'^T [M, out], no bias) and
     ``adapted_weight(W, adapter)`` (W' from the fp32 dequantized W), and may say an adapter is empty (``idle``)."""
@@ -128,10 +157,7 @@ class SingleAdapterLinear4bit(AdapterHolder):
     max_active = 1
 
     def __init__(self, base: Linear4bit):
-        super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base)
         self.adapters = nn.ModuleDict()
 
     def active(self) -> nn.Module | None:
@@ -142,8 +168,7 @@ class SingleAdapterLinear4bit(AdapterHolder):
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        F.check_layer_input(x, self.in_features, type(self).__name__)
-        dtype = self.base.compute_dtype or x.dtype
+        dtype = self.check_input(x)
         merged = self.merged_forward(x, dtype)
         if merged is not None:
             return merged

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter_holder import AdapterHolder
+from .adapter_holder import NamedAdapters
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -34,7 +34,7 @@ class BottleneckAdapter(nn.Module):
         return self.up(self.act(self.down(z))).to(h.dtype)
 
 
-class Bottlenecks(AdapterHolder):
+class Bottlenecks(NamedAdapters):
     """The adapters of one module (``adapters``: name -> BottleneckAdapter; active ones summed)."""
 
     def __init__(self):

@@ -8,22 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as F
 from ..autograd import ia3_linear
-from .adapter_holder import AdapterHolder
+from .adapter_holder import AdapterLayer4bit
 from .linear4bit import Linear4bit
 
 
-class IA3Linear4bit(AdapterHolder):
+class IA3Linear4bit(AdapterLayer4bit):
     """y = (x W^T + b) * l (``feedforward`` False) or (x * l) W^T + b (True), W frozen 4-bit, l the product of the
     active adapters' vectors. Attributes: ``base``, ``adapters`` (name -> parameter ``ia3_l``), ``feedforward``,
     ``active_adapters``, ``disable_adapters``."""
 
     def __init__(self, base: Linear4bit, feedforward: bool, adapter_name: str = "default", init_ones: bool = True):
-        super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base)
         self.feedforward = feedforward
         self.adapters = nn.ParameterDict()
         self.init_ones: dict[str, bool] = {}
@@ -56,10 +52,7 @@ class IA3Linear4bit(AdapterHolder):
         return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        F.check_layer_input(x, self.in_features, "IA3Linear4bit")
-        if x.device != self.base.weight.device:
-            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
-        dtype = self.base.compute_dtype or x.dtype
+        dtype = self.check_input(x)
         merged = self.merged_forward(x, dtype)
         if merged is not None:
             return merged

@@ -268,5 +268,7 @@ class Linear4bit(nn.Module):
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bias_key])
+        elif bias_key in state_dict:  # a bias the layer lacks (a BitFit bias, say) is never dropped silently
+            unexpected_keys.append(bias_key)
         if strict:
             unexpected_keys.extend(k for k in ours if k not in weight_keys and k != bias_key)

@@ -19,7 +19,7 @@ from torch import nn
 from .. import functional as F
 from .. import formats
 from ..autograd import dora_linear, frozen_4bit_linear, lora_branch, qlora_linear
-from .adapter_holder import AdapterHolder
+from .adapter_holder import AdapterLayer4bit
 from .linear4bit import Linear4bit
 
 
@@ -166,7 +166,7 @@ class AdaLoraAdapter(nn.Module):
         )
 
 
-class LoraLinear4bit(AdapterHolder):
+class LoraLinear4bit(AdapterLayer4bit):
     """y = x W^T + sum over active adapters of s * (drop(x) A^T B^T + lora_bias) + bias, W frozen 4-bit; DoRA
     adapters as in reference.lora_linear.
 
@@ -178,10 +178,7 @@ class LoraLinear4bit(AdapterHolder):
     def __init__(self, base: Linear4bit, r: int | None = 8, *, adapter_name: str = "default", **spec):
         """An adapter ``adapter_name`` of rank ``r`` and LoraSpec ``spec`` (``r`` None: no adapter yet; ``attach``
         adds one built elsewhere)."""
-        super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        super().__init__(base)
         self.adapters = nn.ModuleDict()
         if r is not None:
             self.add_adapter(adapter_name, r=r, **spec)
@@ -246,10 +243,7 @@ class LoraLinear4bit(AdapterHolder):
         """``dropout_seed`` fixes the dropout stream (tests; adapter i uses seed + i); by default each training call
         draws a seed per adapter from torch's generator on x's device (torch.manual_seed makes runs reproducible;
         no host sync, so it works under torch.compile and CUDA graph capture)."""
-        F.check_layer_input(x, self.in_features, "LoraLinear4bit")
-        if x.device != self.base.weight.device:
-            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
-        dtype = self.base.compute_dtype or x.dtype
+        dtype = self.check_input(x)
         xc = x if x.dtype == dtype else x.to(dtype)
         merged = self.merged_forward(xc, dtype)  # (disabled: the base alone, below)
         if merged is not None:

@@ -1,8 +1,9 @@
-"""PEFT methods, one package each (config, layers or encoders, model hooks). ``CONFIG_CLASSES`` maps peft_type to
-the config class; targeting and modules_to_save are shared."""
+"""PEFT methods, one package each (config, layers or encoders, model hooks), each registered in ``registry``
+when its package is imported (here); targeting and modules_to_save are shared."""
 
 from .adalora import AdaLoraConfig
-from .config import CONFIG_CLASSES, AdapterConfig, config_from_peft_dict
+from . import registry
+from .config import AdapterConfig, config_from_peft_dict
 from .ia3 import IA3Config
 from .lora import LoraConfig
 from .bottleneck import BottleneckConfig
@@ -22,7 +23,6 @@ __all__ = [
     "AdapterConfig",
     "BitFitConfig",
     "BottleneckConfig",
-    "CONFIG_CLASSES",
     "config_from_peft_dict",
     "IA3Config",
     "LayerwiseConfig",
@@ -33,5 +33,6 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptLearningConfig",
     "PromptTuningConfig",
+    "registry",
     "SparseConfig",
 ]

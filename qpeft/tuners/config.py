@@ -1,5 +1,5 @@
 """What every method's config shares: the 4-bit format of the base, peft's common keys, field checks, the
-adapter_config.json round trip, and the registry from peft_type to config class."""
+adapter_config.json round trip (the config class chosen by peft_type from the method registry)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 
 from .. import functional as F
 from ..errors import ConfigError
-
-CONFIG_CLASSES: dict[str, type["AdapterConfig"]] = {}
+from . import registry
 
 # Keys peft writes that carry no meaning for the adapter itself.
 _INFORMATIONAL_KEYS = ("auto_mapping", "peft_version", "revision")
@@ -50,11 +49,6 @@ class AdapterConfig:
     compute_dtype: torch.dtype | None = None
 
     QPEFT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "compute_dtype")
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "peft_type" in cls.__dict__:
-            CONFIG_CLASSES[cls.peft_type] = cls
 
     def __post_init__(self):
         self.validate()
@@ -155,9 +149,8 @@ def config_from_peft_dict(d, source: str | None = None, **quant) -> AdapterConfi
     if not isinstance(d, dict):
         raise ConfigError(source, "adapter_config", f"must be a JSON object, got {type(d).__name__}")
     peft_type = d.get("peft_type", "LORA")
-    cls = CONFIG_CLASSES.get(peft_type) if isinstance(peft_type, str) else None
+    classes = registry.config_classes()
+    cls = classes.get(peft_type) if isinstance(peft_type, str) else None
     if cls is None:
-        raise ConfigError(
-            source, "peft_type", f"{peft_type!r} is not a method qpeft has (it has {sorted(CONFIG_CLASSES)})"
-        )
+        raise ConfigError(source, "peft_type", f"{peft_type!r} is not a method qpeft has (it has {sorted(classes)})")
     return cls.from_peft_dict(d, source, **quant)

@@ -14,16 +14,9 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .. import patterns
-from ..nn.bottleneck import Bottlenecks
-from ..nn.ia3 import IA3Linear4bit
+from ..nn.adapter_holder import AdapterLayer4bit, NamedAdapters
 from ..nn.linear4bit import Linear4bit, is_conv1d
-from ..nn.lora import LoraLinear4bit
-from ..nn.adapter_holder import SingleAdapterLinear4bit
-from .modules_to_save import ModulesToSave
-
-# linear layers that hold adapters around a 4-bit base (sparse deltas and masks: SingleAdapterLinear4bit)
-ADAPTER_LAYERS = (LoraLinear4bit, IA3Linear4bit, SingleAdapterLinear4bit)
-ADAPTER_HOLDERS = (*ADAPTER_LAYERS, Bottlenecks)  # modules holding named adapters (set / delete / disable)
+from ..nn.modules_to_save import ModulesToSave
 
 
 def modules_of(model: nn.Module, cls) -> Iterator[tuple[str, nn.Module]]:
@@ -110,15 +103,17 @@ def within(name: str, module_names: Sequence[str]) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, Linear4bit, AdapterLayer4bit)) or is_conv1d(module)
 
 
 def find_target_modules(model: nn.Module, config) -> list[str]:
-    """The names of the modules that ``config`` targets (nn.Linear, transformers Conv1D, qpeft Linear4bit or
-    LoraLinear4bit), as peft selects them: exclude_modules and modules_to_save first, then target_modules, then
+    """The names of the modules that ``config`` targets (nn.Linear, transformers Conv1D, qpeft Linear4bit or an
+    adapter layer), as peft selects them: exclude_modules and modules_to_save first, then target_modules, then
     (list targets) layers_to_transform."""
     if config.target_modules is None:
-        raise ValueError("qpeft: LoraConfig.target_modules is required (a list of names, a regex, or 'all-linear')")
+        raise ValueError(
+            f"qpeft: {type(config).__name__}.target_modules is required (a list of names, a regex, or 'all-linear')"
+        )
     all_linear = config.target_modules == "all-linear"
     skip = output_head_names(model) if all_linear else set()
     names = []
@@ -155,7 +150,7 @@ def inside_wrapper(name: str, model: nn.Module) -> bool:
     and the adapters' copies), which are never targets themselves."""
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (*ADAPTER_HOLDERS, ModulesToSave)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (NamedAdapters, ModulesToSave)):
             return True
     return False
 

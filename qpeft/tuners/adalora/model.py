@@ -73,9 +73,6 @@ def file_parameters(model: nn.Module, config: AdaLoraConfig, adapter_name: str) 
                     key + ".lora_B": a.lora_B[:, index],
                 }
             )
-    for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
-        for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
-            params[f"{PREFIX}{mname}.{pname}"] = p
     return params
 
 
@@ -168,3 +165,33 @@ def mask_using_rank_pattern(model: nn.Module, adapter_name: str, pattern: dict[s
         keep = pattern.get(f"{name}.lora_E")
         if keep is not None and len(keep) == a.r:
             a.set_rank_mask(torch.tensor(keep))
+
+
+def add_orthogonal_penalty(peft_model, config: AdaLoraConfig, adapter_name: str, outputs):
+    """peft's AdaLoRA forward: a loss in the outputs gains orth_reg_weight x the orthogonality penalty."""
+    loss = getattr(outputs, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        penalty = orthogonal_penalty(peft_model.base_model, adapter_name)
+        if penalty is not None:
+            outputs.loss = loss + config.orth_reg_weight * penalty
+    return outputs
+
+
+def update_and_allocate(peft_model, config: AdaLoraConfig, adapter_name: str, global_step: int) -> None:
+    """The rank allocation after the optimizer step of ``global_step`` (peft's
+    ``model.base_model.update_and_allocate``): importance from the gradients still held, masks per the budget
+    schedule, the final pattern fixed at total_step - tfinal and applied from then on. The allocator lives in
+    ``peft_model.method_state``."""
+    allocator = peft_model.method_state.get(adapter_name)
+    if allocator is None:
+        allocator = peft_model.method_state[adapter_name] = RankAllocator(peft_model.base_model, config, adapter_name)
+    final = config.total_step - config.tfinal
+    if global_step < final:
+        pattern = allocator.update_and_allocate(global_step)
+        if pattern:
+            config.rank_pattern = pattern
+    elif global_step == final:
+        config.rank_pattern = allocator.update_and_allocate(global_step, force_mask=True)
+        allocator.reset_ipt()
+    elif config.rank_pattern:
+        mask_using_rank_pattern(peft_model.base_model, adapter_name, config.rank_pattern)

@@ -42,12 +42,15 @@ def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str) -> li
 
 
 def file_parameters(model: nn.Module, config: IA3Config, adapter_name: str) -> dict[str, torch.Tensor]:
-    params = {
+    return {
         PREFIX + name + ".ia3_l": layer.adapters[adapter_name]
         for name, layer in ia3_layers(model)
         if adapter_name in layer.adapters
     }
-    for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
-        for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
-            params[f"{PREFIX}{mname}.{pname}"] = p
-    return params
+
+
+def start_sharded(layer: IA3Linear4bit, device: torch.device) -> None:
+    """A meta-built layer's vectors made real on ``device`` with their initial values."""
+    layer.adapters.to_empty(device=device)
+    for name in layer.adapters:
+        layer.reset_adapter(name)

@@ -85,13 +85,18 @@ def file_parameters(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
                 if name.endswith(".base.bias") and owner in lora_paths:
                     name = owner + ".base_layer.bias"
                 params[PREFIX + name] = p
-    for mname, wrapper in targets.modules_to_save_of(model, config.modules_to_save):
-        for pname, p in wrapper.modules_to_save[adapter_name].named_parameters():
-            params[f"{PREFIX}{mname}.{pname}"] = p
     return params
 
 
-def unfreeze_biases(model: nn.Module, config: LoraConfig) -> None:
+def start_sharded(layer: LoraLinear4bit, device: torch.device) -> None:
+    """A meta-built layer's adapters made real on ``device`` with their initial values (DoRA's magnitude is set
+    from the loaded base later)."""
+    for adapter in layer.adapters.values():
+        adapter.to_empty(device=device)
+        adapter.reset_parameters()
+
+
+def unfreeze_biases(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
     """The biases that ``config.bias`` trains."""
     if config.bias == "all":
         for pname, p in model.named_parameters():

@@ -94,3 +94,10 @@ def inject_layerwise(model: nn.Module, config: LayerwiseConfig, adapter_name: st
 def layerwise_parameters(model: nn.Module, config: LayerwiseConfig, adapter_name: str) -> dict[str, nn.Parameter]:
     chosen = _layer_indices(model, config)
     return {PREFIX + name: p for name, p in model.named_parameters() if _in_chosen(name, config, chosen)}
+
+
+def unfreeze_own(model: nn.Module, config, adapter_name: str) -> None:
+    """BitFit / layer-wise: the model's own parameters in the adapter's file train."""
+    parameters = bitfit_parameters if isinstance(config, BitFitConfig) else layerwise_parameters
+    for p in parameters(model, config, adapter_name).values():
+        p.requires_grad_(True)

@@ -110,3 +110,10 @@ def select_by_gradient(model: nn.Module, config: SparseConfig, adapter_name: str
         active = adapter_name in layer.active_adapters
         layer.delete_adapter(adapter_name)
         layer.add_entries(adapter_name, index, activate=active)
+
+
+def select_sparse_entries(peft_model, config: SparseConfig, adapter_name: str, batches) -> None:
+    """Sparse fine-tuning's warm-up (a model verb): the entries of largest accumulated |dL/dW| over ``batches``
+    (dicts of model inputs with labels, or token tensors) become each layer's trained entries (values zero)."""
+    select_by_gradient(peft_model, config, adapter_name, batches)
+    peft_model.set_adapter(adapter_name)
