@@ -298,7 +298,8 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
         "load_in_8bit": False,
         "bnb_4bit_quant_type": q.quant_type,
         "bnb_4bit_use_double_quant": q.double_quant,
-        "bnb_4bit_compute_dtype": str(compute or torch.float32).removeprefix("torch."),
+        # no compute dtype: the layers compute in their inputs' dtype, the model's own
+        "bnb_4bit_compute_dtype": str(compute or layers[0].weight_dtype).removeprefix("torch."),
         "bnb_4bit_quant_storage": str(layers[0].quant_storage).removeprefix("torch."),
         "llm_int8_skip_modules": None,
         "llm_int8_threshold": 6.0,

@@ -121,9 +121,9 @@ def demo(args) -> int:
     model = qpeft.get_peft_model(model, config)
     verbs = model.active_method.verbs
     multitask = hasattr(config, "num_tasks")
-    if "select_sparse_entries" in verbs:  # the entries: gradient magnitude over two warm-up batches
+    if model.active_method.warmup:  # e.g. sparse entries by gradient magnitude: two warm-up batches
         warmup = demo_batches(args.batch, args.seq, 2, torch.Generator().manual_seed(args.seed + 1))
-        model.select_sparse_entries([ids.to(device) for ids in warmup])
+        getattr(model, model.active_method.warmup)([ids.to(device) for ids in warmup])
     model.print_trainable_parameters()
     model.train()
     lr = args.lr or model.active_method.example_lr

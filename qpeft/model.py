@@ -231,7 +231,13 @@ class QPeftModel(ParameterReport, nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the context the model is the base model (as in peft): every adapter layer its frozen base, every
-        modules_to_save module its original, no virtual tokens or prefix."""
+        modules_to_save module its original, no virtual tokens or prefix. A method that trains the model's own
+        parameters (BitFit, layer-wise) has no base left to run: ValueError."""
+        if self.active_method.own_parameters:
+            raise ValueError(
+                f"qpeft: {self.active_method.name} trains the model's own parameters; there is no base model to fall "
+                "back to (keep a copy of the model for that)"
+            )
         with contextlib.ExitStack() as stack:
             for _, layer in self._adapter_holders():
                 stack.enter_context(layer.disable_adapter())
@@ -340,6 +346,7 @@ class QPeftModel(ParameterReport, nn.Module):
         with all_or_nothing(self.base_model, self):  # a failed load leaves no adapter behind
             self.add_adapter(adapter_name, config, _loaded=True)
             adapter_io.load_tensors(self, adapter_name, tensors)
+            self.set_adapter(self.active_adapter)  # (a load may replace the adapter's tensors)
 
     @classmethod
     def from_pretrained(
@@ -355,6 +362,7 @@ class QPeftModel(ParameterReport, nn.Module):
         with all_or_nothing(model):  # a failed load leaves the caller's model unquantized
             wrapper = cls(model, config, adapter_name, _loaded=True)
             adapter_io.load_tensors(wrapper, adapter_name, tensors)
+            wrapper.set_adapter(adapter_name)  # (a load may replace the adapter's tensors)
         return wrapper
 
 

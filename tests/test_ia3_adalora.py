@@ -379,6 +379,11 @@ def test_bad_ia3_configs_name_the_key(kwargs, key):
         qpeft.IA3Config(**kwargs)
 
 
+def test_an_ia3_config_without_targets_names_its_own_field():
+    with pytest.raises(ValueError, match=r"IA3Config\.target_modules is required"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.IA3Config())
+
+
 def test_adalora_needs_its_adapter_for_update_and_allocate_and_files_are_checked(tmp_path):
     model = qpeft.get_peft_model(tiny_llama(), qpeft.IA3Config(**IA3_KW))
     with pytest.raises(ValueError, match="update_and_allocate is adalora.s"):

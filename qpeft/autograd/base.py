@@ -37,14 +37,14 @@ class _Frozen4bitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wargs, n):
         save_weight(ctx, wargs)
-        ctx.k = x.shape[-1]
-        return base_matmul(F.as_rows(x), wargs, n).reshape(*x.shape[:-1], n)
+        ctx.x_shape = x.shape
+        return base_matmul(F.as_rows(x), wargs, n)  # [M, n]: the caller reshapes (no view leaves a Function)
 
     @staticmethod
     def backward(ctx, dy):
         dy2 = F.as_rows(dy).contiguous()
         _, wargs = saved_weight(ctx)
-        return base_grad_input(dy2, wargs, ctx.k).reshape(*dy.shape[:-1], ctx.k), None, None
+        return base_grad_input(dy2, wargs, ctx.x_shape[-1]).reshape(ctx.x_shape), None, None
 
 
 def frozen_4bit_linear(
@@ -56,4 +56,4 @@ def frozen_4bit_linear(
     wargs, n = (weight, out_features) if isinstance(weight, tuple) else (weight_args(weight), weight.shape[0])
     if not (x.requires_grad and torch.is_grad_enabled()):
         return base_matmul(F.as_rows(x), wargs, n).reshape(*x.shape[:-1], n)
-    return _Frozen4bitLinear.apply(x, wargs, n)
+    return _Frozen4bitLinear.apply(x, wargs, n).reshape(*x.shape[:-1], n)

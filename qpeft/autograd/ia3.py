@@ -51,7 +51,7 @@ class _IA3Linear(torch.autograd.Function):
         )
         ctx.save_for_backward(x if feedforward else base, scale, bias)
         ctx.meta = (wargs, scaled_args, n, feedforward, x.shape)
-        return y.reshape(*x.shape[:-1], n)
+        return y  # [M, n]: the caller reshapes (no view leaves a Function)
 
     @staticmethod
     def backward(ctx, dy):
@@ -106,4 +106,4 @@ def ia3_linear(
     if not (tracked and torch.is_grad_enabled()):  # no autograd node: output scaling inside the matmul
         y, _ = _forward(F.as_rows(x), scale, bias, wargs, scaled, n, feedforward, keep_base=False)
         return y.reshape(*x.shape[:-1], n)
-    return _IA3Linear.apply(x, scale, bias, wargs, scaled, n, feedforward)
+    return _IA3Linear.apply(x, scale, bias, wargs, scaled, n, feedforward).reshape(*x.shape[:-1], n)

@@ -56,7 +56,7 @@ class _LoraBranch(torch.autograd.Function):
         xa = ops.lora_down(x2, A, p, seed)  # [M, r]: the only activation this branch adds
         ctx.save_for_backward(x2, xa, A, B, seed)
         ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
-        return ((xa @ B.to(x.dtype).T) * scaling).reshape(*x.shape[:-1], B.shape[0])
+        return (xa @ B.to(x.dtype).T) * scaling  # [M, N]: the caller reshapes (no view leaves a Function)
 
     @staticmethod
     def backward(ctx, dy):
@@ -87,7 +87,7 @@ def lora_branch(
 ) -> torch.Tensor:
     """s * drop(x) A^T B^T for x [..., K], A [r, K], B [N, r], in x's dtype (A, B cast for the matmuls; their
     gradients come back in their own dtype). Dropout p from the int64 [1] ``seed`` tensor on x's device."""
-    return _LoraBranch.apply(x, A, B, float(scaling), float(p), seed)
+    return _LoraBranch.apply(x, A, B, float(scaling), float(p), seed).reshape(*x.shape[:-1], B.shape[0])
 
 
 # ---- one DoRA adapter -----------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class _DoraLinear(torch.autograd.Function):
         save_weight(ctx, wargs, x2, xa, A, B, ratio, lora_bias, seed)
         ctx.meta = (n, scaling, p, x.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], n)
+        return y  # [M, n]: the caller reshapes (no view leaves a Function)
 
     @staticmethod
     def backward(ctx, dy):
@@ -162,6 +162,6 @@ def dora_linear(
     seed: torch.Tensor,
 ) -> torch.Tensor:
     """One DoRA adapter on the frozen 4-bit base (see _DoraLinear), in x's dtype."""
-    return _DoraLinear.apply(
-        x, A, B, ratio, lora_bias, bias, (float(scaling), float(p), seed), weight_args(weight), weight.shape[0]
-    )
+    n = weight.shape[0]
+    y = _DoraLinear.apply(x, A, B, ratio, lora_bias, bias, (float(scaling), float(p), seed), weight_args(weight), n)
+    return y.reshape(*x.shape[:-1], n)

@@ -26,7 +26,8 @@ class Method:
     ``sharded_start(layer, device)``: gives a meta-built layer's adapters their initial values
     (``load_4bit_sharded``; None: not supported there). ``outputs(peft_model, config, name, outputs)``: adjusts
     a training forward's outputs (AdaLoRA's penalty). ``verbs``: model methods, name -> f(peft_model, config,
-    name, *args). ``examples``: variant -> f(r=..., steps=...) -> a small config for a Llama-style model; its
+    name, *args); ``warmup``: the verb that must see a few batches before training (sparse's entry selection).
+    ``examples``: variant -> f(r=..., steps=...) -> a small config for a Llama-style model; its
     "default" is the demo's, trained at ``example_lr``."""
 
     config_class: type
@@ -46,6 +47,7 @@ class Method:
     forward: Callable | None = None
     generate: Callable | None = None
     verbs: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    warmup: str | None = None
     examples: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     example_lr: float = 3e-2
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...nn.lora import AdaLoraAdapter, LoraLinear4bit
 from .. import targets
-from ..lora.model import PREFIX, lora_layers
+from ..lora.model import PREFIX, bias_parameters, lora_layers
 from .config import AdaLoraConfig
 
 
@@ -73,6 +73,7 @@ def file_parameters(model: nn.Module, config: AdaLoraConfig, adapter_name: str) 
                     key + ".lora_B": a.lora_B[:, index],
                 }
             )
+    params.update(bias_parameters(model, config))
     return params
 
 

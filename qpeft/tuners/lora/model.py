@@ -62,9 +62,7 @@ def file_parameters(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
     """peft key -> the parameter of ``model`` (the wrapped model) it holds, for everything the adapter's file
     contains."""
     params: dict[str, nn.Parameter] = {}
-    lora_paths = {}
     for path, layer in lora_layers(model):
-        lora_paths[path] = layer
         if adapter_name not in layer.adapters:
             continue
         a, key = layer.adapters[adapter_name], PREFIX + path
@@ -74,17 +72,27 @@ def file_parameters(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
             params[key + ".lora_B.bias"] = a.lora_bias
         if a.lora_magnitude is not None:
             params[key + ".lora_magnitude_vector"] = a.lora_magnitude
-        if config.bias == "lora_only" and layer.base.bias is not None:
-            params[key + ".base_layer.bias"] = layer.base.bias
-    if config.bias == "all":
-        for name, p in model.named_parameters():
-            if ".original_module." in name or ".modules_to_save." in name:
-                continue  # a modules_to_save module's parameters: its adapter copy's, below
-            if name.endswith("bias") and p.is_floating_point():
-                owner = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
-                if name.endswith(".base.bias") and owner in lora_paths:
-                    name = owner + ".base_layer.bias"
-                params[PREFIX + name] = p
+    params.update(bias_parameters(model, config))
+    return params
+
+
+def bias_parameters(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
+    """peft key -> the model's own bias that ``config.bias`` trains ("lora_only": the adapted layers' base biases;
+    "all": every floating bias outside the adapters and the modules_to_save copies)."""
+    if config.bias == "none":
+        return {}
+    lora_paths = {path for path, _ in lora_layers(model)}
+    params = {}
+    for name, p in model.named_parameters():
+        if not name.endswith(".bias") or not p.is_floating_point() or ".adapters." in name:
+            continue
+        if ".original_module." in name or ".modules_to_save." in name:
+            continue  # a modules_to_save module's parameters: its adapter copy's
+        owner = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+        in_lora = name.endswith(".base.bias") and owner in lora_paths
+        if config.bias == "lora_only" and not in_lora:
+            continue
+        params[PREFIX + (owner + ".base_layer.bias" if in_lora else name)] = p
     return params
 
 
@@ -98,11 +106,5 @@ def start_sharded(layer: LoraLinear4bit, device: torch.device) -> None:
 
 def unfreeze_biases(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
     """The biases that ``config.bias`` trains."""
-    if config.bias == "all":
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and p.is_floating_point():
-                p.requires_grad_(True)
-    elif config.bias == "lora_only":
-        for _, layer in lora_layers(model):
-            if layer.base.bias is not None:
-                layer.base.bias.requires_grad_(True)
+    for p in bias_parameters(model, config).values():
+        p.requires_grad_(True)

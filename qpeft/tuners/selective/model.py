@@ -80,7 +80,8 @@ def inject_layerwise(model: nn.Module, config: LayerwiseConfig, adapter_name: st
         targets.quantize_linears(model, config, skip=lambda name: _in_chosen(name, config, chosen))
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit) and _in_chosen(name, config, chosen):
-            dtype = module.compute_dtype or module.weight_dtype
+            # the model's own dtype (not the compute dtype, which may be wider: inputs arrive in the model's)
+            dtype = module.weight_dtype
             dense = dense_layer(module.dequantized_weight(dtype), module.bias, module.fan_in_fan_out)
             targets.set_submodule(model, name, dense)
     config.layers, config.last_k = sorted(chosen), None  # the file names the layers themselves

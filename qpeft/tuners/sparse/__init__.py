@@ -17,6 +17,7 @@ register(
         layers=(SparseDeltaLinear4bit,),
         prepare_load=model.prepare_load,
         verbs={"select_sparse_entries": model.select_sparse_entries},
+        warmup="select_sparse_entries",
         examples={
             "default": lambda r=4, steps=10: SparseConfig(target_modules=PROJECTIONS, budget=0.01),
             "random": lambda r=4, steps=10: SparseConfig(target_modules=PROJECTIONS, budget=0.05, selection="random"),
