@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn.linear4bit import STATE_BUFFERS, Linear4bit
+from .formats import WEIGHT_FIELDS
+from .nn.linear4bit import Linear4bit
 
-SHARDED_SCALES = ("weight_absmax", "weight_nested_absmax")
+SHARDED_SCALES = tuple(f.buffer for f in WEIGHT_FIELDS if f.sharded and f.buffer is not None)
 
 
 def prepare_fsdp(model: nn.Module) -> nn.Module:
@@ -184,22 +185,23 @@ def _checkpoint_sources(
 ) -> dict[tuple[nn.Module, str], Source]:
     """(module, tensor name) -> its source in the checkpoint, for every tensor of ``model`` (built from the
     checkpoint's ``entries``: meta tensors, and the quant state entries already read) that the checkpoint holds."""
-    from .quantized import STATE_DICT_ENTRIES, read_quant_state
+    from .quantized import read_quant_state
 
+    fields = {f.buffer or "weight": f for f in WEIGHT_FIELDS}  # a Linear4bit's tensor name -> its field
     sources = {}
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is None:
                 continue
-            field = "packed" if name == "weight" else STATE_BUFFERS.get(name)
+            field = fields.get(name)
             if isinstance(module, Linear4bit) and field is not None:
                 weight = f"{prefix}weight"
-                if field == "nested_offset":  # a number in the quant state's JSON (checked when the model was built)
+                if field.entry is None:  # a number in the quant state's JSON (checked when the model was built)
                     state_key = next(k for k in entries if k.startswith(f"{weight}.quant_state."))
-                    sources[module, name] = _offset_source(read_quant_state(entries[state_key])["nested_offset"])
+                    sources[module, name] = _offset_source(read_quant_state(entries[state_key])[field.name])
                 else:
-                    key = weight if field == "packed" else f"{weight}.{STATE_DICT_ENTRIES[field]}"
+                    key = f"{weight}.{field.entry}" if field.entry else weight
                     sources[module, name] = _byte_source(files, entries, key)
             elif prefix + name in entries:
                 key = prefix + name

@@ -8,6 +8,7 @@ import functools
 import math
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,54 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCKSIZE = 256
+
+
+# ---- the 4-bit weight's tensors: one table ------------------------------------------------------------------
+class WeightField(NamedTuple):
+    """One tensor of a 4-bit weight. ``name``: the Quantized4bitWeight field (and the ops' argument). ``entry``:
+    its bitsandbytes state-dict entry after ``<prefix>.`` ("" the prefix itself; None: a number in the quant
+    state's JSON). ``buffer``: its Linear4bit buffer (None: the ``weight`` parameter). ``sharded``: FSDP2 shards it
+    along dim 0 with the codes (a parameter then)."""
+
+    name: str
+    entry: str | None
+    buffer: str | None
+    sharded: bool
+    optional: bool  # present with double quantization only
+
+
+WEIGHT_FIELDS = (
+    WeightField("packed", "", None, True, False),
+    WeightField("absmax", "absmax", "weight_absmax", True, False),
+    WeightField("nested_absmax", "nested_absmax", "weight_nested_absmax", True, True),
+    WeightField("nested_code", "nested_quant_map", "weight_nested_code", False, True),
+    WeightField("nested_offset", None, "weight_nested_offset", False, True),
+)
+
+
+class WeightArgs(NamedTuple):
+    """A 4-bit weight as qpeft's ops take it, in their schemas' order: the WEIGHT_FIELDS tensors (packed as uint8
+    bytes, nested_offset as one fp32 element), then its format. C++: ``Weight4bitRef``, the same names."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    nested_offset: torch.Tensor | None
+    blocksize: int
+    quant_type: str
+
+    def tensors(self) -> tuple:
+        """The tensors (None where absent), in WEIGHT_FIELDS order."""
+        return tuple(self[: len(WEIGHT_FIELDS)])
+
+    def format(self) -> tuple:
+        return tuple(self[len(WEIGHT_FIELDS) :])
+
+    @classmethod
+    def join(cls, tensors, weight_format) -> "WeightArgs":
+        return cls(*tensors, *weight_format)
+
 
 # NF4 code book (index -> value), fp32. Quantiles of N(0, 1) normalised to [-1, 1] (QLoRA paper).
 NF4_CODE = (

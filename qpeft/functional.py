@@ -25,7 +25,7 @@ from ._ops import (
     set_cpu_isa as set_cpu_isa,
     set_cuda_lora_kernels as set_cuda_lora_kernels,
 )
-from .formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES
+from .formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES, WeightArgs
 
 _DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
 
@@ -80,10 +80,9 @@ def _offset_arg(nested_offset: torch.Tensor | None) -> torch.Tensor | None:
     return None if nested_offset is None else nested_offset.reshape(1).to(torch.float32)
 
 
-def weight_args(weight) -> tuple:
-    """(packed uint8, absmax, nested_absmax, nested_code, nested_offset [1] fp32, blocksize, quant_type): a
-    Quantized4bitWeight as the ops take it."""
-    return (
+def weight_args(weight) -> WeightArgs:
+    """A Quantized4bitWeight as the ops take it (packed as uint8 bytes, nested_offset as one fp32 element)."""
+    return WeightArgs(
         _packed_bytes(weight.packed),
         weight.absmax,
         weight.nested_absmax,

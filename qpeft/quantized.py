@@ -22,7 +22,7 @@ import torch
 
 from . import functional as F
 from .errors import ConfigError
-from .formats import NESTED_BLOCKSIZE, code_book
+from .formats import NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES, WEIGHT_FIELDS, code_book
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -37,7 +37,7 @@ _MAX_QUANT_STATE_BYTES = 1 << 16  # bitsandbytes' quant_state JSON is ~150 bytes
 
 # Field -> its bitsandbytes state-dict entry after "<prefix>." (the packed codes are "<prefix>" itself; the nested
 # offset lives in the quant state's JSON).
-STATE_DICT_ENTRIES = {"absmax": "absmax", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map"}
+STATE_DICT_ENTRIES = {f.name: f.entry for f in WEIGHT_FIELDS if f.entry}
 
 
 def read_quant_state(t: torch.Tensor) -> dict:
@@ -123,8 +123,7 @@ class Quantized4bitWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of this weight by field name (absent ones left out)."""
-        names = ("packed", "absmax", "nested_absmax", "nested_code", "nested_offset")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {f.name: getattr(self, f.name) for f in WEIGHT_FIELDS if getattr(self, f.name) is not None}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -183,84 +182,93 @@ class Quantized4bitWeight:
     def from_state_dict(
         cls, sd: Mapping[str, torch.Tensor], prefix: str = "weight", device: torch.device | str | None = None
     ) -> "Quantized4bitWeight":
-        """Read a weight saved by bitsandbytes (or by ``state_dict``). Raises ValueError naming what is wrong."""
-
-        def get(key: str) -> torch.Tensor:
-            if f"{prefix}.{key}" not in sd:
-                raise ValueError(f"qpeft: 4-bit state dict has no '{prefix}.{key}'")
-            return sd[f"{prefix}.{key}"]
-
+        """Read a weight saved by bitsandbytes (or by ``state_dict``): every entry of WEIGHT_FIELDS checked against
+        the quant state (a malformed one is a ConfigError naming it)."""
         state_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
         if prefix not in sd or len(state_keys) != 1:
-            raise ValueError(
-                f"qpeft: expected '{prefix}' and exactly one '{prefix}.quant_state.bitsandbytes__<type>' "
-                f"key, found {sorted(k for k in sd if k.startswith(prefix))}"
+            raise ConfigError(
+                "4-bit state dict",
+                prefix,
+                f"needs the codes and exactly one '{prefix}.quant_state.bitsandbytes__<type>' entry, found "
+                f"{sorted(k for k in sd if k.startswith(prefix))}",
             )
-        meta = read_quant_state(sd[state_keys[0]])
+        source = state_keys[0]
+        meta = read_quant_state(sd[source])
         if not isinstance(meta, dict):
-            raise ConfigError(state_keys[0], "quant_state", f"must be a JSON object, got {type(meta).__name__}")
+            raise ConfigError(source, "quant_state", f"must be a JSON object, got {type(meta).__name__}")
         quant_type, blocksize = meta.get("quant_type"), meta.get("blocksize")
-        F.check_quant_type(quant_type)
-        F.check_blocksize(blocksize)
+        if quant_type not in QUANT_TYPES:
+            raise ConfigError(source, "quant_type", f"must be one of {QUANT_TYPES}, got {quant_type!r}")
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+            raise ConfigError(source, "blocksize", f"must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
         if meta.get("dtype") not in _DTYPES_BY_NAME:
-            raise ValueError(f"qpeft: unsupported weight dtype {meta.get('dtype')!r} in {state_keys[0]}")
+            raise ConfigError(source, "dtype", f"must be one of {sorted(_DTYPES_BY_NAME)}, got {meta.get('dtype')!r}")
         raw_shape = meta.get("shape")
         if not isinstance(raw_shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw_shape
         ):
-            raise ConfigError(state_keys[0], "shape", f"must be a list of non-negative integers, got {raw_shape!r}")
+            raise ConfigError(source, "shape", f"must be a list of non-negative integers, got {raw_shape!r}")
         shape = torch.Size(raw_shape)
-        device = torch.device(device) if device is not None else sd[prefix].device
-        packed = sd[prefix].to(device)
-        absmax = get(STATE_DICT_ENTRIES["absmax"]).to(device)
-        quant_map = get("quant_map")
-        if not torch.equal(quant_map.float().cpu(), code_book(quant_type)):
-            raise ValueError(f"qpeft: '{prefix}.quant_map' is not the standard {quant_type} code book")
+        quant_map = sd.get(f"{prefix}.quant_map")
+        if quant_map is None or not torch.equal(quant_map.float().cpu(), code_book(quant_type)):
+            raise ConfigError("4-bit state dict", f"{prefix}.quant_map", f"must be the standard {quant_type} code book")
+        double = f"{prefix}.{STATE_DICT_ENTRIES['nested_absmax']}" in sd
+        if double and (meta.get("nested_blocksize") != NESTED_BLOCKSIZE or meta.get("nested_dtype") != "float32"):
+            raise ConfigError(
+                source,
+                "nested_blocksize",
+                f"and nested_dtype must be {NESTED_BLOCKSIZE} and float32, got {meta.get('nested_blocksize')!r} / "
+                f"{meta.get('nested_dtype')!r}",
+            )
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
-        if packed.numel() * packed.element_size() != (n + 1) // 2:
-            raise ValueError(
-                f"qpeft: '{prefix}' holds {packed.numel() * packed.element_size()} bytes, but shape "
-                f"{list(shape)} needs {(n + 1) // 2}"
-            )
-        if absmax.numel() != nblocks:
-            raise ValueError(
-                f"qpeft: '{prefix}.absmax' has {absmax.numel()} elements, expected {nblocks} "
-                f"(shape {list(shape)}, blocksize {blocksize})"
-            )
-        nested = {}
-        if f"{prefix}.{STATE_DICT_ENTRIES['nested_absmax']}" in sd:
-            if meta.get("nested_blocksize") != NESTED_BLOCKSIZE or meta.get("nested_dtype") != "float32":
-                raise ValueError(
-                    f"qpeft: unsupported nested quantization {meta.get('nested_blocksize')!r}/"
-                    f"{meta.get('nested_dtype')!r} (only blocksize 256, float32)"
+        expected = {  # field -> (dtypes, elements)
+            "packed": (None, None),
+            "absmax": ((torch.uint8,) if double else (torch.float32,), nblocks),
+            "nested_absmax": ((torch.float32,), -(-nblocks // NESTED_BLOCKSIZE)),
+            "nested_code": ((torch.float32,), 256),
+        }
+        device = torch.device(device) if device is not None else sd[prefix].device
+        tensors = {}
+        for field in WEIGHT_FIELDS:
+            if field.optional and not double:
+                continue
+            if field.entry is None:  # the nested offset: a number in the quant state
+                offset = meta.get(field.name)
+                if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not _fits_float32(offset):
+                    raise ConfigError(source, field.name, f"must be a finite float32 number, got {offset!r}")
+                tensors[field.name] = torch.tensor(float(offset), dtype=torch.float32, device=device)
+                continue
+            key = f"{prefix}.{field.entry}" if field.entry else prefix
+            t = sd.get(key)
+            if t is None:
+                raise ConfigError("4-bit state dict", key, "is missing")
+            dtypes, elements = expected[field.name]
+            if field.name == "packed":
+                if t.numel() * t.element_size() != (n + 1) // 2:
+                    raise ConfigError(
+                        "4-bit state dict",
+                        key,
+                        f"holds {t.numel() * t.element_size()} bytes, but shape {list(shape)} needs {(n + 1) // 2}",
+                    )
+            elif t.dtype not in dtypes or t.numel() != elements:
+                raise ConfigError(
+                    "4-bit state dict",
+                    key,
+                    f"must be {dtypes[0]} with {elements} elements (shape {list(shape)}, blocksize {blocksize}), "
+                    f"got {t.dtype} with {t.numel()}",
                 )
-            if absmax.dtype != torch.uint8:
-                raise ValueError(f"qpeft: double-quantized '{prefix}.absmax' must be uint8, got {absmax.dtype}")
-            nested_absmax, nested_code = (
-                get(STATE_DICT_ENTRIES["nested_absmax"]),
-                get(STATE_DICT_ENTRIES["nested_code"]),
-            )
-            offset = meta.get("nested_offset")
-            if nested_absmax.numel() != -(-nblocks // NESTED_BLOCKSIZE):
-                raise ValueError(
-                    f"qpeft: '{prefix}.nested_absmax' has {nested_absmax.numel()} elements, expected "
-                    f"{-(-nblocks // NESTED_BLOCKSIZE)} (one per {NESTED_BLOCKSIZE} blocks)"
-                )
-            if nested_code.numel() != 256:
-                raise ValueError(f"qpeft: '{prefix}.nested_quant_map' has {nested_code.numel()} elements, expected 256")
-            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-                raise ConfigError(state_keys[0], "nested_offset", f"must be a finite number, got {offset!r}")
-            nested = dict(
-                nested_absmax=nested_absmax.to(device, torch.float32),
-                nested_code=nested_code.to(device, torch.float32),
-                nested_offset=torch.tensor(float(offset), dtype=torch.float32, device=device),
-            )
-        elif absmax.dtype != torch.float32:
-            raise ValueError(
-                f"qpeft: '{prefix}.absmax' must be float32 without double quantization, got {absmax.dtype}"
-            )
-        return cls(packed, absmax, shape, _DTYPES_BY_NAME[meta["dtype"]], blocksize, quant_type, **nested)
+            elif t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                raise ConfigError("4-bit state dict", key, "holds a NaN or infinite scale")
+            tensors[field.name] = t.to(device).reshape(-1) if field.name != "packed" else t.to(device)
+        return cls(
+            shape=shape, dtype=_DTYPES_BY_NAME[meta["dtype"]], blocksize=blocksize, quant_type=quant_type, **tensors
+        )
+
+
+def _fits_float32(x: float) -> bool:
+    """A finite number that stays finite in float32 (where the kernels use it)."""
+    return math.isfinite(x) and abs(x) <= torch.finfo(torch.float32).max
 
 
 def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:

@@ -209,6 +209,10 @@ def test_hostile_state_dicts_are_refused_at_load():
         (dict(**{key: torch.zeros(1 << 17, dtype=torch.uint8)}), "quant_state"),
         (dict(**{key: _blob({**meta, "blocksize": 64.0})}), "blocksize"),
         (dict(**{"weight.absmax": torch.zeros(299, dtype=torch.uint8)}), "absmax"),
+        (dict(**{"weight.absmax": torch.zeros(300, dtype=torch.float32)}), "absmax"),  # fp32 while nested
+        (dict(**{key: _blob({**meta, "nested_offset": 1e39})}), "nested_offset"),  # finite in double, not float32
+        (dict(**{"weight.nested_absmax": torch.tensor([1.0, float("nan")])}), "nested_absmax"),
+        (dict(**{"weight.quant_map": None}), "quant_map"),
     ]
     for changes, what in bad:
         with pytest.raises(RuntimeError, match=what):  # load_state_dict's error, naming the field

@@ -7,6 +7,7 @@ import torch
 
 from .. import functional as F
 from .._ops import ops
+from ..formats import WEIGHT_FIELDS, WeightArgs
 from ..functional import weight_args
 from ..quantized import Quantized4bitWeight
 
@@ -21,16 +22,17 @@ def base_grad_input(dy2: torch.Tensor, wargs: tuple, k: int) -> torch.Tensor:
     return ops.linear_4bit_grad_input(dy2, *wargs, k)
 
 
-def save_weight(ctx, wargs: tuple, *tensors: torch.Tensor | None) -> None:
+def save_weight(ctx, wargs: WeightArgs, *tensors: torch.Tensor | None) -> None:
     """Saves ``tensors`` and the weight's tensors for backward (seen by saved-tensor hooks), its format on ctx."""
-    ctx.save_for_backward(*tensors, *wargs[:5])
-    ctx.weight_format = wargs[5:]
+    ctx.save_for_backward(*tensors, *wargs.tensors())
+    ctx.weight_format = wargs.format()
 
 
-def saved_weight(ctx) -> tuple[tuple, tuple]:
-    """(the tensors, the weight_args tuple) that ``save_weight`` saved."""
+def saved_weight(ctx) -> tuple[tuple, WeightArgs]:
+    """(the tensors, the WeightArgs) that ``save_weight`` saved."""
     saved = ctx.saved_tensors
-    return saved[:-5], (*saved[-5:], *ctx.weight_format)
+    n = len(WEIGHT_FIELDS)
+    return saved[:-n], WeightArgs.join(saved[-n:], ctx.weight_format)
 
 
 class _Frozen4bitLinear(torch.autograd.Function):

@@ -21,11 +21,10 @@ def scaled_rows_args(wargs: tuple, shape: tuple[int, int], scale: torch.Tensor, 
     """weight_args of diag(scale) W: W's fp32 block ``scales`` times the scale of each block's row (not nested), or
     None where a block straddles two rows."""
     n, k = shape
-    blocksize = wargs[5]
-    if k % blocksize:
+    if k % wargs.blocksize:
         return None
-    absmax = (scales.reshape(n, k // blocksize) * scale.detach().float().reshape(n, 1)).reshape(-1)
-    return (wargs[0], absmax, None, None, None, blocksize, wargs[6])
+    absmax = (scales.reshape(n, k // wargs.blocksize) * scale.detach().float().reshape(n, 1)).reshape(-1)
+    return wargs._replace(absmax=absmax, nested_absmax=None, nested_code=None, nested_offset=None)
 
 
 def _forward(x2, scale, bias, wargs, scaled_args, n, feedforward, keep_base):

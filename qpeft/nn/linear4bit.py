@@ -13,15 +13,11 @@ from torch import nn
 
 from .. import functional as F
 from ..autograd import frozen_4bit_linear, weight_args
+from ..formats import WEIGHT_FIELDS
 from ..quantized import Quantized4bitWeight
 
 # Buffer name -> Quantized4bitWeight field, for the tensors besides the packed weight itself.
-STATE_BUFFERS = {
-    "weight_absmax": "absmax",
-    "weight_nested_absmax": "nested_absmax",
-    "weight_nested_code": "nested_code",
-    "weight_nested_offset": "nested_offset",
-}
+STATE_BUFFERS = {f.buffer: f.name for f in WEIGHT_FIELDS if f.buffer is not None}
 
 
 def _to_buffer(t: torch.Tensor | None) -> torch.Tensor | None:
