@@ -87,6 +87,19 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def tokens(seed=1):
+    """Two rows of 12 token ids of the tiny models' vocabulary."""
+    return torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_adapters(model):
+    """Every LoRA adapter's B drawn from N(0, 0.05): the adapters change the output."""
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for a in layer.adapters.values():
+                a.lora_B.normal_(0, 0.05)
+
+
 def tiny_gpt2(seed=0):
     """GPT-2's attention and MLP projections are transformers Conv1D layers (weight [in, out])."""
     import transformers

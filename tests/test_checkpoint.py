@@ -12,7 +12,7 @@ from qpeft.nn import Linear4bit
 
 from helpers import reference_float_model, same_bytes
 from qpeft.checkpoint import read_safetensors_folder
-from test_model import tiny_gpt2, tiny_llama, tokens, rel_err
+from helpers import rel_err, tiny_gpt2, tiny_llama, tokens
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")

@@ -12,7 +12,7 @@ import qpeft
 from qpeft import files
 from qpeft.nn import LoraLinear4bit
 
-from test_model import tiny_llama
+from helpers import tiny_llama
 
 BAD_NAMES = ["../evil", "/tmp/evil", "a/b", "a\\b", "", "a.b", "-x", "x" * 129, 5, None, "é"]
 

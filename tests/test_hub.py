@@ -10,7 +10,7 @@ import torch
 import qpeft
 from qpeft import hub
 
-from test_model import randomize_adapters, rel_err, tiny_llama, tokens
+from helpers import randomize_adapters, rel_err, tiny_llama, tokens
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -29,10 +30,59 @@ def is_names(v, allow_str: bool = True) -> bool:
     return (allow_str and isinstance(v, str)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
 
+# ---- field checks, declared with the fields ----------------------------------------------------------------------
+MAX_SIZE = 1 << 20  # any size a config gives (ranks, token counts, widths): larger is refused before allocation
+
+
+class Check(NamedTuple):
+    """A field's rule: ``accepts(value)``, else ConfigError "<key> <problem>"."""
+
+    accepts: Callable[[object], bool]
+    problem: str
+
+
+def optional(check: Check, none_means: str = "") -> Check:
+    return Check(lambda v: v is None or check.accepts(v), f"{check.problem} or null{none_means}")
+
+
+def one_of(*values) -> Check:
+    return Check(lambda v: any(v == x and type(v) is type(x) for x in values), f"must be one of {list(values)}")
+
+
+def number_in(low: float, high: float, closed_high: bool = True) -> Check:
+    bracket = "]" if closed_high else ")"
+    return Check(
+        lambda v: is_number(v) and low <= v and (v <= high if closed_high else v < high),
+        f"must be a number in [{low}, {high}{bracket}",
+    )
+
+
+BOOL = Check(lambda v: isinstance(v, bool), "must be true or false")
+STRING = Check(lambda v: isinstance(v, str), "must be a string")
+NUMBER = Check(is_number, "must be a finite number")
+NON_NEGATIVE = Check(lambda v: is_number(v) and v >= 0, "must be a number >= 0")
+SIZE = Check(lambda v: is_int(v) and 0 < v <= MAX_SIZE, f"must be a positive integer (at most {MAX_SIZE})")
+COUNT = Check(lambda v: is_int(v) and 0 <= v <= MAX_SIZE, f"must be a non-negative integer (at most {MAX_SIZE})")
+NAMES = Check(lambda v: v is None or is_names(v), "must be a name, a regex or a list of names")
+NAME_LIST = Check(lambda v: v is None or is_names(v, allow_str=False), "must be a list of names")
+LAYERS = Check(
+    lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))),
+    "must be a layer index or a list of them",
+)
+UNSUPPORTED = Check(lambda v: v is None, "is not an option of this method in qpeft")
+
+
+def checked(default=dataclasses.MISSING, check: Check | None = None, *, factory=dataclasses.MISSING):
+    """A config field with its check (run by ``validate``). Lists of names given as sets or tuples are sorted into
+    lists first."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"check": check})
+
+
 @dataclasses.dataclass(kw_only=True)
 class AdapterConfig:
     """Fields of every method: peft's common ones and qpeft's 4-bit format of the base (bitsandbytes' meaning).
-    Subclasses set ``peft_type`` and list their peft keys; ``validate`` checks every field's type and range."""
+    Subclasses set ``peft_type`` and declare each field with its check (``checked``); rules across fields live in
+    ``check_together``. ``validate`` runs both: on construction, on loading a file, after a model fills sizes."""
 
     peft_type: ClassVar[str]
     is_prompt_learning: ClassVar[bool] = False
@@ -40,36 +90,39 @@ class AdapterConfig:
     # options qpeft leaves at their defaults, and refuses the ones that change the meaning by name).
     strict_keys: ClassVar[bool] = True
 
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: torch.dtype | None = None
+    task_type: str | None = checked(None, optional(STRING))
+    base_model_name_or_path: str | None = checked(None, optional(STRING))
+    inference_mode: bool = checked(False, BOOL)
+    quant_type: str = checked("nf4", one_of(*F.QUANT_TYPES))
+    blocksize: int = checked(64, one_of(*F.VALID_BLOCKSIZES))
+    double_quant: bool = checked(True, BOOL)
+    compute_dtype: torch.dtype | None = checked(
+        None, Check(lambda v: v is None or v in F.FLOAT_DTYPES, "must be None or torch.float32 / float16 / bfloat16")
+    )
 
     QPEFT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "compute_dtype")
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.metadata.get("check") in (NAMES, NAME_LIST) and isinstance(getattr(self, f.name), (set, tuple)):
+                setattr(self, f.name, sorted(getattr(self, f.name)))
         self.validate()
 
     def fail(self, key: str, problem: str, source: str | None = None):
         raise ConfigError(source, key, f"{problem}, got {getattr(self, key)!r}")
 
     def validate(self, source: str | None = None) -> None:
-        """Type and range of the common fields (ConfigError naming ``source``, the key and the problem)."""
-        for key in ("inference_mode", "double_quant"):
-            if not isinstance(getattr(self, key), bool):
-                self.fail(key, "must be true or false", source)
-        for key in ("task_type", "base_model_name_or_path"):
-            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
-                self.fail(key, "must be a string or null", source)
-        if self.quant_type not in F.QUANT_TYPES:
-            self.fail("quant_type", f"must be one of {F.QUANT_TYPES}", source)
-        if not is_int(self.blocksize) or self.blocksize not in F.VALID_BLOCKSIZES:
-            self.fail("blocksize", f"must be one of {F.VALID_BLOCKSIZES}", source)
-        if self.compute_dtype is not None and self.compute_dtype not in F.FLOAT_DTYPES:
-            self.fail("compute_dtype", "must be None or torch.float32 / float16 / bfloat16", source)
+        """Every field's declared check, then ``check_together`` (ConfigError naming ``source``, the key and the
+        problem): a config from a file is refused before it changes any model, never reinterpreted (the string
+        "false" is not true)."""
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None and not check.accepts(getattr(self, f.name)):
+                self.fail(f.name, check.problem, source)
+        self.check_together(source)
+
+    def check_together(self, source: str | None = None) -> None:
+        """The rules that relate fields (a subclass extends them)."""
 
     @property
     def quant_format(self) -> dict:
@@ -115,12 +168,7 @@ class WholeModelConfig(AdapterConfig):
 
     QPEFT_ONLY: ClassVar[tuple[str, ...]] = AdapterConfig.QPEFT_ONLY + ("quantize",)
 
-    quantize: bool = True
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if not isinstance(self.quantize, bool):
-            self.fail("quantize", "must be true or false", source)
+    quantize: bool = checked(True, BOOL)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -128,20 +176,11 @@ class TargetedConfig(AdapterConfig):
     """A method on chosen linear layers (qpeft's own): ``target_modules`` and ``exclude_modules`` as in LoRA; no
     layer selection or modules_to_save."""
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    modules_to_save: None = None
-    layers_to_transform: None = None
-    layers_pattern: None = None
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        for key in ("target_modules", "exclude_modules"):
-            if getattr(self, key) is not None and not is_names(getattr(self, key)):
-                self.fail(key, "must be a name, a regex or a list of names", source)
-        for key in ("modules_to_save", "layers_to_transform", "layers_pattern"):
-            if getattr(self, key) is not None:
-                self.fail(key, f"is not a {self.peft_type} option", source)
+    target_modules: list[str] | str | None = checked(None, NAMES)
+    exclude_modules: list[str] | str | None = checked(None, NAMES)
+    modules_to_save: None = checked(None, UNSUPPORTED)
+    layers_to_transform: None = checked(None, UNSUPPORTED)
+    layers_pattern: None = checked(None, UNSUPPORTED)
 
 
 def config_from_peft_dict(d, source: str | None = None, **quant) -> AdapterConfig:

@@ -5,8 +5,26 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import is_int, is_number
+from ..config import COUNT, NON_NEGATIVE, SIZE, Check, checked, is_number
 from ..lora.config import LoraConfig
+
+BETA = Check(lambda v: is_number(v) and 0 < v < 1, "must be a number in (0, 1)")
+KEPT_RANKS = Check(
+    lambda v: (
+        v is None
+        or (
+            isinstance(v, dict)
+            and all(
+                isinstance(k, str)
+                and k.endswith(".lora_E")
+                and isinstance(m, list)
+                and all(isinstance(b, bool) for b in m)
+                for k, m in v.items()
+            )
+        )
+    ),
+    'must map "<module>.lora_E" to a list of booleans (the kept ranks)',
+)
 
 
 @dataclasses.dataclass
@@ -19,57 +37,31 @@ class AdaLoraConfig(LoraConfig):
 
     peft_type: ClassVar[str] = "ADALORA"
 
-    target_r: int = 8
-    init_r: int = 12
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
-    rank_pattern: dict | None = None
+    target_r: int = checked(8, SIZE)
+    init_r: int = checked(12, SIZE)
+    tinit: int = checked(0, COUNT)
+    tfinal: int = checked(0, COUNT)
+    deltaT: int = checked(1, SIZE)
+    beta1: float = checked(0.85, BETA)
+    beta2: float = checked(0.85, BETA)
+    orth_reg_weight: float = checked(0.5, NON_NEGATIVE)
+    total_step: int | None = checked(
+        None, Check(SIZE.accepts, "must be a positive number of training steps (AdaLoRA's schedule needs it)")
+    )
+    rank_pattern: dict | None = checked(None, KEPT_RANKS)
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
+        if self.use_dora:
+            self.fail("use_dora", "is not supported with AdaLoRA (as in peft)", source)
         if self.lora_bias:
-            self.fail("lora_bias", "is not supported with AdaLoRA")
-        if self.total_step is None or self.total_step <= 0:
-            self.fail("total_step", "must be a positive number of training steps (AdaLoRA's schedule needs it)")
+            self.fail("lora_bias", "is not supported with AdaLoRA", source)
         if self.tinit >= self.total_step - self.tfinal:
             self.fail(
                 "tinit",
                 f"leaves no budgeting phase (tinit < total_step - tfinal = {self.total_step - self.tfinal} is needed)",
+                source,
             )
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if self.use_dora:
-            self.fail("use_dora", "is not supported with AdaLoRA (as in peft)", source)
-        for key in ("target_r", "init_r"):
-            if not is_int(getattr(self, key)) or getattr(self, key) <= 0:
-                self.fail(key, "must be a positive integer", source)
-        for key in ("tinit", "tfinal"):
-            if not is_int(getattr(self, key)) or getattr(self, key) < 0:
-                self.fail(key, "must be a non-negative integer", source)
-        if not is_int(self.deltaT) or self.deltaT <= 0:
-            self.fail("deltaT", "must be a positive integer", source)
-        for key in ("beta1", "beta2"):
-            if not is_number(getattr(self, key)) or not 0 < getattr(self, key) < 1:
-                self.fail(key, "must be a number in (0, 1)", source)
-        if not is_number(self.orth_reg_weight) or self.orth_reg_weight < 0:
-            self.fail("orth_reg_weight", "must be a number >= 0", source)
-        if self.total_step is not None and not is_int(self.total_step):
-            self.fail("total_step", "must be an integer", source)
-
-    def check_rank_pattern(self, source: str | None) -> None:
-        if self.rank_pattern is None:
-            return
-        if not isinstance(self.rank_pattern, dict) or not all(
-            isinstance(k, str) and k.endswith(".lora_E") and isinstance(v, list) and all(isinstance(b, bool) for b in v)
-            for k, v in self.rank_pattern.items()
-        ):
-            self.fail("rank_pattern", 'must map "<module>.lora_E" to a list of booleans (the kept ranks)', source)
 
     @classmethod
     def peft_fields(cls, fields: dict, source: str | None) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import WholeModelConfig, is_int, is_names, is_number
+from ..config import NAMES, NON_NEGATIVE, SIZE, WholeModelConfig, checked, one_of, optional
 
 
 @dataclasses.dataclass
@@ -18,24 +18,9 @@ class BottleneckConfig(WholeModelConfig):
 
     peft_type: ClassVar[str] = "QPEFT_BOTTLENECK"
 
-    style: str = "houlsby"
-    target_modules: list[str] | str | None = None
-    bottleneck_size: int | None = None
-    reduction_factor: int = 16
-    non_linearity: str = "relu"
-    init_std: float = 1e-2
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if self.style not in ("houlsby", "pfeiffer"):
-            self.fail("style", "must be 'houlsby' or 'pfeiffer'", source)
-        if self.target_modules is not None and not is_names(self.target_modules):
-            self.fail("target_modules", "must be a name, a regex or a list of names", source)
-        if self.bottleneck_size is not None and (not is_int(self.bottleneck_size) or self.bottleneck_size <= 0):
-            self.fail("bottleneck_size", "must be a positive integer or null", source)
-        if not is_int(self.reduction_factor) or self.reduction_factor <= 0:
-            self.fail("reduction_factor", "must be a positive integer", source)
-        if self.non_linearity not in ("relu", "gelu", "silu", "tanh"):
-            self.fail("non_linearity", "must be relu, gelu, silu or tanh", source)
-        if not is_number(self.init_std) or self.init_std < 0:
-            self.fail("init_std", "must be a number >= 0", source)
+    style: str = checked("houlsby", one_of("houlsby", "pfeiffer"))
+    target_modules: list[str] | str | None = checked(None, NAMES)
+    bottleneck_size: int | None = checked(None, optional(SIZE))
+    reduction_factor: int = checked(16, SIZE)
+    non_linearity: str = checked("relu", one_of("relu", "gelu", "silu", "tanh"))
+    init_std: float = checked(1e-2, NON_NEGATIVE)

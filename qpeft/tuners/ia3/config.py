@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import AdapterConfig, is_names
+from ..config import BOOL, NAME_LIST, NAMES, UNSUPPORTED, AdapterConfig, checked
 
 
 @dataclasses.dataclass
@@ -16,36 +16,17 @@ class IA3Config(AdapterConfig):
     peft_type: ClassVar[str] = "IA3"
     strict_keys: ClassVar[bool] = False
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    modules_to_save: list[str] | None = None
-    init_ia3_weights: bool = True
-    layers_to_transform: None = None  # (targeting reads these; IA3 has no layer selection)
-    layers_pattern: None = None
+    target_modules: list[str] | str | None = checked(None, NAMES)
+    exclude_modules: list[str] | str | None = checked(None, NAMES)
+    feedforward_modules: list[str] | str | None = checked(None, NAMES)
+    fan_in_fan_out: bool = checked(False, BOOL)
+    modules_to_save: list[str] | None = checked(None, NAME_LIST)
+    init_ia3_weights: bool = checked(True, BOOL)
+    layers_to_transform: None = checked(None, UNSUPPORTED)  # (targeting reads these; IA3 has no layer selection)
+    layers_pattern: None = checked(None, UNSUPPORTED)
 
-    def __post_init__(self):
-        for key in ("target_modules", "exclude_modules", "feedforward_modules"):
-            if isinstance(getattr(self, key), (set, tuple)):
-                setattr(self, key, sorted(getattr(self, key)))
-        self.validate()
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        for key in ("target_modules", "exclude_modules", "feedforward_modules"):
-            value = getattr(self, key)
-            if value is not None and not is_names(value):
-                self.fail(key, "must be a name, a regex or a list of names", source)
-        for key in ("fan_in_fan_out", "init_ia3_weights"):
-            if not isinstance(getattr(self, key), bool):
-                self.fail(key, "must be true or false", source)
-        if self.modules_to_save is not None and (
-            isinstance(self.modules_to_save, str) or not is_names(list(self.modules_to_save), False)
-        ):
-            self.fail("modules_to_save", "must be a list of names", source)
-        if self.layers_to_transform is not None or self.layers_pattern is not None:
-            self.fail("layers_to_transform", "is not an IA3 option", source)
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
         ff, t = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(t, list) and not set(ff) <= set(t):
             self.fail("feedforward_modules", f"must be a subset of target_modules {t}", source)

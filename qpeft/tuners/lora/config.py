@@ -7,7 +7,34 @@ from typing import ClassVar
 
 from ... import functional as F
 from ...errors import ConfigError
-from ..config import AdapterConfig, is_int, is_names, is_number
+from ..config import (
+    BOOL,
+    LAYERS,
+    NAME_LIST,
+    NAMES,
+    NUMBER,
+    SIZE,
+    AdapterConfig,
+    Check,
+    checked,
+    is_number,
+    number_in,
+    one_of,
+)
+
+
+RANK_PATTERN = Check(
+    lambda v: isinstance(v, dict) and all(isinstance(k, str) and SIZE.accepts(r) for k, r in v.items()),
+    "must map names or regexes to positive integers",
+)
+ALPHA_PATTERN = Check(
+    lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_number(a) for k, a in v.items()),
+    "must map names or regexes to numbers",
+)
+INIT = Check(
+    lambda v: isinstance(v, (bool, str)) and v in (True, False, "kaiming", "gaussian"),
+    "is not supported (True, 'gaussian' or False)",
+)
 
 
 @dataclasses.dataclass
@@ -17,91 +44,38 @@ class LoraConfig(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     strict_keys: ClassVar[bool] = False
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    bias: str = "none"  # "none" | "all" | "lora_only": which biases train (and are saved with the adapter)
-    use_rslora: bool = False
-    use_dora: bool = False
-    lora_bias: bool = False
-    modules_to_save: list[str] | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    fan_in_fan_out: bool = False  # set from the targets: True when they are Conv1D layers (peft's rule)
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    init_lora_weights: bool | str = True  # True / "kaiming", "gaussian", False (B random too: tests)
+    r: int = checked(8, SIZE)
+    lora_alpha: float = checked(8, NUMBER)
+    lora_dropout: float = checked(0.0, number_in(0, F.MAX_DROPOUT_P))
+    target_modules: list[str] | str | None = checked(None, NAMES)
+    # which biases train (and are saved with the adapter)
+    bias: str = checked("none", one_of("none", "all", "lora_only"))
+    use_rslora: bool = checked(False, BOOL)
+    use_dora: bool = checked(False, BOOL)
+    lora_bias: bool = checked(False, BOOL)
+    modules_to_save: list[str] | None = checked(None, NAME_LIST)
+    exclude_modules: list[str] | str | None = checked(None, NAMES)
+    layers_to_transform: list[int] | int | None = checked(None, LAYERS)
+    layers_pattern: list[str] | str | None = checked(None, NAMES)
+    fan_in_fan_out: bool = checked(False, BOOL)  # set from the targets: True when they are Conv1D layers (peft's rule)
+    rank_pattern: dict[str, int] = checked(check=RANK_PATTERN, factory=dict)
+    alpha_pattern: dict[str, float] = checked(check=ALPHA_PATTERN, factory=dict)
+    init_lora_weights: bool | str = checked(True, INIT)  # True / "kaiming", "gaussian", False (B random too: tests)
 
-    def __post_init__(self):
-        self.validate()
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(None, "bias", f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "kaiming", "gaussian") or not isinstance(
-            self.init_lora_weights, (bool, str)
-        ):
-            raise ConfigError(
-                None, "init_lora_weights", f"{self.init_lora_weights!r} is not supported (True, 'gaussian' or False)"
-            )
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
         if self.use_dora and self.lora_bias:
-            raise ConfigError(None, "lora_bias", "is not supported with DoRA (as in peft)")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
+            self.fail("lora_bias", "is not supported with DoRA (as in peft)", source)
         if isinstance(self.target_modules, str) and (
             self.layers_to_transform is not None or self.layers_pattern is not None
         ):
-            raise ConfigError(
-                None,
+            self.fail(
                 "layers_to_transform",
                 "and layers_pattern need target_modules as a list of names (as in peft), not a regex or 'all-linear'",
+                source,
             )
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError(None, "layers_pattern", "only applies together with layers_to_transform (as in peft)")
-
-    def validate(self, source: str | None = None) -> None:
-        """Every field's type and range (ConfigError naming ``source``, the key and the problem): a config from a
-        file is refused before it changes any model, never reinterpreted (the string "false" is not true)."""
-        super().validate(source)
-
-        def fail(key, problem):
-            self.fail(key, problem, source)
-
-        if not is_int(self.r) or self.r <= 0:
-            fail("r", "must be a positive integer")
-        if not is_number(self.lora_alpha):
-            fail("lora_alpha", "must be a finite number")
-        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout <= F.MAX_DROPOUT_P:
-            fail("lora_dropout", f"must be a number in [0, {F.MAX_DROPOUT_P}]")
-        for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
-            if not isinstance(getattr(self, key), bool):
-                fail(key, "must be true or false")
-        for key in ("target_modules", "exclude_modules", "layers_pattern"):
-            value = getattr(self, key)
-            if value is not None and not is_names(sorted(value) if isinstance(value, (set, tuple)) else value):
-                fail(key, "must be a name, a regex or a list of names")
-        if self.modules_to_save is not None and (
-            isinstance(self.modules_to_save, str)
-            or not isinstance(self.modules_to_save, (list, tuple, set))
-            or not is_names(list(self.modules_to_save), False)
-        ):
-            fail("modules_to_save", "must be a list of names")
-        layers = self.layers_to_transform
-        if layers is not None and not (is_int(layers) or (isinstance(layers, list) and all(map(is_int, layers)))):
-            fail("layers_to_transform", "must be a layer index or a list of them")
-        self.check_rank_pattern(source)
-        if not isinstance(self.alpha_pattern, dict) or not all(
-            isinstance(k, str) and is_number(v) for k, v in self.alpha_pattern.items()
-        ):
-            fail("alpha_pattern", "must map names or regexes to numbers")
-
-    def check_rank_pattern(self, source: str | None) -> None:
-        if not isinstance(self.rank_pattern, dict) or not all(
-            isinstance(k, str) and is_int(v) and v > 0 for k, v in self.rank_pattern.items()
-        ):
-            self.fail("rank_pattern", "must map names or regexes to positive integers", source)
+            self.fail("layers_pattern", "only applies together with layers_to_transform (as in peft)", source)
 
     def to_peft_dict(self) -> dict:
         d = super().to_peft_dict()

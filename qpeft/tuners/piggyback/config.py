@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import TargetedConfig, is_number
+import torch
+
+from ..config import NUMBER, TargetedConfig, checked, one_of
 
 
 @dataclasses.dataclass
@@ -16,18 +18,16 @@ class PiggybackConfig(TargetedConfig):
 
     peft_type: ClassVar[str] = "QPEFT_PIGGYBACK"
 
-    threshold: float = 5e-3
-    init_score: float = 1e-2
-    score_dtype: str = "float32"
+    threshold: float = checked(5e-3, NUMBER)
+    init_score: float = checked(1e-2, NUMBER)
+    score_dtype: str = checked("float32", one_of("float32", "bfloat16"))
 
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        for key in ("threshold", "init_score"):
-            if not is_number(getattr(self, key)):
-                self.fail(key, "must be a finite number", source)
-        if is_number(self.threshold) and is_number(self.init_score) and self.init_score <= self.threshold:
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
+        dtype = getattr(torch, self.score_dtype)  # compared as the scores hold them
+        if not torch.tensor(self.init_score, dtype=dtype) > torch.tensor(self.threshold, dtype=dtype):
             self.fail(
-                "init_score", f"must exceed threshold ({self.threshold}) so training starts from the base", source
+                "init_score",
+                f"must exceed threshold ({self.threshold}) in {self.score_dtype}, so training starts from the base",
+                source,
             )
-        if self.score_dtype not in ("float32", "bfloat16"):
-            self.fail("score_dtype", "must be 'float32' or 'bfloat16'", source)

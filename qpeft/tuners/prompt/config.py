@@ -12,7 +12,9 @@ import enum
 from typing import ClassVar
 
 from ...errors import ConfigError
-from ..config import WholeModelConfig, is_int, is_number
+from ..config import BOOL, COUNT, SIZE, STRING, Check, WholeModelConfig, checked, number_in, one_of, optional
+
+MODEL_SIZE = optional(SIZE, " (read from the model)")
 
 
 def _name(v):
@@ -25,31 +27,21 @@ class PromptLearningConfig(WholeModelConfig):
 
     is_prompt_learning: ClassVar[bool] = True
 
-    num_virtual_tokens: int | None = None
-    token_dim: int | None = None
-    num_transformer_submodules: int | None = None
-    num_attention_heads: int | None = None
-    num_layers: int | None = None
-    modules_to_save: list[str] | None = None
+    num_virtual_tokens: int | None = checked(None, SIZE)
+    token_dim: int | None = checked(None, MODEL_SIZE)
+    num_transformer_submodules: int | None = checked(
+        None, Check(lambda v: v is None or v == 1, "must be 1 (qpeft's prompt learning is for decoder-only causal LMs)")
+    )
+    num_attention_heads: int | None = checked(None, MODEL_SIZE)
+    num_layers: int | None = checked(None, MODEL_SIZE)
+    modules_to_save: list[str] | None = checked(
+        None, Check(lambda v: not v, "is not supported with prompt learning in qpeft")
+    )
 
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if not is_int(self.num_virtual_tokens) or self.num_virtual_tokens <= 0:
-            self.fail("num_virtual_tokens", "must be a positive integer", source)
-        for key in ("token_dim", "num_attention_heads", "num_layers"):
-            value = getattr(self, key)
-            if value is not None and (not is_int(value) or value <= 0):
-                self.fail(key, "must be a positive integer or null (read from the model)", source)
-        if self.num_transformer_submodules not in (None, 1):
-            self.fail(
-                "num_transformer_submodules",
-                "must be 1 (qpeft's prompt learning is for decoder-only causal LMs)",
-                source,
-            )
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
         if self.task_type not in (None, "CAUSAL_LM"):
             self.fail("task_type", "must be 'CAUSAL_LM' or null (qpeft's prompt learning is for causal LMs)", source)
-        if self.modules_to_save:
-            self.fail("modules_to_save", "is not supported with prompt learning in qpeft", source)
 
     @property
     def total_virtual_tokens(self) -> int:
@@ -95,24 +87,19 @@ class PromptTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     INITS: ClassVar[tuple[str, ...]] = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict | None = None
+    prompt_tuning_init: str = checked("RANDOM", one_of(*INITS))
+    prompt_tuning_init_text: str | None = checked(None, optional(STRING))
+    tokenizer_name_or_path: str | None = checked(None, optional(STRING))
+    tokenizer_kwargs: dict | None = checked(
+        None, Check(lambda v: v is None or isinstance(v, dict), "must be an object or null")
+    )
 
     def __post_init__(self):
         self.prompt_tuning_init = _name(self.prompt_tuning_init)
         super().__post_init__()
 
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if self.prompt_tuning_init not in self.INITS:
-            self.fail("prompt_tuning_init", f"must be one of {list(self.INITS)}", source)
-        for key in ("prompt_tuning_init_text", "tokenizer_name_or_path"):
-            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
-                self.fail(key, "must be a string or null", source)
-        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
-            self.fail("tokenizer_kwargs", "must be an object or null", source)
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
         if self.prompt_tuning_init == "TEXT" and not self.inference_mode:
             if not self.tokenizer_name_or_path:
                 self.fail("tokenizer_name_or_path", "is required with prompt_tuning_init 'TEXT'", source)
@@ -129,27 +116,14 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     peft_type: ClassVar[str] = "P_TUNING"
 
-    encoder_reparameterization_type: str = "MLP"
-    encoder_hidden_size: int | None = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
+    encoder_reparameterization_type: str = checked("MLP", one_of("MLP", "LSTM"))
+    encoder_hidden_size: int | None = checked(None, optional(SIZE, " (token_dim)"))
+    encoder_num_layers: int = checked(2, SIZE)
+    encoder_dropout: float = checked(0.0, number_in(0, 1, closed_high=False))
 
     def __post_init__(self):
         self.encoder_reparameterization_type = _name(self.encoder_reparameterization_type)
         super().__post_init__()
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if self.encoder_reparameterization_type not in ("MLP", "LSTM"):
-            self.fail("encoder_reparameterization_type", "must be 'MLP' or 'LSTM'", source)
-        if self.encoder_hidden_size is not None and (
-            not is_int(self.encoder_hidden_size) or self.encoder_hidden_size <= 0
-        ):
-            self.fail("encoder_hidden_size", "must be a positive integer or null (token_dim)", source)
-        if not is_int(self.encoder_num_layers) or self.encoder_num_layers <= 0:
-            self.fail("encoder_num_layers", "must be a positive integer", source)
-        if not is_number(self.encoder_dropout) or not 0 <= self.encoder_dropout < 1:
-            self.fail("encoder_dropout", "must be a number in [0, 1)", source)
 
     def fill_method_sizes(self, text_config) -> None:
         self.encoder_hidden_size = self.encoder_hidden_size or self.token_dim
@@ -163,20 +137,12 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
 
-    encoder_hidden_size: int | None = None
-    prefix_projection: bool = False
-    init_weights: str | None = None
+    encoder_hidden_size: int | None = checked(None, optional(SIZE, " (token_dim)"))
+    prefix_projection: bool = checked(False, BOOL)
+    init_weights: str | None = checked(None, Check(lambda v: v in (None, "zero"), "must be null or 'zero'"))
 
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if self.encoder_hidden_size is not None and (
-            not is_int(self.encoder_hidden_size) or self.encoder_hidden_size <= 0
-        ):
-            self.fail("encoder_hidden_size", "must be a positive integer or null (token_dim)", source)
-        if not isinstance(self.prefix_projection, bool):
-            self.fail("prefix_projection", "must be true or false", source)
-        if self.init_weights not in (None, "zero"):
-            self.fail("init_weights", "must be null or 'zero'", source)
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
         if (
             self.token_dim is not None
             and self.num_attention_heads is not None
@@ -217,21 +183,15 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
     )
     SOURCE_INITS: ClassVar[tuple[str, ...]] = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
 
-    prompt_tuning_init_state_dict_path: str | None = None
-    prompt_tuning_init_task: int = 0
-    num_ranks: int = 1
-    num_tasks: int = 1
+    prompt_tuning_init: str = checked("RANDOM", one_of(*INITS))
+    prompt_tuning_init_state_dict_path: str | None = checked(None, optional(STRING))
+    prompt_tuning_init_task: int = checked(0, Check(COUNT.accepts, "must be a task index"))
+    num_ranks: int = checked(1, SIZE)
+    num_tasks: int = checked(1, SIZE)
 
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        for key in ("num_ranks", "num_tasks"):
-            if not is_int(getattr(self, key)) or getattr(self, key) <= 0:
-                self.fail(key, "must be a positive integer", source)
-        if not is_int(self.prompt_tuning_init_task) or self.prompt_tuning_init_task < 0:
-            self.fail("prompt_tuning_init_task", "must be a task index", source)
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
         path = self.prompt_tuning_init_state_dict_path
-        if path is not None and not isinstance(path, str):
-            self.fail("prompt_tuning_init_state_dict_path", "must be a string or null", source)
         if self.prompt_tuning_init in self.SOURCE_INITS and not self.inference_mode:
             if path is None:
                 self.fail(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import WholeModelConfig, is_int, is_names
+from ..config import BOOL, LAYERS, NAMES, SIZE, WholeModelConfig, checked, optional
 
 
 @dataclasses.dataclass
@@ -16,15 +16,8 @@ class BitFitConfig(WholeModelConfig):
 
     peft_type: ClassVar[str] = "QPEFT_BITFIT"
 
-    bias_modules: list[str] | str | None = None
-    add_missing_bias: bool = False
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        if self.bias_modules is not None and not is_names(self.bias_modules):
-            self.fail("bias_modules", "must be a name, a regex or a list of names", source)
-        if not isinstance(self.add_missing_bias, bool):
-            self.fail("add_missing_bias", "must be true or false", source)
+    bias_modules: list[str] | str | None = checked(None, NAMES)
+    add_missing_bias: bool = checked(False, BOOL)
 
 
 @dataclasses.dataclass
@@ -36,18 +29,11 @@ class LayerwiseConfig(WholeModelConfig):
 
     peft_type: ClassVar[str] = "QPEFT_LAYERWISE"
 
-    layers: list[int] | int | None = None
-    last_k: int | None = None
-    layers_pattern: list[str] | str | None = None
+    layers: list[int] | int | None = checked(None, LAYERS)
+    last_k: int | None = checked(None, optional(SIZE))
+    layers_pattern: list[str] | str | None = checked(None, NAMES)
 
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        layers = self.layers
-        if layers is not None and not (is_int(layers) or (isinstance(layers, list) and all(map(is_int, layers)))):
-            self.fail("layers", "must be a layer index or a list of them", source)
-        if self.last_k is not None and (not is_int(self.last_k) or self.last_k <= 0):
-            self.fail("last_k", "must be a positive integer", source)
-        if (layers is None) == (self.last_k is None):
+    def check_together(self, source: str | None = None) -> None:
+        super().check_together(source)
+        if (self.layers is None) == (self.last_k is None):
             self.fail("layers", "or last_k: exactly one of them chooses the trained layers", source)
-        if self.layers_pattern is not None and not is_names(self.layers_pattern):
-            self.fail("layers_pattern", "must be a name or a list of names", source)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import TargetedConfig, is_int, is_number
+from ..config import Check, TargetedConfig, checked, is_int, is_number, one_of
+
+BUDGET = Check(
+    lambda b: (is_int(b) and b > 0) or (isinstance(b, float) and is_number(b) and 0 < b <= 1),
+    "must be a positive number of entries or a fraction in (0, 1]",
+)
 
 
 @dataclasses.dataclass
@@ -17,19 +22,9 @@ class SparseConfig(TargetedConfig):
 
     peft_type: ClassVar[str] = "QPEFT_SPARSE"
 
-    budget: int | float = 0.01
-    selection: str = "gradient"
-    seed: int = 0
-
-    def validate(self, source: str | None = None) -> None:
-        super().validate(source)
-        b = self.budget
-        if not ((is_int(b) and b > 0) or (isinstance(b, float) and is_number(b) and 0 < b <= 1)):
-            self.fail("budget", "must be a positive number of entries or a fraction in (0, 1]", source)
-        if self.selection not in ("gradient", "random"):
-            self.fail("selection", "must be 'gradient' or 'random'", source)
-        if not is_int(self.seed):
-            self.fail("seed", "must be an integer", source)
+    budget: int | float = checked(0.01, BUDGET)
+    selection: str = checked("gradient", one_of("gradient", "random"))
+    seed: int = checked(0, Check(is_int, "must be an integer"))
 
     def entries(self, out_features: int, in_features: int) -> int:
         n = out_features * in_features

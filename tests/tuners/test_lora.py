@@ -9,23 +9,12 @@ import torch
 import qpeft
 from qpeft.nn import LoraLinear4bit
 
-from helpers import rel_err, tiny_gpt2, tiny_llama, trainer_losses
+from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama, tokens, trainer_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tokens(seed=1):
-    return torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def randomize_adapters(model):
-    with torch.no_grad():
-        for _, layer in model.lora_layers():
-            for a in layer.adapters.values():
-                a.lora_B.normal_(0, 0.05)
 
 
 def dequantized_float_copy(qmodel, original):

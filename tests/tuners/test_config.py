@@ -9,7 +9,7 @@ import torch
 
 import qpeft
 
-from test_model import tiny_llama
+from helpers import tiny_llama
 
 
 def write_adapter(tmp_path, **overrides):
@@ -186,3 +186,44 @@ def test_oversized_config_files_are_refused_unread(tmp_path):
         f.write(b" " * (17 << 20))
     with pytest.raises(qpeft.ConfigError, match="refused"):
         qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_every_field_of_every_method_config_declares_its_check():
+    """validate() runs the checks declared with the fields: a field added without one would go unchecked."""
+    import dataclasses
+
+    from qpeft.tuners import registry
+
+    for method in registry.METHODS.values():
+        unchecked = [f.name for f in dataclasses.fields(method.config_class) if f.metadata.get("check") is None]
+        assert not unchecked, (method.name, unchecked)
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda n: qpeft.LoraConfig(r=n), "r"),
+        (lambda n: qpeft.LoraConfig(rank_pattern={"q_proj": n}), "rank_pattern"),
+        (lambda n: qpeft.AdaLoraConfig(init_r=n, total_step=10), "init_r"),
+        (lambda n: qpeft.PromptTuningConfig(num_virtual_tokens=n), "num_virtual_tokens"),
+        (lambda n: qpeft.MultitaskPromptTuningConfig(num_virtual_tokens=2, num_tasks=n), "num_tasks"),
+        (lambda n: qpeft.MultitaskPromptTuningConfig(num_virtual_tokens=2, num_ranks=n), "num_ranks"),
+        (lambda n: qpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=n), "num_layers"),
+        (lambda n: qpeft.BottleneckConfig(bottleneck_size=n), "bottleneck_size"),
+    ],
+)
+def test_sizes_from_a_config_are_capped_before_anything_is_allocated(make, key):
+    from qpeft.tuners.config import MAX_SIZE
+
+    make(MAX_SIZE)  # the largest accepted size: a config only, nothing allocated
+    with pytest.raises(qpeft.ConfigError, match=key):
+        make(MAX_SIZE + 1)
+    with pytest.raises(qpeft.ConfigError, match=key):
+        make(1 << 40)
+
+
+def test_a_piggyback_start_is_checked_in_the_score_dtype():
+    """init_score 1.001 > threshold 1.0 in double, but both round to 1.0 in bfloat16: no weight would be kept."""
+    qpeft.PiggybackConfig(threshold=1.0, init_score=1.001)
+    with pytest.raises(qpeft.ConfigError, match="init_score"):
+        qpeft.PiggybackConfig(threshold=1.0, init_score=1.001, score_dtype="bfloat16")
