@@ -12,7 +12,7 @@ import qpeft
 from qpeft import files
 from qpeft.nn import LoraLinear4bit
 
-from helpers import tiny_llama
+from helpers import tiny_llama, tokens
 
 BAD_NAMES = ["../evil", "/tmp/evil", "a/b", "a\\b", "", "a.b", "-x", "x" * 129, 5, None, "é"]
 
@@ -140,7 +140,6 @@ def test_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path, how):
 
 @pytest.mark.parametrize("how", ["missing", "shape"])
 def test_failed_load_adapter_leaves_no_adapter_behind(tmp_path, how):
-    from test_model import tokens
 
     good = tmp_path / "good"
     bad = tmp_path / "bad"
