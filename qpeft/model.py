@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter_io
+from . import adapter_io, patterns
 from .files import check_adapter_name, folder_inside
 from .nn.adapter_holder import AdapterLayer4bit, NamedAdapters
 from .reporting import ParameterReport
@@ -155,7 +155,7 @@ class QPeftModel(ParameterReport, nn.Module):
             )
         if kinds and method.own_parameters:
             raise ValueError(f"qpeft: {config.peft_type} trains the model's own parameters: one adapter per model")
-        with all_or_nothing(self.base_model, self):
+        with all_or_nothing(self.base_model, self), patterns.budget():  # the config's regexes: one time budget
             if method.is_prompt_learning:
                 self.prompt_encoder[adapter_name] = method.encoder(self.base_model, config, _loaded)
             else:

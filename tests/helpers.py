@@ -192,3 +192,17 @@ def linear_4bit_grad_input(dy, q):
 def nested_of(q):
     """q's double-quantization tensors as functional's keywords (None without double quantization)."""
     return dict(nested_absmax=q.nested_absmax, nested_code=q.nested_code, nested_offset=q.nested_offset)
+
+
+class SeededDropout(torch.nn.Module):
+    """peft's dropout slot filled with qpeft's deterministic mask."""
+
+    def __init__(self, p: float, seed: int):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        from qpeft import reference as R
+
+        keep = R.dropout_keep_mask(x.shape, self.p, self.seed)
+        return torch.where(keep, x / (1 - self.p), torch.zeros_like(x))

@@ -237,7 +237,7 @@ def test_multiple_adapters_and_disable_match_peft():
     """Two active adapters (summed, each with its own dropout stream) equal peft with the same weights; the
     disabled mode is the base alone."""
     peft = pytest.importorskip("peft")
-    from test_lora_reference import SeededDropout
+    from helpers import SeededDropout
 
     k, n, seed, p = 48, 40, 99, 0.25
     layer = make_layer(k, n, "cpu", torch.float32, p=p, lora_bias=True, r=4)

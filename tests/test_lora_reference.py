@@ -8,19 +8,9 @@ from torch import nn
 
 from qpeft import reference as R
 
+from helpers import SeededDropout
+
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
-
-
-class SeededDropout(nn.Module):
-    """peft's dropout slot filled with qpeft's deterministic mask."""
-
-    def __init__(self, p: float, seed: int):
-        super().__init__()
-        self.p, self.seed = p, seed
-
-    def forward(self, x):
-        keep = R.dropout_keep_mask(x.shape, self.p, self.seed)
-        return torch.where(keep, x / (1 - self.p), torch.zeros_like(x))
 
 
 class Tiny(nn.Module):

@@ -143,6 +143,24 @@ def test_hostile_regexes_in_adapter_config_are_refused_quickly(tmp_path, key, va
     assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
 
 
+def test_many_slow_patterns_share_one_time_budget_per_load(tmp_path, monkeypatch):
+    """Hundreds of distinct patterns, each ~20 ms on a module name (under the per-match bound), would keep a load
+    busy for tens of seconds; one load's matches share patterns.LOAD_SECONDS."""
+    import time
+
+    from qpeft import patterns
+
+    monkeypatch.setattr(patterns, "LOAD_SECONDS", 0.5)
+    slow = {f"(?:.|.){{16}}(?<=Z)(?#{i})": 2 for i in range(300)}
+    path = write_adapter(tmp_path, rank_pattern=slow)
+    model = tiny_llama()
+    start = time.perf_counter()
+    with pytest.raises(qpeft.ConfigError, match="rank_pattern patterns took over"):
+        qpeft.QPeftModel.from_pretrained(model, path.parent)
+    assert time.perf_counter() - start < 5
+    assert not any(isinstance(m, qpeft.nn.Linear4bit) for m in model.modules())
+
+
 def test_sharded_checkpoint_index_is_checked(tmp_path):
     """model.safetensors.index.json names shards: only files of the folder, in a JSON object."""
     model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules="all-linear"))
