@@ -55,7 +55,11 @@ def fully_shard_model(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
     # transformers.Trainer's mark of a model that owns its sharding: trained as it is, not wrapped or sharded again
-    model.is_distributed_loading_by_transformers = True
+    # (a read-only property over _is_distributed_loading_by_transformers on transformers models since 5.25)
+    if isinstance(getattr(type(model), "is_distributed_loading_by_transformers", None), property):
+        model._is_distributed_loading_by_transformers = True
+    else:
+        model.is_distributed_loading_by_transformers = True
     return model
 
 

@@ -290,6 +290,38 @@ def sharded_load_worker(rank, port, case, folder):
         dist.destroy_process_group()
 
 
+def bare_model_worker(rank, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        import transformers
+
+        model = qpeft.distributed.load_4bit_sharded(folder, None, mesh=mesh)  # a transformers model, no adapter
+        assert isinstance(model, transformers.LlamaForCausalLM) and model.is_distributed_loading_by_transformers
+        reference = qpeft.load_4bit_pretrained(folder)
+        ids = global_batches()[0].chunk(WORLD)[rank]
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+        bare = qpeft.distributed.fully_shard_model(tiny_llama(), mesh)  # no 4-bit layer, no wrapper
+        assert bare.is_distributed_loading_by_transformers
+        with torch.no_grad():
+            assert torch.equal(bare(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bare_transformers_models_shard(tmp_path):
+    """fully_shard_model and load_4bit_sharded without a peft config, on the transformers model itself (its
+    is_distributed_loading_by_transformers is a read-only property since transformers 5.25)."""
+    write_4bit_checkpoint(tmp_path / "ckpt", "nf4")
+    run_ranks(bare_model_worker, str(tmp_path / "ckpt"))
+
+
 @pytest.mark.parametrize("case", list(SHARDED_LOADS))
 def test_4bit_checkpoint_loads_shard_by_shard(case, tmp_path):
     """load_4bit_sharded: each rank reads only its rows of the checkpoint (about half its bytes) into an FSDP2
