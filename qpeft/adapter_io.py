@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import safetensors
 import torch
 from safetensors.torch import load_file
 
+from .errors import ConfigError
 from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import ADAPTER_FILES, resolve_folder
 from .tuners import modules_to_save, registry
@@ -19,8 +21,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def save_adapter(tensors: dict[str, torch.Tensor], config: AdapterConfig, folder: Path) -> None:
-    """The adapter's two files in ``folder`` (from files.folder_inside), each written atomically: weights first."""
+    """The adapter's two files in ``folder`` (from files.folder_inside), each written atomically; the config is the
+    folder's completion mark (loading requires it): removed first, written last, so an interrupted save leaves a
+    folder that is refused, never new weights under an old config."""
     tensors = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
     write_safetensors_atomic(folder / ADAPTER_WEIGHTS, tensors)
     write_json_atomic(folder / ADAPTER_CONFIG, config.to_peft_dict())
 
@@ -44,7 +49,11 @@ def load_adapter_files(
         hint = " (adapter_model.bin is pickle, which qpeft never loads)" if pickled else ""
         raise FileNotFoundError(f"qpeft: no {ADAPTER_WEIGHTS} in {folder}{hint}")
     config = config_from_peft_dict(read_json_file(config_path, "adapter_config"), str(config_path), **quant)
-    return config, load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ConfigError(str(weights_path), "safetensors", f"cannot be read: {e}") from None
+    return config, tensors
 
 
 def file_parameters(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ class SafetensorsFolder:
     ``bytes_read`` counts what was read."""
 
     def __init__(self, folder: str | Path):
+        import safetensors
         from safetensors import safe_open
 
         folder = Path(folder)
@@ -72,8 +73,17 @@ class SafetensorsFolder:
             shards = ["model.safetensors"]
         self._files, self._where = {}, {}
         for shard in shards:
-            handle = self._files[shard] = safe_open(str(folder / shard), framework="pt")
+            path = folder / shard
+            try:
+                handle = self._files[shard] = safe_open(str(path), framework="pt")
+            except (OSError, safetensors.SafetensorError) as e:
+                raise ConfigError(str(path), "safetensors", f"cannot be read: {e}") from None
             self._where.update(dict.fromkeys(handle.keys(), shard))
+        if index.is_file():  # the index says which shard holds each tensor; a tensor elsewhere too is not read
+            absent = [k for k, shard in weight_map.items() if k not in self._files[shard].keys()]
+            if absent:
+                raise ConfigError(source, "weight_map", f"names tensors its shards do not hold: {absent[:5]}")
+            self._where = dict(weight_map)
         self.bytes_read = 0
 
     def keys(self) -> list[str]:
@@ -260,9 +270,10 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
-    """Writes ``model`` (a transformers model whose linear layers are qpeft Linear4bit / LoraLinear4bit; qpeft's
+    """Writes ``model`` (a transformers model whose linear layers are qpeft Linear4bit or adapter layers; qpeft's
     QPeftModel is unwrapped) as a bitsandbytes 4-bit checkpoint: config.json with quantization_config and
-    model.safetensors. transformers + bitsandbytes load it with from_pretrained."""
+    model.safetensors. transformers + bitsandbytes load it with from_pretrained. All or nothing per folder: an
+    interrupted save leaves no config.json, so nothing loads a half-written folder."""
     from .model import QPeftModel
 
     if isinstance(model, QPeftModel):
@@ -290,6 +301,11 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
             continue
         seen[ptr] = key
         tensors[key] = t.detach().cpu().contiguous()
+    # config.json is the folder's completion mark (loading requires it): removed first, written last, so an
+    # interrupted save leaves a folder that is refused, never new weights under an old config; a stale index
+    # (from a sharded save) would shadow the new model.safetensors
+    (folder / "config.json").unlink(missing_ok=True)
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
     write_safetensors_atomic(folder / "model.safetensors", tensors)
     compute = layers[0].compute_dtype
     qconfig = {

@@ -2,6 +2,7 @@
 transformers + bitsandbytes load them (same outputs)."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 import qpeft
 from qpeft.nn import Linear4bit
 
-from helpers import reference_float_model, same_bytes
 from qpeft.checkpoint import read_safetensors_folder
-from helpers import rel_err, tiny_gpt2, tiny_llama, tokens
+
+from helpers import reference_float_model, rel_err, same_bytes, tiny_gpt2, tiny_llama, tokens
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
@@ -117,3 +118,93 @@ def test_load_errors(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "fp")
     with pytest.raises(ValueError, match="no 4-bit layers"):
         qpeft.load_4bit_pretrained(tmp_path / "fp")
+
+
+def four_bit_llama(seed=0):
+    return qpeft.get_peft_model(tiny_llama(seed), qpeft.LoraConfig(r=2, target_modules="all-linear")).base_model
+
+
+def test_a_save_replaces_a_stale_sharded_index(tmp_path):
+    """A folder that held a sharded checkpoint: the new model.safetensors is what loads, not the old shards."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    old = four_bit_llama(seed=1)
+    qpeft.save_4bit_pretrained(old, tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")
+    keys = safe_open(str(tmp_path / "model-00001-of-00001.safetensors"), framework="pt").keys()
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")})
+    )
+    new = four_bit_llama(seed=2)
+    qpeft.save_4bit_pretrained(new, tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(qpeft.load_4bit_pretrained(tmp_path)(tokens()).logits, new(tokens()).logits)
+    # of two shards holding one tensor, the one the index names is read
+    tensors = read_safetensors_folder(tmp_path)
+    key = "model.norm.weight"
+    save_file({key: torch.full_like(tensors[key], 7.0)}, str(tmp_path / "other.safetensors"))
+    save_file(tensors, str(tmp_path / "main.safetensors"))
+    weight_map = {**dict.fromkeys(tensors, "main.safetensors"), key: "other.safetensors"}
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert torch.equal(read_safetensors_folder(tmp_path)[key], torch.full_like(tensors[key], 7.0))
+    weight_map[key] = "main.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert torch.equal(read_safetensors_folder(tmp_path)[key], tensors[key])
+    weight_map["model.missing"] = "main.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(qpeft.ConfigError, match="weight_map"):
+        read_safetensors_folder(tmp_path)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "adapter"])
+def test_an_interrupted_save_leaves_a_folder_that_is_refused(tmp_path, monkeypatch, what):
+    """The config is written last and removed first: a save that stops after the weights never leaves new weights
+    under an old config (which could load as a wrong model)."""
+    from qpeft import adapter_io, checkpoint
+
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    save = (
+        (lambda: qpeft.save_4bit_pretrained(model, tmp_path))
+        if what == "checkpoint"
+        else (lambda: model.save_pretrained(tmp_path))
+    )
+    load = (
+        (lambda: qpeft.load_4bit_pretrained(tmp_path))
+        if what == "checkpoint"
+        else (lambda: qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path))
+    )
+    save()
+    load()
+    module = checkpoint if what == "checkpoint" else adapter_io
+
+    def interrupted(path, data):
+        raise KeyboardInterrupt  # the process stops right after the weights
+
+    monkeypatch.setattr(module, "write_json_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save()
+    with pytest.raises(FileNotFoundError, match="config"):
+        load()
+
+
+def test_a_corrupt_safetensors_file_is_a_config_error_naming_it(tmp_path):
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    qpeft.save_4bit_pretrained(model, tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    for path in (tmp_path / "base" / "model.safetensors", tmp_path / "adapter" / "adapter_model.safetensors"):
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(qpeft.ConfigError, match="model.safetensors"):
+        qpeft.load_4bit_pretrained(tmp_path / "base")
+    with pytest.raises(qpeft.ConfigError, match="adapter_model.safetensors"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+
+
+def test_a_bias_the_4bit_layer_lacks_is_not_dropped():
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 8, bias=False))
+    sd = {**layer.state_dict(), "bias": torch.ones(8)}
+    with pytest.raises(RuntimeError, match="bias"):
+        layer.load_state_dict(sd)
+    assert "bias" in layer.load_state_dict(sd, strict=False).unexpected_keys
