@@ -444,3 +444,32 @@ def test_prompt_learning_on_a_4bit_checkpoint_keeps_its_layers(tmp_path):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: qpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=5), "num_layers"),
+        (lambda: qpeft.PrefixTuningConfig(num_virtual_tokens=2, num_layers=1), "num_layers"),
+        (lambda: qpeft.PrefixTuningConfig(num_virtual_tokens=2, token_dim=64, num_attention_heads=4), "token_dim"),
+        (lambda: qpeft.PromptTuningConfig(num_virtual_tokens=2, token_dim=32), "token_dim"),
+        (lambda: qpeft.PromptEncoderConfig(num_virtual_tokens=2, token_dim=128), "token_dim"),
+        (lambda: qpeft.PromptTuningConfig(num_virtual_tokens=64), "num_virtual_tokens"),
+    ],
+)
+def test_prompt_sizes_that_do_not_fit_the_model_are_refused_before_anything_is_built(make, key, tmp_path):
+    """tiny_llama: 2 layers, hidden 64, 4 heads of 16, 2 key/value heads, 64 positions. A prefix for other layers,
+    or prompts of another width, would run silently wrong or fail deep in the forward."""
+    model = tiny_llama()
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    with pytest.raises(qpeft.ConfigError, match=key):
+        qpeft.get_peft_model(model, make())
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == before
+    # the same from a file
+    good = qpeft.get_peft_model(tiny_llama(), qpeft.PrefixTuningConfig(num_virtual_tokens=2))
+    good.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["num_layers"] = 7
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(qpeft.ConfigError, match="num_layers"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)

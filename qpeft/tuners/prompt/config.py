@@ -21,6 +21,15 @@ def _name(v):
     return v.value if isinstance(v, enum.Enum) else v
 
 
+def _first(config, *names):
+    """The first of ``names`` that ``config`` sets."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 @dataclasses.dataclass
 class PromptLearningConfig(WholeModelConfig):
     """Fields of every prompt-learning method (and qpeft's ``quantize``)."""
@@ -73,6 +82,21 @@ class PromptLearningConfig(WholeModelConfig):
                 setattr(self, key, value)
         self.fill_method_sizes(text)
         self.validate()
+        for key, (expected, what) in self.model_sizes(text).items():
+            if expected is not None and getattr(self, key) != expected:
+                raise ConfigError(None, key, f"is {getattr(self, key)}, but the model has {expected} ({what})")
+        positions = read("max_position_embeddings", "n_positions")
+        if positions is not None and self.num_virtual_tokens >= positions:
+            raise ConfigError(
+                None, "num_virtual_tokens", f"is {self.num_virtual_tokens}, not below the model's {positions} positions"
+            )
+
+    def model_sizes(self, text_config) -> dict:
+        """key -> (the size the model requires, what it is) for the sizes that must fit the model."""
+        return {
+            "num_layers": (_first(text_config, "num_hidden_layers", "num_layers", "n_layer"), "layers"),
+            "token_dim": (_first(text_config, "hidden_size", "n_embd", "d_model"), "hidden size"),
+        }
 
     def fill_method_sizes(self, text_config) -> None:
         """Method-specific sizes derived from the model (a subclass's)."""
@@ -164,6 +188,18 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def fill_method_sizes(self, text_config) -> None:
         self.encoder_hidden_size = self.encoder_hidden_size or self.token_dim
+
+    def model_sizes(self, text_config) -> dict:
+        """The prefix's blocks are key/value blocks: the key/value heads and their width."""
+        sizes = super().model_sizes(text_config)
+        heads = _first(text_config, "num_attention_heads", "n_head", "num_heads")
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        hidden = sizes["token_dim"][0]
+        if heads and hidden:
+            head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+            sizes["token_dim"] = (head_dim * kv_heads, "key/value heads x head size")
+            sizes["num_attention_heads"] = (kv_heads, "key/value heads")
+        return sizes
 
 
 @dataclasses.dataclass
