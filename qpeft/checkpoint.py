@@ -210,6 +210,7 @@ def build_4bit_model(
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build the plain architecture; qpeft provides the 4-bit layers
     model_class = model_class or transformers.AutoModelForCausalLM
+    _check_config_fits(folder, model_class, config, tensors, quantized)
     with _parameters_on_meta():
         model = model_class.from_config(config, trust_remote_code=False)
     for name in quantized:
@@ -238,6 +239,42 @@ def build_4bit_model(
         )
     model.config.quantization_config = qconfig
     return model.eval()
+
+
+def _check_config_fits(folder: Path, model_class, config, tensors: dict, quantized: set[str]) -> None:
+    """The architecture config.json describes, built on the meta device (nothing allocated), holds exactly the
+    checkpoint's parameters with the checkpoint's shapes: a config whose sizes disagree with the file (a vocab of
+    10^12, say) is refused before the model is built for real."""
+    from .quantized import read_quant_state
+    from .tuners.targets import layer_index
+
+    source = str(folder / "config.json")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    held = {layer_index(key, None) for key in tensors} - {None}
+    if isinstance(layers, int) and layers > max(held, default=-1) + 1:  # (checked first: building them is slow)
+        raise ConfigError(source, "num_hidden_layers", f"is {layers}, but the checkpoint holds {len(held)} layers")
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in model_class.from_config(config).named_parameters()}
+    for name in quantized:
+        state = next(k for k in tensors if k.startswith(f"{name}.weight.quant_state."))
+        stored = read_quant_state(tensors[state]).get("shape")
+        expected = shapes.get(f"{name}.weight")
+        if expected is None or (list(expected) != stored and list(expected[::-1]) != stored):
+            raise ConfigError(
+                source, "config", f"gives {name}.weight the shape {expected}, but the checkpoint holds {stored}"
+            )
+    for name, shape in shapes.items():
+        if name.removesuffix(".weight") in quantized:
+            continue
+        if name not in tensors:
+            raise ConfigError(source, "config", f"describes {name}, which the checkpoint does not hold")
+        if tuple(tensors[name].shape) != shape:
+            raise ConfigError(
+                source,
+                "config",
+                f"gives {name} the shape {list(shape)}, but the checkpoint holds {list(tensors[name].shape)}",
+            )
 
 
 def _is_quant_key(key: str, quantized: set[str]) -> bool:

@@ -208,3 +208,17 @@ def test_a_bias_the_4bit_layer_lacks_is_not_dropped():
     with pytest.raises(RuntimeError, match="bias"):
         layer.load_state_dict(sd)
     assert "bias" in layer.load_state_dict(sd, strict=False).unexpected_keys
+
+
+@pytest.mark.parametrize(
+    "key, value", [("vocab_size", 10**12), ("intermediate_size", 10**9), ("num_hidden_layers", 10**6)]
+)
+def test_a_config_that_does_not_fit_its_checkpoint_is_refused_before_allocating(tmp_path, key, value):
+    """Sizes in config.json are checked against the checkpoint's tensors on the meta device first: a tiny file
+    cannot make the loader allocate terabytes."""
+    qpeft.save_4bit_pretrained(four_bit_llama(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(qpeft.ConfigError, match="config.json"):
+        qpeft.load_4bit_pretrained(tmp_path)

@@ -56,11 +56,12 @@ def interrupt_write(monkeypatch, n):
 
 
 @pytest.mark.parametrize("interrupt_at", [1, 2])
-def test_interrupted_adapter_save_leaves_whole_files(tmp_path, monkeypatch, interrupt_at):
+def test_interrupted_adapter_save_leaves_whole_files_and_no_config(tmp_path, monkeypatch, interrupt_at):
+    """A second save interrupted at its first write (the weights) or its second (the config): every file left is
+    whole, and the config (the folder's completion mark, removed first, written last) is the new one or absent, so
+    the folder is refused rather than loaded as new weights under the old config."""
     model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
-    old_config = (tmp_path / "adapter_config.json").read_text()
-    old_weights = load_file(tmp_path / "adapter_model.safetensors")
     with torch.no_grad():
         for _, layer in model.lora_layers():
             layer.lora_B.fill_(0.5)
@@ -70,22 +71,21 @@ def test_interrupted_adapter_save_leaves_whole_files(tmp_path, monkeypatch, inte
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
     weights = load_file(tmp_path / "adapter_model.safetensors")  # whole: old (1) or new (2)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (config == json.loads(old_config)) and config["lora_alpha"] != 7  # the config is written last
     b_key = next(k for k in weights if k.endswith("lora_B.weight"))
-    if interrupt_at == 1:
-        assert torch.equal(weights[b_key], old_weights[b_key])
-    else:
-        assert torch.equal(weights[b_key], torch.full_like(weights[b_key], 0.5))
+    assert torch.equal(weights[b_key], torch.full_like(weights[b_key], 0.5)) == (interrupt_at == 2)
+    assert not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     model.save_pretrained(tmp_path)  # and a complete save afterwards
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 7
 
 
 @pytest.mark.parametrize("interrupt_at", [1, 2])
-def test_interrupted_checkpoint_save_leaves_whole_files(tmp_path, monkeypatch, interrupt_at):
-    """A second save of a changed model (other bias values), interrupted at its first or second write: every file
-    is whole, the old or the new one, and the folder still loads."""
+def test_interrupted_checkpoint_save_leaves_whole_files_and_no_config(tmp_path, monkeypatch, interrupt_at):
+    """A second save of a changed model, interrupted at its first or second write: every file is whole, the old
+    or the new one, and without its config.json the folder is refused (never the new weights under the old
+    config); a complete save afterwards loads."""
     model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules="all-linear"))
     qpeft.save_4bit_pretrained(model, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -98,8 +98,13 @@ def test_interrupted_checkpoint_save_leaves_whole_files(tmp_path, monkeypatch, i
         qpeft.save_4bit_pretrained(model, tmp_path)
     monkeypatch.undo()
     for name in before:
-        assert (tmp_path / name).read_bytes() in (before[name], after[name]), name
+        if (tmp_path / name).exists():
+            assert (tmp_path / name).read_bytes() in (before[name], after[name]), name
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not (tmp_path / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qpeft.load_4bit_pretrained(tmp_path)
+    qpeft.save_4bit_pretrained(model, tmp_path)
     assert qpeft.load_4bit_pretrained(tmp_path) is not None
 
 

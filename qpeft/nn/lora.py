@@ -51,6 +51,15 @@ class LoraSpec:
         return formats.lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
+def check_rank(r: int, in_features: int, out_features: int) -> None:
+    """A rank above max(in, out) adds nothing a full-rank update lacks, and would allocate r x (in + out)."""
+    if r > max(in_features, out_features):
+        raise ValueError(
+            f"qpeft: LoRA rank {r} exceeds the layer's larger dimension ({in_features} -> {out_features}); "
+            "refused before allocating"
+        )
+
+
 class LoraAdapter(nn.Module):
     """One adapter's trainable tensors: ``lora_A`` [r, in], ``lora_B`` [out, r], optional ``lora_bias`` [out]
     (the bias of peft's lora_B, scaled with the branch) and ``lora_magnitude`` [out] (DoRA's m); its
@@ -58,6 +67,7 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, spec: LoraSpec, device: torch.device | str | None = None):
         super().__init__()
+        check_rank(spec.r, in_features, out_features)
         self.r, self.alpha, self.dropout, self.use_rslora = spec.r, spec.alpha, spec.dropout, spec.use_rslora
         self.scaling, self.init = spec.scaling, spec.init
         dtype = spec.adapter_dtype
@@ -129,6 +139,7 @@ class AdaLoraAdapter(nn.Module):
         super().__init__()
         if not isinstance(r, int) or r < 0:
             raise ValueError(f"qpeft: AdaLoRA rank must be a non-negative integer, got {r!r}")
+        check_rank(r, in_features, out_features)
         F.check_dropout_p(dropout, "LoRA dropout")
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.ranknum = float(r if ranknum is None else ranknum)

@@ -245,3 +245,22 @@ def test_a_piggyback_start_is_checked_in_the_score_dtype():
     qpeft.PiggybackConfig(threshold=1.0, init_score=1.001)
     with pytest.raises(qpeft.ConfigError, match="init_score"):
         qpeft.PiggybackConfig(threshold=1.0, init_score=1.001, score_dtype="bfloat16")
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (lambda: qpeft.LoraConfig(r=1000, target_modules=["q_proj"]), "rank 1000 exceeds"),
+        (lambda: qpeft.LoraConfig(r=2, rank_pattern={"q_proj": 4096}, target_modules=["q_proj"]), "rank 4096"),
+        (lambda: qpeft.AdaLoraConfig(init_r=500, target_modules=["q_proj"], total_step=10), "rank 500"),
+        (lambda: qpeft.BottleneckConfig(bottleneck_size=65), "bottleneck_size"),
+    ],
+)
+def test_sizes_above_what_the_model_can_use_are_refused_before_allocating(config, match):
+    """tiny_llama's layers are at most 96 wide: a larger rank or bottleneck adds nothing and is refused by name,
+    the model left as it was."""
+    model = tiny_llama()
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=match):
+        qpeft.get_peft_model(model, config())
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == before

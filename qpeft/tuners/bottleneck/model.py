@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...errors import ConfigError
 from ...nn.bottleneck import BottleneckAdapter, Bottlenecks, apply_bottlenecks
 from .. import targets
 from ..lora.model import PREFIX
@@ -45,6 +46,8 @@ def inject_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str
         targets.quantize_linears(model, config)
     hidden = _hidden_size(model)
     width = config.bottleneck_size or max(hidden // config.reduction_factor, 1)
+    if width > hidden:
+        raise ConfigError(None, "bottleneck_size", f"is {width}, above the model's hidden size {hidden}")
     device = next(model.parameters()).device
     names = placement(model, config)
     for name in names:
