@@ -93,18 +93,28 @@ def weight_args(weight) -> WeightArgs:
     )
 
 
+MAX_QUANTIZABLE = 2.0**126  # above it, rcp.approx.ftz of the block's absmax is 0
+
+
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization of ``A`` (any shape, fp32/fp16/bf16, any device with a kernel).
 
     Returns ``(packed, absmax)``: uint8 ``[(n + 1) // 2]`` and fp32 ``[ceil(n / blocksize)]``.
-    Raises ValueError for non-finite values (they have no 4-bit code and would poison a whole block).
+    Raises ValueError for non-finite values (they have no 4-bit code and would poison a whole block) and for
+    magnitudes above MAX_QUANTIZABLE (the GPU reciprocal of such a block scale flushes to zero: every code 0).
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"qpeft: expected a tensor to quantize, got {type(A).__name__}")
     check_float_dtype(A.dtype, "the tensor to quantize")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    return ops.quantize_4bit(A, blocksize, quant_type)  # the op refuses inf / NaN (one pass over A)
+    packed, absmax = ops.quantize_4bit(A, blocksize, quant_type)  # the op refuses inf / NaN (one pass over A)
+    if absmax.numel() and not torch.compiler.is_compiling() and float(absmax.max()) > MAX_QUANTIZABLE:
+        raise ValueError(
+            f"qpeft: values above 2^126 in magnitude cannot be quantized (largest {float(absmax.max()):.3g}): "
+            "their block's reciprocal scale flushes to zero"
+        )
+    return packed, absmax
 
 
 def dequantize_4bit(

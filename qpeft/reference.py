@@ -306,7 +306,7 @@ def lora_linear(
 
         y = x W^T + s * (drop(x) A^T B^T + lora_bias) + bias
 
-    DoRA (magnitude m [N]; n = row norms of W + s B A, detached from the graph):
+    DoRA (magnitude m [N]; n = row norms of W + s B A, detached from the graph, 1 where a row is 0):
 
         y = x W^T + (m / n - 1) * (drop(x) W^T) + (m / n) * s * (drop(x) A^T B^T + lora_bias) + bias
 
@@ -328,6 +328,7 @@ def lora_linear(
         y = y + scaling * lora
     else:
         norm = (W + scaling * (B @ A)).norm(dim=1).detach()
+        norm = torch.where(norm == 0, torch.ones_like(norm), norm)  # a zero row: m / 1, not 0 / 0
         ratio = magnitude / norm
         y = y + (ratio - 1) * (dropped @ W.T) + ratio * scaling * lora
     return y if bias is None else y + bias

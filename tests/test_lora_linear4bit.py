@@ -416,3 +416,29 @@ def test_dora_weight_norm_without_a_dense_weight(device, r):
     W = layer.base.dequantized_weight(torch.float32).double()
     direct = (W + adapter.scaling * adapter.lora_B.double() @ adapter.lora_A.double()).norm(dim=1)
     assert rel_err(layer._dora_norm(adapter), direct) < 1e-6
+
+
+def test_dora_on_a_zero_weight_row_is_finite_and_matches_the_reference():
+    """A row of W that is all zero (pruned weights, padded vocabularies): DoRA's m / ||W + s B A|| would be 0 / 0;
+    the row then computes what the base computes, and m gets a finite gradient, as in reference.lora_linear."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight[3].zero_()
+    layer = LoraLinear4bit.from_linear(linear, r=2, use_dora=True)
+    x = torch.randn(5, 64, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    a = layer.adapters["default"]
+    W = layer.base.dequantized_weight(torch.float32)
+    x64 = x.detach().double().requires_grad_()
+    m64 = a.lora_magnitude.detach().double().requires_grad_()
+    ref = R.lora_linear(
+        x64, W, a.lora_A.detach(), a.lora_B.detach(), a.scaling, bias=layer.base.bias.detach(), magnitude=m64
+    )
+    ref.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(a.lora_magnitude.grad).all()
+    assert rel_err(y, ref) < 1e-5 and rel_err(a.lora_magnitude.grad, m64.grad) < 1e-4
+    assert torch.equal(y[:, 3], layer.base.bias[3].expand(5))
+    layer.eval().merge()
+    assert torch.isfinite(layer(x)).all()

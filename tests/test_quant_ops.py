@@ -261,3 +261,14 @@ def test_cuda_matches_cpu_on_a_large_weight(quant_type):
     scales = R.dequantize_nested_absmax(q8, absmax2, nested.nested_code.cpu(), nested.nested_offset.cpu())
     expected = R.dequantize_4bit(cpu.packed, scales, 64, quant_type, W.shape, torch.bfloat16)
     assert torch.equal(nested.dequantize().cpu(), expected)
+
+
+def test_values_whose_block_reciprocal_flushes_to_zero_are_refused():
+    """Above 2^126 the GPU reciprocal (rcp.approx.ftz) of a block's absmax is 0, so every code would be 0."""
+    W = torch.randn(4, 64)
+    W[1, 5] = 2.0**127
+    with pytest.raises(ValueError, match="2\\^126"):
+        F.quantize_4bit(W)
+    W[1, 5] = 2.0**125  # representable: dequantizes back to itself (it is its block's absmax)
+    packed, absmax = F.quantize_4bit(W)
+    assert F.dequantize_4bit(packed, absmax, 64, "nf4", W.shape, torch.float32)[1, 5] == 2.0**125

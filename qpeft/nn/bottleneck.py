@@ -46,6 +46,13 @@ class Bottlenecks(NamedAdapters):
 
     def adapt(self, h: torch.Tensor) -> torch.Tensor:
         for name in self.active_names():
+            features = self.adapters[name].down.in_features
+            if not isinstance(h, torch.Tensor) or h.shape[-1:] != (features,):
+                got = list(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+                raise ValueError(
+                    f"qpeft: bottleneck adapter {name!r} takes outputs of hidden size {features}, but its module "
+                    f"returned {got} (place it after modules whose output is the hidden state: target_modules)"
+                )
             h = h + self.adapters[name](h)
         return h
 

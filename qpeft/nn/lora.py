@@ -51,6 +51,12 @@ class LoraSpec:
         return formats.lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
+def _nonzero_norm(norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's row norms with 1 for a zero row (an all-zero weight row, B still 0): m / 1 instead of 0 / 0 = NaN,
+    so such a row computes what the base computes (0) and m keeps a finite gradient."""
+    return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
 def check_rank(r: int, in_features: int, out_features: int) -> None:
     """A rank above max(in, out) adds nothing a full-rank update lacks, and would allocate r x (in + out)."""
     if r > max(in_features, out_features):
@@ -318,7 +324,7 @@ class LoraLinear4bit(AdapterLayer4bit):
             s = adapter.scaling
             gram = A.double() @ A.double().T
             squared = self.base.row_norms_squared() + 2 * s * (B * wa.T).sum(1) + s * s * ((B @ gram) * B).sum(1)
-            return squared.clamp_min(0).sqrt().float()
+            return _nonzero_norm(squared.clamp_min(0).sqrt().float())
 
     # ---- merging (into a dense weight: the 4-bit base is never requantized) --------------------------------
     @torch.no_grad()
@@ -332,7 +338,7 @@ class LoraLinear4bit(AdapterLayer4bit):
             merged = weight + a.delta_weight()
             lora_bias = a.scaling * a.lora_bias.float() if a.lora_bias is not None else None
             if a.use_dora:
-                scale = a.lora_magnitude.float() / merged.norm(dim=1)
+                scale = a.lora_magnitude.float() / _nonzero_norm(merged.norm(dim=1))
                 merged = merged * scale[:, None]
                 lora_bias = lora_bias * scale if lora_bias is not None else None
             weight = merged

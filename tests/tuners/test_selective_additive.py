@@ -418,3 +418,12 @@ def test_a_failed_bottleneck_load_leaves_the_model_as_it_was(tmp_path):
     assert not any(m._forward_hooks or hasattr(m, "qpeft_bottlenecks") for m in base.modules())
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=ids).logits, before)
+
+
+def test_bottlenecks_after_modules_whose_output_is_not_hidden_sized_are_refused_by_name():
+    with pytest.raises(qpeft.ConfigError, match="up_proj"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.BottleneckConfig(target_modules=["up_proj"], bottleneck_size=4))
+    # a module without out_features (a whole attention block returning another width): a clear error at forward
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.BottleneckConfig(target_modules=["act_fn"], bottleneck_size=4))
+    with pytest.raises(ValueError, match="hidden size 64"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))

@@ -52,6 +52,11 @@ def inject_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str
     names = placement(model, config)
     for name in names:
         module = model.get_submodule(name)
+        out = getattr(module, "out_features", None)
+        if isinstance(out, int) and out != hidden:
+            raise ConfigError(
+                None, "target_modules", f"places an adapter after {name!r}, whose {out} outputs are not the hidden size"
+            )
         if not hasattr(module, "qpeft_bottlenecks"):
             module.qpeft_bottlenecks = Bottlenecks()
             module.register_forward_hook(apply_bottlenecks)
