@@ -109,7 +109,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     packed, absmax = ops.quantize_4bit(A, blocksize, quant_type)  # the op refuses inf / NaN (one pass over A)
-    if absmax.numel() and not torch.compiler.is_compiling() and float(absmax.max()) > MAX_QUANTIZABLE:
+    if absmax.numel() and not absmax.is_meta and not torch.compiler.is_compiling() and absmax.max() > MAX_QUANTIZABLE:
         raise ValueError(
             f"qpeft: values above 2^126 in magnitude cannot be quantized (largest {float(absmax.max()):.3g}): "
             "their block's reciprocal scale flushes to zero"

@@ -168,3 +168,129 @@ def test_generated_hostile_state_dicts_are_refused(key, value, meta):
         return
     y = layer(torch.randn(2, 64))  # what loads must also run
     assert y.shape == (2, 8)
+
+
+# ---- adapter files of every method, checkpoint folders with stale or duplicate files --------------------------
+
+_SAVED: dict = {}
+
+
+def saved_adapter(name: str, folder):
+    """The registered method's default example on tiny_llama, trained one step and saved (once per method)."""
+    from qpeft.tuners import registry
+
+    from helpers import tiny_llama
+
+    if name not in _SAVED:
+        torch.manual_seed(0)
+        method = registry.by_name(name)
+        model = qpeft.get_peft_model(tiny_llama(), method.examples["default"]())
+        if method.warmup:
+            ids = torch.randint(0, 101, (2, 6))
+            getattr(model, method.warmup)([{"input_ids": ids, "labels": ids}])
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)
+        model.save_pretrained(folder)
+        _SAVED[name] = (json.loads((folder / "adapter_config.json").read_text()), read_weights(folder))
+    return _SAVED[name]
+
+
+def read_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+EDITS = ["drop", "add", "shape", "dtype", "nan", "config"]
+
+
+@SETTINGS
+@given(
+    name=st.sampled_from(qpeft.tuners.registry.names()),
+    edit=st.sampled_from(EDITS),
+    pick=st.integers(0, 10**6),
+    size=st.integers(0, 5),
+    dtype=st.sampled_from([torch.int64, torch.bool, torch.float16, torch.uint8]),
+    value=JSON,
+)
+def test_generated_adapter_files_of_every_method_load_or_leave_the_model_as_it_was(
+    tmp_path_factory, name, edit, pick, size, dtype, value
+):
+    """A saved adapter of any method with one generated change (a tensor dropped, added, reshaped, retyped, NaN,
+    or a config value replaced): from_pretrained loads it, or raises a qpeft error and leaves the caller's model as
+    it was; never another exception type."""
+    from safetensors.torch import save_file
+
+    from helpers import tiny_llama
+
+    config, tensors = saved_adapter(name, tmp_path_factory.mktemp("saved"))
+    config, tensors = dict(config), dict(tensors)
+    keys = sorted(tensors)
+    key = keys[pick % len(keys)] if keys else None
+    if edit == "drop" and key:
+        del tensors[key]
+    elif edit == "add":
+        tensors[f"base_model.model.extra{pick}.weight"] = torch.zeros(size)
+    elif edit == "shape" and key:
+        tensors[key] = torch.zeros([size] * max(tensors[key].dim(), 1), dtype=tensors[key].dtype)
+    elif edit == "dtype" and key:
+        tensors[key] = torch.zeros(tensors[key].shape, dtype=dtype)
+    elif edit == "nan" and key and tensors[key].is_floating_point() and tensors[key].numel():
+        tensors[key] = tensors[key].clone().fill_(float("nan"))
+    elif edit == "config":
+        config[sorted(config)[pick % len(config)]] = value
+    folder = tmp_path_factory.mktemp("edited")
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [(n, type(m).__name__) for n, m in model.named_modules()]
+    try:
+        qpeft.QPeftModel.from_pretrained(model, folder)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        assert "qpeft" in str(e), repr(e)
+        assert [(n, type(m).__name__) for n, m in model.named_modules()] == kinds
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@SETTINGS
+@given(
+    stale=st.sampled_from(["none", "index_to_old_shard", "index_to_missing_shard", "duplicate_key", "truncated"]),
+    resave=st.booleans(),
+)
+def test_generated_checkpoint_folders_load_what_was_saved_or_are_refused(tmp_path_factory, stale, resave):
+    """A folder holding an older sharded save, an index naming a missing shard, a tensor in two shards, or a
+    truncated file; then (maybe) a fresh save over it. After a fresh save the folder loads exactly the model
+    saved; otherwise it loads what its index (or model.safetensors) names, or raises a qpeft error."""
+    from safetensors.torch import save_file
+
+    from helpers import tiny_llama, tokens
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    old = qpeft.get_peft_model(tiny_llama(1), qpeft.LoraConfig(r=2, target_modules="all-linear")).base_model
+    new = qpeft.get_peft_model(tiny_llama(2), qpeft.LoraConfig(r=2, target_modules="all-linear")).base_model
+    qpeft.save_4bit_pretrained(old, folder)
+    tensors = qpeft.checkpoint.read_safetensors_folder(folder)
+    if stale != "none":
+        (folder / "model.safetensors").rename(folder / "shard-1.safetensors")
+        weight_map = dict.fromkeys(tensors, "shard-1.safetensors")
+        if stale == "index_to_missing_shard":
+            weight_map["model.norm.weight"] = "shard-2.safetensors"
+        if stale == "duplicate_key":
+            save_file({"model.norm.weight": tensors["model.norm.weight"] + 1}, str(folder / "shard-2.safetensors"))
+        if stale == "truncated":
+            (folder / "shard-1.safetensors").write_bytes((folder / "shard-1.safetensors").read_bytes()[:100])
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if resave:
+        qpeft.save_4bit_pretrained(new, folder)
+    try:
+        loaded = qpeft.load_4bit_pretrained(folder)
+    except (ValueError, FileNotFoundError) as e:
+        assert "qpeft" in str(e) and not resave, repr(e)
+        return
+    expected = new if resave else old
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens()).logits, expected(tokens()).logits)
