@@ -3,6 +3,7 @@ DistributedDataParallel, and sharded with FSDP2 (fully_shard, the 4-bit codes an
 to the same adapter weights and loss as one process on the same global batch; DDP reduces only the trainable
 parameters; save_pretrained writes from rank 0 only."""
 
+import contextlib
 import os
 import socket
 
@@ -70,6 +71,20 @@ def run_ranks(target, *args):
         if p.is_alive():
             p.kill()
         assert p.exitcode == 0
+
+
+@contextlib.contextmanager
+def process_group(rank: int, port: int):
+    """This rank in a gloo group of WORLD (one intra-op thread); a barrier before the group goes, so no collective
+    is left in flight."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def worker(rank, port, method, folder, out, sharding="ddp"):
@@ -291,15 +306,11 @@ def sharded_load_worker(rank, port, case, folder):
 
 
 def bare_model_worker(rank, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        from torch.distributed.device_mesh import init_device_mesh
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
 
+    with process_group(rank, port):
         mesh = init_device_mesh("cpu", (WORLD,))
-        import transformers
-
         model = qpeft.distributed.load_4bit_sharded(folder, None, mesh=mesh)  # a transformers model, no adapter
         assert isinstance(model, transformers.LlamaForCausalLM) and model.is_distributed_loading_by_transformers
         reference = qpeft.load_4bit_pretrained(folder)
@@ -310,9 +321,6 @@ def bare_model_worker(rank, port, folder):
         assert bare.is_distributed_loading_by_transformers
         with torch.no_grad():
             assert torch.equal(bare(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_bare_transformers_models_shard(tmp_path):
