@@ -427,3 +427,35 @@ def test_bottlenecks_after_modules_whose_output_is_not_hidden_sized_are_refused_
     model = qpeft.get_peft_model(tiny_llama(), qpeft.BottleneckConfig(target_modules=["act_fn"], bottleneck_size=4))
     with pytest.raises(ValueError, match="hidden size 64"):
         model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: qpeft.BitFitConfig(),
+        lambda: qpeft.LoraConfig(r=2, target_modules=["c_attn"], bias="all"),
+        lambda: qpeft.LayerwiseConfig(last_k=1),
+    ],
+)
+def test_a_refused_file_leaves_the_models_own_parameters_as_they_were(config, tmp_path):
+    """Methods that load into the model's own parameters (GPT-2's biases, a layer in full): a file whose last
+    tensor has the wrong shape is refused before any tensor is copied, so the earlier ones do not overwrite the
+    model's values."""
+    from safetensors.torch import load_file, save_file
+
+    trained = qpeft.get_peft_model(tiny_gpt2(seed=1), config())
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    trained.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    last = sorted(tensors)[-1]
+    tensors[last] = torch.zeros(tensors[last].shape[0] + 1, *tensors[last].shape[1:])
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    model = tiny_gpt2(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="shape"):
+        qpeft.QPeftModel.from_pretrained(model, tmp_path)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
