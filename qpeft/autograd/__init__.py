@@ -4,6 +4,7 @@ own autograd, where an op has one, is registered with the op in C++)."""
 from .base import base_grad_input, base_matmul, frozen_4bit_linear, weight_args
 from .ia3 import ia3_linear
 from .lora import dora_linear, lora_branch, qlora_linear
+from .selective import masked_linear, sparse_term
 
 __all__ = [
     "base_grad_input",
@@ -12,6 +13,8 @@ __all__ = [
     "frozen_4bit_linear",
     "ia3_linear",
     "lora_branch",
+    "masked_linear",
     "qlora_linear",
+    "sparse_term",
     "weight_args",
 ]

@@ -20,6 +20,7 @@ class NamedAdapters(nn.Module):
     """Named adapters, the ``active_adapters`` (at most ``max_active``), ``disable_adapters``."""
 
     max_active: int | None = None
+    adapter_type: type | None = None  # what register_adapter accepts (None: any module or parameter)
 
     def __init__(self):
         super().__init__()
@@ -39,6 +40,11 @@ class NamedAdapters(nn.Module):
     def register_adapter(self, name: str, adapter, activate: bool = True) -> None:
         """Adds ``adapter`` (a module or parameter) under ``name`` and, by default, activates it alone."""
         self.check_new_adapter(name)
+        if self.adapter_type is not None and not isinstance(adapter, self.adapter_type):
+            raise TypeError(
+                f"qpeft: a {type(self).__name__} adapter is a {self.adapter_type.__name__}, "
+                f"got {type(adapter).__name__}"
+            )
         self.adapters[name] = adapter
         if activate:
             self.set_adapter(name)

@@ -66,7 +66,33 @@ def check_rank(r: int, in_features: int, out_features: int) -> None:
         )
 
 
-class LoraAdapter(nn.Module):
+class LowRankAdapter(nn.Module):
+    """What a LoRA layer asks of an adapter (LoRA, DoRA, AdaLoRA): ``branch()``, the low-rank term's (A, B, s) or
+    None when no rank is computed; ``dropout`` (its probability); ``lora_bias`` ([out], scaled with the branch) and
+    ``lora_magnitude`` (DoRA's m [out]), each None when absent; ``scaling``; ``delta_weight()`` = s B A."""
+
+    lora_bias: nn.Parameter | None
+    lora_magnitude: nn.Parameter | None
+    dropout: float
+    scaling: float
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude is not None
+
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A in fp32 [out, in]."""
+        branch = self.branch()
+        if branch is None:
+            return torch.zeros(self.lora_B.shape[0], self.lora_A.shape[1], device=self.lora_A.device)
+        A, B, s = branch
+        return s * (B.float() @ A.float())
+
+
+class LoraAdapter(LowRankAdapter):
     """One adapter's trainable tensors: ``lora_A`` [r, in], ``lora_B`` [out, r], optional ``lora_bias`` [out]
     (the bias of peft's lora_B, scaled with the branch) and ``lora_magnitude`` [out] (DoRA's m); its
     hyperparameters are those of ``spec``."""
@@ -99,21 +125,9 @@ class LoraAdapter(nn.Module):
         if self.lora_magnitude is not None:
             self.lora_magnitude.fill_(1.0)
 
-    @property
-    def use_dora(self) -> bool:
-        return self.lora_magnitude is not None
-
-    def branch(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, s) of the low-rank term s * drop(x) A^T B^T (None: no rank to compute)."""
+    def branch(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) of the low-rank term s * drop(x) A^T B^T."""
         return self.lora_A, self.lora_B, self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        """s B A in fp32 [out, in]."""
-        branch = self.branch()
-        if branch is None:
-            return torch.zeros(self.lora_B.shape[0], self.lora_A.shape[1], device=self.lora_A.device)
-        A, B, s = branch
-        return s * (B.float() @ A.float())
 
     def extra_repr(self) -> str:
         return (
@@ -122,15 +136,11 @@ class LoraAdapter(nn.Module):
         )
 
 
-class AdaLoraAdapter(nn.Module):
+class AdaLoraAdapter(LowRankAdapter):
     """One AdaLoRA adapter (peft's SVD form): ``lora_A`` [r, in] (Q), ``lora_E`` [r, 1] (the singular values),
     ``lora_B`` [out, r] (P); the term is drop(x) (A * E)^T B^T * s / (ranknum + 1e-5), s = alpha (r if alpha is 0),
     ranknum the initial rank. ``rank_mask`` (bool [r], set by ``set_rank_mask``) is the rank allocator's: masked ranks
     are not computed, so their A, B and E get no gradient. Init as peft: E = 0, A and B ~ N(0, 0.02)."""
-
-    lora_bias = None
-    lora_magnitude = None
-    use_dora = False
 
     def __init__(
         self,
@@ -150,6 +160,7 @@ class AdaLoraAdapter(nn.Module):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.ranknum = float(r if ranknum is None else ranknum)
         self.scaling = (alpha if alpha > 0 else self.ranknum) / (self.ranknum + 1e-5)
+        self.lora_bias = self.lora_magnitude = None  # (no LoRA bias or DoRA with AdaLoRA)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device).normal_(0.0, 0.02))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device).normal_(0.0, 0.02))
@@ -174,8 +185,6 @@ class AdaLoraAdapter(nn.Module):
             A, B = A.index_select(0, index), B.index_select(1, index)
         return A, B, self.scaling
 
-    delta_weight = LoraAdapter.delta_weight
-
     def extra_repr(self) -> str:
         return (
             f"r={self.r}, active ranks={int(self.rank_mask.sum())}, alpha={self.alpha}, ranknum={self.ranknum}, "
@@ -191,6 +200,8 @@ class LoraLinear4bit(AdapterLayer4bit):
     ``disable_adapters``. With one active adapter, ``lora_A``, ``lora_B``, ``lora_bias``, ``lora_magnitude``,
     ``scaling``, ``r``, ``alpha`` and ``dropout`` are its attributes.
     """
+
+    adapter_type = LowRankAdapter
 
     def __init__(self, base: Linear4bit, r: int | None = 8, *, adapter_name: str = "default", **spec):
         """An adapter ``adapter_name`` of rank ``r`` and LoraSpec ``spec`` (``r`` None: no adapter yet; ``attach``
@@ -229,7 +240,7 @@ class LoraLinear4bit(AdapterLayer4bit):
         self.register_adapter(name, adapter, activate)
         return adapter
 
-    def _active(self) -> list[LoraAdapter | AdaLoraAdapter]:
+    def _active(self) -> list[LowRankAdapter]:
         return [self.adapters[n] for n in self.active_names()]
 
     def _single(self) -> LoraAdapter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..autograd import masked_linear
 from .adapter_holder import SingleAdapterLinear4bit
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -50,29 +51,6 @@ class MaskScores(nn.Module):
         return self.scores > self.threshold
 
 
-class _MaskedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, scores, threshold, dequantize):
-        W = dequantize(x2.dtype)
-        mask = scores > threshold
-        Wm = W.mul_(mask)
-        ctx.save_for_backward(x2, scores)
-        ctx.meta = (threshold, dequantize)
-        return x2 @ Wm.T
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, scores = ctx.saved_tensors
-        threshold, dequantize = ctx.meta
-        W = dequantize(dy.dtype)
-        dx = dscores = None
-        if ctx.needs_input_grad[1]:  # straight through the threshold: dS = dL/d(W m) * W
-            dscores = ((dy.float().T @ x2.float()) * W.float()).to(scores.dtype)
-        if ctx.needs_input_grad[0]:
-            dx = dy @ W.mul_(scores > threshold)
-        return dx, dscores, None, None
-
-
 class MaskedLinear4bit(SingleAdapterLinear4bit):
     def add_mask(
         self, name: str, threshold: float, init_score: float, dtype: torch.dtype = torch.float32, activate: bool = True
@@ -82,7 +60,7 @@ class MaskedLinear4bit(SingleAdapterLinear4bit):
         return scores
 
     def adapted(self, x2: torch.Tensor, adapter: MaskScores) -> torch.Tensor:
-        return _MaskedLinear.apply(x2, adapter.scores, adapter.threshold, self.base.dequantized_weight)
+        return masked_linear(x2, adapter.scores, adapter.threshold, self.base.dequantized_weight)
 
     def adapted_weight(self, W: torch.Tensor, adapter: MaskScores) -> torch.Tensor:
         return W * adapter.mask()

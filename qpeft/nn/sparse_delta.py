@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..autograd import frozen_4bit_linear
+from ..autograd import frozen_4bit_linear, sparse_term
 from .adapter_holder import SingleAdapterLinear4bit
 
 
@@ -36,28 +36,6 @@ class SparseDelta(nn.Module):
         return S.reshape(shape)
 
 
-class _SparseTerm(torch.autograd.Function):
-    """x S^T for S given by (rows, cols, values): [M, out]."""
-
-    @staticmethod
-    def forward(ctx, x2, values, rows, cols, out_features):
-        y = x2.new_zeros(x2.shape[0], out_features)
-        y.index_add_(1, rows, x2.index_select(1, cols) * values.to(x2.dtype))
-        ctx.save_for_backward(x2, values, rows, cols)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, values, rows, cols = ctx.saved_tensors
-        dy_at = dy.index_select(1, rows)  # [M, nnz]
-        dx = dvalues = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.zeros_like(x2).index_add_(1, cols, dy_at * values.to(dy.dtype))
-        if ctx.needs_input_grad[1]:
-            dvalues = (dy_at.float() * x2.index_select(1, cols).float()).sum(0).to(values.dtype)
-        return dx, dvalues, None, None, None
-
-
 class SparseDeltaLinear4bit(SingleAdapterLinear4bit):
     def add_entries(self, name: str, index: torch.Tensor, activate: bool = True) -> SparseDelta:
         delta = SparseDelta(index.to(self.base.weight.device), self.out_features, self.in_features)
@@ -70,7 +48,7 @@ class SparseDeltaLinear4bit(SingleAdapterLinear4bit):
     def adapted(self, x2: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
         y = frozen_4bit_linear(x2, self.base.op_weight_args(), self.out_features)
         rows, cols = delta.rows_cols()
-        return y + _SparseTerm.apply(x2, delta.values, rows, cols, self.out_features)
+        return y + sparse_term(x2, delta.values, rows, cols, self.out_features)
 
     def adapted_weight(self, W: torch.Tensor, delta: SparseDelta) -> torch.Tensor:
         return W + delta.dense(tuple(W.shape))
