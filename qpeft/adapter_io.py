@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import ConfigError
-from .files import read_json_file, write_json_atomic, write_safetensors_atomic
+from .files import check_adapter_name, folder_inside, read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import ADAPTER_FILES, resolve_folder
 from .tuners import modules_to_save, registry
 from .tuners.config import AdapterConfig, config_from_peft_dict
@@ -54,6 +54,28 @@ def load_adapter_files(
     except (OSError, safetensors.SafetensorError) as e:
         raise ConfigError(str(weights_path), "safetensors", f"cannot be read: {e}") from None
     return config, tensors
+
+
+def save_adapters(peft_model, save_directory, selected_adapters=None, is_main_process: bool | None = None) -> None:
+    """QPeftModel.save_pretrained: each adapter's two files, "default" at the top and the others in a subfolder of
+    their name; only the main process (rank 0 by default) writes, after every rank gathered sharded tensors."""
+    if is_main_process is None:
+        is_main_process = (
+            not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            or torch.distributed.get_rank() == 0
+        )
+    names = selected_adapters or list(peft_model.peft_config)
+    for name in names:
+        if name not in peft_model.peft_config:
+            raise KeyError(f"qpeft: no adapter named {name!r}")
+    for name in names:
+        with torch.no_grad():
+            params = file_parameters(peft_model, name)
+            if any(hasattr(p, "full_tensor") for p in params.values()):  # a collective: every rank gathers
+                params = {k: p.full_tensor() if hasattr(p, "full_tensor") else p for k, p in params.items()}
+            if is_main_process:
+                folder = folder_inside(save_directory, *([] if name == "default" else [check_adapter_name(name)]))
+                save_adapter(params, peft_model.peft_config[name], folder)
 
 
 def file_parameters(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import adapter_io, patterns
-from .files import check_adapter_name, folder_inside
+from .files import check_adapter_name
 from .nn.adapter_holder import AdapterLayer4bit, NamedAdapters
 from .reporting import ParameterReport
 from .tuners import modules_to_save, registry, targets
@@ -314,25 +314,8 @@ class QPeftModel(ParameterReport, nn.Module):
     ) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
         others in a subfolder of their name). Under torch.distributed only rank 0 writes (``is_main_process``
-        decides otherwise, as in peft); the adapters are the same on every data-parallel rank. Sharded (FSDP2)
-        tensors are gathered first: then every rank must call it."""
-        if is_main_process is None:
-            is_main_process = (
-                not (torch.distributed.is_available() and torch.distributed.is_initialized())
-                or torch.distributed.get_rank() == 0
-            )
-        names = selected_adapters or list(self.peft_config)
-        for name in names:
-            if name not in self.peft_config:
-                raise KeyError(f"qpeft: no adapter named {name!r}")
-        for name in names:
-            with torch.no_grad():
-                params = self._file_parameters(name)
-                if any(hasattr(p, "full_tensor") for p in params.values()):  # a collective: every rank gathers
-                    params = {k: p.full_tensor() if hasattr(p, "full_tensor") else p for k, p in params.items()}
-                if is_main_process:
-                    folder = folder_inside(save_directory, *([] if name == "default" else [check_adapter_name(name)]))
-                    adapter_io.save_adapter(params, self.peft_config[name], folder)
+        decides otherwise, as in peft); sharded (FSDP2) tensors are gathered first: then every rank must call it."""
+        adapter_io.save_adapters(self, save_directory, selected_adapters, is_main_process)
 
     def load_adapter(
         self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs
