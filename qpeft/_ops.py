@@ -195,7 +195,8 @@ def _(
     p,
     seed,
 ):
-    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+    branch = torch.float32 if x.dtype == torch.float16 else x.dtype  # (qlora_ops.cpp: branch_dtype)
+    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=branch)
 
 
 @torch.library.register_fake("qpeft::qlora_backward")

@@ -442,3 +442,38 @@ def test_dora_on_a_zero_weight_row_is_finite_and_matches_the_reference():
     assert torch.equal(y[:, 3], layer.base.bias[3].expand(5))
     layer.eval().merge()
     assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("how", ["fused", "dora", "two_adapters", "small_m"])
+def test_fp16_branch_stays_finite_where_x_at_exceeds_fp16(how):
+    """x A^T = 76800 per rank (above fp16's 65504) while the layer's output is a few hundred: the LoRA branch runs
+    in fp32 for fp16 inputs (peft's is fp32 too), so output and gradients are finite and match the float64
+    reference."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 8).half()
+    layer = LoraLinear4bit.from_linear(linear, r=4, use_dora=how == "dora")
+    a = layer.adapters["default"]
+    with torch.no_grad():
+        a.lora_A.fill_(1.0)
+        a.lora_B.fill_(1e-3)
+    if how == "two_adapters":
+        layer.add_adapter("other", r=2)
+        layer.set_adapter(["default", "other"])
+    rows = 2 if how == "small_m" else 40
+    x = torch.full((rows, 256), 300.0, dtype=torch.float16, requires_grad=True)
+    y = layer(x)
+    y.float().square().sum().backward()
+    W = layer.base.dequantized_weight(torch.float32)
+    x64 = x.detach().double().requires_grad_()
+    ref = R.lora_linear(
+        x64,
+        W,
+        a.lora_A.detach(),
+        a.lora_B.detach(),
+        a.scaling,
+        bias=layer.base.bias.detach(),
+        magnitude=a.lora_magnitude.detach() if how == "dora" else None,
+    )
+    ref.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(a.lora_B.grad).all()
+    assert rel_err(y, ref) < 2e-3 and rel_err(x.grad, x64.grad) < 2e-2

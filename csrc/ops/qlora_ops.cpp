@@ -89,6 +89,9 @@ at::Tensor scaled_as(const at::Tensor& t, double scaling, at::ScalarType dtype) 
   return at::mul_out(out, t, at::native::wrapped_scalar_tensor(scaling));
 }
 
+// The dtype of the LoRA branch's xa for activations of `dtype`: fp32 for fp16 (its range), else the same.
+at::ScalarType branch_dtype(at::ScalarType dtype) { return dtype == at::kHalf ? at::kFloat : dtype; }
+
 at::Tensor lora_down(const at::Tensor& x, const at::Tensor& A, double p, const at::Tensor& seed) {
   static auto down =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down");
@@ -99,8 +102,9 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& A, double p, const a
 // CUDA: W is dequantized into a transient [N, K] tensor in x's dtype (freed when the op returns; the caching
 // allocator hands the same block back next call) for one GEMM; CPU: W is dequantized a slab at a time into a
 // small reused buffer, one GEMM per slab (matmul_4bit_cpu.h), so no dense W is allocated.
-// LoRA term: xa = lora_down(x) (dropout inside). Large M: y = bias + s xa B^T first, then the base GEMM adds
-// x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (16-bit x,
+// LoRA term: xa = lora_down(x) (dropout inside), in branch_dtype (fp32 for fp16 x: x A^T can exceed fp16's range
+// where the layer's output does not; peft's branch is fp32 too). Large M: y = bias + s xa B^T first, then the base
+// GEMM adds x W^T onto y in its epilogue (beta = 1); small M: y += s xa B^T after the base term, or on CUDA (bf16 x,
 // K % 128 == 0, r <= 64) lora_down + one linear_4bit launch that adds the LoRA term and bias (qlora_cuda.h).
 std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::Tensor& packed,
                                                  const at::Tensor& absmax, const OptTensor& nested_absmax,
@@ -121,24 +125,30 @@ std::tuple<at::Tensor, at::Tensor> qlora_forward(const at::Tensor& x, const at::
                       x2.device());
   }
   const Weight4bit weight{{packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, quant_type}};
+  const at::ScalarType branch = branch_dtype(dtype);
 #ifdef QPEFT_WITH_CUDA
-  if (x2.is_cuda() && M <= small_m(x2.device())) {  // decode: two launches where the fused kernel applies
+  if (x2.is_cuda() && M <= small_m(x2.device()) && branch == dtype) {  // decode: two launches where it applies
     const Dequantize4bitArgs w = prepare_linear_weight(x2, weight, N, K);
     if (auto fused = qlora_forward_small_m_cuda(x2, w, lora_A, lora_B, bias, scaling, p, seed)) return *fused;
   }
 #endif
-  at::Tensor xa = lora_down(x2, lora_A, p, seed);
-  const at::Tensor Bt = lora_B.to(dtype).t();
+  at::Tensor xa = lora_down(branch == dtype ? x2 : x2.to(branch), lora_A, p, seed);
+  const at::Tensor Bt = lora_B.to(branch).t();
   at::Tensor y;
   if (M <= small_m(x2.device())) {
     y = weight.linear(x2, N);
     if (bias.has_value()) y.add_(bias->to(dtype));
-    y.addmm_(xa, Bt, 1.0, scaling);
+    if (branch == dtype) {
+      y.addmm_(xa, Bt, 1.0, scaling);
+    } else {
+      y.add_(at::mm(xa, Bt).mul_(scaling).to(dtype));
+    }
   } else {
     // The LoRA term (+ bias) first, then the base GEMM accumulates onto it (beta = 1: C is read in the GEMM's
     // epilogue), so y is written twice and read once instead of written, read and written again.
-    y = bias.has_value() ? at::addmm(bias->to(dtype), xa, Bt, 1.0, scaling)
-                         : at::addmm(at::empty({M, N}, x2.options()), xa, Bt, 0.0, scaling);
+    y = bias.has_value() ? at::addmm(bias->to(branch), xa, Bt, 1.0, scaling)
+                         : at::addmm(at::empty({M, N}, xa.options()), xa, Bt, 0.0, scaling);
+    if (branch != dtype) y = y.to(dtype);
     weight.add_matmul(y, x2, N, K, /*transpose_w=*/true);
   }
   return {y, xa};
@@ -161,12 +171,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qlora_backward(
                     "], got ", dy2.sizes());
   TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == r, "qpeft: qlora_backward: xa must have shape [",
                     M, ", ", r, "], got ", xa.sizes());
-  TORCH_CHECK_TYPE(dy2.scalar_type() == x2.scalar_type() && xa.scalar_type() == x2.scalar_type(),
-                   "qpeft: qlora_backward: dy, x and xa must share a dtype, got ", dy2.scalar_type(), ", ",
-                   x2.scalar_type(), ", ", xa.scalar_type());
+  TORCH_CHECK_TYPE(dy2.scalar_type() == x2.scalar_type() && xa.scalar_type() == branch_dtype(x2.scalar_type()),
+                   "qpeft: qlora_backward: dy and x must share a dtype and xa be in its branch dtype, got ",
+                   dy2.scalar_type(), ", ", x2.scalar_type(), ", ", xa.scalar_type());
   const at::ScalarType dtype = dy2.scalar_type();
   const at::Tensor g = mm_float(dy2, scaled_as(lora_B, scaling, dtype));  // [M, r] fp32: s dy B
-  at::Tensor dB = mm_float(dy2.t(), xa).mul_(scaling).to(lora_B.scalar_type());
+  at::Tensor dB = mm_float(xa.scalar_type() == dtype ? dy2.t() : dy2.t().to(xa.scalar_type()), xa)
+                      .mul_(scaling)
+                      .to(lora_B.scalar_type());
   static auto grad_weight =
       op<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>("qpeft::lora_down_grad_weight");
   at::Tensor dA = grad_weight.call(g, x2, p, seed).to(lora_A.scalar_type());

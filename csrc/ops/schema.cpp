@@ -43,7 +43,7 @@ TORCH_LIBRARY(qpeft, m) {
   m.def("lora_down_grad_input_(Tensor(a!) dx, Tensor g, Tensor lora_A, float p, Tensor seed) -> ()");
   m.def("lora_down_grad_input(Tensor g, Tensor lora_A, float p, Tensor seed, ScalarType dtype) -> Tensor");
   // The QLoRA layer, forward: y = x W^T + s * drop(x) A^T B^T (+ bias) and xa = drop(x) A^T (kept for backward),
-  // x [M, K], W the 4-bit weight [N, K], A [r, K], B [N, r], bias [N]; y and xa in x's dtype.
+  // x [M, K], W the 4-bit weight [N, K], A [r, K], B [N, r], bias [N]; y in x's dtype, xa too (fp32 for fp16 x).
   m.def(
       "qlora_forward(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? nested_offset, int blocksize, str quant_type, Tensor lora_A, Tensor lora_B, Tensor? bias, "

@@ -49,14 +49,21 @@ def qlora_linear(
 # ---- one of several adapters: the LoRA branch alone ----------------------------------------------------------
 
 
+def branch_down(x2: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """xa = drop(x) A^T [M, r], fp32 for fp16 x (x A^T can exceed fp16's range where the layer's output does not;
+    peft's branch is fp32), else in x's dtype: qlora_forward's rule (qlora_ops.cpp: branch_dtype)."""
+    return ops.lora_down(x2.float() if x2.dtype == torch.float16 else x2, A, p, seed)
+
+
 class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, scaling, p, seed):
         x2 = F.as_rows(x)
-        xa = ops.lora_down(x2, A, p, seed)  # [M, r]: the only activation this branch adds
+        xa = branch_down(x2, A, p, seed)  # [M, r]: the only activation this branch adds
         ctx.save_for_backward(x2, xa, A, B, seed)
         ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
-        return (xa @ B.to(x.dtype).T) * scaling  # [M, N]: the caller reshapes (no view leaves a Function)
+        # [M, N] in x's dtype: the caller reshapes (no view leaves a Function)
+        return ((xa @ B.to(xa.dtype).T) * scaling).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -70,7 +77,8 @@ def _lora_branch_grads(ctx, dl, x2, xa, A, B, scaling, p, seed, dx_base):
     """Gradients of s * drop(x) A^T B^T for the upstream gradient dl [M, N]: (dA, dB, dx) with dx = dx_base +
     drop(s dl B A) (a new tensor when dx_base is None), each None where not needed."""
     g = (dl @ B.to(dl.dtype)).float() * scaling  # [M, r]
-    dB = ((dl.T @ xa.to(dl.dtype)).float() * scaling).to(B.dtype) if ctx.needs_input_grad[2] else None
+    dlx = dl if xa.dtype == dl.dtype else dl.to(xa.dtype)
+    dB = ((dlx.T @ xa).float() * scaling).to(B.dtype) if ctx.needs_input_grad[2] else None
     dA = ops.lora_down_grad_weight(g, x2, p, seed).to(A.dtype) if ctx.needs_input_grad[1] else None
     dx = dx_base
     if ctx.needs_input_grad[0]:
@@ -103,10 +111,10 @@ class _DoraLinear(torch.autograd.Function):
         scaling, p, seed = branch
         x2 = F.as_rows(x)
         base = base_matmul(x2, wargs, n)
-        xa = ops.lora_down(x2, A, p, seed)
+        xa = branch_down(x2, A, p, seed)
         r = ratio.to(x.dtype)
         base_d = base_matmul(ops.lora_dropout(x2, p, seed, 0), wargs, n) if p > 0 else base
-        y = base + (r - 1) * base_d + r * _lora_term(xa, B, lora_bias, scaling)
+        y = base + (r - 1) * base_d + r * _lora_term(xa, B, lora_bias, scaling, x.dtype)
         if bias is not None:
             y = y + bias.to(x.dtype)
         save_weight(ctx, wargs, x2, xa, A, B, ratio, lora_bias, seed)
@@ -125,7 +133,7 @@ class _DoraLinear(torch.autograd.Function):
         d_ratio = None
         if ctx.needs_input_grad[3]:  # recompute base_d + lora (transient M x N) instead of having saved it
             dropped = ops.lora_dropout(x2, p, seed, 0) if p > 0 else x2
-            term = base_matmul(dropped, wargs, n).float() + _lora_term(xa, B, lora_bias, s).float()
+            term = base_matmul(dropped, wargs, n).float() + _lora_term(xa, B, lora_bias, s, torch.float32)
             d_ratio = (dy2.float() * term).sum(0).to(ratio.dtype)
         dx_base = None
         if ctx.needs_input_grad[0]:
@@ -141,12 +149,12 @@ class _DoraLinear(torch.autograd.Function):
         return ((None if dx is None else dx.reshape(x_shape)), dA, dB, d_ratio, d_lora_bias, d_bias) + (None,) * 3
 
 
-def _lora_term(xa, B, lora_bias, scaling):
-    """s * (xa B^T + lora_bias) in xa's dtype."""
+def _lora_term(xa, B, lora_bias, scaling, dtype):
+    """s * (xa B^T + lora_bias), computed in xa's dtype, in ``dtype``."""
     out = xa @ B.to(xa.dtype).T
     if lora_bias is not None:
         out = out + lora_bias.to(xa.dtype)
-    return out * scaling
+    return (out * scaling).to(dtype)
 
 
 def dora_linear(
