@@ -179,6 +179,13 @@ def is_quant_metadata(key: str) -> bool:
     return key.endswith((".quant_map", ".nested_quant_map")) or _QUANT_STATE in key
 
 
+def is_checked_whole(key: str) -> bool:
+    """The entries a sharded load reads whole on every rank before anything is sharded, so they are checked as
+    load_4bit_pretrained checks them (NaN scales, code books, the quant state): the metadata and the block scales
+    (1/8 of the codes' bytes or less), as opposed to the codes."""
+    return is_quant_metadata(key) or key.endswith((".weight.absmax", ".weight.nested_absmax"))
+
+
 def build_4bit_model(
     folder: Path,
     tensors: dict[str, torch.Tensor],

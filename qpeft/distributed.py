@@ -106,7 +106,7 @@ def load_4bit_sharded(
     replicated ones whole). The adapters draw their initial values from torch's generator in the order
     ``get_peft_model`` does: seed every rank alike.
     Returns the sharded QPeftModel (the sharded base model without ``peft_config``)."""
-    from .checkpoint import SafetensorsFolder, build_4bit_model, is_quant_metadata, require_config
+    from .checkpoint import SafetensorsFolder, build_4bit_model, is_checked_whole, require_config
     from .hub import CHECKPOINT_FILES, resolve_folder
     from .model import get_peft_model
 
@@ -115,7 +115,7 @@ def load_4bit_sharded(
     folder = resolve_folder(folder, CHECKPOINT_FILES)
     require_config(folder)
     files = SafetensorsFolder(folder)
-    entries = {key: files.read(key) if is_quant_metadata(key) else files.meta(key) for key in files.keys()}
+    entries = {key: files.read(key) if is_checked_whole(key) else files.meta(key) for key in files.keys()}
     model = build_4bit_model(folder, entries, model_class, compute_dtype, dtype)
     sources = _checkpoint_sources(model, files, entries)
     device = torch.device(mesh.device_type if mesh is not None else "cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +227,7 @@ def _byte_source(files, entries: dict[str, torch.Tensor], key: str) -> Source:
             first = 0
         else:
             first, last = rows[0] * row_bytes // stored_row_bytes, -(-rows[1] * row_bytes // stored_row_bytes)
-            raw = files.read_rows(key, first, last)
+            raw = files.read_rows(key, first, last) if stored.is_meta else stored[first:last]
         start = (rows[0] * row_bytes if rows else 0) - first * stored_row_bytes
         flat = raw.contiguous().reshape(-1).view(torch.uint8)[start : start + local.nbytes]
         return flat.view(local.dtype).reshape(local.shape)

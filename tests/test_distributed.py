@@ -274,13 +274,13 @@ def sharded_load_worker(rank, port, case, folder):
         )
         torch.manual_seed(7)
         reference = qpeft.get_peft_model(qpeft.load_4bit_pretrained(folder, dtype=dtype), config())
-        from qpeft.checkpoint import is_quant_metadata
+        from qpeft.checkpoint import is_checked_whole
 
         small = sum(
-            t.nbytes for k, t in qpeft.checkpoint.read_safetensors_folder(folder).items() if is_quant_metadata(k)
+            t.nbytes for k, t in qpeft.checkpoint.read_safetensors_folder(folder).items() if is_checked_whole(k)
         )
         whole_read, sharded_read = readers[1].bytes_read - small, readers[0].bytes_read - small
-        # besides the small quant state entries, this rank read about half of the checkpoint: its rows of each tensor
+        # besides the entries every rank reads whole (quant states, scales), this rank read about half: its rows
         assert 0.4 * whole_read < sharded_read < 0.6 * whole_read, (sharded_read, whole_read)
         mine = qpeft.distributed.sharded_state_dict(model)
         theirs = qpeft.distributed.sharded_state_dict(reference)
@@ -354,12 +354,14 @@ def test_sharded_load_refuses_what_it_cannot_start(tmp_path):
 
 def test_sharded_load_of_a_malformed_checkpoint_names_the_problem(tmp_path):
     """A checkpoint that does not fit is refused before anything is sharded, as load_4bit_pretrained refuses it:
-    a missing scale entry, a quant state whose nested offset is not a number, a folder with no config.json."""
+    a missing scale entry, a quant state whose nested offset is not a number, a code book in float64, NaN scales,
+    a folder with no config.json."""
     import json
 
     write_4bit_checkpoint(tmp_path / "ok", "nf4")
     tensors = load_file(str(tmp_path / "ok" / "model.safetensors"))
-    state_key = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"
+    weight = "model.layers.0.mlp.down_proj.weight"
+    state_key = f"{weight}.quant_state.bitsandbytes__nf4"
     state = json.loads(bytes(tensors[state_key].tolist()))
     cases = {
         "missing": ({k: v for k, v in tensors.items() if k != "model.layers.0.mlp.down_proj.weight.absmax"}, "absmax"),
@@ -369,6 +371,15 @@ def test_sharded_load_of_a_malformed_checkpoint_names_the_problem(tmp_path):
                 state_key: torch.tensor(list(json.dumps({**state, "nested_offset": "x"}).encode()), dtype=torch.uint8),
             },
             "nested_offset",
+        ),
+        # one reader for both loaders: a float64 code book or NaN scales are refused by each, not read two ways
+        "float64_code": (
+            {**tensors, f"{weight}.nested_quant_map": tensors[f"{weight}.nested_quant_map"].double()},
+            "nested_quant_map",
+        ),
+        "nan_scales": (
+            {**tensors, f"{weight}.nested_absmax": torch.full_like(tensors[f"{weight}.nested_absmax"], float("nan"))},
+            "nested_absmax",
         ),
     }
     for name, (broken, message) in cases.items():

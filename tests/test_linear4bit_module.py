@@ -217,3 +217,18 @@ def test_hostile_state_dicts_are_refused_at_load():
     for changes, what in bad:
         with pytest.raises(RuntimeError, match=what):  # load_state_dict's error, naming the field
             load(**changes)
+
+
+def test_integer_inputs_are_refused_as_nn_linear_refuses_them():
+    """With a compute dtype the input is cast for the matmul: an integer input would silently return integers."""
+    import qpeft
+
+    layers = [
+        Linear4bit.from_linear(torch.nn.Linear(64, 8), compute_dtype=torch.float32),
+        qpeft.nn.LoraLinear4bit.from_linear(torch.nn.Linear(64, 8), r=2, compute_dtype=torch.float32),
+    ]
+    for layer in layers:
+        with pytest.raises(TypeError, match="floating-point input"):
+            layer(torch.ones(2, 64, dtype=torch.int64))
+    with pytest.raises(RuntimeError):
+        torch.nn.Linear(64, 8)(torch.ones(2, 64, dtype=torch.int64))  # (what nn.Linear does)

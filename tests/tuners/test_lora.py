@@ -454,3 +454,18 @@ def test_4bit_checkpoint_keeps_the_original_of_modules_to_save(tmp_path):
     state = qpeft.checkpoint.quantized_state_dict(model.base_model)
     assert torch.equal(state["lm_head.weight"], original.lm_head.weight)
     assert not any("original_module" in k or "modules_to_save" in k for k in state)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_integer_or_bool_tensors_for_floating_parameters_are_refused(dtype, tmp_path):
+    """A file tensor of another kind than its parameter (ints or bools for fp32 LoRA weights) is refused by name,
+    not cast."""
+    from safetensors.torch import load_file, save_file
+
+    qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = torch.ones(tensors[key].shape, dtype=dtype)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=f"{key} is torch.{str(dtype).split('.')[-1]} in the file"):
+        qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
