@@ -7,6 +7,7 @@ registration, to modules_to_save (tuners/modules_to_save.py), to the files (adap
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator, Sequence
@@ -105,12 +106,15 @@ class QPeftModel(ParameterReport, nn.Module):
                 raise
         owners = [m for m in registry.METHODS.values() if name in m.verbs]
         if owners:
-            method = self.active_method
-            if name not in method.verbs:
-                raise ValueError(f"qpeft: {name} is {owners[0].name}'s; the active adapter is a {method.name} adapter")
-            verb = method.verbs[name]
-            return lambda *args, **kwargs: verb(self, self.active_peft_config, self.active_adapter, *args, **kwargs)
+            return functools.partial(self._call_verb, name, owners[0].name)
         return getattr(self.base_model, name)
+
+    def _call_verb(self, name: str, owner: str, *args, **kwargs):
+        """A method's model verb for the active adapter (a ValueError when the active method has no such verb)."""
+        method = self.active_method
+        if name not in method.verbs:
+            raise ValueError(f"qpeft: {name} is {owner}'s; the active adapter is a {method.name} adapter")
+        return method.verbs[name](self, self.active_peft_config, self.active_adapter, *args, **kwargs)
 
     @property
     def active_peft_config(self) -> AdapterConfig:
