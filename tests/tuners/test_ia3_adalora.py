@@ -380,8 +380,11 @@ def test_bad_ia3_configs_name_the_key(kwargs, key):
 
 
 def test_an_ia3_config_without_targets_names_its_own_field():
+    """A model type with no default targets (as in peft): the error names the config class in use."""
+    model = tiny_llama()
+    model.config.model_type = "phi3"
     with pytest.raises(ValueError, match=r"IA3Config\.target_modules is required"):
-        qpeft.get_peft_model(tiny_llama(), qpeft.IA3Config())
+        qpeft.get_peft_model(model, qpeft.IA3Config())
 
 
 def test_adalora_needs_its_adapter_for_update_and_allocate_and_files_are_checked(tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 import qpeft
 from qpeft.nn import LoraLinear4bit
+from qpeft.nn.adapter_holder import AdapterLayer4bit
 
 from helpers import randomize_adapters, rel_err, tiny_gpt2, tiny_llama, tokens, trainer_losses
 
@@ -469,3 +470,32 @@ def test_integer_or_bool_tensors_for_floating_parameters_are_refused(dtype, tmp_
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=f"{key} is torch.{str(dtype).split('.')[-1]} in the file"):
         qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_default_targets_are_peft_s():
+    """Configs without target_modules get peft's defaults for the model type: the tables equal the installed peft's
+    for every model type qpeft lists, and on Llama and GPT-2 the same layers are adapted as by peft."""
+    from peft.utils import constants
+
+    from qpeft.tuners import default_targets
+
+    for kind, modules in default_targets.LORA.items():
+        assert sorted(modules) == sorted(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[kind]), kind
+    for kind, (modules, feedforward) in default_targets.IA3.items():
+        assert sorted(modules) == sorted(constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[kind]), kind
+        assert sorted(feedforward) == sorted(constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[kind])
+    for make in (tiny_llama, tiny_gpt2):
+        for ours, theirs in (
+            (qpeft.LoraConfig(r=2), peft.LoraConfig(r=2)),
+            (qpeft.AdaLoraConfig(init_r=2, total_step=10), peft.AdaLoraConfig(init_r=2, total_step=10)),
+            (qpeft.IA3Config(), peft.IA3Config()),
+        ):
+            q = qpeft.get_peft_model(make(), ours)
+            p = peft.get_peft_model(make(), theirs)
+            adapted = {n for n, m in q.base_model.named_modules() if isinstance(m, AdapterLayer4bit)}
+            theirs_adapted = {
+                n.removeprefix("base_model.model.") for n, m in p.named_modules() if hasattr(m, "base_layer")
+            }
+            assert adapted == theirs_adapted and adapted, (make.__name__, type(ours).__name__)
+            if isinstance(ours, qpeft.IA3Config):
+                assert sorted(ours.feedforward_modules) == sorted(p.peft_config["default"].feedforward_modules)

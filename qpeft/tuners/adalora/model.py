@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...nn.lora import AdaLoraAdapter, LoraLinear4bit
-from .. import targets
+from .. import default_targets, targets
 from ..lora.model import PREFIX, bias_parameters, lora_layers
 from .config import AdaLoraConfig
 
@@ -22,7 +22,9 @@ def _init_rank(config: AdaLoraConfig, name: str) -> int:
 
 
 def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> list[str]:
-    """AdaLoRA adapters of rank init_r (or the rank_pattern's kept ranks) in the targeted layers (quantized)."""
+    """AdaLoRA adapters of rank init_r (or the rank_pattern's kept ranks) in the targeted layers (quantized; no
+    target_modules: peft's LoRA defaults for the model type)."""
+    default_targets.fill_lora(model, config)
     names = targets.find_target_modules(model, config)
     for name in names:
         module = model.get_submodule(name)

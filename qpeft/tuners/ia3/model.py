@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...nn.ia3 import IA3Linear4bit
-from .. import targets
+from .. import default_targets, targets
 from ..lora.model import PREFIX
 from .config import IA3Config
 
@@ -23,6 +23,7 @@ def is_feedforward(name: str, config: IA3Config) -> bool:
 
 
 def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
+    default_targets.fill_ia3(model, config)  # (no target_modules: peft's defaults for the model type)
     names = targets.find_target_modules(model, config)
     for name in names:
         module = model.get_submodule(name)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...nn.lora import LoraLinear4bit
-from .. import targets
+from .. import default_targets, targets
 from .config import LoraConfig
 
 PREFIX = "base_model.model."
@@ -29,7 +29,8 @@ def _init_name(config: LoraConfig) -> str:
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> list[str]:
     """Quantizes every targeted nn.Linear of ``model`` in place (Linear4bit in the config's format) and adds the
     adapter ``adapter_name`` to it (layers already quantized / already LoRA layers get the adapter only).
-    Returns the targeted module names."""
+    Returns the targeted module names. No target_modules: peft's defaults for the model type."""
+    default_targets.fill_lora(model, config)
     names = targets.find_target_modules(model, config)
     for name in names:
         module = model.get_submodule(name)
