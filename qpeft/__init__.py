@@ -4,10 +4,18 @@ from . import distributed, functional, nn, reference
 from ._ops import build_info
 from .checkpoint import load_4bit_pretrained, save_4bit_pretrained
 from .errors import ConfigError
-from .model import QPeftModel, get_peft_model, prepare_model_for_kbit_training
+from .model import (
+    AutoPeftModelForCausalLM,
+    PeftModel,
+    PeftModelForCausalLM,
+    QPeftModel,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
 from .quantized import Quantized4bitWeight
 from .tuners import (
     AdaLoraConfig,
+    AdapterConfig,
     BitFitConfig,
     BottleneckConfig,
     IA3Config,
@@ -19,11 +27,16 @@ from .tuners import (
     PromptEncoderConfig,
     PromptTuningConfig,
     SparseConfig,
+    TaskType,
 )
+
+PeftConfig = AdapterConfig  # peft's name: PeftConfig.from_pretrained(folder) reads any adapter's config
 
 __version__ = build_info()["version"]
 __all__ = [
     "AdaLoraConfig",
+    "AdapterConfig",
+    "AutoPeftModelForCausalLM",
     "BitFitConfig",
     "BottleneckConfig",
     "build_info",
@@ -37,6 +50,9 @@ __all__ = [
     "LoraConfig",
     "MultitaskPromptTuningConfig",
     "nn",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
     "PiggybackConfig",
     "PrefixTuningConfig",
     "prepare_model_for_kbit_training",
@@ -47,4 +63,5 @@ __all__ = [
     "reference",
     "save_4bit_pretrained",
     "SparseConfig",
+    "TaskType",
 ]

@@ -31,7 +31,16 @@ from .tuners.snapshot import all_or_nothing
 # Names that lived here before the tuners/ split.
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = adapter_io.ADAPTER_CONFIG, adapter_io.ADAPTER_WEIGHTS
 find_target_modules = targets.find_target_modules
-__all__ = ["LoraConfig", "ModulesToSave", "QPeftModel", "get_peft_model", "prepare_model_for_kbit_training"]
+__all__ = [
+    "AutoPeftModelForCausalLM",
+    "LoraConfig",
+    "ModulesToSave",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "QPeftModel",
+    "get_peft_model",
+    "prepare_model_for_kbit_training",
+]
 
 
 class _DelegatingForward:
@@ -151,6 +160,9 @@ class QPeftModel(ParameterReport, nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"qpeft: adapter {adapter_name!r} already exists")
         method = registry.method_of(config)
+        if config.base_model_name_or_path is None:  # as peft: the model's own name or path, for AutoPeftModel
+            name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+            config.base_model_name_or_path = name if isinstance(name, str) and name else None
         kinds = {c.peft_type for c in self.peft_config.values()}
         if kinds and kinds != {config.peft_type}:
             raise ValueError(
@@ -334,6 +346,8 @@ class QPeftModel(ParameterReport, nn.Module):
             self.add_adapter(adapter_name, config, _loaded=True)
             adapter_io.load_tensors(self, adapter_name, tensors)
             self.set_adapter(self.active_adapter)  # (a load may replace the adapter's tensors)
+        if not is_trainable:  # as peft: evaluation mode, so no dropout runs in the loaded adapter
+            self.eval()
 
     @classmethod
     def from_pretrained(
@@ -350,7 +364,31 @@ class QPeftModel(ParameterReport, nn.Module):
             wrapper = cls(model, config, adapter_name, _loaded=True)
             adapter_io.load_tensors(wrapper, adapter_name, tensors)
             wrapper.set_adapter(adapter_name)  # (a load may replace the adapter's tensors)
+        if not is_trainable:  # as peft: evaluation mode, so no dropout runs in the loaded adapter
+            wrapper.eval()
         return wrapper
+
+
+# peft's names for the wrapper (scripts that only change their import line use these)
+PeftModel = PeftModelForCausalLM = QPeftModel
+
+
+class AutoPeftModelForCausalLM:
+    """peft's AutoPeftModelForCausalLM: ``from_pretrained(adapter)`` loads the adapter's base model
+    (``base_model_name_or_path`` of its config, with transformers' AutoModelForCausalLM; ``model_kwargs`` go to it)
+    and the adapter onto it."""
+
+    @staticmethod
+    def from_pretrained(
+        model_id, adapter_name: str = "default", is_trainable: bool = False, model_kwargs=None, **kwargs
+    ):
+        import transformers
+
+        config = AdapterConfig.from_pretrained(model_id, **kwargs)
+        if not config.base_model_name_or_path:
+            raise ValueError(f"qpeft: the adapter {model_id} names no base_model_name_or_path to load")
+        base = transformers.AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **(model_kwargs or {}))
+        return QPeftModel.from_pretrained(base, model_id, adapter_name, is_trainable, **kwargs)
 
 
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> QPeftModel:

@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 from . import registry
-from .config import AdapterConfig, config_from_peft_dict
+from .config import AdapterConfig, TaskType, config_from_peft_dict
 from .ia3 import IA3Config
 from .lora import LoraConfig
 from .bottleneck import BottleneckConfig
@@ -44,4 +44,5 @@ __all__ = [
     "PromptTuningConfig",
     "registry",
     "SparseConfig",
+    "TaskType",
 ]

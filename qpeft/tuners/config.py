@@ -4,6 +4,7 @@ adapter_config.json round trip (the config class chosen by peft_type from the me
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
@@ -28,6 +29,18 @@ def is_number(v) -> bool:
 
 def is_names(v, allow_str: bool = True) -> bool:
     return (allow_str and isinstance(v, str)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+class TaskType(str, enum.Enum):
+    """peft's task types (a config's ``task_type``; qpeft's methods are for causal LMs, the others are accepted in
+    files by name)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 # ---- field checks, declared with the fields ----------------------------------------------------------------------
@@ -103,6 +116,8 @@ class AdapterConfig:
     QPEFT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "compute_dtype")
 
     def __post_init__(self):
+        if isinstance(self.task_type, enum.Enum):  # TaskType.CAUSAL_LM as peft scripts pass it
+            self.task_type = self.task_type.value
         for f in dataclasses.fields(self):
             if f.metadata.get("check") in (NAMES, NAME_LIST) and isinstance(getattr(self, f.name), (set, tuple)):
                 setattr(self, f.name, sorted(getattr(self, f.name)))
@@ -159,6 +174,23 @@ class AdapterConfig:
     def peft_fields(cls, fields: dict, source: str | None) -> dict:
         """The file's fields as the constructor takes them (a subclass maps peft's spellings)."""
         return fields
+
+    @classmethod
+    def from_pretrained(cls, model_id, **kwargs) -> "AdapterConfig":
+        """peft's PeftConfig.from_pretrained: the config of an adapter folder or Hub repository id (its
+        adapter_config.json; ``subfolder``, ``revision``, ``token`` as in peft)."""
+        from ..adapter_io import ADAPTER_CONFIG
+        from ..files import read_json_file
+        from ..hub import ADAPTER_FILES, resolve_folder
+
+        folder = resolve_folder(model_id, ADAPTER_FILES, **kwargs)
+        path = folder / ADAPTER_CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"qpeft: no {ADAPTER_CONFIG} in {folder}")
+        config = config_from_peft_dict(read_json_file(path, "adapter_config"), str(path))
+        if cls is not AdapterConfig and not isinstance(config, cls):
+            raise ConfigError(str(path), "peft_type", f"is {config.peft_type}, not a {cls.__name__}")
+        return config
 
 
 @dataclasses.dataclass(kw_only=True)

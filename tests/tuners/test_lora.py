@@ -499,3 +499,43 @@ def test_default_targets_are_peft_s():
             assert adapted == theirs_adapted and adapted, (make.__name__, type(ours).__name__)
             if isinstance(ours, qpeft.IA3Config):
                 assert sorted(ours.feedforward_modules) == sorted(p.peft_config["default"].feedforward_modules)
+
+
+def test_a_peft_script_runs_with_only_its_import_changed(tmp_path):
+    """peft's names as scripts use them: TaskType, LoraConfig without targets (the model type's defaults),
+    prepare_model_for_kbit_training, get_peft_model, print_trainable_parameters, save_pretrained, PeftConfig,
+    PeftModel.from_pretrained, AutoPeftModelForCausalLM, merge_and_unload."""
+    from qpeft import (
+        AutoPeftModelForCausalLM,
+        LoraConfig,
+        PeftConfig,
+        PeftModel,
+        TaskType,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type=TaskType.CAUSAL_LM))
+    model.print_trainable_parameters()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    config = PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert config.task_type == "CAUSAL_LM" and sorted(config.target_modules) == ["q_proj", "v_proj"]
+    assert config.base_model_name_or_path == str(tmp_path / "base")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+        auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+        torch.testing.assert_close(auto(input_ids=ids).logits, expected, rtol=0, atol=0)
+        merged = reloaded.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
