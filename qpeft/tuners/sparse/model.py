@@ -78,24 +78,24 @@ def select_by_gradient(model: nn.Module, config: SparseConfig, adapter_name: str
     scores = {
         n: torch.zeros(layer.out_features, layer.in_features, device=layer.base.weight.device) for n, layer in layers
     }
-    inputs, handles = {}, []
+    handles = []
 
-    def keep_input(name):
+    def watch(name):
+        # a hook on the output tensor, not a module backward hook: no wrapper Function around the output, so models
+        # that modify it in place (Falcon) still run
         def hook(module, args, output):
-            inputs[name] = args[0].detach()
+            x = args[0].detach()
 
-        return hook
+            def accumulate(dy):
+                scores[name].add_((dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()).abs())
 
-    def accumulate(name):
-        def hook(module, grad_input, grad_output):
-            dy, x = grad_output[0], inputs[name]
-            scores[name].add_((dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()).abs())
+            if output.requires_grad:
+                output.register_hook(accumulate)
 
         return hook
 
     for n, layer in layers:
-        handles.append(layer.register_forward_hook(keep_input(n)))
-        handles.append(layer.register_full_backward_hook(accumulate(n)))
+        handles.append(layer.register_forward_hook(watch(n)))
     try:
         with _inputs_require_grad(model):
             for batch in batches:
