@@ -410,5 +410,8 @@ def prepare_model_for_kbit_training(
         kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
         if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model

@@ -539,3 +539,14 @@ def test_a_peft_script_runs_with_only_its_import_changed(tmp_path):
         torch.testing.assert_close(auto(input_ids=ids).logits, expected, rtol=0, atol=0)
         merged = reloaded.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_model_for_kbit_training_uses_transformers_current_checkpointing_name():
+    """transformers 5 renamed gradient checkpointing to activation checkpointing; the old name warns."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        model = qpeft.prepare_model_for_kbit_training(tiny_llama())
+    assert model.is_activation_checkpointing and not any(p.requires_grad for p in model.parameters())
