@@ -112,6 +112,12 @@ class AdapterLayer4bit(NamedAdapters):
         return self.base.compute_dtype or x.dtype
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base's (packed 4-bit) weight, as peft's layers expose their base layer's: code that reads a linear
+        layer's ``weight`` (its device, dtype or shape) sees the 4-bit layer's."""
+        return self.base.weight
+
+    @property
     def in_features(self) -> int:
         return self.base.in_features
 

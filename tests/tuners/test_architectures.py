@@ -88,3 +88,55 @@ def test_every_method_trains_saves_and_reloads_on_every_architecture(kind, name,
     if name in GENERATES:
         out = back.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
         assert out.shape == (2, 9) and torch.equal(out[:, :6], ids)
+
+
+ENCODER_DECODERS = {
+    "t5": lambda t: t.T5ForConditionalGeneration(
+        t.T5Config(vocab_size=101, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    ),
+    "bart": lambda t: t.BartForConditionalGeneration(
+        t.BartConfig(
+            vocab_size=101,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=96,
+            decoder_ffn_dim=96,
+            max_position_embeddings=64,
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(ENCODER_DECODERS))
+@pytest.mark.parametrize("config", ["lora_defaults", "ia3_defaults"])
+def test_lora_and_ia3_on_encoder_decoders(kind, config, tmp_path):
+    """LoRA and IA3 with peft's default targets on T5 and BART: train, save, reload equal, generate. (T5's IA3
+    defaults include its feed-forward output wo, which transformers keeps out of quantization: T5 casts wo's input to
+    wo.weight's dtype, so a 4-bit wo is refused with a clear error rather than run on integers.)"""
+    torch.manual_seed(0)
+    model = ENCODER_DECODERS[kind](transformers).eval()
+    make = qpeft.LoraConfig if config == "lora_defaults" else qpeft.IA3Config
+    if kind == "t5" and config == "ia3_defaults":
+        peft_model = qpeft.get_peft_model(copy.deepcopy(model), make())
+        with pytest.raises(TypeError, match="floating-point input"):
+            peft_model(input_ids=torch.ones(1, 3, dtype=torch.long), labels=torch.ones(1, 2, dtype=torch.long))
+        return
+    peft_model = qpeft.get_peft_model(copy.deepcopy(model), make(task_type="SEQ_2_SEQ_LM"))
+    ids = torch.randint(1, 101, (2, 6), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(1, 101, (2, 5), generator=torch.Generator().manual_seed(2))
+    peft_model.train()
+    peft_model(input_ids=ids, labels=labels).loss.backward()
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad and p.grad is not None:
+                p.sub_(1e-2 * p.grad.sign())
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path)
+    back = qpeft.QPeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, labels=labels).logits
+        torch.testing.assert_close(back(input_ids=ids, labels=labels).logits, expected, rtol=0, atol=0)
+    assert back.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[0] == 2
