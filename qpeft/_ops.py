@@ -45,7 +45,7 @@ def _check_torch_version() -> None:
 
 _check_torch_version()
 from . import _C  # noqa: E402  (importing the extension runs its TORCH_LIBRARY registrations)
-from .formats import reciprocal_table_bytes  # noqa: E402
+from .formats import lora_branch_dtype, reciprocal_table_bytes  # noqa: E402
 
 ops = torch.ops.qpeft
 # The CPU kernels reproduce the GPU's approximate reciprocal from this table (reference.approx_reciprocal).
@@ -195,8 +195,8 @@ def _(
     p,
     seed,
 ):
-    branch = torch.float32 if x.dtype == torch.float16 else x.dtype  # (qlora_ops.cpp: branch_dtype)
-    return x.new_empty((x.shape[0], lora_B.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=branch)
+    xa = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_branch_dtype(x.dtype))
+    return x.new_empty((x.shape[0], lora_B.shape[0])), xa
 
 
 @torch.library.register_fake("qpeft::qlora_backward")

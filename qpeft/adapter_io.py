@@ -48,12 +48,20 @@ def load_adapter_files(
         pickled = (folder / "adapter_model.bin").exists()
         hint = " (adapter_model.bin is pickle, which qpeft never loads)" if pickled else ""
         raise FileNotFoundError(f"qpeft: no {ADAPTER_WEIGHTS} in {folder}{hint}")
-    config = config_from_peft_dict(read_json_file(config_path, "adapter_config"), str(config_path), **quant)
+    config = read_adapter_config(folder, **quant)
     try:
         tensors = load_file(str(weights_path))
     except (OSError, safetensors.SafetensorError) as e:
         raise ConfigError(str(weights_path), "safetensors", f"cannot be read: {e}") from None
     return config, tensors
+
+
+def read_adapter_config(folder: Path, **quant) -> AdapterConfig:
+    """The config of ``folder``'s adapter_config.json (``quant`` overrides the 4-bit format)."""
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"qpeft: no {ADAPTER_CONFIG} in {folder}")
+    return config_from_peft_dict(read_json_file(path, "adapter_config"), str(path), **quant)
 
 
 def save_adapters(peft_model, save_directory, selected_adapters=None, is_main_process: bool | None = None) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .formats import WEIGHT_FIELDS
 from .files import read_json_file, write_json_atomic, write_safetensors_atomic
 from .hub import CHECKPOINT_FILES, resolve_folder
 from .nn.adapter_holder import AdapterLayer4bit, NamedAdapters
@@ -179,11 +180,14 @@ def is_quant_metadata(key: str) -> bool:
     return key.endswith((".quant_map", ".nested_quant_map")) or _QUANT_STATE in key
 
 
+_SCALE_ENTRIES = tuple(f".weight.{f.entry}" for f in WEIGHT_FIELDS if f.entry and f.sharded)  # the block scales
+
+
 def is_checked_whole(key: str) -> bool:
     """The entries a sharded load reads whole on every rank before anything is sharded, so they are checked as
     load_4bit_pretrained checks them (NaN scales, code books, the quant state): the metadata and the block scales
     (1/8 of the codes' bytes or less), as opposed to the codes."""
-    return is_quant_metadata(key) or key.endswith((".weight.absmax", ".weight.nested_absmax"))
+    return is_quant_metadata(key) or key.endswith(_SCALE_ENTRIES)
 
 
 def build_4bit_model(
@@ -253,11 +257,11 @@ def _check_config_fits(folder: Path, model_class, config, tensors: dict, quantiz
     checkpoint's parameters with the checkpoint's shapes: a config whose sizes disagree with the file (a vocab of
     10^12, say) is refused before the model is built for real."""
     from .quantized import read_quant_state
+    from .tuners.config import text_config
     from .tuners.targets import layer_index
 
     source = str(folder / "config.json")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
+    layers = getattr(text_config(config), "num_hidden_layers", None)
     held = {layer_index(key, None) for key in tensors} - {None}
     if isinstance(layers, int) and layers > max(held, default=-1) + 1:  # (checked first: building them is slow)
         raise ConfigError(source, "num_hidden_layers", f"is {layers}, but the checkpoint holds {len(held)} layers")

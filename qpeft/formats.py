@@ -19,6 +19,13 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCKSIZE = 256
 
 
+def lora_branch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the LoRA branch's x A^T for activations of ``dtype``: fp32 for fp16 (x A^T can exceed fp16's
+    range where the layer's output does not; peft's branch is fp32), else the same (C++: qlora_ops.cpp
+    branch_dtype)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 # ---- the 4-bit weight's tensors: one table ------------------------------------------------------------------
 class WeightField(NamedTuple):
     """One tensor of a 4-bit weight. ``name``: the Quantized4bitWeight field (and the ops' argument). ``entry``:

@@ -45,14 +45,17 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def check_layer_input(x: torch.Tensor, in_features: int, layer: str) -> None:
-    """A layer's input: a floating tensor, at least 1-D with ``in_features`` in its last dimension (as nn.Linear)."""
+def check_layer_input(x: torch.Tensor, in_features: int, layer: str, device: torch.device) -> None:
+    """A layer's input: a floating tensor on the layer's ``device``, at least 1-D with ``in_features`` in its last
+    dimension (as nn.Linear)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"qpeft: {layer} takes a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"qpeft: {layer} takes a floating-point input, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"qpeft: {layer} expects inputs with last dimension {in_features}, got shape {list(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {device}")
 
 
 def check_blocksize(blocksize: int) -> None:

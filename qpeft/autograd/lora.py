@@ -17,6 +17,7 @@ import torch
 
 from .. import functional as F
 from .._ops import ops
+from ..formats import lora_branch_dtype
 from ..quantized import Quantized4bitWeight
 from .base import base_grad_input, base_matmul, save_weight, saved_weight, weight_args
 
@@ -50,9 +51,8 @@ def qlora_linear(
 
 
 def branch_down(x2: torch.Tensor, A: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
-    """xa = drop(x) A^T [M, r], fp32 for fp16 x (x A^T can exceed fp16's range where the layer's output does not;
-    peft's branch is fp32), else in x's dtype: qlora_forward's rule (qlora_ops.cpp: branch_dtype)."""
-    return ops.lora_down(x2.float() if x2.dtype == torch.float16 else x2, A, p, seed)
+    """xa = drop(x) A^T [M, r] in formats.lora_branch_dtype (qlora_forward's rule)."""
+    return ops.lora_down(x2.to(lora_branch_dtype(x2.dtype)), A, p, seed)
 
 
 class _LoraBranch(torch.autograd.Function):

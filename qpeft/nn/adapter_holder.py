@@ -106,9 +106,7 @@ class AdapterLayer4bit(NamedAdapters):
     def check_input(self, x: torch.Tensor) -> torch.dtype:
         """``x`` fits the layer (a floating tensor on the base's device, last dimension in_features); returns the
         compute dtype (the base's, else x's)."""
-        F.check_layer_input(x, self.in_features, type(self).__name__)
-        if x.device != self.base.weight.device:
-            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.base.weight.device}")
+        F.check_layer_input(x, self.in_features, type(self).__name__, self.base.weight.device)
         return self.base.compute_dtype or x.dtype
 
     @property

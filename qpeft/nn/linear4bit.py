@@ -208,9 +208,7 @@ class Linear4bit(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        F.check_layer_input(x, self.in_features, "Linear4bit")
-        if x.device != self.weight.device:
-            raise ValueError(f"qpeft: input is on {x.device} but the layer's weight is on {self.weight.device}")
+        F.check_layer_input(x, self.in_features, "Linear4bit", self.weight.device)
         dtype = self.compute_dtype or x.dtype
         y = frozen_4bit_linear(x.to(dtype), self.op_weight_args(), self.out_features)
         if self.bias is not None:

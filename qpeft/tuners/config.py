@@ -43,6 +43,30 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+def text_config(model_config):
+    """A transformers config's text part (a multimodal model's language model), or the config itself."""
+    get_text = getattr(model_config, "get_text_config", None)
+    return get_text() if callable(get_text) else model_config
+
+
+# a model's sizes by the names of peft's prompt configs -> the names transformers configs keep them under
+MODEL_SIZE_NAMES = {
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+    "token_dim": ("hidden_size", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+}
+
+
+def model_size(model_config, key: str):
+    """The model's ``key`` (of MODEL_SIZE_NAMES) from its (text) config, or None when the config has none."""
+    text = text_config(model_config)
+    for name in MODEL_SIZE_NAMES[key]:
+        value = getattr(text, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 # ---- field checks, declared with the fields ----------------------------------------------------------------------
 MAX_SIZE = 1 << 20  # any size a config gives (ranks, token counts, widths): larger is refused before allocation
 
@@ -179,17 +203,13 @@ class AdapterConfig:
     def from_pretrained(cls, model_id, **kwargs) -> "AdapterConfig":
         """peft's PeftConfig.from_pretrained: the config of an adapter folder or Hub repository id (its
         adapter_config.json; ``subfolder``, ``revision``, ``token`` as in peft)."""
-        from ..adapter_io import ADAPTER_CONFIG
-        from ..files import read_json_file
+        from ..adapter_io import ADAPTER_CONFIG, read_adapter_config
         from ..hub import ADAPTER_FILES, resolve_folder
 
         folder = resolve_folder(model_id, ADAPTER_FILES, **kwargs)
-        path = folder / ADAPTER_CONFIG
-        if not path.is_file():
-            raise FileNotFoundError(f"qpeft: no {ADAPTER_CONFIG} in {folder}")
-        config = config_from_peft_dict(read_json_file(path, "adapter_config"), str(path))
+        config = read_adapter_config(folder)
         if cls is not AdapterConfig and not isinstance(config, cls):
-            raise ConfigError(str(path), "peft_type", f"is {config.peft_type}, not a {cls.__name__}")
+            raise ConfigError(str(folder / ADAPTER_CONFIG), "peft_type", f"is {config.peft_type}, not a {cls.__name__}")
         return config
 
 

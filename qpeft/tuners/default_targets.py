@@ -39,10 +39,7 @@ LORA = {
 # model_type -> IA3 (target_modules, feedforward_modules)
 IA3 = {
     **dict.fromkeys(("llama", "mistral"), (("k_proj", "v_proj", "down_proj"), ("down_proj",))),
-    **dict.fromkeys(
-        ("llama4", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
-        (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
-    ),
+    **dict.fromkeys(("llama4", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), (_QVD, ("down_proj",))),
     "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
     "phi": (("q_proj", "v_proj", "fc2"), ("fc2",)),
     "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),

@@ -67,9 +67,9 @@ class Method:
 
     def adapter_layers(self, model: nn.Module):
         """(name, layer) of every layer of ``model`` this method creates."""
-        for name, module in model.named_modules():
-            if self.layers and isinstance(module, self.layers):
-                yield name, module
+        from .targets import modules_of
+
+        return modules_of(model, self.layers) if self.layers else iter(())
 
 
 METHODS: dict[str, Method] = {}  # peft_type -> Method, in registration order

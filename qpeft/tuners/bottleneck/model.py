@@ -9,6 +9,7 @@ from ...errors import ConfigError
 from ...nn.bottleneck import BottleneckAdapter, Bottlenecks, apply_bottlenecks
 from .. import targets
 from ..lora.model import PREFIX
+from ..config import model_size
 from .config import BottleneckConfig
 
 ATTENTION = ("self_attn", "attn", "attention")
@@ -33,12 +34,10 @@ def placement(model: nn.Module, config: BottleneckConfig) -> list[str]:
 
 
 def _hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if getattr(text, key, None):
-            return getattr(text, key)
-    raise ValueError("qpeft: the model's hidden size is not in its config")
+    hidden = model_size(getattr(model, "config", None), "token_dim")
+    if not hidden:
+        raise ValueError("qpeft: the model's hidden size is not in its config")
+    return hidden
 
 
 def inject_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> list[str]:

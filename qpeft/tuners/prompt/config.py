@@ -12,22 +12,27 @@ import enum
 from typing import ClassVar
 
 from ...errors import ConfigError
-from ..config import BOOL, COUNT, SIZE, STRING, Check, WholeModelConfig, checked, number_in, one_of, optional
+from ..config import (
+    BOOL,
+    COUNT,
+    MODEL_SIZE_NAMES,
+    SIZE,
+    STRING,
+    Check,
+    WholeModelConfig,
+    checked,
+    model_size,
+    number_in,
+    one_of,
+    optional,
+    text_config,
+)
 
 MODEL_SIZE = optional(SIZE, " (read from the model)")
 
 
 def _name(v):
     return v.value if isinstance(v, enum.Enum) else v
-
-
-def _first(config, *names):
-    """The first of ``names`` that ``config`` sets."""
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return None
 
 
 @dataclasses.dataclass
@@ -57,45 +62,33 @@ class PromptLearningConfig(WholeModelConfig):
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
 
     def fill_from_model(self, model_config) -> None:
-        """Sizes left None, from a transformers config (its text config for multimodal models)."""
-        get_text = getattr(model_config, "get_text_config", None)
-        text = get_text() if callable(get_text) else model_config
-
-        def read(*names):
-            for name in names:
-                value = getattr(text, name, None)
-                if value is not None:
-                    return value
-            return None
-
+        """Sizes left None, from a transformers config (its text config for multimodal models), then checked
+        against it."""
         self.num_transformer_submodules = self.num_transformer_submodules or 1
         self.task_type = self.task_type or "CAUSAL_LM"
-        for key, names in (
-            ("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
-            ("token_dim", ("hidden_size", "n_embd", "d_model")),
-            ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads")),
-        ):
+        for key in MODEL_SIZE_NAMES:
             if getattr(self, key) is None:
-                value = read(*names)
+                value = model_size(model_config, key)
                 if value is None:
                     raise ConfigError(None, key, "is not in the model's config: set it in the adapter config")
                 setattr(self, key, value)
+        text = text_config(model_config)
         self.fill_method_sizes(text)
         self.validate()
-        for key, (expected, what) in self.model_sizes(text).items():
+        for key, (expected, what) in self.model_sizes(model_config).items():
             if expected is not None and getattr(self, key) != expected:
                 raise ConfigError(None, key, f"is {getattr(self, key)}, but the model has {expected} ({what})")
-        positions = read("max_position_embeddings", "n_positions")
+        positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
         if positions is not None and self.num_virtual_tokens >= positions:
             raise ConfigError(
                 None, "num_virtual_tokens", f"is {self.num_virtual_tokens}, not below the model's {positions} positions"
             )
 
-    def model_sizes(self, text_config) -> dict:
+    def model_sizes(self, model_config) -> dict:
         """key -> (the size the model requires, what it is) for the sizes that must fit the model."""
         return {
-            "num_layers": (_first(text_config, "num_hidden_layers", "num_layers", "n_layer"), "layers"),
-            "token_dim": (_first(text_config, "hidden_size", "n_embd", "d_model"), "hidden size"),
+            "num_layers": (model_size(model_config, "num_layers"), "layers"),
+            "token_dim": (model_size(model_config, "token_dim"), "hidden size"),
         }
 
     def fill_method_sizes(self, text_config) -> None:
@@ -175,28 +168,25 @@ class PrefixTuningConfig(PromptLearningConfig):
             self.fail("token_dim", f"must be a multiple of num_attention_heads ({self.num_attention_heads})", source)
 
     def fill_from_model(self, model_config) -> None:
-        # grouped-query attention: the prefix's blocks have the key/value heads' width (peft's rule, applied only
-        # when the sizes come from the model)
-        get_text = getattr(model_config, "get_text_config", None)
-        text = get_text() if callable(get_text) else model_config
-        kv_heads = getattr(text, "num_key_value_heads", None)
-        if kv_heads is not None and self.token_dim is None and self.num_attention_heads is None:
-            heads = getattr(text, "num_attention_heads")
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-            self.token_dim, self.num_attention_heads = head_dim * kv_heads, kv_heads
+        # left None, token_dim and num_attention_heads are the key / value heads' (peft's rule for grouped-query
+        # attention, applied only when the sizes come from the model)
+        if self.token_dim is None and self.num_attention_heads is None:
+            sizes = self.model_sizes(model_config)
+            self.token_dim = sizes["token_dim"][0]
+            self.num_attention_heads = sizes.get("num_attention_heads", (None,))[0]
         super().fill_from_model(model_config)
 
     def fill_method_sizes(self, text_config) -> None:
         self.encoder_hidden_size = self.encoder_hidden_size or self.token_dim
 
-    def model_sizes(self, text_config) -> dict:
+    def model_sizes(self, model_config) -> dict:
         """The prefix's blocks are key/value blocks: the key/value heads and their width."""
-        sizes = super().model_sizes(text_config)
-        heads = _first(text_config, "num_attention_heads", "n_head", "num_heads")
-        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        hidden = sizes["token_dim"][0]
+        sizes = super().model_sizes(model_config)
+        heads, hidden = model_size(model_config, "num_attention_heads"), sizes["token_dim"][0]
         if heads and hidden:
-            head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+            text = text_config(model_config)
+            kv_heads = getattr(text, "num_key_value_heads", None) or heads
+            head_dim = getattr(text, "head_dim", None) or hidden // heads
             sizes["token_dim"] = (head_dim * kv_heads, "key/value heads x head size")
             sizes["num_attention_heads"] = (kv_heads, "key/value heads")
         return sizes
