@@ -33,6 +33,16 @@ from .tuners import (
 PeftConfig = AdapterConfig  # peft's name: PeftConfig.from_pretrained(folder) reads any adapter's config
 
 __version__ = build_info()["version"]
+
+
+def __getattr__(name: str):
+    if name == "QuantizationConfig":  # imported on first use: registering it with transformers imports transformers
+        from .quantizer import QuantizationConfig
+
+        return QuantizationConfig
+    raise AttributeError(f"module 'qpeft' has no attribute {name!r}")
+
+
 __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
@@ -59,6 +69,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "QPeftModel",
+    "QuantizationConfig",
     "Quantized4bitWeight",
     "reference",
     "save_4bit_pretrained",

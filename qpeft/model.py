@@ -103,6 +103,9 @@ class QPeftModel(ParameterReport, nn.Module):
         self.set_adapter(adapter_name)
 
     forward = _DelegatingForward()
+    # transformers' Trainer refuses a quantized model unless adapters are attached, which it reads from this flag
+    # (or from peft's own classes); a QPeftModel always holds one
+    _hf_peft_config_loaded = True
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -172,6 +175,7 @@ class QPeftModel(ParameterReport, nn.Module):
         if kinds and method.own_parameters:
             raise ValueError(f"qpeft: {config.peft_type} trains the model's own parameters: one adapter per model")
         with all_or_nothing(self.base_model, self), patterns.budget():  # the config's regexes: one time budget
+            targets.take_over_bitsandbytes(self.base_model)  # a model bitsandbytes quantized: its bytes, qpeft's layers
             if method.is_prompt_learning:
                 self.prompt_encoder[adapter_name] = method.encoder(self.base_model, config, _loaded)
             else:

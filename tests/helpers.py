@@ -40,6 +40,14 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def same_state(a: dict, b: dict) -> bool:
+    """Two 4-bit state dicts hold the same keys and bytes; code books compare by value (bitsandbytes' FP4 book
+    holds -0.0 where qpeft's holds 0.0)."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if k.endswith("quant_map") else same_bytes(a[k], b[k]) for k in a
+    )
+
+
 def reference_weight_4bit(sd: dict, prefix: str = "", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight that a bitsandbytes 4-bit state dict (``<prefix>weight``, ``weight.absmax``, ...)
     describes, decoded from its bytes and JSON with qpeft.reference alone: the format's definition, the same on
@@ -130,8 +138,8 @@ def trainer_losses(model, items, folder, epochs: int, learning_rate: float, **ar
         save_strategy="no",
         report_to=[],
         use_cpu=True,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     args = transformers.TrainingArguments(**{**settings, **arguments})
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())

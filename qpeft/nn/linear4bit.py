@@ -109,15 +109,27 @@ class Linear4bit(nn.Module):
             )
         weight = linear.weight.detach()
         weight = weight.T.contiguous() if conv1d else weight
+        q = Quantized4bitWeight.from_float(weight, quant_type, blocksize, double_quant, quant_storage)
+        bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        return cls.from_quantized(q, bias, compute_dtype, fan_in_fan_out=conv1d)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q: Quantized4bitWeight,
+        bias: nn.Parameter | None = None,
+        compute_dtype: torch.dtype | None = None,
+        fan_in_fan_out: bool = False,
+    ) -> "Linear4bit":
+        """A layer holding ``q`` (no copy) and ``bias`` (this Parameter itself); ``fan_in_fan_out``: q is the
+        transpose of a Conv1D's weight (to_linear gives a Conv1D back)."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.out_features, module.in_features = weight.shape
+        module.out_features, module.in_features = q.shape
         module.compute_dtype = compute_dtype
-        module.set_quantized_weight(
-            Quantized4bitWeight.from_float(weight, quant_type, blocksize, double_quant, quant_storage)
-        )
-        module.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-        module.fan_in_fan_out = conv1d
+        module.set_quantized_weight(q)
+        module.bias = bias
+        module.fan_in_fan_out = fan_in_fan_out
         return module
 
     # ---- the quantized weight -----------------------------------------------------------------------------

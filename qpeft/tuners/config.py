@@ -109,6 +109,17 @@ LAYERS = Check(
 UNSUPPORTED = Check(lambda v: v is None, "is not an option of this method in qpeft")
 
 
+# the 4-bit format of a base (an adapter config's qpeft-only fields, qpeft's transformers quantizer)
+FORMAT_CHECKS = {
+    "quant_type": one_of(*F.QUANT_TYPES),
+    "blocksize": one_of(*F.VALID_BLOCKSIZES),
+    "double_quant": BOOL,
+    "compute_dtype": Check(
+        lambda v: v is None or v in F.FLOAT_DTYPES, "must be None or torch.float32 / float16 / bfloat16"
+    ),
+}
+
+
 def checked(default=dataclasses.MISSING, check: Check | None = None, *, factory=dataclasses.MISSING):
     """A config field with its check (run by ``validate``). Lists of names given as sets or tuples are sorted into
     lists first."""
@@ -130,12 +141,10 @@ class AdapterConfig:
     task_type: str | None = checked(None, optional(STRING))
     base_model_name_or_path: str | None = checked(None, optional(STRING))
     inference_mode: bool = checked(False, BOOL)
-    quant_type: str = checked("nf4", one_of(*F.QUANT_TYPES))
-    blocksize: int = checked(64, one_of(*F.VALID_BLOCKSIZES))
-    double_quant: bool = checked(True, BOOL)
-    compute_dtype: torch.dtype | None = checked(
-        None, Check(lambda v: v is None or v in F.FLOAT_DTYPES, "must be None or torch.float32 / float16 / bfloat16")
-    )
+    quant_type: str = checked("nf4", FORMAT_CHECKS["quant_type"])
+    blocksize: int = checked(64, FORMAT_CHECKS["blocksize"])
+    double_quant: bool = checked(True, FORMAT_CHECKS["double_quant"])
+    compute_dtype: torch.dtype | None = checked(None, FORMAT_CHECKS["compute_dtype"])
 
     QPEFT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "blocksize", "double_quant", "compute_dtype")
 

@@ -17,6 +17,7 @@ from .. import patterns
 from ..nn.adapter_holder import AdapterLayer4bit, NamedAdapters
 from ..nn.linear4bit import Linear4bit, is_conv1d
 from ..nn.modules_to_save import ModulesToSave
+from ..nn.takeover import bitsandbytes_kind, from_bitsandbytes
 
 
 def modules_of(model: nn.Module, cls) -> Iterator[tuple[str, nn.Module]]:
@@ -177,3 +178,19 @@ def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
         module = model.get_submodule(name)
         if not isinstance(module, Linear4bit) and not skip(name):
             set_submodule(model, name, quantized(module, config))
+
+
+def take_over_bitsandbytes(model: nn.Module) -> int:
+    """Every bitsandbytes 4-bit layer of ``model`` replaced by its qpeft layer (``from_bitsandbytes``); an 8-bit
+    layer is refused (a TypeError naming it) before anything changes. Returns how many were taken over."""
+    layers = [(name, m, bitsandbytes_kind(m)) for name, m in model.named_modules()]
+    eight = [name for name, _, kind in layers if kind == "8bit"]
+    if eight:
+        raise TypeError(
+            f"qpeft: {eight[0]!r} is a bitsandbytes 8-bit layer; qpeft's bases are 4-bit (load the model with "
+            "BitsAndBytesConfig(load_in_4bit=True), qpeft.QuantizationConfig(), or unquantized)"
+        )
+    taken = [(name, from_bitsandbytes(m)) for name, m, kind in layers if kind == "4bit"]
+    for name, layer in taken:
+        set_submodule(model, name, layer)
+    return len(taken)
