@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import functional as F
 from ..files import check_adapter_name
-from .linear4bit import Linear4bit, dense_layer
+from .linear4bit import Linear4bit, autocast_as_linear, dense_layer
 
 
 class NamedAdapters(nn.Module):
@@ -92,6 +92,11 @@ class AdapterLayer4bit(NamedAdapters):
     checkpoint saves of the layer); merging into a dense weight (the base is never requantized)."""
 
     BASE_CHILD = "base"
+
+    def __init_subclass__(cls, **kwargs):  # every adapter layer's forward under autocast: as nn.Linear's
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = autocast_as_linear(cls.forward)
 
     def __init__(self, base: Linear4bit):
         super().__init__()

@@ -8,6 +8,8 @@ cannot corrupt them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -28,6 +30,23 @@ def _from_buffer(t: torch.Tensor | None, field: str) -> torch.Tensor | None:
     if t is None or field == "absmax" and t.dtype == torch.uint8:
         return t
     return t.view(torch.float32)
+
+
+def autocast_as_linear(forward):
+    """A 4-bit layer's ``forward(self, x, ...)`` under torch.autocast behaves as nn.Linear's does: x goes to the
+    autocast dtype and the result stays in it. The body runs with autocast off (qpeft's ops choose their own
+    dtypes: fp32 adapters, fp32 accumulation), so autocast never re-casts half of one op's inputs."""
+
+    @functools.wraps(forward)
+    def wrapper(self, x, *args, **kwargs):
+        device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        if not torch.is_autocast_enabled(device) or not x.is_floating_point():
+            return forward(self, x, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return forward(self, x.to(dtype), *args, **kwargs)
+
+    return wrapper
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -219,6 +238,7 @@ class Linear4bit(nn.Module):
         return dense_layer(self.dequantized_weight(dtype), self.bias, self.fan_in_fan_out)
 
     # ---- forward ------------------------------------------------------------------------------------------
+    @autocast_as_linear
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         F.check_layer_input(x, self.in_features, "Linear4bit", self.weight.device)
         dtype = self.compute_dtype or x.dtype

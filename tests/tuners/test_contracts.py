@@ -334,6 +334,27 @@ def test_linear_outputs_may_be_modified_in_place(method, variant, setup):
     assert any(p.grad is not None for p in trainable(model).values())
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method, variant", rows())
+def test_mixed_precision_autocast_trains_and_computes_the_model(method, variant, autocast_dtype):
+    """Under torch.autocast (the Trainer's bf16 / fp16 on an fp32 model) every method computes what it computes
+    without autocast, to the autocast dtype's rounding, and trains: 4-bit layers behave as nn.Linear does there."""
+    torch.manual_seed(2)
+    model = qpeft.get_peft_model(tiny_llama(seed=1), method.examples[variant]())
+    if method.warmup:
+        getattr(model, method.warmup)([batch(model)])
+    step(model)  # adapters away from their start: their part of the output counts
+    expected = logits(model)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        got = logits(model)
+        model.train()
+        loss = model(**batch(model)).loss
+    loss.backward()
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+    grads = [p.grad for p in trainable(model).values() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 @pytest.mark.parametrize("name", ["prompt-tuning", "bitfit", "lora"])
 def test_falcon_which_modifies_linear_outputs_in_place_trains(name):
     """transformers' Falcon adds to its attention projections' outputs in place."""

@@ -86,7 +86,9 @@ class PromptEncoder(nn.Module):
     def prompt(self) -> torch.Tensor:
         e = self.embedding.weight
         if self.kind == "LSTM":
-            return self.mlp_head(self.lstm_head(e[None])[0])[0]
+            with torch.autocast(e.device.type, enabled=False):  # in its own dtype: CPU autocast has no fp16 LSTM
+                hidden = self.lstm_head(e[None])[0]
+            return self.mlp_head(hidden)[0]
         if self.kind == "MLP":
             return self.mlp_head(e)
         return e
