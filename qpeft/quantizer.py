@@ -10,6 +10,10 @@ bitsandbytes and ``qpeft.load_4bit_pretrained`` read.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -166,9 +170,38 @@ class Quantize4bit(ConversionOps):
                 weight, config.quant_type, config.blocksize, config.double_quant, config.quant_storage
             )
             layer = Linear4bit.from_quantized(q, module.bias, config.compute_dtype, fan_in_fan_out=conv1d)
+            del weight
+            release_file_pages(value)  # the float weight's checkpoint pages: not needed again
             config.weight_dtype = q.dtype
             layer._is_hf_initialized = True
             set_submodule(model, name, layer)
             self.hf_quantizer.loaded[name] = q
             out[param_name] = layer.weight
         return out
+
+
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(t: torch.Tensor) -> None:
+    """Drops from this process's resident set the memory pages wholly inside ``t``, a tensor no longer used, when
+    it views a memory-mapped file (a checkpoint tensor transformers mapped: it keeps each file mapped until the load
+    ends, so every weight read would otherwise stay resident). Pages touched again are read from the file; the
+    pages of a private mapping lose what was written to them, which only ``t`` could have done. Anonymous memory,
+    CUDA tensors and other systems are left alone."""
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or not t.is_contiguous():
+        return
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= first and last <= high:
+                if len(fields) >= 6 and fields[5].startswith("/"):  # a file's pages, not anonymous memory
+                    libc = ctypes.CDLL(None, use_errno=True)
+                    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+                return
