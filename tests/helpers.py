@@ -214,3 +214,34 @@ class SeededDropout(torch.nn.Module):
 
         keep = R.dropout_keep_mask(x.shape, self.p, self.seed)
         return torch.where(keep, x / (1 - self.p), torch.zeros_like(x))
+
+
+def tiny_t5(seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.T5Config(
+        vocab_size=101, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bart(seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BartConfig(
+        vocab_size=101,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        max_position_embeddings=64,
+    )
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+ENCODER_DECODERS = {"t5": tiny_t5, "bart": tiny_bart}

@@ -172,11 +172,13 @@ def quantized(module: nn.Module, config) -> Linear4bit:
 
 
 def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
-    """Every linear layer but the output head (and the names ``skip`` accepts) made a 4-bit layer in ``config``'s
-    format; layers already 4-bit stay as they are."""
+    """Every linear layer but the output head, the modules the model keeps in fp32 (``_keep_in_fp32_modules``:
+    T5's ``wo``, whose input T5 casts to its weight's dtype) and the names ``skip`` accepts, made a 4-bit layer in
+    ``config``'s format; layers already 4-bit stay as they are."""
+    fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     for name in linear_modules(model):
         module = model.get_submodule(name)
-        if not isinstance(module, Linear4bit) and not skip(name):
+        if not isinstance(module, Linear4bit) and not skip(name) and not is_target(name, fp32):
             set_submodule(model, name, quantized(module, config))
 
 

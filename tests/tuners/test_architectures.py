@@ -10,6 +10,8 @@ import torch
 import qpeft
 from qpeft.tuners import registry
 
+from helpers import ENCODER_DECODERS
+
 transformers = pytest.importorskip("transformers")
 
 _DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -90,34 +92,13 @@ def test_every_method_trains_saves_and_reloads_on_every_architecture(kind, name,
         assert out.shape == (2, 9) and torch.equal(out[:, :6], ids)
 
 
-ENCODER_DECODERS = {
-    "t5": lambda t: t.T5ForConditionalGeneration(
-        t.T5Config(vocab_size=101, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0)
-    ),
-    "bart": lambda t: t.BartForConditionalGeneration(
-        t.BartConfig(
-            vocab_size=101,
-            d_model=64,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=96,
-            decoder_ffn_dim=96,
-            max_position_embeddings=64,
-        )
-    ),
-}
-
-
 @pytest.mark.parametrize("kind", list(ENCODER_DECODERS))
 @pytest.mark.parametrize("config", ["lora_defaults", "ia3_defaults"])
 def test_lora_and_ia3_on_encoder_decoders(kind, config, tmp_path):
     """LoRA and IA3 with peft's default targets on T5 and BART: train, save, reload equal, generate. (T5's IA3
     defaults include its feed-forward output wo, which transformers keeps out of quantization: T5 casts wo's input to
     wo.weight's dtype, so a 4-bit wo is refused with a clear error rather than run on integers.)"""
-    torch.manual_seed(0)
-    model = ENCODER_DECODERS[kind](transformers).eval()
+    model = ENCODER_DECODERS[kind]()
     make = qpeft.LoraConfig if config == "lora_defaults" else qpeft.IA3Config
     if kind == "t5" and config == "ia3_defaults":
         peft_model = qpeft.get_peft_model(copy.deepcopy(model), make())

@@ -11,7 +11,7 @@ import torch
 import qpeft
 from qpeft.nn import Linear4bit
 
-from helpers import float_model_of as float_copy, tiny_gpt2, tiny_llama, trainer_losses
+from helpers import ENCODER_DECODERS, float_model_of as float_copy, tiny_gpt2, tiny_llama, trainer_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -322,8 +322,9 @@ def test_multitask_inits_from_a_source_run(init, tmp_path):
         ({"num_virtual_tokens": None}, "num_virtual_tokens"),
         ({"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT"}, "tokenizer_name_or_path"),
         ({"num_virtual_tokens": 4, "prompt_tuning_init": "WORDS"}, "prompt_tuning_init"),
-        ({"num_virtual_tokens": 4, "task_type": "SEQ_2_SEQ_LM"}, "task_type"),
-        ({"num_virtual_tokens": 4, "num_transformer_submodules": 2}, "num_transformer_submodules"),
+        ({"num_virtual_tokens": 4, "task_type": "TOKEN_CLS"}, "task_type"),
+        ({"num_virtual_tokens": 4, "num_transformer_submodules": 3}, "num_transformer_submodules"),
+        ({"num_virtual_tokens": 4, "task_type": "CAUSAL_LM", "num_transformer_submodules": 2}, "num_transformer"),
         ({"num_virtual_tokens": 4, "modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"num_virtual_tokens": 4, "token_dim": -1}, "token_dim"),
     ],
@@ -473,3 +474,72 @@ def test_prompt_sizes_that_do_not_fit_the_model_are_refused_before_anything_is_b
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(qpeft.ConfigError, match="num_layers"):
         qpeft.QPeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+SEQ2SEQ_METHODS = ["prompt", "p-tuning-mlp", "multitask"]
+
+
+def seq2seq_batch():
+    ids = torch.randint(1, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    labels = torch.randint(1, 101, (2, 5), generator=torch.Generator().manual_seed(2))
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("kind", list(ENCODER_DECODERS))
+@pytest.mark.parametrize("method", SEQ2SEQ_METHODS)
+def test_encoder_decoders_match_peft_files_both_ways_and_generate(kind, method, tmp_path):
+    """Virtual tokens on T5 and BART as peft's PeftModelForSeq2SeqLM puts them (the encoder's input; multitask: the
+    decoder's too): logits, loss and gradients equal peft's on the dequantized base; files both ways; the same
+    greedy generation."""
+    name, kwargs = METHODS[method]
+    original = ENCODER_DECODERS[kind]()
+    model = qpeft.get_peft_model(copy.deepcopy(original), getattr(qpeft, name)(num_virtual_tokens=NVT, **kwargs))
+    config = model.peft_config["default"]
+    assert config.task_type == "SEQ_2_SEQ_LM" and config.num_transformer_submodules == 2
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 0.3)
+    float_model = float_copy(model.base_model, original)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(float_model), getattr(peft, name)(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=NVT, **kwargs)
+    )
+    theirs.prompt_encoder["default"].load_state_dict(model.prompt_encoder["default"].state_dict())
+    inputs = {**seq2seq_batch(), **extra(method)}
+    ours_out, theirs_out = model(**inputs), theirs(**inputs)
+    torch.testing.assert_close(ours_out.logits, theirs_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_out.loss, theirs_out.loss, rtol=1e-5, atol=1e-6)
+    ours_out.loss.backward()
+    theirs_out.loss.backward()
+    mine = dict(model.prompt_encoder["default"].named_parameters())
+    for key, p in theirs.prompt_encoder["default"].named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(mine[key].grad, p.grad, rtol=1e-4, atol=1e-7)
+    model.eval()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **extra(method)
+        )
+        expected = theirs.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **extra(method)
+        )
+    assert torch.equal(generated, expected)
+    model.save_pretrained(tmp_path / "q")
+    theirs.save_pretrained(tmp_path / "p")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        loaded_in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(float_model), tmp_path / "q")
+        torch.testing.assert_close(loaded_in_peft(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
+        loaded_in_qpeft = qpeft.QPeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "p")
+        torch.testing.assert_close(loaded_in_qpeft(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_tuning_on_an_encoder_decoder_is_refused_by_name():
+    model = ENCODER_DECODERS["t5"]()
+    with pytest.raises(qpeft.ConfigError, match="encoder-decoder"):
+        qpeft.get_peft_model(model, qpeft.PrefixTuningConfig(num_virtual_tokens=NVT))
+    with pytest.raises(qpeft.ConfigError, match="task_type"):
+        qpeft.get_peft_model(tiny_llama(), qpeft.PromptTuningConfig(num_virtual_tokens=NVT, task_type="SEQ_2_SEQ_LM"))

@@ -44,7 +44,7 @@ class PromptLearningConfig(WholeModelConfig):
     num_virtual_tokens: int | None = checked(None, SIZE)
     token_dim: int | None = checked(None, MODEL_SIZE)
     num_transformer_submodules: int | None = checked(
-        None, Check(lambda v: v is None or v == 1, "must be 1 (qpeft's prompt learning is for decoder-only causal LMs)")
+        None, Check(lambda v: v in (None, 1, 2), "must be 1 (decoder-only) or 2 (encoder-decoder)")
     )
     num_attention_heads: int | None = checked(None, MODEL_SIZE)
     num_layers: int | None = checked(None, MODEL_SIZE)
@@ -54,8 +54,12 @@ class PromptLearningConfig(WholeModelConfig):
 
     def check_together(self, source: str | None = None) -> None:
         super().check_together(source)
-        if self.task_type not in (None, "CAUSAL_LM"):
-            self.fail("task_type", "must be 'CAUSAL_LM' or null (qpeft's prompt learning is for causal LMs)", source)
+        if self.task_type not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            self.fail(
+                "task_type", "must be 'CAUSAL_LM', 'SEQ_2_SEQ_LM' or null (qpeft's prompt learning is for LMs)", source
+            )
+        if self.num_transformer_submodules == 2 and self.task_type not in (None, "SEQ_2_SEQ_LM"):
+            self.fail("num_transformer_submodules", "is 2 (an encoder and a decoder) only for 'SEQ_2_SEQ_LM'", source)
 
     @property
     def total_virtual_tokens(self) -> int:
@@ -64,8 +68,14 @@ class PromptLearningConfig(WholeModelConfig):
     def fill_from_model(self, model_config) -> None:
         """Sizes left None, from a transformers config (its text config for multimodal models), then checked
         against it."""
-        self.num_transformer_submodules = self.num_transformer_submodules or 1
-        self.task_type = self.task_type or "CAUSAL_LM"
+        seq2seq = bool(getattr(model_config, "is_encoder_decoder", False))
+        self.task_type = self.task_type or ("SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+        if (self.task_type == "SEQ_2_SEQ_LM") != seq2seq:
+            kind = "an encoder-decoder" if seq2seq else "a decoder-only"
+            raise ConfigError(None, "task_type", f"is {self.task_type!r}, but the model is {kind} model")
+        # peft's rule: one set of virtual tokens per transformer stack (an encoder-decoder's decoder set is used
+        # by multitask prompt tuning alone)
+        self.num_transformer_submodules = self.num_transformer_submodules or (2 if seq2seq else 1)
         for key in MODEL_SIZE_NAMES:
             if getattr(self, key) is None:
                 value = model_size(model_config, key)
@@ -168,6 +178,8 @@ class PrefixTuningConfig(PromptLearningConfig):
             self.fail("token_dim", f"must be a multiple of num_attention_heads ({self.num_attention_heads})", source)
 
     def fill_from_model(self, model_config) -> None:
+        if getattr(model_config, "is_encoder_decoder", False):  # (an encoder-decoder prefix is 3 caches a layer)
+            raise ConfigError(None, "peft_type", "PREFIX_TUNING on encoder-decoder models is not supported by qpeft")
         # left None, token_dim and num_attention_heads are the key / value heads' (peft's rule for grouped-query
         # attention, applied only when the sizes come from the model)
         if self.token_dim is None and self.num_attention_heads is None:

@@ -1,6 +1,6 @@
-"""Prompt learning at run time on a decoder-only transformers model: virtual tokens before the input (prompt
-tuning, P-tuning, multitask) or keys and values before every layer's own (prefix tuning, through a Cache), in
-training forwards and in ``generate``.
+"""Prompt learning at run time on a transformers model: virtual tokens before the input (prompt tuning, P-tuning,
+multitask; on an encoder-decoder, before the encoder's input, as peft puts them) or keys and values before every
+layer's own (prefix tuning, decoder-only models, through a Cache), in training forwards and in ``generate``.
 
 Prefix tuning in a training forward uses a read-only cache: each layer attends to cat(prefix, own) and nothing is
 stored, so a checkpointed layer recomputes the same thing in the backward (peft refuses gradient checkpointing
@@ -192,11 +192,46 @@ def forward(
     if inputs_embeds is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     prompts = _prompts(encoder, config, batch, task_ids, inputs_embeds.dtype)
-    inputs_embeds = torch.cat([prompts, inputs_embeds], dim=1)
+    inputs_embeds = torch.cat([prompts[:, :n], inputs_embeds], dim=1)
     if attention_mask is not None:
         attention_mask = _prefixed_mask(attention_mask, batch, n, length, device)
+    if config.num_transformer_submodules == 2:  # an encoder-decoder: the decoder's inputs as peft builds them
+        return _seq2seq_forward(model, config, prompts, inputs_embeds, attention_mask, labels, kwargs)
     if labels is not None:
-        labels = torch.cat([torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
+        labels = _virtual_labels(labels, n)
+    return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def _virtual_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``labels`` after n virtual positions that are never predicted (-100)."""
+    return torch.cat([torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device), labels], 1)
+
+
+def _shift_right(labels: torch.Tensor, model_config) -> torch.Tensor:
+    """The decoder's input ids for ``labels`` (transformers' rule): the start token, then the labels but the last,
+    -100 read as padding."""
+    ids = labels.new_full(labels.shape, model_config.decoder_start_token_id)
+    ids[:, 1:] = labels[:, :-1]
+    return ids.masked_fill(ids == -100, model_config.pad_token_id)
+
+
+def _seq2seq_forward(model, config, prompts, inputs_embeds, attention_mask, labels, kwargs):
+    """peft's encoder-decoder rule: the encoder's input starts with the first n virtual tokens; multitask prompt
+    tuning also starts the decoder's input with the other n (its labels there -100), the others leave the decoder
+    as it is."""
+    n = config.num_virtual_tokens
+    if isinstance(config, MultitaskPromptTuningConfig):
+        decoder_embeds = kwargs.pop("decoder_inputs_embeds", None)
+        decoder_ids = kwargs.pop("decoder_input_ids", None)
+        if decoder_embeds is None:
+            if decoder_ids is None:
+                if labels is None:
+                    raise ValueError("qpeft: an encoder-decoder forward needs labels or decoder inputs")
+                decoder_ids = _shift_right(labels, model.config)
+            decoder_embeds = model.get_input_embeddings()(decoder_ids)
+        kwargs["decoder_inputs_embeds"] = torch.cat([prompts[:, n:].to(decoder_embeds.dtype), decoder_embeds], 1)
+        if labels is not None:
+            labels = _virtual_labels(labels, n)
     return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
@@ -226,5 +261,7 @@ def generate(
         return model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
     embeds = model.get_input_embeddings()(input_ids)
     prompts = _prompts(encoder, config, batch, task_ids, embeds.dtype)
-    new = model.generate(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, **kwargs)
+    new = model.generate(inputs_embeds=torch.cat([prompts[:, :n], embeds], dim=1), attention_mask=mask, **kwargs)
+    if config.num_transformer_submodules == 2:  # an encoder-decoder generates the decoder's tokens alone
+        return new
     return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
