@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import benchmark_args, print_table, write_results
+from harness import SMALL_LLAMA, benchmark_args, print_table, write_results
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SHAPES = {  # transformers LlamaConfig fields
@@ -34,14 +34,7 @@ SHAPES = {  # transformers LlamaConfig fields
         tie_word_embeddings=True,
         max_position_embeddings=4096,
     ),
-    "small": dict(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=2000,
-    ),
+    "small": SMALL_LLAMA,
 }
 VARIANTS = ("qpeft", "qpeft-no-mmap", "bitsandbytes", "bf16")
 
@@ -130,7 +123,7 @@ def main() -> None:
     def options(parser):
         parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
         parser.add_argument("--shard-size", default="1GB")
-        parser.add_argument("--child", default=None, help=argparse_hidden)
+        parser.add_argument("--child", default=None, help="internal: load with one variant, print its numbers")
 
     args = benchmark_args(__doc__.splitlines()[0], options)
     folder = checkpoint(args.shape, args.shard_size)
@@ -170,8 +163,6 @@ def main() -> None:
     extra = dict(shape=args.shape, checkpoint_GiB=sum(shards) / 2**30, largest_shard_GiB=max(shards) / 2**30)
     write_results(f"quantizer_{args.shape}", args.device, [dict(extra, **r) for r in rows])
 
-
-argparse_hidden = "internal: load with one variant and print its numbers"
 
 if __name__ == "__main__":
     main()
