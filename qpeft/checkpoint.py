@@ -317,6 +317,31 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def bitsandbytes_quantization_config(
+    quant_type: str,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    quant_storage: torch.dtype,
+    skip_modules: list[str] | None = None,
+) -> dict:
+    """The quantization_config of a bitsandbytes 4-bit checkpoint (config.json), as BitsAndBytesConfig writes it.
+    ``compute_dtype``: the layers' own, else the weights' dtype (they compute in their inputs', the model's)."""
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": name(compute_dtype),
+        "bnb_4bit_quant_storage": name(quant_storage),
+        "llm_int8_skip_modules": skip_modules,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
 def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
     """Writes ``model`` (a transformers model whose linear layers are qpeft Linear4bit or adapter layers; qpeft's
     QPeftModel is unwrapped) as a bitsandbytes 4-bit checkpoint: config.json with quantization_config and
@@ -355,21 +380,9 @@ def save_4bit_pretrained(model: nn.Module, folder: str | Path) -> None:
     (folder / "config.json").unlink(missing_ok=True)
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)
     write_safetensors_atomic(folder / "model.safetensors", tensors)
-    compute = layers[0].compute_dtype
-    qconfig = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": q.quant_type,
-        "bnb_4bit_use_double_quant": q.double_quant,
-        # no compute dtype: the layers compute in their inputs' dtype, the model's own
-        "bnb_4bit_compute_dtype": str(compute or layers[0].weight_dtype).removeprefix("torch."),
-        "bnb_4bit_quant_storage": str(layers[0].quant_storage).removeprefix("torch."),
-        "llm_int8_skip_modules": None,
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-    }
+    qconfig = bitsandbytes_quantization_config(
+        q.quant_type, q.double_quant, layers[0].compute_dtype or layers[0].weight_dtype, layers[0].quant_storage
+    )
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     write_json_atomic(folder / "config.json", config)

@@ -11,6 +11,7 @@ bitsandbytes and ``qpeft.load_4bit_pretrained`` read.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -20,14 +21,16 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint import bitsandbytes_quantization_config
 from .errors import ConfigError
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .quantized import Quantized4bitWeight
-from .tuners.config import FORMAT_CHECKS, NAME_LIST, Check
-from .tuners.targets import linear_modules, set_submodule
+from .tuners.config import FORMAT_CHECKS, NAME_LIST, Check, check_fields
+from .tuners.targets import quantizable_linears, set_submodule
 
 METHOD = "qpeft"
 QUANT_STORAGES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+_STORAGE = Check(lambda v: v in QUANT_STORAGES, f"must be one of {list(QUANT_STORAGES)}")
 
 
 @register_quantization_config(METHOD)
@@ -42,7 +45,7 @@ class QuantizationConfig(QuantizationConfigMixin):
         quant_storage: the dtype the packed bytes are stored as (uint8; a float dtype for FSDP).
     """
 
-    CHECKS = {**FORMAT_CHECKS, "skip_modules": NAME_LIST}
+    CHECKS = {**FORMAT_CHECKS, "quant_storage": _STORAGE, "skip_modules": NAME_LIST}
 
     def __init__(
         self,
@@ -57,37 +60,23 @@ class QuantizationConfig(QuantizationConfigMixin):
         self.quant_method = METHOD
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype, self.quant_storage, self.skip_modules = compute_dtype, quant_storage, skip_modules
-        self.weight_dtype = torch.float32  # the dtype the quantized weights had (set as they load)
-        for key, check in {**self.CHECKS, "quant_storage": _STORAGE}.items():
-            if not check.accepts(getattr(self, key)):
-                raise ConfigError("QuantizationConfig", key, f"{check.problem}, got {getattr(self, key)!r}")
+        self.weight_dtype = torch.float32  # the dtype the quantized weights had (set when they have loaded)
+        check_fields(vars(self), self.CHECKS, "QuantizationConfig")
         if kwargs:
             raise ConfigError("QuantizationConfig", sorted(kwargs)[0], "is not a field of qpeft's QuantizationConfig")
 
     def to_dict(self) -> dict:
         """bitsandbytes' quantization_config (the layers are its format): what save_pretrained writes."""
-        name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
-        return {
-            "quant_method": "bitsandbytes",
-            "load_in_4bit": True,
-            "load_in_8bit": False,
-            "bnb_4bit_quant_type": self.quant_type,
-            "bnb_4bit_use_double_quant": self.double_quant,
-            # none set: the layers compute in their inputs' dtype, the weights' own (save_4bit_pretrained's rule)
-            "bnb_4bit_compute_dtype": name(self.compute_dtype or self.weight_dtype),
-            "bnb_4bit_quant_storage": name(self.quant_storage),
-            "llm_int8_skip_modules": self.skip_modules,
-            "llm_int8_threshold": 6.0,
-            "llm_int8_has_fp16_weight": False,
-            "llm_int8_enable_fp32_cpu_offload": False,
-        }
+        return bitsandbytes_quantization_config(
+            self.quant_type,
+            self.double_quant,
+            self.compute_dtype or self.weight_dtype,
+            self.quant_storage,
+            self.skip_modules,
+        )
 
     def __repr__(self) -> str:
-        fields = ("quant_type", "blocksize", "double_quant", "compute_dtype", "quant_storage", "skip_modules")
-        return f"QuantizationConfig({', '.join(f'{k}={getattr(self, k)!r}' for k in fields)})"
-
-
-_STORAGE = Check(lambda v: v in QUANT_STORAGES, f"must be one of {list(QUANT_STORAGES)}")
+        return f"QuantizationConfig({', '.join(f'{k}={getattr(self, k)!r}' for k in self.CHECKS)})"
 
 
 @register_quantizer(METHOD)
@@ -121,10 +110,10 @@ class QPeftHfQuantizer(HfQuantizer):
         return device_map
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        skip = self.get_modules_to_not_convert(
-            model, self.quantization_config.skip_modules, model._keep_in_fp32_modules, add_default_skips=True
-        )
-        self.targets = {name for name in linear_modules(model) if should_convert_module(name, skip)}
+        # qpeft's whole-model set, less transformers' default skips for quantizers (tied and last modules) and the
+        # user's skip_modules
+        skip = self.get_modules_to_not_convert(model, self.quantization_config.skip_modules, add_default_skips=True)
+        self.targets = {name for name in quantizable_linears(model) if should_convert_module(name, skip)}
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, _, name = param_name.rpartition(".")
@@ -138,6 +127,7 @@ class QPeftHfQuantizer(HfQuantizer):
         # _init_weights): a Linear4bit's scales are such buffers, so they are set again here
         for name, q in self.loaded.items():
             model.get_submodule(name).set_quantized_weight(q)
+            self.quantization_config.weight_dtype = q.dtype
         self.loaded.clear()
         model.is_loaded_in_4bit = True  # what peft and transformers read to know a 4-bit base
         return model
@@ -170,9 +160,7 @@ class Quantize4bit(ConversionOps):
                 weight, config.quant_type, config.blocksize, config.double_quant, config.quant_storage
             )
             layer = Linear4bit.from_quantized(q, module.bias, config.compute_dtype, fan_in_fan_out=conv1d)
-            del weight
             release_file_pages(value)  # the float weight's checkpoint pages: not needed again
-            config.weight_dtype = q.dtype
             layer._is_hf_initialized = True
             set_submodule(model, name, layer)
             self.hf_quantizer.loaded[name] = q
@@ -181,6 +169,7 @@ class Quantize4bit(ConversionOps):
 
 
 _MADV_DONTNEED = 4
+_libc = functools.cache(lambda: ctypes.CDLL(None, use_errno=True))
 
 
 def release_file_pages(t: torch.Tensor) -> None:
@@ -202,6 +191,5 @@ def release_file_pages(t: torch.Tensor) -> None:
             low, high = (int(x, 16) for x in fields[0].split("-"))
             if low <= first and last <= high:
                 if len(fields) >= 6 and fields[5].startswith("/"):  # a file's pages, not anonymous memory
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+                    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
                 return

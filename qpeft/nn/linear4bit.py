@@ -39,9 +39,9 @@ def autocast_as_linear(forward):
 
     @functools.wraps(forward)
     def wrapper(self, x, *args, **kwargs):
-        device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-        if not torch.is_autocast_enabled(device) or not x.is_floating_point():
-            return forward(self, x, *args, **kwargs)
+        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type) or not x.is_floating_point():
+            return forward(self, x, *args, **kwargs)  # (a bad input meets the layer's own check)
+        device = x.device.type
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return forward(self, x.to(dtype), *args, **kwargs)

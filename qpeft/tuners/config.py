@@ -120,6 +120,18 @@ FORMAT_CHECKS = {
 }
 
 
+def check_fields(values: dict, checks: dict[str, Check | None], source: str | None) -> None:
+    """Each value of ``values`` against its check in ``checks`` (None: unchecked): the first that fails raises
+    ConfigError naming ``source``, the key and the problem."""
+    for key, check in checks.items():
+        if check is not None and not check.accepts(values[key]):
+            refuse(source, key, check.problem, values[key])
+
+
+def refuse(source: str | None, key: str, problem: str, value) -> None:
+    raise ConfigError(source, key, f"{problem}, got {value!r}")
+
+
 def checked(default=dataclasses.MISSING, check: Check | None = None, *, factory=dataclasses.MISSING):
     """A config field with its check (run by ``validate``). Lists of names given as sets or tuples are sorted into
     lists first."""
@@ -157,16 +169,16 @@ class AdapterConfig:
         self.validate()
 
     def fail(self, key: str, problem: str, source: str | None = None):
-        raise ConfigError(source, key, f"{problem}, got {getattr(self, key)!r}")
+        refuse(source, key, problem, getattr(self, key))
 
     def validate(self, source: str | None = None) -> None:
         """Every field's declared check, then ``check_together`` (ConfigError naming ``source``, the key and the
         problem): a config from a file is refused before it changes any model, never reinterpreted (the string
         "false" is not true)."""
-        for f in dataclasses.fields(self):
-            check = f.metadata.get("check")
-            if check is not None and not check.accepts(getattr(self, f.name)):
-                self.fail(f.name, check.problem, source)
+        fields = dataclasses.fields(self)
+        check_fields(
+            {f.name: getattr(self, f.name) for f in fields}, {f.name: f.metadata.get("check") for f in fields}, source
+        )
         self.check_together(source)
 
     def check_together(self, source: str | None = None) -> None:

@@ -171,14 +171,19 @@ def quantized(module: nn.Module, config) -> Linear4bit:
     )
 
 
-def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
-    """Every linear layer but the output head, the modules the model keeps in fp32 (``_keep_in_fp32_modules``:
-    T5's ``wo``, whose input T5 casts to its weight's dtype) and the names ``skip`` accepts, made a 4-bit layer in
-    ``config``'s format; layers already 4-bit stay as they are."""
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """The linear layers a whole model's quantization makes 4-bit: every one but the output head and the modules the
+    model keeps in fp32 (``_keep_in_fp32_modules``: T5's ``wo``, whose input T5 casts to its weight's dtype)."""
     fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name in linear_modules(model):
+    return [name for name in linear_modules(model) if not is_target(name, fp32)]
+
+
+def quantize_linears(model: nn.Module, config, skip=lambda name: False) -> None:
+    """Every ``quantizable_linears`` layer but the names ``skip`` accepts made a 4-bit layer in ``config``'s format;
+    layers already 4-bit stay as they are."""
+    for name in quantizable_linears(model):
         module = model.get_submodule(name)
-        if not isinstance(module, Linear4bit) and not skip(name) and not is_target(name, fp32):
+        if not isinstance(module, Linear4bit) and not skip(name):
             set_submodule(model, name, quantized(module, config))
 
 
