@@ -73,9 +73,18 @@ def test_logits_loss_and_gradients_match_peft(method, model_name):
     reference = peft.get_peft_model(float_copy(model.base_model, original), configs(method)[1])
     reference.prompt_encoder["default"].load_state_dict(model.prompt_encoder["default"].state_dict())
     ids, mask = batch()
-    ours = model(input_ids=ids, attention_mask=mask, labels=ids, **extra(method))
-    theirs = reference(input_ids=ids, attention_mask=mask, labels=ids, **extra(method))
-    assert ours.logits.shape == (2, 12 + (0 if method.startswith("prefix") else NVT), 101)
+    logits = assert_matches_peft(
+        model, reference, dict(input_ids=ids, attention_mask=mask, labels=ids, **extra(method))
+    )
+    assert logits.shape == (2, 12 + (0 if method.startswith("prefix") else NVT), 101)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"prompt_encoder.default.{n}" for n, _ in model.prompt_encoder["default"].named_parameters()}
+
+
+def assert_matches_peft(model, reference, inputs: dict) -> torch.Tensor:
+    """qpeft's ``model`` and peft's ``reference`` (the same encoder weights) give the same logits and loss on
+    ``inputs``, and the same gradient of every encoder parameter (each non-zero); returns qpeft's logits."""
+    ours, theirs = model(**inputs), reference(**inputs)
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
     ours.loss.backward()
@@ -84,8 +93,7 @@ def test_logits_loss_and_gradients_match_peft(method, model_name):
     for name, p in reference.prompt_encoder["default"].named_parameters():
         assert mine[name].grad is not None and mine[name].grad.abs().sum() > 0, name
         torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-4, atol=1e-7)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"prompt_encoder.default.{n}" for n in mine}
+    return ours.logits
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -508,15 +516,7 @@ def test_encoder_decoders_match_peft_files_both_ways_and_generate(kind, method, 
     )
     theirs.prompt_encoder["default"].load_state_dict(model.prompt_encoder["default"].state_dict())
     inputs = {**seq2seq_batch(), **extra(method)}
-    ours_out, theirs_out = model(**inputs), theirs(**inputs)
-    torch.testing.assert_close(ours_out.logits, theirs_out.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours_out.loss, theirs_out.loss, rtol=1e-5, atol=1e-6)
-    ours_out.loss.backward()
-    theirs_out.loss.backward()
-    mine = dict(model.prompt_encoder["default"].named_parameters())
-    for key, p in theirs.prompt_encoder["default"].named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(mine[key].grad, p.grad, rtol=1e-4, atol=1e-7)
+    assert_matches_peft(model, theirs, inputs)
     model.eval()
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
