@@ -162,3 +162,13 @@ def test_an_8bit_bitsandbytes_layer_is_refused_and_the_model_left_unchanged():
     with pytest.raises(TypeError, match="8-bit layer"):
         qpeft.get_peft_model(model, qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert dict(model.named_modules()) == modules
+
+
+def test_a_malformed_bitsandbytes_layer_is_refused_by_name_and_the_model_left_unchanged(llama_folder):
+    model = bnb_model(llama_folder, bnb_4bit_use_double_quant=False)
+    state = model.model.layers[1].mlp.up_proj.weight.quant_state
+    state.absmax[0] = float("nan")
+    modules = dict(model.named_modules())
+    with pytest.raises(qpeft.ConfigError, match="NaN"):
+        qpeft.get_peft_model(model, qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert dict(model.named_modules()) == modules and len(bnb_layers(model)) == 14
