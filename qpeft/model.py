@@ -179,7 +179,7 @@ class QPeftModel(ParameterReport, nn.Module):
             if method.is_prompt_learning:
                 self.prompt_encoder[adapter_name] = method.encoder(self.base_model, config, _loaded)
             else:
-                method.inject(self.base_model, config, adapter_name)
+                method.inject(self.base_model, config, adapter_name, loaded=_loaded)
                 modules_to_save.add(self.base_model, config, adapter_name)
             self.peft_config[adapter_name] = config
             if self.peft_config.keys() != {adapter_name}:

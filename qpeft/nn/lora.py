@@ -240,6 +240,21 @@ class LoraLinear4bit(AdapterLayer4bit):
         self.register_adapter(name, adapter, activate)
         return adapter
 
+    @torch.no_grad()
+    def start_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Adapter ``name`` starts at ``A`` [r, in], ``B`` [out, r] (an initialisation from the weight or at random;
+        DoRA's magnitude becomes the row norms of the layer's weight with s B A added, the identity at the start)."""
+        adapter = self.adapters[name]
+        if tuple(A.shape) != tuple(adapter.lora_A.shape) or tuple(B.shape) != tuple(adapter.lora_B.shape):
+            raise ValueError(
+                f"qpeft: start of adapter {name!r} has A {list(A.shape)}, B {list(B.shape)}; the adapter has "
+                f"A {list(adapter.lora_A.shape)}, B {list(adapter.lora_B.shape)}"
+            )
+        adapter.lora_A.copy_(A)
+        adapter.lora_B.copy_(B)
+        if adapter.lora_magnitude is not None:
+            adapter.lora_magnitude.copy_(self._dora_norm(adapter))
+
     def _active(self) -> list[LowRankAdapter]:
         return [self.adapters[n] for n in self.active_names()]
 

@@ -9,7 +9,7 @@ import pkgutil
 from . import registry
 from .config import AdapterConfig, TaskType, config_from_peft_dict
 from .ia3 import IA3Config
-from .lora import LoraConfig
+from .lora import EvaConfig, LoftQConfig, LoraConfig
 from .bottleneck import BottleneckConfig
 from .piggyback import PiggybackConfig
 from .selective import BitFitConfig, LayerwiseConfig
@@ -35,6 +35,8 @@ __all__ = [
     "config_from_peft_dict",
     "IA3Config",
     "LayerwiseConfig",
+    "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
     "MultitaskPromptTuningConfig",
     "PiggybackConfig",

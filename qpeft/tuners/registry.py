@@ -15,7 +15,8 @@ from torch import nn
 class Method:
     """One PEFT method.
 
-    ``inject(model, config, name)`` adds adapter ``name`` to the modules of ``model`` (None for prompt learning,
+    ``inject(model, config, name, loaded)`` adds adapter ``name`` to the modules of ``model`` (``loaded``: its
+    tensors are read from a file next, so a start computed from the weights is skipped; None for prompt learning,
     whose ``encoder(model, config, loaded)`` returns the prompt encoder the wrapper keeps; ``forward`` /
     ``generate(model, encoder, config, ...)`` run the model with it). ``file_parameters(model, config, name)``:
     adapter file key -> tensor. ``prepare_load(model, config, name, tensors)`` shapes the adapter to a file

@@ -21,7 +21,7 @@ def _init_rank(config: AdaLoraConfig, name: str) -> int:
     return config.init_r if pattern is None else sum(pattern)
 
 
-def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> list[str]:
+def inject_adapter(model: nn.Module, config: AdaLoraConfig, adapter_name: str, loaded: bool = False) -> list[str]:
     """AdaLoRA adapters of rank init_r (or the rank_pattern's kept ranks) in the targeted layers (quantized; no
     target_modules: peft's LoRA defaults for the model type)."""
     default_targets.fill_lora(model, config)

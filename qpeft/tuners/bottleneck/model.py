@@ -40,7 +40,7 @@ def _hidden_size(model: nn.Module) -> int:
     return hidden
 
 
-def inject_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> list[str]:
+def inject_adapter(model: nn.Module, config: BottleneckConfig, adapter_name: str, loaded: bool = False) -> list[str]:
     if config.quantize:
         targets.quantize_linears(model, config)
     hidden = _hidden_size(model)

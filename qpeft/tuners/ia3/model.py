@@ -22,7 +22,7 @@ def is_feedforward(name: str, config: IA3Config) -> bool:
     return ff is not None and targets.is_target(name, ff, "feedforward_modules")
 
 
-def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
+def inject_adapter(model: nn.Module, config: IA3Config, adapter_name: str, loaded: bool = False) -> list[str]:
     default_targets.fill_ia3(model, config)  # (no target_modules: peft's defaults for the model type)
     names = targets.find_target_modules(model, config)
     for name in names:

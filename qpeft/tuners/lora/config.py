@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 from ... import functional as F
 from ...errors import ConfigError
+from . import init
 from ..config import (
     BOOL,
+    MAX_SIZE,
     LAYERS,
     NAME_LIST,
     NAMES,
@@ -16,7 +19,9 @@ from ..config import (
     SIZE,
     AdapterConfig,
     Check,
+    check_fields,
     checked,
+    is_int,
     is_number,
     number_in,
     one_of,
@@ -32,9 +37,55 @@ ALPHA_PATTERN = Check(
     "must map names or regexes to numbers",
 )
 INIT = Check(
-    lambda v: isinstance(v, (bool, str)) and v in (True, False, "kaiming", "gaussian"),
-    "is not supported (True, 'gaussian' or False)",
+    init.is_valid,
+    "is not supported (True, False, 'gaussian', 'pissa', 'pissa_niter_[n]' with 1 <= n <= "
+    f"{init.MAX_NITER}, 'olora', 'loftq', 'orthogonal' or 'eva')",
 )
+LOFTQ = Check(
+    lambda v: (
+        isinstance(v, dict)
+        and (not v or v.keys() == {"loftq_bits", "loftq_iter"})
+        and all(is_int(x) for x in v.values())
+        and (not v or (v["loftq_bits"] == 4 and 1 <= v["loftq_iter"] <= init.MAX_LOFTQ_ITER))
+    ),
+    f"must be {{}} or {{'loftq_bits': 4, 'loftq_iter': 1..{init.MAX_LOFTQ_ITER}}} (the base is 4-bit)",
+)
+EVA = Check(lambda v: v is None or isinstance(v, EvaConfig), "must be an EvaConfig or null")
+
+
+@dataclasses.dataclass
+class LoftQConfig:
+    """peft's LoftQConfig: ``loftq_bits`` (4: qpeft's bases are 4-bit) and ``loftq_iter``, the alternating
+    quantization / SVD iterations."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclasses.dataclass
+class EvaConfig:
+    """peft's EvaConfig: ``rho`` (>= 1: a layer's rank can grow to r * rho when ranks are redistributed), ``tau``
+    (cosine similarity of successive components at which a layer's SVD has converged), ``use_label_mask`` /
+    ``label_mask_value`` (label positions left out of the inputs), ``whiten`` (components divided by their singular
+    values), ``adjust_scaling_factors`` (each layer's alpha follows its new rank so the scaling stays alpha / r)."""
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "rho": Check(lambda v: is_number(v) and 1.0 <= v <= MAX_SIZE, "must be a number >= 1.0"),
+            "tau": number_in(0.0, 1.0),
+            "use_label_mask": BOOL,
+            "label_mask_value": Check(is_int, "must be an integer"),
+            "whiten": BOOL,
+            "adjust_scaling_factors": BOOL,
+        }
+        check_fields(dataclasses.asdict(self), checks, "EvaConfig")
 
 
 @dataclasses.dataclass
@@ -61,6 +112,24 @@ class LoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = checked(check=RANK_PATTERN, factory=dict)
     alpha_pattern: dict[str, float] = checked(check=ALPHA_PATTERN, factory=dict)
     init_lora_weights: bool | str = checked(True, INIT)  # True / "kaiming", "gaussian", False (B random too: tests)
+    loftq_config: dict = checked(check=LOFTQ, factory=dict)
+    eva_config: EvaConfig | None = checked(None, EVA)
+
+    def __post_init__(self):
+        if isinstance(self.loftq_config, LoftQConfig):  # kept as a dict, as peft keeps it
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if isinstance(self.eva_config, dict):
+            unknown = self.eva_config.keys() - {f.name for f in dataclasses.fields(EvaConfig)}
+            if unknown:
+                self.fail("eva_config", f"has keys qpeft does not know: {sorted(unknown)}")
+            self.eva_config = EvaConfig(**self.eva_config)
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            self.eva_config = EvaConfig()  # peft's default
+        for key, used in (("loftq_config", "loftq"), ("eva_config", "eva")):
+            if getattr(self, key) and self.init_lora_weights != used:
+                warnings.warn(f"qpeft: {key} is ignored unless init_lora_weights is {used!r} (as in peft)")
+                setattr(self, key, {} if key == "loftq_config" else None)
+        super().__post_init__()
 
     def check_together(self, source: str | None = None) -> None:
         super().check_together(source)
@@ -74,12 +143,19 @@ class LoraConfig(AdapterConfig):
                 "and layers_pattern need target_modules as a list of names (as in peft), not a regex or 'all-linear'",
                 source,
             )
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            self.fail("loftq_config", "must be given when init_lora_weights is 'loftq' (as in peft)", source)
+        if self.init_lora_weights == "orthogonal":
+            odd = [r for r in [self.r, *self.rank_pattern.values()] if r % 2]
+            if odd:
+                self.fail("r", f"must be even for the orthogonal init (as in peft); odd ranks {odd}", source)
         if self.layers_pattern and self.layers_to_transform is None:
             self.fail("layers_pattern", "only applies together with layers_to_transform (as in peft)", source)
 
     def to_peft_dict(self) -> dict:
         d = super().to_peft_dict()
         d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
+        d["eva_config"] = dataclasses.asdict(self.eva_config) if self.eva_config is not None else None
         return d
 
     @classmethod

@@ -16,7 +16,7 @@ def masked_layers(model: nn.Module):
     return targets.modules_of(model, MaskedLinear4bit)
 
 
-def inject_adapter(model: nn.Module, config: PiggybackConfig, adapter_name: str) -> list[str]:
+def inject_adapter(model: nn.Module, config: PiggybackConfig, adapter_name: str, loaded: bool = False) -> list[str]:
     names = targets.find_target_modules(model, config)
     for name in names:
         module = model.get_submodule(name)

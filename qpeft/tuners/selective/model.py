@@ -30,7 +30,7 @@ def _bias_owners(model: nn.Module, config: BitFitConfig) -> list[tuple[str, nn.M
     return owners
 
 
-def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> list[str]:
+def inject_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str, loaded: bool = False) -> list[str]:
     if config.quantize:
         targets.quantize_linears(model, config)
     owners = _bias_owners(model, config)
@@ -72,7 +72,7 @@ def _in_chosen(name: str, config: LayerwiseConfig, chosen: set[int]) -> bool:
     return targets.layer_index(name, config.layers_pattern) in chosen
 
 
-def inject_layerwise(model: nn.Module, config: LayerwiseConfig, adapter_name: str) -> list[str]:
+def inject_layerwise(model: nn.Module, config: LayerwiseConfig, adapter_name: str, loaded: bool = False) -> list[str]:
     """The chosen layers' linear layers dense (4-bit ones dequantized exactly, in their original dtype), the rest
     4-bit."""
     chosen = _layer_indices(model, config)

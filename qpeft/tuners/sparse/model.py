@@ -18,7 +18,7 @@ def sparse_layers(model: nn.Module):
     return targets.modules_of(model, SparseDeltaLinear4bit)
 
 
-def inject_adapter(model: nn.Module, config: SparseConfig, adapter_name: str) -> list[str]:
+def inject_adapter(model: nn.Module, config: SparseConfig, adapter_name: str, loaded: bool = False) -> list[str]:
     names = targets.find_target_modules(model, config)
     g = torch.Generator().manual_seed(config.seed)
     for name in names:
