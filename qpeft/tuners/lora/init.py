@@ -155,7 +155,7 @@ def warn_requantized(init: str) -> None:
 
 def relative_error(W: torch.Tensor, s: Start, scaling: float) -> float:
     """||W - (dequant(Q) + s B A)||_F / ||W||_F, in float64."""
-    approx = s.q.dequantize(torch.float64) + scaling * s.B.double() @ s.A.double()
+    approx = s.q.dequantize(torch.float32).double() + scaling * s.B.double() @ s.A.double()
     return float(torch.linalg.matrix_norm(W.double() - approx) / torch.linalg.matrix_norm(W.double()).clamp_min(1e-300))
 
 
