@@ -13,6 +13,7 @@ from .model import (
     prepare_model_for_kbit_training,
 )
 from .quantized import Quantized4bitWeight
+from .tuners.lora.model import initialize_lora_weights, replace_lora_weights_loftq
 from .tuners import (
     AdaLoraConfig,
     AdapterConfig,
@@ -56,12 +57,14 @@ __all__ = [
     "distributed",
     "functional",
     "get_peft_model",
+    "initialize_lora_weights",
     "IA3Config",
     "EvaConfig",
     "LayerwiseConfig",
     "LoftQConfig",
     "load_4bit_pretrained",
     "LoraConfig",
+    "replace_lora_weights_loftq",
     "MultitaskPromptTuningConfig",
     "nn",
     "PeftConfig",

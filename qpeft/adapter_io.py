@@ -64,9 +64,13 @@ def read_adapter_config(folder: Path, **quant) -> AdapterConfig:
     return config_from_peft_dict(read_json_file(path, "adapter_config"), str(path), **quant)
 
 
-def save_adapters(peft_model, save_directory, selected_adapters=None, is_main_process: bool | None = None) -> None:
+def save_adapters(
+    peft_model, save_directory, selected_adapters=None, is_main_process: bool | None = None, initial_folder=None
+) -> None:
     """QPeftModel.save_pretrained: each adapter's two files, "default" at the top and the others in a subfolder of
-    their name; only the main process (rank 0 by default) writes, after every rank gathered sharded tensors."""
+    their name; only the main process (rank 0 by default) writes, after every rank gathered sharded tensors.
+    ``initial_folder``: the adapter's files saved at its start; each adapter is written as its method's plain form
+    of the original weights (registry ``convert_initial``)."""
     if is_main_process is None:
         is_main_process = (
             not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -82,8 +86,21 @@ def save_adapters(peft_model, save_directory, selected_adapters=None, is_main_pr
             if any(hasattr(p, "full_tensor") for p in params.values()):  # a collective: every rank gathers
                 params = {k: p.full_tensor() if hasattr(p, "full_tensor") else p for k, p in params.items()}
             if is_main_process:
+                config = peft_model.peft_config[name]
+                if initial_folder is not None:
+                    config, params = converted(config, params, initial_folder)
                 folder = folder_inside(save_directory, *([] if name == "default" else [check_adapter_name(name)]))
-                save_adapter(params, peft_model.peft_config[name], folder)
+                save_adapter(params, config, folder)
+
+
+def converted(config: AdapterConfig, params: dict, initial_folder) -> tuple[AdapterConfig, dict]:
+    method = registry.method_of(config)
+    if method.convert_initial is None:
+        raise ValueError(f"qpeft: {config.peft_type} adapters have no conversion from their initial weights")
+    initial_config, initial = load_adapter_files(initial_folder)
+    if initial_config.peft_type != config.peft_type:
+        raise ValueError(f"qpeft: the initial adapter in {initial_folder} is {initial_config.peft_type}")
+    return method.convert_initial(config, {k: p.detach() for k, p in params.items()}, initial)
 
 
 def file_parameters(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -331,11 +331,17 @@ class QPeftModel(ParameterReport, nn.Module):
         save_directory: str | Path,
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool | None = None,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
     ) -> None:
         """peft's layout: adapter_config.json + adapter_model.safetensors per adapter ("default" at the top,
         others in a subfolder of their name). Under torch.distributed only rank 0 writes (``is_main_process``
-        decides otherwise, as in peft); sharded (FSDP2) tensors are gathered first: then every rank must call it."""
-        adapter_io.save_adapters(self, save_directory, selected_adapters, is_main_process)
+        decides otherwise, as in peft); sharded (FSDP2) tensors are gathered first: then every rank must call it.
+        ``path_initial_model_for_weight_conversion`` (peft's): the folder where a PiSSA / OLoRA / LoftQ adapter was
+        saved right after it was created; the adapter is saved as a plain LoRA adapter of the original weights
+        (rank 2r) instead."""
+        adapter_io.save_adapters(
+            self, save_directory, selected_adapters, is_main_process, path_initial_model_for_weight_conversion
+        )
 
     def load_adapter(
         self, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs

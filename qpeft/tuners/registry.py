@@ -28,7 +28,10 @@ class Method:
     (``load_4bit_sharded``; None: not supported there). ``outputs(peft_model, config, name, outputs)``: adjusts
     a training forward's outputs (AdaLoRA's penalty). ``verbs``: model methods, name -> f(peft_model, config,
     name, *args); ``warmup``: the verb that must see a few batches before training (sparse's entry selection).
-    ``examples``: variant -> f(r=..., steps=...) -> a small config for a Llama-style model; its
+    ``convert_initial(config, tensors, initial)`` -> (config, tensors): an adapter that moved part of the weights
+    into itself as a plain adapter of the original weights, given its tensors at the start (peft's
+    ``path_initial_model_for_weight_conversion``; None: not supported). ``examples``: variant -> f(r=...,
+    steps=...) -> a small config for a Llama-style model; its
     "default" is the demo's, trained at ``example_lr``."""
 
     config_class: type
@@ -44,6 +47,7 @@ class Method:
     load: Callable | None = None
     sharded_start: Callable | None = None
     outputs: Callable | None = None
+    convert_initial: Callable | None = None
     encoder: Callable | None = None
     forward: Callable | None = None
     generate: Callable | None = None

@@ -2,8 +2,11 @@
 float64 definition of LoftQ; their files both ways and peft's conversion to plain LoRA."""
 
 import copy
+import dataclasses
+import json
 
 import pytest
+import safetensors.torch
 import torch
 
 import qpeft
@@ -37,7 +40,10 @@ def assert_same_q(a: Quantized4bitWeight, b: Quantized4bitWeight) -> None:
 
 def plain_error(W: torch.Tensor, **fmt) -> float:
     q = Quantized4bitWeight.from_float(W, **fmt)
-    return float(torch.linalg.matrix_norm(W.double() - q.dequantize(torch.float32).double()) / torch.linalg.matrix_norm(W.double()))
+    return float(
+        torch.linalg.matrix_norm(W.double() - q.dequantize(torch.float32).double())
+        / torch.linalg.matrix_norm(W.double())
+    )
 
 
 def approx_error(layer, W: torch.Tensor) -> float:
@@ -189,7 +195,9 @@ def test_an_already_4bit_base_restarts_from_its_dequantized_weight_and_loftq_is_
     a = layer.adapters["olora"]
     assert a.lora_B.abs().sum() > 0
     before = state = {k: v.clone() for k, v in model.state_dict().items()}
-    config = qpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    config = qpeft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1}
+    )
     with pytest.raises(ValueError, match="LoftQ needs the float weight"):
         model.add_adapter("loftq", config)
     assert list(model.peft_config) == ["default", "olora"]
@@ -219,3 +227,166 @@ def test_a_rank_above_the_weight_s_smaller_side_is_refused():
         init.start("pissa", W, 9, 1.0, Quantized4bitWeight.from_float)
     with pytest.raises(ValueError, match="finite"):
         init.start("olora", torch.full((8, 64), float("nan")), 2, 1.0, Quantized4bitWeight.from_float)
+
+
+# ---- files -----------------------------------------------------------------------------------------------------
+def trained(model, seed=3):
+    """Every adapter moved as if trained (A and B both)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for a in layer.adapters.values():
+                a.lora_A.add_(0.05 * torch.randn(a.lora_A.shape, generator=g))
+                a.lora_B.add_(0.05 * torch.randn(a.lora_B.shape, generator=g))
+    return model
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(tokens()).logits
+
+
+@pytest.mark.parametrize("init_name", ["pissa", "olora"])
+def test_peft_s_weight_moving_adapter_and_residual_model_load_in_qpeft(tmp_path, init_name):
+    """peft's recipe: decompose, save the residual model and the adapter (its init_lora_weights set to True so
+    loading does not decompose again). qpeft loads the residual model in 4-bit with the adapter and computes what
+    peft computes on the same (dequantized) base."""
+    original = tiny_llama()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(original), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=init_name)
+    )
+    theirs.peft_config["default"].init_lora_weights = True
+    theirs.save_pretrained(tmp_path / "adapter")
+    theirs.unload().save_pretrained(tmp_path / "residual")
+    residual = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "residual")
+    ours = qpeft.PeftModel.from_pretrained(copy.deepcopy(residual), tmp_path / "adapter")
+    check = peft.PeftModel.from_pretrained(float_model_of(ours.get_base_model(), residual), tmp_path / "adapter")
+    assert rel_err(logits(ours), logits(check)) < 1e-5
+
+
+def test_qpeft_s_adapter_converts_to_plain_lora_of_the_original_weights_as_peft_converts(tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...) writes what peft's writes for the same adapter,
+    and that plain rank-2r adapter on the original float weights adds exactly the trained adapter's change."""
+    original = tiny_llama()
+    ours = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa")
+    )
+    ours.peft_config["default"].init_lora_weights = True  # peft's recipe for the initial adapter
+    ours.save_pretrained(tmp_path / "initial")
+    start = {n: layer.adapters["default"].delta_weight() for n, layer in ours.lora_layers()}
+    trained(ours)
+    ours.save_pretrained(tmp_path / "trained")
+    ours.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    # peft converting the same trained adapter, on the same base
+    theirs = peft.PeftModel.from_pretrained(float_model_of(ours.get_base_model(), original), tmp_path / "trained")
+    theirs.save_pretrained(tmp_path / "theirs", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    files = {}
+    for side in ("ours", "theirs"):
+        files[side] = (
+            json.loads((tmp_path / side / "adapter_config.json").read_text()),
+            safetensors.torch.load_file(tmp_path / side / "adapter_model.safetensors"),
+        )
+    (cfg, ts), (pcfg, pts) = files["ours"], files["theirs"]
+    assert (
+        (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"])
+        == (pcfg["r"], pcfg["lora_alpha"], True)
+        == (8, 16, True)
+    )
+    assert ts.keys() == pts.keys()
+    for k in ts:
+        torch.testing.assert_close(ts[k], pts[k], rtol=0, atol=0)
+    converted = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "ours")
+    for name, layer in ours.lora_layers():
+        p = peft_layers(converted)[name]
+        change = layer.adapters["default"].delta_weight() - start[name]
+        torch.testing.assert_close(p.get_delta_weight("default"), change, rtol=1e-5, atol=1e-6)
+
+
+def test_conversion_needs_a_matching_initial_adapter(tmp_path):
+    original = tiny_llama()
+    ours = qpeft.get_peft_model(
+        copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora")
+    )
+    other = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    other.save_pretrained(tmp_path / "initial")
+    with pytest.raises(ValueError, match="initial adapter has no"):
+        ours.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_a_loaded_adapter_never_moves_the_base_again(tmp_path):
+    """A saved PiSSA adapter whose config still says "pissa" loads onto the base it was saved with as it is (peft
+    would decompose that base a second time)."""
+    original = tiny_llama()
+    ours = trained(
+        qpeft.get_peft_model(
+            copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa")
+        )
+    )
+    y = logits(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    qpeft.save_4bit_pretrained(ours.get_base_model(), tmp_path / "base")
+    base = qpeft.load_4bit_pretrained(tmp_path / "base", transformers.AutoModelForCausalLM)
+    loaded = qpeft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert loaded.peft_config["default"].init_lora_weights == "pissa"
+    torch.testing.assert_close(logits(loaded), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init_name", ["loftq", "pissa"])
+def test_a_base_quantized_at_load_starts_from_the_float_checkpoint_layer_by_layer(tmp_path, init_name):
+    """The qpeft quantizer loads the bf16 checkpoint in 4-bit; initialize_lora_weights then reads each layer's float
+    weight from the checkpoint and gives what get_peft_model on the float model gives: the same base bytes and
+    adapter."""
+    original = tiny_llama().to(torch.bfloat16)
+    original.save_pretrained(tmp_path / "float")
+    extra = dict(loftq_config=qpeft.LoftQConfig(loftq_iter=2)) if init_name == "loftq" else {}
+    config = qpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init_name, **extra)
+    expected = qpeft.get_peft_model(copy.deepcopy(original), copy.deepcopy(config))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=qpeft.QuantizationConfig(), dtype=torch.bfloat16
+    )
+    if init_name == "loftq":
+        with pytest.raises(ValueError, match="LoftQ needs the float weight"):
+            qpeft.get_peft_model(loaded, copy.deepcopy(config))
+        model = qpeft.get_peft_model(loaded, dataclasses.replace(config, init_lora_weights=True, loftq_config={}))
+        model.peft_config["default"] = config
+    else:
+        with pytest.warns(UserWarning, match="already 4-bit"):
+            model = qpeft.get_peft_model(loaded, copy.deepcopy(config))
+    names = qpeft.initialize_lora_weights(model, tmp_path / "float")
+    assert sorted(names) == sorted(qlayers(expected)) and len(names) == 6
+    for name, layer in qlayers(model).items():
+        want = qlayers(expected)[name]
+        assert_same_q(layer.base.quantized_weight, want.base.quantized_weight)
+        for t in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer.adapters["default"], t), getattr(want.adapters["default"], t))
+
+
+def test_replace_lora_weights_loftq_keeps_the_base_and_takes_a_callback(tmp_path):
+    original = tiny_llama()
+    original.save_pretrained(tmp_path / "float")
+    model = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
+    bases = {n: layer.base.quantized_weight.packed.clone() for n, layer in model.lora_layers()}
+    seen = []
+
+    def callback(peft_model, name):
+        seen.append(name)
+        return "down_proj" not in name  # keep all but down_proj's new start
+
+    names = qpeft.replace_lora_weights_loftq(model, tmp_path / "float", callback=callback)
+    assert sorted(seen) == sorted(bases) and sorted(names) == sorted(n for n in bases if "down_proj" not in n)
+    for name, layer in model.lora_layers():
+        assert torch.equal(layer.base.quantized_weight.packed, bases[name])
+        a = layer.adapters["default"]
+        W = original.get_submodule(name).weight.detach()
+        if name in names:  # s B A = the rank-r truncation of the quantization error
+            err = W.double() - layer.base.dequantized_weight(torch.float32).double()
+            U, S, Vh = torch.linalg.svd(err, full_matrices=False)
+            torch.testing.assert_close(
+                a.delta_weight().double(), U[:, :4] @ torch.diag(S[:4]) @ Vh[:4], rtol=0, atol=1e-5
+            )
+        else:
+            assert not a.lora_B.any()
+    with pytest.raises(KeyError, match="holds no"):
+        other = qpeft.get_peft_model(tiny_gpt2(), qpeft.LoraConfig(r=2))
+        qpeft.replace_lora_weights_loftq(other, tmp_path / "float")

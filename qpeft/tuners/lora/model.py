@@ -8,6 +8,7 @@ or "all"), and the modules_to_save' own parameter names; the adapter name never 
 from __future__ import annotations
 
 
+import dataclasses
 import functools
 
 import torch
@@ -165,3 +166,114 @@ def unfreeze_biases(model: nn.Module, config: LoraConfig, adapter_name: str = "d
     """The biases that ``config.bias`` trains."""
     for p in bias_parameters(model, config).values():
         p.requires_grad_(True)
+
+
+# ---- starts computed from a float checkpoint, for a base that is 4-bit already --------------------------------
+def initialize_lora_weights(peft_model, model_path, adapter_name: str = "default") -> list[str]:
+    """Starts adapter ``adapter_name`` of every LoRA layer as its config's weight-moving init (LoftQ, PiSSA, OLoRA)
+    from the float weights of the checkpoint folder ``model_path`` (model.safetensors or shards), read one layer at a
+    time: each layer's base is quantized again in its own format. For a model whose base was quantized before the
+    adapter was added (qpeft's transformers quantizer, a bitsandbytes model taken over). Returns the layers set."""
+    config = peft_model.peft_config[adapter_name]
+    if not init.moves_weight(config.init_lora_weights):
+        raise ValueError(
+            f"qpeft: adapter {adapter_name!r} has init_lora_weights={config.init_lora_weights!r}, which starts from "
+            "no weight: initialize_lora_weights runs 'loftq', 'pissa', 'pissa_niter_[n]' or 'olora'"
+        )
+
+    def restart(layer, W, adapter):
+        q = layer.base.quantized_weight
+        fmt = dict(
+            quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant, quant_storage=q.quant_storage
+        )
+        quantize = functools.partial(Quantized4bitWeight.from_float, **fmt)
+        start = init.start(config.init_lora_weights, W, adapter.r, adapter.scaling, quantize, _loftq_iter(config))
+        layer.base.set_quantized_weight(start.q)
+        return start.A, start.B
+
+    return _from_float_weights(peft_model, model_path, adapter_name, restart)
+
+
+def replace_lora_weights_loftq(peft_model, model_path=None, adapter_name: str = "default", callback=None) -> list[str]:
+    """peft's replace_lora_weights_loftq: every LoRA layer's adapter ``adapter_name`` set to the rank-r SVD of
+    W - dequant(Q) (one LoftQ step, the 4-bit base unchanged), W read layer by layer from the float checkpoint
+    folder ``model_path`` (default: the model's ``name_or_path``). ``callback(model, module_name)`` returning False
+    puts that layer's previous adapter back (peft's greedy check). Returns the layers set."""
+    if model_path is None:
+        model_path = getattr(getattr(peft_model.get_base_model(), "config", None), "_name_or_path", None)
+        if not model_path:
+            raise ValueError("qpeft: replace_lora_weights_loftq needs model_path, the float checkpoint's folder")
+
+    def loftq_step(layer, W, adapter):
+        return init.loftq_keep_base(W, layer.base.quantized_weight, adapter.r, adapter.scaling)
+
+    return _from_float_weights(peft_model, model_path, adapter_name, loftq_step, callback)
+
+
+def _from_float_weights(peft_model, model_path, adapter_name: str, start_fn, callback=None) -> list[str]:
+    from ...checkpoint import SafetensorsFolder
+
+    files = SafetensorsFolder(model_path)
+    model = peft_model.get_base_model()
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    done = []
+    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.adapters]
+    if not layers:
+        raise ValueError(f"qpeft: no LoRA layer holds adapter {adapter_name!r}")
+    keys = set(files.keys())
+    for name, layer in layers:
+        key = name + ".weight"
+        if key not in keys and key.startswith(prefix) and key.removeprefix(prefix) in keys:
+            key = key.removeprefix(prefix)  # a checkpoint of the backbone alone
+        if key not in keys:
+            raise KeyError(f"qpeft: the checkpoint {model_path} holds no {name}.weight")
+        W = files.read(key)
+        W = W.T if layer.base.fan_in_fan_out else W
+        if tuple(W.shape) != (layer.out_features, layer.in_features):
+            raise ValueError(
+                f"qpeft: {key} in {model_path} is {list(W.shape)}, the layer is "
+                f"[{layer.out_features}, {layer.in_features}]"
+            )
+        adapter = layer.adapters[adapter_name]
+        before = (layer.base.quantized_weight, adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone())
+        with torch.no_grad():
+            A, B = start_fn(layer, W.to(layer.base.weight_dtype) if W.is_floating_point() else W, adapter)
+            layer.start_adapter(adapter_name, A, B)
+        if callback is not None and not callback(peft_model, name):
+            layer.base.set_quantized_weight(before[0])
+            with torch.no_grad():
+                layer.start_adapter(adapter_name, before[1], before[2])
+            continue
+        done.append(name)
+    return done
+
+
+# ---- peft's conversion of a weight-moving adapter to a plain LoRA adapter of the original weights -------------
+def converted_to_lora(config: LoraConfig, tensors: dict, initial: dict) -> tuple[LoraConfig, dict]:
+    """(config, tensors) of a plain LoRA adapter of the original weights equal to a trained PiSSA / OLoRA / LoftQ
+    adapter (``tensors``) less its start (``initial``, the adapter's tensors saved when it was created): W_res + s B A
+    = W + s (B A - B0 A0), rank 2r: A' = [A; A0], B' = [B, -B0], alpha doubled (rsLoRA: times sqrt 2) so s stays
+    (peft's save_pretrained(path_initial_model_for_weight_conversion=...)). The other tensors pass unchanged."""
+    if config.use_dora or config.lora_bias:
+        raise ValueError("qpeft: a DoRA or lora_bias adapter has no plain-LoRA form of its difference to its start")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("qpeft: the conversion does not support rank_pattern / alpha_pattern with rsLoRA (as peft)")
+    out = dict(tensors)
+    for key, t in tensors.items():
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            if key not in initial or initial[key].shape != t.shape:
+                raise ValueError(f"qpeft: the initial adapter has no {key} of shape {list(t.shape)}")
+            a_side = key.endswith(".lora_A.weight")
+            start = initial[key].to(t.dtype)
+            out[key] = torch.cat([t, start], dim=0) if a_side else torch.cat([t, -start], dim=1)
+    converted = dataclasses.replace(
+        config,
+        init_lora_weights=True,
+        r=2 * config.r,
+        lora_alpha=config.lora_alpha * (2**0.5 if config.use_rslora else 2),
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        loftq_config={},
+        eva_config=None,
+    )
+    return converted, out
