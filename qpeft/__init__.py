@@ -13,6 +13,7 @@ from .model import (
     prepare_model_for_kbit_training,
 )
 from .quantized import Quantized4bitWeight
+from .tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .tuners.lora.model import initialize_lora_weights, replace_lora_weights_loftq
 from .tuners import (
     AdaLoraConfig,
@@ -56,7 +57,9 @@ __all__ = [
     "ConfigError",
     "distributed",
     "functional",
+    "get_eva_state_dict",
     "get_peft_model",
+    "initialize_lora_eva_weights",
     "initialize_lora_weights",
     "IA3Config",
     "EvaConfig",
