@@ -390,3 +390,21 @@ def test_replace_lora_weights_loftq_keeps_the_base_and_takes_a_callback(tmp_path
     with pytest.raises(KeyError, match="holds no"):
         other = qpeft.get_peft_model(tiny_gpt2(), qpeft.LoraConfig(r=2))
         qpeft.replace_lora_weights_loftq(other, tmp_path / "float")
+
+
+@pytest.mark.parametrize("init_name", ["loftq", "pissa_niter_2", "olora", "orthogonal"])
+def test_qpeft_s_started_adapters_load_in_peft_on_the_same_base(tmp_path, init_name):
+    """Saved after training (its config's init set to True, peft's recipe), each adapter gives peft's logits on the
+    dequantized base it was trained on, and comes back to qpeft unchanged."""
+    original = tiny_llama()
+    extra = dict(loftq_config=qpeft.LoftQConfig(loftq_iter=2)) if init_name == "loftq" else {}
+    config = qpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init_name, **extra)
+    ours = trained(qpeft.get_peft_model(copy.deepcopy(original), config))
+    ours.peft_config["default"].init_lora_weights = True
+    ours.save_pretrained(tmp_path / "adapter")
+    check = peft.PeftModel.from_pretrained(float_model_of(ours.get_base_model(), original), tmp_path / "adapter")
+    assert rel_err(logits(ours), logits(check)) < 1e-5
+    qpeft.save_4bit_pretrained(ours.get_base_model(), tmp_path / "base")
+    base = qpeft.load_4bit_pretrained(tmp_path / "base", transformers.AutoModelForCausalLM)
+    back = qpeft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
