@@ -13,6 +13,7 @@ from .model import (
     prepare_model_for_kbit_training,
 )
 from .quantized import Quantized4bitWeight
+from .tuners.lora.corda import preprocess_corda
 from .tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from .tuners.lora.model import initialize_lora_weights, replace_lora_weights_loftq
 from .tuners import (
@@ -21,6 +22,7 @@ from .tuners import (
     BitFitConfig,
     BottleneckConfig,
     IA3Config,
+    CordaConfig,
     EvaConfig,
     LayerwiseConfig,
     LoftQConfig,
@@ -62,11 +64,13 @@ __all__ = [
     "initialize_lora_eva_weights",
     "initialize_lora_weights",
     "IA3Config",
+    "CordaConfig",
     "EvaConfig",
     "LayerwiseConfig",
     "LoftQConfig",
     "load_4bit_pretrained",
     "LoraConfig",
+    "preprocess_corda",
     "replace_lora_weights_loftq",
     "MultitaskPromptTuningConfig",
     "nn",

@@ -9,7 +9,7 @@ import pkgutil
 from . import registry
 from .config import AdapterConfig, TaskType, config_from_peft_dict
 from .ia3 import IA3Config
-from .lora import EvaConfig, LoftQConfig, LoraConfig
+from .lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from .bottleneck import BottleneckConfig
 from .piggyback import PiggybackConfig
 from .selective import BitFitConfig, LayerwiseConfig
@@ -35,6 +35,7 @@ __all__ = [
     "config_from_peft_dict",
     "IA3Config",
     "LayerwiseConfig",
+    "CordaConfig",
     "EvaConfig",
     "LoftQConfig",
     "LoraConfig",

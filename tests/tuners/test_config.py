@@ -40,7 +40,7 @@ BAD_FIELDS = [
     ("layers_to_transform", "1"),
     ("modules_to_save", "lm_head"),
     ("bias", "some"),
-    ("init_lora_weights", "corda"),
+    ("init_lora_weights", "mica"),
     ("fan_in_fan_out", None),
     ("task_type", 3),
 ]

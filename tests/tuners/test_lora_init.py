@@ -3,7 +3,10 @@ float64 definition of LoftQ; their files both ways and peft's conversion to plai
 
 import copy
 import dataclasses
+import importlib.util
 import json
+import sys
+import types
 
 import pytest
 import safetensors.torch
@@ -207,7 +210,7 @@ def test_an_already_4bit_base_restarts_from_its_dequantized_weight_and_loftq_is_
 @pytest.mark.parametrize(
     "kw, key",
     [
-        (dict(init_lora_weights="corda"), "init_lora_weights"),
+        (dict(init_lora_weights="lora_ga"), "init_lora_weights"),
         (dict(init_lora_weights="pissa_niter_0"), "init_lora_weights"),
         (dict(init_lora_weights="loftq"), "loftq_config"),
         (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 8, "loftq_iter": 1}), "loftq_config"),
@@ -408,3 +411,85 @@ def test_qpeft_s_started_adapters_load_in_peft_on_the_same_base(tmp_path, init_n
     base = qpeft.load_4bit_pretrained(tmp_path / "base", transformers.AutoModelForCausalLM)
     back = qpeft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits(back), logits(ours), rtol=0, atol=0)
+
+
+# ---- CorDA -----------------------------------------------------------------------------------------------------
+def calibration(model, n=4):
+    g = torch.Generator().manual_seed(11)
+    batches = [torch.randint(0, 101, (1, 12), generator=g) for _ in range(n)]  # peft's hook takes one sequence
+
+    def run():
+        with torch.no_grad():
+            for ids in batches:
+                model(ids)
+
+    return run
+
+
+def peft_preprocess_corda():
+    """peft's preprocess_corda. Its module imports the attrs package for one dataclass decorator, which peft does not
+    declare as a dependency: the standard library's decorator stands in when attrs is absent."""
+    if "attr" not in sys.modules and importlib.util.find_spec("attr") is None:
+        sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
+    from peft.tuners.lora.corda import preprocess_corda
+
+    return preprocess_corda
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_starts_where_peft_s_does(method, tmp_path):
+    peft_preprocess = peft_preprocess_corda()
+
+    original = tiny_llama()
+    kw = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda")
+    ours_model, theirs_model = copy.deepcopy(original), copy.deepcopy(original)
+    config = qpeft.LoraConfig(**kw, corda_config=qpeft.CordaConfig(corda_method=method, cache_file=str(tmp_path / "c")))
+    qpeft.preprocess_corda(ours_model, config, run_model=calibration(ours_model))
+    ours = qpeft.get_peft_model(ours_model, config)
+    peft_config = peft.LoraConfig(**kw, corda_config=peft.tuners.lora.config.CordaConfig(corda_method=method))
+    peft_preprocess(theirs_model, peft_config, run_model=calibration(theirs_model))
+    theirs = peft.get_peft_model(theirs_model, peft_config)
+    reference = peft_layers(theirs)
+    for name, layer in qlayers(ours).items():
+        p, a = reference[name], layer.adapters["default"]
+        torch.testing.assert_close(a.lora_A, p.lora_A["default"].weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.lora_B, p.lora_B["default"].weight, rtol=1e-4, atol=1e-5)
+        residual = Quantized4bitWeight.from_float(p.base_layer.weight.detach())
+        ours_codes, their_codes = (
+            layer.base.quantized_weight.packed.view(torch.uint8),
+            residual.packed.view(torch.uint8),
+        )
+        assert (ours_codes != their_codes).float().mean() < 0.002  # a code may differ at a rounding boundary
+    # the cache (safetensors) gives the same start again without data
+    again = copy.deepcopy(original)
+    qpeft.preprocess_corda(again, config)
+    cached = qpeft.get_peft_model(again, config)
+    for name, layer in qlayers(cached).items():
+        assert_same_q(layer.base.quantized_weight, qlayers(ours)[name].base.quantized_weight)
+
+
+def test_corda_refusals(tmp_path):
+    original = tiny_llama()
+    config = qpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="corda")
+    with pytest.raises(ValueError, match="preprocess_corda"):
+        qpeft.get_peft_model(copy.deepcopy(original), config)
+    with pytest.raises(ValueError, match="run_model"):
+        qpeft.preprocess_corda(copy.deepcopy(original), config)
+    (tmp_path / "pickled.pt").write_bytes(b"\x80\x04not safetensors")
+    bad = dataclasses.replace(config, corda_config=qpeft.CordaConfig(cache_file=str(tmp_path / "pickled.pt")))
+    with pytest.raises(ValueError, match="never loads pickle"):
+        qpeft.preprocess_corda(copy.deepcopy(original), bad)
+    with pytest.raises(ConfigError, match="corda_method"):
+        qpeft.CordaConfig(corda_method="fast")
+    quantized = qpeft.get_peft_model(copy.deepcopy(original), qpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="4-bit already"):
+        quantized.add_adapter("corda", config)
+    model = copy.deepcopy(original)
+    with pytest.raises(ValueError, match="non-finite"):
+
+        def poisoned():
+            model(torch.zeros(1, 3, dtype=torch.long), inputs_embeds=None)
+
+        with torch.no_grad():
+            model.model.embed_tokens.weight[0] = float("nan")
+        qpeft.preprocess_corda(model, config, run_model=poisoned)

@@ -3,9 +3,9 @@
 from ...nn.lora import LoraLinear4bit
 from ..registry import Method, register
 from . import model
-from .config import EvaConfig, LoftQConfig, LoraConfig
+from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 
-__all__ = ["EvaConfig", "LoftQConfig", "LoraConfig"]
+__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig"]
 
 register(
     Method(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from ..config import (
     NAMES,
     NUMBER,
     SIZE,
+    STRING,
     AdapterConfig,
     Check,
     check_fields,
@@ -25,6 +27,7 @@ from ..config import (
     is_number,
     number_in,
     one_of,
+    optional,
 )
 
 
@@ -39,7 +42,7 @@ ALPHA_PATTERN = Check(
 INIT = Check(
     init.is_valid,
     "is not supported (True, False, 'gaussian', 'pissa', 'pissa_niter_[n]' with 1 <= n <= "
-    f"{init.MAX_NITER}, 'olora', 'loftq', 'orthogonal' or 'eva')",
+    f"{init.MAX_NITER}, 'olora', 'loftq', 'corda', 'orthogonal' or 'eva')",
 )
 LOFTQ = Check(
     lambda v: (
@@ -51,6 +54,7 @@ LOFTQ = Check(
     f"must be {{}} or {{'loftq_bits': 4, 'loftq_iter': 1..{init.MAX_LOFTQ_ITER}}} (the base is 4-bit)",
 )
 EVA = Check(lambda v: v is None or isinstance(v, EvaConfig), "must be an EvaConfig or null")
+CORDA = Check(lambda v: v is None or isinstance(v, CordaConfig), "must be a CordaConfig or null")
 
 
 @dataclasses.dataclass
@@ -60,6 +64,36 @@ class LoftQConfig:
 
     loftq_bits: int = 4
     loftq_iter: int = 1
+
+
+@dataclasses.dataclass
+class CordaConfig:
+    """peft's CordaConfig: ``corda_method`` "ipm" (the adapter takes the components of W C with the largest singular
+    values) or "kpm" (the smallest: knowledge kept in the base), ``cache_file`` (the decomposition) and
+    ``covariance_file`` (the layers' input covariances): safetensors files qpeft writes and reads (peft's are
+    pickle, which qpeft never loads); ``use_float16_for_covariance``; ``verbose`` and ``prune_temporary_fields``
+    are accepted for peft's signature (qpeft prints nothing and keeps no temporary fields)."""
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self):
+        checks = {
+            "cache_file": optional(STRING),
+            "covariance_file": optional(STRING),
+            "corda_method": one_of("ipm", "kpm"),
+            "verbose": BOOL,
+            "use_float16_for_covariance": BOOL,
+            "prune_temporary_fields": BOOL,
+        }
+        for key in ("cache_file", "covariance_file"):
+            if isinstance(getattr(self, key), os.PathLike):
+                setattr(self, key, os.fspath(getattr(self, key)))
+        check_fields(dataclasses.asdict(self), checks, "CordaConfig")
 
 
 @dataclasses.dataclass
@@ -114,18 +148,23 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = checked(True, INIT)  # True / "kaiming", "gaussian", False (B random too: tests)
     loftq_config: dict = checked(check=LOFTQ, factory=dict)
     eva_config: EvaConfig | None = checked(None, EVA)
+    corda_config: CordaConfig | None = checked(None, CORDA)
 
     def __post_init__(self):
         if isinstance(self.loftq_config, LoftQConfig):  # kept as a dict, as peft keeps it
             self.loftq_config = dataclasses.asdict(self.loftq_config)
-        if isinstance(self.eva_config, dict):
-            unknown = self.eva_config.keys() - {f.name for f in dataclasses.fields(EvaConfig)}
-            if unknown:
-                self.fail("eva_config", f"has keys qpeft does not know: {sorted(unknown)}")
-            self.eva_config = EvaConfig(**self.eva_config)
+        for key, kind in (("eva_config", EvaConfig), ("corda_config", CordaConfig)):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                unknown = value.keys() - {f.name for f in dataclasses.fields(kind)}
+                if unknown:
+                    self.fail(key, f"has keys qpeft does not know: {sorted(unknown)}")
+                setattr(self, key, kind(**value))
         if self.init_lora_weights == "eva" and self.eva_config is None:
             self.eva_config = EvaConfig()  # peft's default
-        for key, used in (("loftq_config", "loftq"), ("eva_config", "eva")):
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            self.corda_config = CordaConfig()
+        for key, used in (("loftq_config", "loftq"), ("eva_config", "eva"), ("corda_config", "corda")):
             if getattr(self, key) and self.init_lora_weights != used:
                 warnings.warn(f"qpeft: {key} is ignored unless init_lora_weights is {used!r} (as in peft)")
                 setattr(self, key, {} if key == "loftq_config" else None)
@@ -155,7 +194,8 @@ class LoraConfig(AdapterConfig):
     def to_peft_dict(self) -> dict:
         d = super().to_peft_dict()
         d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save else None
-        d["eva_config"] = dataclasses.asdict(self.eva_config) if self.eva_config is not None else None
+        for key in ("eva_config", "corda_config"):
+            d[key] = dataclasses.asdict(getattr(self, key)) if getattr(self, key) is not None else None
         return d
 
     @classmethod

@@ -26,8 +26,11 @@ NITER = re.compile(r"pissa_niter_(\d+)")
 MAX_NITER = 1000
 MAX_LOFTQ_ITER = 100
 # inits that replace part of W by the adapter (the base is re-quantized)
-WEIGHT_INITS = ("pissa", "olora", "loftq")
-INIT_NAMES = (True, False, "kaiming", "gaussian", "pissa", "pissa_niter_[n]", "olora", "loftq", "orthogonal", "eva")
+WEIGHT_INITS = ("pissa", "olora", "loftq", "corda")
+INIT_NAMES = (
+    *(True, False, "kaiming", "gaussian", "pissa", "pissa_niter_[n]"),
+    *("olora", "loftq", "corda", "orthogonal", "eva"),
+)
 
 
 def family(init) -> str | None:
@@ -37,7 +40,7 @@ def family(init) -> str | None:
         return None
     if init == "pissa" or NITER.fullmatch(init):
         return "pissa"
-    return init if init in ("olora", "loftq", "orthogonal", "eva") else None
+    return init if init in ("olora", "loftq", "corda", "orthogonal", "eva") else None
 
 
 def is_valid(init) -> bool:
@@ -98,6 +101,15 @@ def olora(W: torch.Tensor, r: int, scaling: float, quantize: Quantize) -> Start:
     return Start(quantize((W32 - scaling * B @ A).to(W.dtype)), A, B)
 
 
+def corda(W: torch.Tensor, eigens: tuple[torch.Tensor, ...], scaling: float, quantize: Quantize) -> Start:
+    """CorDA: ``eigens`` = (S [r], U [out, r], V [in, r]) of the decomposition W C = U diag(S) V^T C (C the layer's
+    input covariance, corda.py); s B A = U diag(S) V^T, the residual W - s B A is quantized."""
+    S, U, V = (t.float() for t in eigens)
+    root = (S / scaling).sqrt()
+    A, B = (V.T * root[:, None]).contiguous(), (U * root[None, :]).contiguous()
+    return Start(quantize((W.float() - scaling * B @ A).to(W.dtype)), A, B)
+
+
 def loftq(W: torch.Tensor, r: int, scaling: float, quantize: Quantize, iterations: int = 1) -> Start:
     """LoftQ: alternately Q = quant(W - s B A) and s B A = the rank-r SVD of W - dequant(Q), starting from B A = 0;
     the base keeps the last Q (fitted to in fp32, recorded with W's dtype)."""
@@ -127,8 +139,9 @@ def orthogonal(r: int, in_features: int, out_features: int) -> tuple[torch.Tenso
     return A.contiguous(), B.contiguous()
 
 
-def start(init, W: torch.Tensor, r: int, scaling: float, quantize: Quantize, loftq_iter: int = 1) -> Start:
-    """The starting point of a weight-moving ``init`` (moves_weight) for float weight ``W`` [out, in]."""
+def start(init, W: torch.Tensor, r: int, scaling: float, quantize: Quantize, loftq_iter: int = 1, eigens=None) -> Start:
+    """The starting point of a weight-moving ``init`` (moves_weight) for float weight ``W`` [out, in] (CorDA: from
+    the layer's ``eigens``)."""
     if not W.is_floating_point() or not torch.isfinite(W).all():
         raise ValueError(f"qpeft: {init} needs a finite float weight, got {W.dtype} with non-finite values or codes")
     if r > min(W.shape):
@@ -141,6 +154,8 @@ def start(init, W: torch.Tensor, r: int, scaling: float, quantize: Quantize, lof
         return olora(W, r, scaling, quantize)
     if kind == "loftq":
         return loftq(W, r, scaling, quantize, loftq_iter)
+    if kind == "corda":
+        return corda(W, eigens, scaling, quantize)
     raise ValueError(f"qpeft: {init!r} does not start from the weight")
 
 

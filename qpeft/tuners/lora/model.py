@@ -19,7 +19,7 @@ from ...nn.linear4bit import Linear4bit, is_conv1d
 from ...nn.lora import LoraLinear4bit
 from ...quantized import Quantized4bitWeight
 from .. import default_targets, targets
-from . import init
+from . import corda, init
 from .config import LoraConfig
 
 PREFIX = "base_model.model."
@@ -84,8 +84,15 @@ def inject_adapter(
 
 def _weight_start(name: str, module: nn.Module, config: LoraConfig, r: int, scaling: float) -> init.Start:
     """The start of a weight-moving init for target ``name``: from its float weight, or from the dequantized
-    weight of a layer already 4-bit (PiSSA / OLoRA, with a warning; LoftQ refused: it would give a zero adapter)."""
+    weight of a layer already 4-bit (PiSSA / OLoRA, with a warning; LoftQ refused: it would give a zero adapter;
+    CorDA refused: its decomposition is of the float model's)."""
+    eigens = None
     if isinstance(module, (Linear4bit, LoraLinear4bit)):
+        if config.init_lora_weights == "corda":
+            raise ValueError(
+                f"qpeft: CorDA needs the float weight of {name!r}, which is 4-bit already: run "
+                "qpeft.preprocess_corda and get_peft_model on the float model"
+            )
         if config.init_lora_weights == "loftq":
             raise ValueError(
                 f"qpeft: LoftQ needs the float weight of {name!r}, which is 4-bit already: add the adapter to the "
@@ -102,8 +109,10 @@ def _weight_start(name: str, module: nn.Module, config: LoraConfig, r: int, scal
         W = module.weight.detach()
         W = W.T if is_conv1d(module) else W
         fmt = dict(quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant)
+        if config.init_lora_weights == "corda":
+            eigens = corda.take_eigens(name, module, r)
     quantize = functools.partial(Quantized4bitWeight.from_float, **fmt)
-    return init.start(config.init_lora_weights, W, r, scaling, quantize, _loftq_iter(config))
+    return init.start(config.init_lora_weights, W, r, scaling, quantize, _loftq_iter(config), eigens)
 
 
 def _loftq_iter(config: LoraConfig) -> int:
