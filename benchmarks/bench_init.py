@@ -11,7 +11,7 @@ fine-tuning.
    the same bf16 model), the same data order and steps, several seeds. The goal: LoftQ / QPiSSA close at least half
    of plain QLoRA's evaluation-loss gap to bf16 LoRA.
 
-    python benchmarks/bench_init.py [--steps 150] [--seeds 3] [--pretrain-steps 600]
+    python benchmarks/bench_init.py [--steps 150] [--seeds 3] [--pretrain-steps 3000]
 """
 
 from __future__ import annotations
@@ -60,11 +60,14 @@ STARTS = {  # name -> LoraConfig fields of the start
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def documentation_bytes() -> torch.Tensor:
+def documentation_bytes() -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first 90% of the bytes, the last 10%): pretraining text and its held-out part."""
     import pydoc_data.topics
 
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    cut = int(len(data) * 0.9)
+    return data[:cut], data[cut:]
 
 
 def source_bytes(modules: list[str]) -> torch.Tensor:
@@ -95,7 +98,7 @@ def pretrained(steps: int):
         )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
-    data = documentation_bytes()
+    data, _ = documentation_bytes()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
@@ -175,7 +178,7 @@ def variant(name: str, base_bf16):
     return qpeft.get_peft_model(model, qpeft.LoraConfig(**fields, **STARTS[name]))
 
 
-def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out) -> list[dict]:
+def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out: dict) -> list[dict]:
     rows = []
     for seed in range(seeds):
         batches = windows(train, steps, 8, seed=100 + seed)
@@ -183,7 +186,7 @@ def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out) -> list[di
             torch.manual_seed(seed)
             model = variant(name, base_bf16)
             model.train()
-            start_loss = eval_loss(model, held_out)
+            start = {f"{k}_start": eval_loss(model, b) for k, b in held_out.items()}
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
             begin = time.perf_counter()
             for ids in batches:
@@ -195,28 +198,31 @@ def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out) -> list[di
                     "part": "finetune",
                     "variant": name,
                     "seed": seed,
-                    "eval_loss_start": start_loss,
-                    "eval_loss": eval_loss(model, held_out),
+                    **start,
+                    **{k: eval_loss(model, b) for k, b in held_out.items()},
                     "train_s": time.perf_counter() - begin,
                 }
             )
-            print(f"seed {seed} {name}: eval {start_loss:.4f} -> {rows[-1]['eval_loss']:.4f}", file=sys.stderr)
+            print(f"seed {seed} {name}: {rows[-1]}", file=sys.stderr)
     return rows
+
+
+EVALS = ("source", "source_start", "docs", "docs_start")  # held-out Python source (the task), documentation
 
 
 def summary(rows: list[dict]) -> list[dict]:
     tuned = [r for r in rows if r["part"] == "finetune"]
     mean = {
-        name: {
-            k: statistics.mean(r[k] for r in tuned if r["variant"] == name) for k in ("eval_loss_start", "eval_loss")
-        }
+        name: {k: statistics.mean(r[k] for r in tuned if r["variant"] == name) for k in EVALS}
         for name in dict.fromkeys(r["variant"] for r in tuned)
     }
-    gap = mean["QLoRA"]["eval_loss"] - mean["bf16 LoRA"]["eval_loss"]
     out = []
     for name, m in mean.items():
-        closed = (mean["QLoRA"]["eval_loss"] - m["eval_loss"]) / gap if gap > 0 else None
-        out.append({"part": "summary", "variant": name, **m, "gap_closed": closed})
+        row = {"part": "summary", "variant": name, **m}
+        for k in ("source", "docs"):  # the share of plain QLoRA's gap to bf16 LoRA this start closes
+            gap = mean["QLoRA"][k] - mean["bf16 LoRA"][k]
+            row[f"{k}_gap_closed"] = (mean["QLoRA"][k] - m[k]) / gap if gap > 0 else None
+        out.append(row)
     for name in ["QLoRA", "LoftQ-1", "LoftQ-5", "QPiSSA"]:
         recon = [r[name] for r in rows if r["part"] == "reconstruction" and r["model"] == "small pretrained"]
         next(o for o in out if o["variant"] == name)["mean_reconstruction_error"] = statistics.mean(recon)
@@ -227,15 +233,18 @@ def main() -> None:
     def options(parser):
         parser.add_argument("--steps", type=int, default=150)
         parser.add_argument("--seeds", type=int, default=3)
-        parser.add_argument("--pretrain-steps", type=int, default=600)
+        parser.add_argument("--pretrain-steps", type=int, default=3000)
 
     args = benchmark_args(__doc__.splitlines()[0], options)
     torch.manual_seed(0)
     model, info = pretrained(args.pretrain_steps)
     base = model.to(torch.bfloat16)
     rows = reconstruction_rows(base)
-    train, held = source_bytes(TRAIN_SOURCE), source_bytes(EVAL_SOURCE)
-    held_out = windows(held, 16, 8, seed=7)
+    train = source_bytes(TRAIN_SOURCE)
+    held_out = {
+        "source": windows(source_bytes(EVAL_SOURCE), 16, 8, seed=7),
+        "docs": windows(documentation_bytes()[1], 16, 8, seed=7),
+    }
     rows += finetune_rows(base, args.steps, args.seeds, train, held_out)
     rows += summary(rows)
     rows.append(
@@ -255,7 +264,7 @@ def main() -> None:
     )
     print_table(
         [r for r in rows if r["part"] == "summary"],
-        ["variant", "eval_loss_start", "eval_loss", "gap_closed", "mean_reconstruction_error"],
+        ["variant", *EVALS, "source_gap_closed", "docs_gap_closed", "mean_reconstruction_error"],
     )
     print(write_results("init", args.device, rows, args.out))
 

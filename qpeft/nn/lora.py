@@ -100,6 +100,7 @@ class LoraAdapter(LowRankAdapter):
     def __init__(self, in_features: int, out_features: int, spec: LoraSpec, device: torch.device | str | None = None):
         super().__init__()
         check_rank(spec.r, in_features, out_features)
+        self.spec = spec
         self.r, self.alpha, self.dropout, self.use_rslora = spec.r, spec.alpha, spec.dropout, spec.use_rslora
         self.scaling, self.init = spec.scaling, spec.init
         dtype = spec.adapter_dtype

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -307,21 +308,14 @@ def _allot(pcas: dict, owner: dict, most: dict, budget: int) -> dict[str, int]:
 # ---- setting the adapters --------------------------------------------------------------------------------------
 @torch.no_grad()
 def initialize_lora_eva_weights(
-    model,
-    dataloader: Iterable | None = None,
-    eva_state_dict: dict | None = None,
-    forward_fn: Callable | None = forward_fn_dict,
-    prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
-    prepare_layer_inputs_fn: Callable | Mapping[str, Callable] | None = prepare_layer_inputs_fn_language_modeling,
-    adapter_name: str = "default",
-    gather_distributed_inputs: bool = True,
-    show_progress_bar: bool = False,
-    max_steps: int = DEFAULT_MAX_STEPS,
+    model, dataloader: Iterable | None = None, eva_state_dict: dict | None = None, adapter_name: str = "default", **data
 ):
     """peft's initialize_lora_eva_weights: the EVA start of adapter ``adapter_name`` of the QPeftModel ``model``
-    (from ``eva_state_dict``, else computed from ``dataloader``): A = the layer's components, B = 0, each layer's
-    rank as redistributed (a layer given rank 0 loses the adapter), alpha scaled with it when
-    ``adjust_scaling_factors``; the config's target_modules, rank_pattern and alpha_pattern record it."""
+    (from ``eva_state_dict``, else computed from ``dataloader`` with ``data``, get_eva_state_dict's keyword
+    options: forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn, max_steps, ...): A = the layer's
+    components, B = 0, each layer's rank as redistributed (a layer given rank 0 loses the adapter), alpha scaled
+    with it when ``adjust_scaling_factors``; the config's target_modules, rank_pattern and alpha_pattern record
+    it."""
     if not hasattr(model, "peft_config") or adapter_name not in model.peft_config:
         raise ValueError(f"qpeft: initialize_lora_eva_weights needs a QPeftModel with adapter {adapter_name!r}")
     config = model.peft_config[adapter_name]
@@ -330,16 +324,7 @@ def initialize_lora_eva_weights(
     if eva_state_dict is None:
         if dataloader is None:
             raise ValueError("qpeft: pass a dataloader or an eva_state_dict")
-        eva_state_dict = get_eva_state_dict(
-            model,
-            dataloader,
-            forward_fn=forward_fn,
-            prepare_model_inputs_fn=prepare_model_inputs_fn,
-            prepare_layer_inputs_fn=prepare_layer_inputs_fn,
-            adapter_name=adapter_name,
-            gather_distributed_inputs=gather_distributed_inputs,
-            max_steps=max_steps,
-        )
+        eva_state_dict = get_eva_state_dict(model, dataloader, adapter_name=adapter_name, **data)
     layers = {n: m for n, m in model.lora_layers() if adapter_name in m.adapters}
     unknown = set(eva_state_dict) - set(layers)
     if unknown:
@@ -383,17 +368,8 @@ def initialize_lora_eva_weights(
 def _resize(layer: LoraLinear4bit, name: str, old, r: int, alpha: float) -> None:
     """Adapter ``name`` of ``layer`` replaced by one of rank ``r`` (its other settings kept, its activity kept)."""
     active = list(layer.active_adapters)
-    spec = dict(
-        r=r,
-        alpha=alpha,
-        dropout=old.dropout,
-        use_rslora=old.use_rslora,
-        use_dora=old.use_dora,
-        lora_bias=old.lora_bias is not None,
-        adapter_dtype=old.lora_A.dtype,
-    )
     layer.delete_adapter(name)
-    layer.add_adapter(name, activate=False, **spec)
+    layer.add_adapter(name, activate=False, **dataclasses.asdict(dataclasses.replace(old.spec, r=r, alpha=alpha)))
     layer.set_adapter(active)
 
 

@@ -27,10 +27,6 @@ MAX_NITER = 1000
 MAX_LOFTQ_ITER = 100
 # inits that replace part of W by the adapter (the base is re-quantized)
 WEIGHT_INITS = ("pissa", "olora", "loftq", "corda")
-INIT_NAMES = (
-    *(True, False, "kaiming", "gaussian", "pissa", "pissa_niter_[n]"),
-    *("olora", "loftq", "corda", "orthogonal", "eva"),
-)
 
 
 def family(init) -> str | None:
@@ -174,4 +170,4 @@ def relative_error(W: torch.Tensor, s: Start, scaling: float) -> float:
     return float(torch.linalg.matrix_norm(W.double() - approx) / torch.linalg.matrix_norm(W.double()).clamp_min(1e-300))
 
 
-__all__ = ["INIT_NAMES", "Start", "family", "is_valid", "loftq", "moves_weight", "olora", "orthogonal", "pissa"]
+__all__ = ["Start", "corda", "family", "is_valid", "loftq", "moves_weight", "olora", "orthogonal", "pissa", "start"]
