@@ -178,8 +178,13 @@ def _check_shardable(config) -> None:
             f"qpeft: load_4bit_sharded adds {' or '.join(startable)} adapters, not {type(config).__name__}; "
             f"load with load_4bit_pretrained, then get_peft_model and fully_shard_model"
         )
-    if getattr(config, "init_lora_weights", True) is False:
-        raise NotImplementedError("qpeft: load_4bit_sharded does not start init_lora_weights=False adapters")
+    init = getattr(config, "init_lora_weights", True)
+    if init is False or init not in (True, "kaiming", "gaussian"):
+        raise NotImplementedError(
+            f"qpeft: load_4bit_sharded starts adapters as init_lora_weights=True or 'gaussian', not {init!r}; start "
+            "them unsharded (get_peft_model, initialize_lora_weights, initialize_lora_eva_weights), then "
+            "fully_shard_model"
+        )
     if config.modules_to_save:
         raise NotImplementedError("qpeft: load_4bit_sharded does not copy modules_to_save")
 

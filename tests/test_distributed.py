@@ -358,8 +358,9 @@ def test_4bit_checkpoint_loads_shard_by_shard(case, tmp_path):
 
 
 def test_sharded_load_refuses_what_it_cannot_start(tmp_path):
-    with pytest.raises(NotImplementedError, match="init_lora_weights=False"):
-        qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.LoraConfig(init_lora_weights=False))
+    for init in (False, "pissa", "orthogonal", "eva"):
+        with pytest.raises(NotImplementedError, match=f"init_lora_weights=True or 'gaussian', not {init!r}"):
+            qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.LoraConfig(init_lora_weights=init))
     with pytest.raises(NotImplementedError, match="AdaLoraConfig"):
         qpeft.distributed.load_4bit_sharded(tmp_path, qpeft.AdaLoraConfig(total_step=10))
     from helpers import tiny_gpt2

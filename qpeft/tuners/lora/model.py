@@ -237,7 +237,7 @@ def _from_float_weights(peft_model, model_path, adapter_name: str, start_fn, cal
         if key not in keys:
             raise KeyError(f"qpeft: the checkpoint {model_path} holds no {name}.weight")
         W = files.read(key)
-        W = W.T if layer.base.fan_in_fan_out else W
+        W = (W.T if layer.base.fan_in_fan_out else W).to(layer.base.weight.device)
         if tuple(W.shape) != (layer.out_features, layer.in_features):
             raise ValueError(
                 f"qpeft: {key} in {model_path} is {list(W.shape)}, the layer is "
