@@ -7,16 +7,18 @@ fine-tuning.
    structure to move; the initialisation's time is recorded there).
 2. Fine-tuning: the small model (a byte-level Llama, pretrained for a few minutes on the Python documentation that
    ships with Python, pydoc_data, and cached in benchmarks/.cache/) fine-tuned on Python source from the standard
-   library, evaluated on held-out modules: bf16 LoRA (peft on the bf16 model), plain QLoRA, LoftQ, QPiSSA (qpeft on
-   the same bf16 model), the same data order and steps, several seeds. The goal: LoftQ / QPiSSA close at least half
-   of plain QLoRA's evaluation-loss gap to bf16 LoRA.
+   library, evaluated on held-out modules (the task) and on held-out documentation (what the model knew): bf16 LoRA
+   (peft on the bf16 model), plain QLoRA, LoftQ, QPiSSA (qpeft on the same bf16 model, in QLoRA's format and in a
+   coarse 4-bit format), the same data order and steps, several seeds, evaluated before and after. The goal:
+   LoftQ / QPiSSA close at least half of plain QLoRA's evaluation-loss gap to bf16 LoRA.
 
-    python benchmarks/bench_init.py [--steps 150] [--seeds 3] [--pretrain-steps 3000]
+    python benchmarks/bench_init.py [--steps 150] [--seeds 5] [--pretrain-steps 3000]
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +53,10 @@ LLAMA_1B_LAYERS = {  # Llama-3.2-1B's projection shapes [out, in]
 }
 RANK = 16
 SEQ = 128
+FORMATS = {  # the base's 4-bit format: QLoRA's, and a coarse one whose larger error shows what the starts recover
+    "nf4/64 dq": dict(quant_type="nf4", blocksize=64, double_quant=True),
+    "fp4/1024": dict(quant_type="fp4", blocksize=1024, double_quant=False),
+}
 STARTS = {  # name -> LoraConfig fields of the start
     "QLoRA": dict(init_lora_weights=True),
     "LoftQ-1": dict(init_lora_weights="loftq", loftq_config=qpeft.LoftQConfig(loftq_iter=1)),
@@ -121,14 +127,15 @@ def pretrained(steps: int):
 
 
 # ---- 1. reconstruction -----------------------------------------------------------------------------------------
-def errors_of(W: torch.Tensor, scaling: float = 1.0) -> dict:
-    out = {"QLoRA": init.relative_error(W, init.Start(Quantized4bitWeight.from_float(W), *_zero(W)), scaling)}
+def errors_of(W: torch.Tensor, fmt: dict, scaling: float = 1.0) -> dict:
+    quantize = functools.partial(Quantized4bitWeight.from_float, **fmt)
+    out = {"QLoRA": init.relative_error(W, init.Start(quantize(W), *_zero(W)), scaling)}
     for name, fields in STARTS.items():
         if name == "QLoRA":
             continue
         iterations = fields.get("loftq_config", qpeft.LoftQConfig()).loftq_iter
         begin = time.perf_counter()
-        start = init.start(fields["init_lora_weights"], W, RANK, scaling, Quantized4bitWeight.from_float, iterations)
+        start = init.start(fields["init_lora_weights"], W, RANK, scaling, quantize, iterations)
         out[name] = init.relative_error(W, start, scaling)
         out[name + " s"] = time.perf_counter() - begin
     return out
@@ -140,20 +147,17 @@ def _zero(W):
 
 def reconstruction_rows(model) -> list[dict]:
     rows = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in PROJECTIONS:
-            rows.append(
-                {
-                    "part": "reconstruction",
-                    "model": "small pretrained",
-                    "layer": name,
-                    **errors_of(module.weight.detach().to(torch.bfloat16)),
-                }
-            )
+    for fmt, fields in FORMATS.items():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in PROJECTIONS:
+                W = module.weight.detach().to(torch.bfloat16)
+                row = {"part": "reconstruction", "model": "small pretrained", "format": fmt, "layer": name}
+                rows.append({**row, **errors_of(W, fields)})
     g = torch.Generator().manual_seed(0)
     for name, shape in LLAMA_1B_LAYERS.items():
         W = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-        rows.append({"part": "reconstruction", "model": "llama-1b shape, random init", "layer": name, **errors_of(W)})
+        row = {"part": "reconstruction", "model": "llama-1b shape, random init", "format": "nf4/64 dq", "layer": name}
+        rows.append({**row, **errors_of(W, FORMATS["nf4/64 dq"])})
     return rows
 
 
@@ -167,24 +171,25 @@ def eval_loss(model, batches) -> float:
     return statistics.mean(losses)
 
 
-def variant(name: str, base_bf16):
-    """A fresh model of ``name`` on a copy of the bf16 pretrained model."""
+def variant(name: str, fmt: str | None, base_bf16):
+    """A fresh model of start ``name`` on base format ``fmt`` (None: peft on the bf16 model), on a copy of the bf16
+    pretrained model."""
     model = copy.deepcopy(base_bf16)
     fields = dict(r=RANK, lora_alpha=RANK, target_modules=PROJECTIONS)
-    if name == "bf16 LoRA":
+    if fmt is None:
         import peft
 
         return peft.get_peft_model(model, peft.LoraConfig(**fields))
-    return qpeft.get_peft_model(model, qpeft.LoraConfig(**fields, **STARTS[name]))
+    return qpeft.get_peft_model(model, qpeft.LoraConfig(**fields, **STARTS[name], **FORMATS[fmt]))
 
 
 def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out: dict) -> list[dict]:
     rows = []
     for seed in range(seeds):
         batches = windows(train, steps, 8, seed=100 + seed)
-        for name in ["bf16 LoRA", *STARTS]:
+        for name, fmt in [("bf16 LoRA", None)] + [(n, f) for f in FORMATS for n in STARTS]:
             torch.manual_seed(seed)
-            model = variant(name, base_bf16)
+            model = variant(name, fmt, base_bf16)
             model.train()
             start = {f"{k}_start": eval_loss(model, b) for k, b in held_out.items()}
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -197,13 +202,14 @@ def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out: dict) -> l
                 {
                     "part": "finetune",
                     "variant": name,
+                    "format": fmt,
                     "seed": seed,
                     **start,
                     **{k: eval_loss(model, b) for k, b in held_out.items()},
                     "train_s": time.perf_counter() - begin,
                 }
             )
-            print(f"seed {seed} {name}: {rows[-1]}", file=sys.stderr)
+            print(f"seed {seed} {name} {fmt}: {rows[-1]}", file=sys.stderr)
     return rows
 
 
@@ -211,28 +217,37 @@ EVALS = ("source", "source_start", "docs", "docs_start")  # held-out Python sour
 
 
 def summary(rows: list[dict]) -> list[dict]:
+    """Per variant and format, the mean losses over seeds and the share of plain QLoRA's gap to bf16 LoRA (in the
+    same base format) each start closes, at the start and after fine-tuning."""
     tuned = [r for r in rows if r["part"] == "finetune"]
+    keys = list(dict.fromkeys((r["variant"], r["format"]) for r in tuned))
     mean = {
-        name: {k: statistics.mean(r[k] for r in tuned if r["variant"] == name) for k in EVALS}
-        for name in dict.fromkeys(r["variant"] for r in tuned)
+        key: {k: statistics.mean(r[k] for r in tuned if (r["variant"], r["format"]) == key) for k in EVALS}
+        for key in keys
     }
+    bf16 = mean["bf16 LoRA", None]
     out = []
-    for name, m in mean.items():
-        row = {"part": "summary", "variant": name, **m}
-        for k in ("source", "docs"):  # the share of plain QLoRA's gap to bf16 LoRA this start closes
-            gap = mean["QLoRA"][k] - mean["bf16 LoRA"][k]
-            row[f"{k}_gap_closed"] = (mean["QLoRA"][k] - m[k]) / gap if gap > 0 else None
+    for (name, fmt), m in mean.items():
+        row = {"part": "summary", "variant": name, "format": fmt, **m}
+        if fmt is not None:
+            plain = mean["QLoRA", fmt]
+            for k in EVALS:
+                gap = plain[k] - bf16[k]
+                row[f"{k} gap closed"] = (plain[k] - m[k]) / gap if gap > 0 else None
+            recon = [
+                r[name]
+                for r in rows
+                if r["part"] == "reconstruction" and r["model"] == "small pretrained" and r["format"] == fmt
+            ]
+            row["mean_reconstruction_error"] = statistics.mean(recon)
         out.append(row)
-    for name in ["QLoRA", "LoftQ-1", "LoftQ-5", "QPiSSA"]:
-        recon = [r[name] for r in rows if r["part"] == "reconstruction" and r["model"] == "small pretrained"]
-        next(o for o in out if o["variant"] == name)["mean_reconstruction_error"] = statistics.mean(recon)
     return out
 
 
 def main() -> None:
     def options(parser):
         parser.add_argument("--steps", type=int, default=150)
-        parser.add_argument("--seeds", type=int, default=3)
+        parser.add_argument("--seeds", type=int, default=5)
         parser.add_argument("--pretrain-steps", type=int, default=3000)
 
     args = benchmark_args(__doc__.splitlines()[0], options)
@@ -260,11 +275,11 @@ def main() -> None:
     )
     print_table(
         [r for r in rows if r["part"] == "reconstruction"],
-        ["model", "layer", "QLoRA", "LoftQ-1", "LoftQ-5", "QPiSSA", "LoftQ-5 s", "QPiSSA s"],
+        ["model", "format", "layer", "QLoRA", "LoftQ-1", "LoftQ-5", "QPiSSA", "LoftQ-5 s", "QPiSSA s"],
     )
     print_table(
         [r for r in rows if r["part"] == "summary"],
-        ["variant", *EVALS, "source_gap_closed", "docs_gap_closed", "mean_reconstruction_error"],
+        ["variant", "format", *EVALS, *(k + " gap closed" for k in EVALS), "mean_reconstruction_error"],
     )
     print(write_results("init", args.device, rows, args.out))
 

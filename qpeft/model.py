@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter_io, patterns
+from . import adapter_io, fused_loss, patterns
 from .files import check_adapter_name
 from .nn.adapter_holder import AdapterLayer4bit, NamedAdapters
 from .reporting import ParameterReport
@@ -71,7 +71,10 @@ def _forward_unbound(self, *args, **kwargs):
     method = self.active_method
     if method.forward is None or self._disabled:
         kwargs.pop("task_ids", None)
-        outputs = self.base_model(*args, **kwargs)
+        if self.fused_loss and fused_loss.fusable(self.base_model, kwargs):
+            outputs = fused_loss.causal_lm_forward(self.base_model, args, kwargs)
+        else:
+            outputs = self.base_model(*args, **kwargs)
         if method.outputs is not None and not self._disabled:
             outputs = method.outputs(self, self.active_peft_config, self.active_adapter, outputs)
         return outputs
@@ -103,6 +106,9 @@ class QPeftModel(ParameterReport, nn.Module):
         self.set_adapter(adapter_name)
 
     forward = _DelegatingForward()
+    # a causal LM's training loss through its head in chunks, without the [tokens, vocab] logits (fused_loss.py);
+    # False: the model's own forward
+    fused_loss = True
     # transformers' Trainer refuses a quantized model unless adapters are attached, which it reads from this flag
     # (or from peft's own classes); a QPeftModel always holds one
     _hf_peft_config_loaded = True

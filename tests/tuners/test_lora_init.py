@@ -55,7 +55,7 @@ def approx_error(layer, W: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(W.double() - approx) / torch.linalg.matrix_norm(W.double()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("init_name", ["pissa", "olora"])
 def test_pissa_and_olora_start_where_peft_does(init_name, dtype):
     """peft decomposes the float weight and leaves the residual in the model; qpeft's adapter holds the same A and
