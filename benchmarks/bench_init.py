@@ -193,7 +193,6 @@ def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out: dict) -> l
             model.train()
             start = {f"{k}_start": eval_loss(model, b) for k, b in held_out.items()}
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-            begin = time.perf_counter()
             for ids in batches:
                 model(input_ids=ids, labels=ids).loss.backward()
                 optimizer.step()
@@ -206,7 +205,6 @@ def finetune_rows(base_bf16, steps: int, seeds: int, train, held_out: dict) -> l
                     "seed": seed,
                     **start,
                     **{k: eval_loss(model, b) for k, b in held_out.items()},
-                    "train_s": time.perf_counter() - begin,
                 }
             )
             print(f"seed {seed} {name} {fmt}: {rows[-1]}", file=sys.stderr)
