@@ -73,11 +73,14 @@ def test_a_lora_head_trains_through_the_chunks():
     torch.testing.assert_close(grads, [layer.lora_A.grad, layer.lora_B.grad], rtol=1e-4, atol=1e-6)
 
 
-def test_no_vocab_sized_tensor_is_kept_for_backward():
+@pytest.mark.parametrize("lora", [False, True])
+def test_no_vocab_sized_tensor_is_kept_for_backward(lora):
     torch.manual_seed(0)
-    head = torch.nn.Linear(H, V)
+    vocab = 512
+    head = torch.nn.Linear(H, vocab)
+    head = LoraLinear4bit.from_linear(head, r=4) if lora else head
     hidden = torch.randn(8, 16, H, requires_grad=True)
-    y = torch.randint(0, V, (8, 16))
+    y = torch.randint(0, vocab, (8, 16))
     kept = []
 
     def pack(t):
@@ -85,9 +88,25 @@ def test_no_vocab_sized_tensor_is_kept_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = linear_cross_entropy(hidden, head, y, V, chunk_elements=4 * V)
+        loss = linear_cross_entropy(hidden, head, y, vocab, chunk_elements=4 * vocab)
     loss.backward()
-    assert kept and max(kept) < 8 * 16 * V / 4  # only inputs of the chunks (the whole logits would be 8 * 16 * V)
+    assert kept and max(kept) < 8 * 16 * vocab / 4  # the whole logits would be 8 * 16 * vocab
+
+
+def test_label_smoothing_and_a_frozen_head():
+    torch.manual_seed(2)
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
+    hidden = torch.randn(4, 5, H, requires_grad=True)
+    y = labels_with_ignored((4, 5))
+    loss = linear_cross_entropy(hidden, head, y, V, label_smoothing=0.1, chunk_elements=3 * V)
+    loss.backward()
+    h64 = hidden.detach().double().requires_grad_()
+    logits = h64 @ head.weight.double().T
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1), label_smoothing=0.1)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+    assert head.weight.grad is None
 
 
 def test_bad_labels_are_refused():
