@@ -493,3 +493,12 @@ def test_corda_refusals(tmp_path):
         with torch.no_grad():
             model.model.embed_tokens.weight[0] = float("nan")
         qpeft.preprocess_corda(model, config, run_model=poisoned)
+
+
+def test_a_checkpoint_without_the_layer_or_of_another_shape_is_refused(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    model = qpeft.get_peft_model(tiny_llama(), qpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(KeyError, match="holds no"):
+        qpeft.replace_lora_weights_loftq(model, tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="starts from no weight"):
+        qpeft.initialize_lora_weights(model, tmp_path / "gpt2")

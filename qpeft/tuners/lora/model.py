@@ -180,9 +180,10 @@ def unfreeze_biases(model: nn.Module, config: LoraConfig, adapter_name: str = "d
 # ---- starts computed from a float checkpoint, for a base that is 4-bit already --------------------------------
 def initialize_lora_weights(peft_model, model_path, adapter_name: str = "default") -> list[str]:
     """Starts adapter ``adapter_name`` of every LoRA layer as its config's weight-moving init (LoftQ, PiSSA, OLoRA)
-    from the float weights of the checkpoint folder ``model_path`` (model.safetensors or shards), read one layer at a
-    time: each layer's base is quantized again in its own format. For a model whose base was quantized before the
-    adapter was added (qpeft's transformers quantizer, a bitsandbytes model taken over). Returns the layers set."""
+    from the float weights of the checkpoint ``model_path`` (a folder with model.safetensors or shards, or a Hub
+    repository id), read one layer at a time: each layer's base is quantized again in its own format. For a model
+    whose base was quantized before the adapter was added (qpeft's transformers quantizer, a bitsandbytes model
+    taken over). Returns the layers set."""
     config = peft_model.peft_config[adapter_name]
     if not init.moves_weight(config.init_lora_weights):
         raise ValueError(
@@ -221,8 +222,9 @@ def replace_lora_weights_loftq(peft_model, model_path=None, adapter_name: str = 
 
 def _from_float_weights(peft_model, model_path, adapter_name: str, start_fn, callback=None) -> list[str]:
     from ...checkpoint import SafetensorsFolder
+    from ...hub import CHECKPOINT_FILES, resolve_folder
 
-    files = SafetensorsFolder(model_path)
+    files = SafetensorsFolder(resolve_folder(model_path, CHECKPOINT_FILES))
     model = peft_model.get_base_model()
     prefix = getattr(model, "base_model_prefix", "") + "."
     done = []
