@@ -4,12 +4,16 @@ given (names from configs or users never lead elsewhere; a symbolic link in the 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
@@ -82,3 +86,58 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     write_atomic(path, safetensors_bytes(tensors, metadata={"format": "pt"}))
+
+
+# ---- pages of memory-mapped files ------------------------------------------------------------------------------
+_MADV_DONTNEED = 4
+_PAGEMAP_PRESENT, _PAGEMAP_FILE = 63, 61  # bits of a /proc/self/pagemap entry: resident; a file's page (not private)
+_libc = functools.cache(lambda: ctypes.CDLL(None, use_errno=True))
+
+
+def release_file_pages(t: torch.Tensor) -> None:
+    """Drops from this process's resident set the pages wholly inside ``t`` that are unmodified pages of a
+    memory-mapped file (a checkpoint tensor transformers mapped and a quantization has read: they would otherwise
+    stay resident while the file stays mapped). Such a page is read from the file again if touched, so ``t`` keeps
+    its values; a page written since it was mapped (now the process's own copy), anonymous memory, CUDA tensors
+    and other systems are left alone."""
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or not _in_file_mapping(first, last):
+        return
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first // page * 8)
+            entries = f.read((last - first) // page * 8)
+    except OSError:
+        return
+    flags = np.frombuffer(entries, dtype=np.uint64)
+    clean = ((flags >> np.uint64(_PAGEMAP_PRESENT)) & np.uint64(1)) & (
+        (flags >> np.uint64(_PAGEMAP_FILE)) & np.uint64(1)
+    )
+    for lo, hi in _runs(clean.astype(bool).tolist()):
+        _libc().madvise(ctypes.c_void_p(first + lo * page), ctypes.c_size_t((hi - lo) * page), _MADV_DONTNEED)
+
+
+def _in_file_mapping(first: int, last: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= first and last <= high:
+                return len(fields) >= 6 and fields[5].startswith("/")  # a file's pages, not anonymous memory
+    return False
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True."""
+    runs, begin = [], None
+    for i, f in enumerate([*flags, False]):
+        if f and begin is None:
+            begin = i
+        elif not f and begin is not None:
+            runs.append((begin, i))
+            begin = None
+    return runs

@@ -10,11 +10,6 @@ bitsandbytes and ``qpeft.load_4bit_pretrained`` read.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import sys
-
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -23,6 +18,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import bitsandbytes_quantization_config
 from .errors import ConfigError
+from .files import release_file_pages
 from .nn.linear4bit import Linear4bit, is_conv1d
 from .quantized import Quantized4bitWeight
 from .tuners.config import FORMAT_CHECKS, NAME_LIST, Check, check_fields
@@ -166,30 +162,3 @@ class Quantize4bit(ConversionOps):
             self.hf_quantizer.loaded[name] = q
             out[param_name] = layer.weight
         return out
-
-
-_MADV_DONTNEED = 4
-_libc = functools.cache(lambda: ctypes.CDLL(None, use_errno=True))
-
-
-def release_file_pages(t: torch.Tensor) -> None:
-    """Drops from this process's resident set the memory pages wholly inside ``t``, a tensor no longer used, when
-    it views a memory-mapped file (a checkpoint tensor transformers mapped: it keeps each file mapped until the load
-    ends, so every weight read would otherwise stay resident). Pages touched again are read from the file; the
-    pages of a private mapping lose what was written to them, which only ``t`` could have done. Anonymous memory,
-    CUDA tensors and other systems are left alone."""
-    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() == 0:
-        return
-    page = os.sysconf("SC_PAGE_SIZE")
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-start // page) * page, end // page * page
-    if last <= first or not t.is_contiguous():
-        return
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            if low <= first and last <= high:
-                if len(fields) >= 6 and fields[5].startswith("/"):  # a file's pages, not anonymous memory
-                    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-                return

@@ -166,3 +166,53 @@ def test_failed_load_adapter_leaves_no_adapter_behind(tmp_path, how):
         assert torch.equal(model(tokens()).logits, y)
     model.load_adapter(good, adapter_name="other")  # a retry with good files works
     assert set(model.peft_config) == {"default", "other"}
+
+
+def _pagemap_readable() -> bool:
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            return len(f.read(8)) == 8
+    except OSError:
+        return False
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile"))
+
+
+@pytest.mark.skipif(not _pagemap_readable(), reason="needs Linux's /proc/self/pagemap (pages of mapped files)")
+def test_released_checkpoint_pages_keep_their_values_and_a_written_page_its_writes(tmp_path):
+    """release_file_pages drops a mapped file's clean pages (read from the file again when touched) and leaves a
+    page written since mapping (the process's own copy) as it is."""
+    n = 4 << 20  # 16 MiB of fp32
+    path = tmp_path / "w.bin"
+    torch.arange(n, dtype=torch.float32).numpy().tofile(path)
+    t = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)  # a private mapping, as checkpoints
+    assert t.sum().item() > 0  # every page read: resident
+    t[100] = -1.0  # one page written: now private to the process
+    before = _rss_file_kib()
+    files.release_file_pages(t)
+    assert before - _rss_file_kib() > (n * 4 // 1024) // 2  # most of the 16 MiB left the resident set
+    expected = torch.arange(n, dtype=torch.float32)
+    expected[100] = -1.0
+    assert torch.equal(t, expected)
+    anonymous = torch.arange(n, dtype=torch.float32)  # not a file's: left alone
+    files.release_file_pages(anonymous)
+    assert torch.equal(anonymous, torch.arange(n, dtype=torch.float32))
+
+
+def test_get_peft_model_releases_the_checkpoint_pages_it_quantized(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m")
+    import transformers
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    reference = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    peft_model = qpeft.get_peft_model(loaded, qpeft.LoraConfig(r=2, target_modules="all-linear"))
+    float_copy = qpeft.get_peft_model(model, qpeft.LoraConfig(r=2, target_modules="all-linear"))
+    with torch.no_grad():  # the same bytes quantized, and the unquantized tensors intact
+        torch.testing.assert_close(peft_model(tokens()).logits, float_copy(tokens()).logits, rtol=0, atol=0)
+    for n, p in peft_model.get_base_model().named_parameters():
+        if n in reference:
+            assert torch.equal(p, reference[n]), n

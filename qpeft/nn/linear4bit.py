@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import functional as F
 from ..autograd import frozen_4bit_linear, weight_args
+from ..files import release_file_pages
 from ..formats import WEIGHT_FIELDS
 from ..quantized import Quantized4bitWeight
 
@@ -129,6 +130,7 @@ class Linear4bit(nn.Module):
         weight = linear.weight.detach()
         weight = weight.T.contiguous() if conv1d else weight
         q = Quantized4bitWeight.from_float(weight, quant_type, blocksize, double_quant, quant_storage)
+        release_file_pages(linear.weight)  # a mapped checkpoint's pages this read: read again from the file if needed
         bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         return cls.from_quantized(q, bias, compute_dtype, fan_in_fan_out=conv1d)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ... import formats
+from ...files import release_file_pages
 from ...nn.linear4bit import Linear4bit, is_conv1d
 from ...nn.lora import LoraLinear4bit
 from ...quantized import Quantized4bitWeight
@@ -122,6 +123,7 @@ def _loftq_iter(config: LoraConfig) -> int:
 def _base_of(module: nn.Module, q: Quantized4bitWeight, config: LoraConfig) -> Linear4bit:
     """The 4-bit layer holding ``q`` in place of float ``module`` (its bias kept, as targets.quantized keeps it)."""
     bias = nn.Parameter(module.bias.detach().clone()) if module.bias is not None else None
+    release_file_pages(module.weight)  # (as Linear4bit.from_linear)
     return Linear4bit.from_quantized(q, bias, config.compute_dtype, fan_in_fan_out=is_conv1d(module))
 
 
