@@ -104,6 +104,10 @@ class Quantized4bitWeight:
             nested_offset,
         )
 
+    def quantize_alike(self, W: torch.Tensor) -> "Quantized4bitWeight":
+        """``W`` quantized in this weight's format (quant type, blocksize, double quantization, quant storage)."""
+        return Quantized4bitWeight.from_float(W, self.quant_type, self.blocksize, self.double_quant, self.quant_storage)
+
     # ---- properties ---------------------------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:

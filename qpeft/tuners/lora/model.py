@@ -102,17 +102,14 @@ def _weight_start(name: str, module: nn.Module, config: LoraConfig, r: int, scal
             )
         init.warn_requantized(config.init_lora_weights)
         q = (module if isinstance(module, Linear4bit) else module.base).quantized_weight
-        W = q.dequantize()
-        fmt = dict(
-            quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant, quant_storage=q.quant_storage
-        )
+        W, quantize = q.dequantize(), q.quantize_alike
     else:
         W = module.weight.detach()
         W = W.T if is_conv1d(module) else W
         fmt = dict(quant_type=config.quant_type, blocksize=config.blocksize, double_quant=config.double_quant)
+        quantize = functools.partial(Quantized4bitWeight.from_float, **fmt)
         if config.init_lora_weights == "corda":
             eigens = corda.take_eigens(name, module, r)
-    quantize = functools.partial(Quantized4bitWeight.from_float, **fmt)
     return init.start(config.init_lora_weights, W, r, scaling, quantize, _loftq_iter(config), eigens)
 
 
@@ -194,11 +191,7 @@ def initialize_lora_weights(peft_model, model_path, adapter_name: str = "default
         )
 
     def restart(layer, W, adapter):
-        q = layer.base.quantized_weight
-        fmt = dict(
-            quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant, quant_storage=q.quant_storage
-        )
-        quantize = functools.partial(Quantized4bitWeight.from_float, **fmt)
+        quantize = layer.base.quantized_weight.quantize_alike
         start = init.start(config.init_lora_weights, W, adapter.r, adapter.scaling, quantize, _loftq_iter(config))
         layer.base.set_quantized_weight(start.q)
         return start.A, start.B
