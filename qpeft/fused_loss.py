@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from .autograd.chunked_loss import linear_cross_entropy
+from .tuners.config import text_config
 
 IGNORE_INDEX = -100
 _UNFUSABLE = "_qpeft_unfusable_logits"  # set on a model whose forward transforms the head's output
+_HEAD_NAME = "_qpeft_output_head_name"  # the output head's module name, kept on the model
 
 
 class _HeadProbe(nn.Module):
@@ -38,7 +40,8 @@ class _HeadProbe(nn.Module):
 
 
 def head_of(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """(name, module) of a decoder-only causal LM's output head, or None when the model is not one."""
+    """(name, module) of a decoder-only causal LM's output head, or None when the model is not one. The head's name
+    is found once and kept on the model (found again if the head was replaced)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False) or getattr(model, _UNFUSABLE, False):
         return None
@@ -47,25 +50,25 @@ def head_of(model: nn.Module) -> tuple[str, nn.Module] | None:
     head = model.get_output_embeddings()
     if head is None:
         return None
-    name = next((n for n, m in model.named_modules() if m is head), None)
+    name = model.__dict__.get(_HEAD_NAME)
+    if name is None or model.get_submodule(name) is not head:
+        name = next((n for n, m in model.named_modules() if m is head), None)
+        model.__dict__[_HEAD_NAME] = name
     return None if name is None else (name, head)
 
 
-def fusable(model: nn.Module, kwargs: dict) -> bool:
-    return (
-        model.training
-        and kwargs.get("labels") is not None
-        and not kwargs.get("logits_to_keep")
-        and kwargs.get("return_dict", True) is not False
-        and head_of(model) is not None
-    )
+def fusable(model: nn.Module, kwargs: dict) -> tuple[str, nn.Module] | None:
+    """The head (``head_of``) when this call's loss can go through it in chunks, else None."""
+    if not model.training or kwargs.get("labels") is None or kwargs.get("logits_to_keep"):
+        return None
+    return head_of(model) if kwargs.get("return_dict", True) is not False else None
 
 
-def causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict):
-    """``model(*args, **kwargs)`` with the loss computed through the head in chunks (``fusable(model, kwargs)``)."""
+def causal_lm_forward(model: nn.Module, head: tuple[str, nn.Module], args: tuple, kwargs: dict):
+    """``model(*args, **kwargs)`` with the loss computed through ``head`` (name, module; ``fusable``'s) in chunks."""
     from .tuners.targets import set_submodule
 
-    name, head = head_of(model)
+    name, head = head
     given, kwargs = kwargs, dict(kwargs)
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
@@ -96,7 +99,4 @@ def causal_lm_forward(model: nn.Module, args: tuple, kwargs: dict):
 
 def _vocab_size(model: nn.Module, head: nn.Module) -> int:
     size = getattr(head, "out_features", None)
-    if size is None:
-        config = model.config
-        size = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
-    return int(size)
+    return int(size if size is not None else text_config(model.config).vocab_size)

@@ -71,8 +71,9 @@ def _forward_unbound(self, *args, **kwargs):
     method = self.active_method
     if method.forward is None or self._disabled:
         kwargs.pop("task_ids", None)
-        if self.fused_loss and fused_loss.fusable(self.base_model, kwargs):
-            outputs = fused_loss.causal_lm_forward(self.base_model, args, kwargs)
+        head = fused_loss.fusable(self.base_model, kwargs) if self.fused_loss else None
+        if head is not None:
+            outputs = fused_loss.causal_lm_forward(self.base_model, head, args, kwargs)
         else:
             outputs = self.base_model(*args, **kwargs)
         if method.outputs is not None and not self._disabled:
