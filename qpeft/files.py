@@ -90,7 +90,8 @@ def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> No
 
 # ---- pages of memory-mapped files ------------------------------------------------------------------------------
 _MADV_DONTNEED = 4
-_PAGEMAP_PRESENT, _PAGEMAP_FILE = 63, 61  # bits of a /proc/self/pagemap entry: resident; a file's page (not private)
+# a /proc/self/pagemap entry's bits 63 (the page is resident) and 61 (it is a file's page, not a private copy)
+_PAGEMAP_PRESENT_FILE = np.uint64((1 << 63) | (1 << 61))
 _libc = functools.cache(lambda: ctypes.CDLL(None, use_errno=True))
 
 
@@ -114,10 +115,7 @@ def release_file_pages(t: torch.Tensor) -> None:
     except OSError:
         return
     flags = np.frombuffer(entries, dtype=np.uint64)
-    clean = ((flags >> np.uint64(_PAGEMAP_PRESENT)) & np.uint64(1)) & (
-        (flags >> np.uint64(_PAGEMAP_FILE)) & np.uint64(1)
-    )
-    for lo, hi in _runs(clean.astype(bool).tolist()):
+    for lo, hi in _runs(((flags & _PAGEMAP_PRESENT_FILE) == _PAGEMAP_PRESENT_FILE).tolist()):
         _libc().madvise(ctypes.c_void_p(first + lo * page), ctypes.c_size_t((hi - lo) * page), _MADV_DONTNEED)
 
 

@@ -94,9 +94,9 @@ def linear_cross_entropy(
     labels = labels.reshape(-1).to(hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     kept = (labels != ignore_index).nonzero().squeeze(1)
-    if kept.numel() and (labels[kept].min() < 0 or labels[kept].max() >= vocab_size):
-        raise ValueError(f"qpeft: a label is outside [0, {vocab_size}) and not ignore_index ({ignore_index})")
     hidden, labels = hidden.index_select(0, kept), labels.index_select(0, kept)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= vocab_size):
+        raise ValueError(f"qpeft: a label is outside [0, {vocab_size}) and not ignore_index ({ignore_index})")
     rows = max(1, chunk_elements // vocab_size)
     train = torch.is_grad_enabled() and (hidden.requires_grad or _has_trainable(head))
     if train and type(head) is torch.nn.Linear and not torch.is_autocast_enabled(hidden.device.type):
