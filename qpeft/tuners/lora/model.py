@@ -281,5 +281,6 @@ def converted_to_lora(config: LoraConfig, tensors: dict, initial: dict) -> tuple
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         loftq_config={},
         eva_config=None,
+        corda_config=None,
     )
     return converted, out
